@@ -1,0 +1,244 @@
+"""Augmentation-path semantics: which transformations are active, their ranges, θ sampling and layout.
+
+This module is the single definition that the PyTorch reference pipeline, the DALI pipeline and the
+probes all follow (DESIGN §3).
+
+A sample is built as
+    view1 = A1(I)                     A = random resized crop (+ horizontal flip), resized to img_size
+    u     = A2(I)
+    view2 = g_θ(u)                    g = colour -> blur -> affine (rotation about the centre, translation)
+    u_k   = g_{θ_k}(u),  θ_k = k/(K+1) · θ,  k = 1..K      (the end point θ itself is not a target)
+
+θ layout (one float32 vector per sample, `THETA_FIELDS`):
+
+    idx  name         identity  meaning
+    0    rot_deg      0         rotation about the image centre, degrees, counter-clockwise as displayed
+    1    tx_px        0         translation right, pixels at `ref_size` resolution (scaled to the output size)
+    2    ty_px        0         translation down, pixels at `ref_size` resolution
+    3    brightness   0         δb: pixels multiplied by (1 + δb)
+    4    contrast     0         δc: blend with the grey mean, factor (1 + δc)       (torchvision semantics)
+    5    saturation   0         δs: blend with the greyscale image, factor (1 + δs) (torchvision semantics)
+    6    hue          0         δh: hue shift as a fraction of the colour wheel, in [-0.5, 0.5]
+    7    blur_sigma   0         Gaussian blur σ in pixels at `ref_size`; σ < 0.1 is identity
+    8-11 crop1        -         A1 crop box (y0, x0, h, w) as fractions of the source image
+    12   flip1        -         1 if view 1 is flipped horizontally (the flip is applied after the crop)
+    13-16 crop2       -         A2 crop box (y0, x0, h, w)
+    17   flip2        -         1 if u is flipped
+
+Only the first `G_DIM` entries (the g part) are interpolated: θ_t = t·θ is exactly "colour factors
+1 + t·δ, hue shift t·δh, blur σ_t = t·σ, rotation t·φ, translation t·(tx, ty)".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+THETA_FIELDS = (
+    "rot_deg", "tx_px", "ty_px", "brightness", "contrast", "saturation", "hue", "blur_sigma",
+    "crop1_y0", "crop1_x0", "crop1_h", "crop1_w", "flip1",
+    "crop2_y0", "crop2_x0", "crop2_h", "crop2_w", "flip2",
+)
+THETA_DIM = len(THETA_FIELDS)  # P = 18
+G_DIM = 8  # the interpolated part: rotation, translation, colour, blur
+IDX = {name: i for i, name in enumerate(THETA_FIELDS)}
+CROP1 = slice(8, 12)
+CROP2 = slice(13, 17)
+
+# Transformation families a config may activate; "se2" is shorthand for rotation + translation.
+FAMILIES = ("rotation", "translation", "color", "blur")
+ALIASES = {"se2": ("rotation", "translation"), "all": FAMILIES}
+# θ entries each family controls (used by probes to regress one family at a time).
+FAMILY_FIELDS = {
+    "rotation": ("rot_deg",),
+    "translation": ("tx_px", "ty_px"),
+    "color": ("brightness", "contrast", "saturation", "hue"),
+    "blur": ("blur_sigma",),
+    "crop": ("crop2_y0", "crop2_x0", "crop2_h", "crop2_w"),
+    "flip": ("flip2",),
+}
+BLUR_MIN_SIGMA = 0.1  # σ below this is identity (no blur)
+
+
+@dataclass
+class PathConfig:
+    """The augmentation path: active g families, their ranges (defaults: the path paper's Table 2), K."""
+
+    transforms: tuple[str, ...] = ("rotation", "translation", "color", "blur")
+    rot_deg: float = 45.0  # rotation uniform in ±rot_deg
+    translate_px: float = 10.0  # tx, ty uniform in ±translate_px (pixels at ref_size)
+    brightness: float = 0.4  # δ uniform in ±brightness
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # σ uniform in this range (pixels at ref_size)
+    ref_size: int = 224  # resolution at which translate_px and blur_sigma are expressed
+    k: int = 2  # number of intermediate targets
+    fill: float = 0.0  # value (in [0, 1] pixel space, before normalisation) outside the warped image
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # A1/A2 random-resized-crop area fraction
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # A1/A2 aspect ratio range (w/h, in pixels)
+    flip_p: float = 0.5  # A1/A2 horizontal flip probability
+
+
+def active_families(cfg: PathConfig) -> tuple[str, ...]:
+    """Expand aliases and validate names; returns the active families in canonical order."""
+    names: set[str] = set()
+    for name in cfg.transforms:
+        if name in ALIASES:
+            names.update(ALIASES[name])
+        elif name in FAMILIES:
+            names.add(name)
+        else:
+            allowed = ", ".join(FAMILIES + tuple(ALIASES))
+            raise ValueError(f"unknown transformation {name!r} in path.transforms; choose from {allowed}")
+    return tuple(f for f in FAMILIES if f in names)
+
+
+def validate(cfg: PathConfig) -> None:
+    """Raise a one-line ValueError for an inconsistent path config."""
+    active_families(cfg)
+    if cfg.k < 0:
+        raise ValueError(f"path.k must be >= 0, got {cfg.k}")
+    lo, hi = cfg.blur_sigma
+    if not 0 <= lo <= hi:
+        raise ValueError(f"path.blur_sigma must be (lo, hi) with 0 <= lo <= hi, got {cfg.blur_sigma}")
+    if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise ValueError(f"path.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+    if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
+        raise ValueError(f"path.crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
+    if not 0 <= cfg.hue <= 0.5:
+        raise ValueError(f"path.hue must be in [0, 0.5], got {cfg.hue}")
+    for name in ("rot_deg", "translate_px", "brightness", "contrast", "saturation"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"path.{name} is a half-range and must be >= 0, got {getattr(cfg, name)}")
+    if max(cfg.brightness, cfg.contrast, cfg.saturation) >= 1:
+        raise ValueError("path.brightness/contrast/saturation must be < 1 (factor 1 + δ must stay positive)")
+
+
+def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
+    return torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo
+
+
+def sample_crop(cfg: PathConfig, src_hw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random-resized-crop boxes (y0, x0, h, w) as fractions of each source image.
+
+    src_hw: (n, 2) source heights and widths in pixels. Follows torchvision's RandomResizedCrop: up to
+    10 tries of (area fraction, log-uniform aspect ratio); a centre crop clamped to the ratio range if
+    none fits. Returns (n, 4) float64.
+    """
+    n = src_hw.shape[0]
+    out = torch.empty(n, 4, dtype=torch.float64)
+    log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    for i in range(n):
+        H, W = float(src_hw[i, 0]), float(src_hw[i, 1])
+        area = H * W
+        box = None
+        for _ in range(10):
+            s = float(_uniform(gen, 1, *cfg.crop_scale))
+            r = math.exp(float(_uniform(gen, 1, log_lo, log_hi)))
+            w = round(math.sqrt(area * s * r))
+            h = round(math.sqrt(area * s / r))
+            if 0 < w <= W and 0 < h <= H:
+                y0 = int(torch.randint(0, int(H - h) + 1, (1,), generator=gen))
+                x0 = int(torch.randint(0, int(W - w) + 1, (1,), generator=gen))
+                box = (y0, x0, h, w)
+                break
+        if box is None:  # fallback: central crop at the nearest allowed ratio
+            ratio = W / H
+            if ratio < cfg.crop_ratio[0]:
+                w, h = W, round(W / cfg.crop_ratio[0])
+            elif ratio > cfg.crop_ratio[1]:
+                h, w = H, round(H * cfg.crop_ratio[1])
+            else:
+                h, w = H, W
+            box = ((H - h) // 2, (W - w) // 2, h, w)
+        out[i] = torch.tensor([box[0] / H, box[1] / W, box[2] / H, box[3] / W], dtype=torch.float64)
+    return out
+
+
+def sample_theta(cfg: PathConfig, src_hw: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Sample θ for n samples: (n, THETA_DIM) float32, inactive families at identity (0).
+
+    src_hw: (n, 2) source image sizes (for the crop boxes). Deterministic given `gen`'s state.
+    """
+    validate(cfg)
+    n = src_hw.shape[0]
+    fam = active_families(cfg)
+    theta = torch.zeros(n, THETA_DIM, dtype=torch.float64)
+    # Draw every family's numbers even when inactive, so switching one family off does not change the
+    # others' values for the same seed.
+    rot = _uniform(gen, n, -cfg.rot_deg, cfg.rot_deg)
+    tx = _uniform(gen, n, -cfg.translate_px, cfg.translate_px)
+    ty = _uniform(gen, n, -cfg.translate_px, cfg.translate_px)
+    col = torch.stack([
+        _uniform(gen, n, -cfg.brightness, cfg.brightness),
+        _uniform(gen, n, -cfg.contrast, cfg.contrast),
+        _uniform(gen, n, -cfg.saturation, cfg.saturation),
+        _uniform(gen, n, -cfg.hue, cfg.hue),
+    ], dim=1)
+    sigma = _uniform(gen, n, *cfg.blur_sigma)
+    flips = torch.rand(n, 2, generator=gen, dtype=torch.float64) < cfg.flip_p
+    if "rotation" in fam:
+        theta[:, IDX["rot_deg"]] = rot
+    if "translation" in fam:
+        theta[:, IDX["tx_px"]] = tx
+        theta[:, IDX["ty_px"]] = ty
+    if "color" in fam:
+        theta[:, IDX["brightness"]:IDX["hue"] + 1] = col
+    if "blur" in fam:
+        theta[:, IDX["blur_sigma"]] = sigma
+    theta[:, CROP1] = sample_crop(cfg, src_hw, gen)
+    theta[:, IDX["flip1"]] = flips[:, 0].double()
+    theta[:, CROP2] = sample_crop(cfg, src_hw, gen)
+    theta[:, IDX["flip2"]] = flips[:, 1].double()
+    return theta.float()
+
+
+def interpolate(theta: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+    """θ_t: the g part scaled by t (0 = identity, 1 = θ), the crop/flip part unchanged. (..., P) -> (..., P)."""
+    out = theta.clone()
+    out[..., :G_DIM] = theta[..., :G_DIM] * t
+    return out
+
+
+def path_steps(k: int) -> torch.Tensor:
+    """The K interpolation points t_k = k/(K+1), k = 1..K: (K,) float32."""
+    return torch.arange(1, k + 1, dtype=torch.float32) / (k + 1)
+
+
+def path_thetas(theta: torch.Tensor, k: int) -> torch.Tensor:
+    """θ_k for k = 1..K: (B, P) -> (B, K, P)."""
+    t = path_steps(k).to(theta.device)
+    return interpolate(theta[:, None, :].expand(-1, k, -1), t[None, :, None])
+
+
+def effective_sigma(sigma: float | torch.Tensor, out_size: int, ref_size: int):
+    """Blur σ in output pixels; σ is defined at ref_size. Values below BLUR_MIN_SIGMA mean no blur."""
+    return sigma * (out_size / ref_size)
+
+
+def affine_matrix(theta_g: torch.Tensor, size_hw: tuple[int, int], ref_size: int) -> torch.Tensor:
+    """Inverse affine map of g (output pixel -> input pixel) in pixel coordinates: (..., G) -> (..., 2, 3).
+
+    Coordinates are continuous with pixel (i, j)'s centre at (x=j+0.5, y=i+0.5); the rotation centre
+    is the image centre (W/2, H/2). g maps an input point p to R(φ)(p - c) + c + t, where R(φ) rotates
+    counter-clockwise as displayed (y points down) and t = (tx, ty)·(W/ref_size, H/ref_size). The
+    returned matrix M gives p = M @ [x_out, y_out, 1], the form DALI's warp_affine (inverse_map=True)
+    and grid_sample consume.
+    """
+    H, W = size_hw
+    phi = torch.deg2rad(theta_g[..., IDX["rot_deg"]].double())
+    tx = theta_g[..., IDX["tx_px"]].double() * (W / ref_size)
+    ty = theta_g[..., IDX["ty_px"]].double() * (H / ref_size)
+    cos, sin = torch.cos(phi), torch.sin(phi)
+    cx, cy = W / 2.0, H / 2.0
+    # Counter-clockwise on screen with y down: forward R = [[cos, sin], [-sin, cos]]; inverse R^T.
+    # p = R^T (q - c - t) + c
+    qx, qy = -cx - tx, -cy - ty
+    m = torch.stack([
+        torch.stack([cos, -sin, cos * qx - sin * qy + cx], dim=-1),
+        torch.stack([sin, cos, sin * qx + cos * qy + cy], dim=-1),
+    ], dim=-2)
+    return m.float()
