@@ -1,0 +1,578 @@
+"""ImageNet-style folder -> shuffled webdataset shards with DALI indices and a dataset.json.
+
+    python -m pipeline.convert --src IMAGENET --out SHARDS [--split train|val|all] [--shard-size N]
+                               [--workers N] [--seed S] [--strict]
+    python -m pipeline.convert --verify SHARDS
+
+Layouts read: SRC/train/<wnid>/*.JPEG, SRC/val/<wnid>/*.JPEG, a flat SRC/val/*.JPEG labelled by
+SRC/LOC_val_solution.csv, or SRC/<class>/* (any folder of class folders, converted as split "train").
+Class index = position of the folder name in the sorted train class folders.
+
+One sample = `<key>.jpg` + `<key>.cls` (ASCII class index); key = the source path relative to its split
+folder, without extension, made tar-safe. Every image is fully decoded once: baseline RGB/greyscale
+JPEGs are stored byte for byte, everything else decodable (CMYK, PNG named .JPEG, palette, 16-bit) is
+re-encoded as a baseline JPEG, and undecodable/truncated/empty files are skipped and recorded.
+
+Which sample goes into which shard depends only on the seed and the sorted file list, and shard bytes
+are deterministic, so a re-run after an interrupt keeps the shards that verify (plan hash + sha256 +
+tar/index agreement) and rewrites the others: the result is the same dataset. Shards are written as
+`*.tar.tmp` and renamed when complete; finished shards are logged to `.convert-progress.jsonl` until
+`dataset.json` is written at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import re
+import sys
+import tarfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+FORMAT = "eqrecon-shards/1"
+SPLITS = ("train", "val")
+IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+JPEG_QUALITY = 95
+DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs per shard
+VAL_CSV = "LOC_val_solution.csv"
+PROGRESS = ".convert-progress.jsonl"
+SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
+MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
+
+
+class ConvertError(Exception):
+    """Bad input or a failed conversion; the message is one actionable line."""
+
+
+class ShardError(ConvertError):
+    """A shard that does not match its index, its record or the tar format."""
+
+
+class _Skip(Exception):
+    """An input file that cannot become a sample; the message is the recorded reason."""
+
+
+@dataclass(frozen=True)
+class Item:
+    split: str
+    rel: str  # path relative to SRC, posix, for messages and dataset.json
+    key: str  # tar-safe, unique within the split
+    label: int
+
+
+# ---------------------------------------------------------------------------------------- discovery
+
+
+def _scan(folder: Path) -> list[Path]:
+    """All files below folder, recursively, in sorted order (hidden entries left out)."""
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found += _scan(Path(entry.path))
+        elif entry.is_file():
+            found.append(Path(entry.path))
+    return found
+
+
+def _class_dirs(folder: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+
+
+def _read_val_csv(path: Path) -> dict[str, str]:
+    """LOC_val_solution.csv: `ImageId,PredictionString` with the wnid as first token of the string."""
+    labels = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                labels[row["ImageId"]] = row["PredictionString"].split()[0]
+            except (KeyError, IndexError, AttributeError):
+                raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
+    return labels
+
+
+def _tar_safe_key(stem: str) -> str:
+    # DALI's index and webdataset both cut the key at the first dot of the last path component, and
+    # DALI's index is space-separated: keep only characters that survive both.
+    return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
+
+
+def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
+    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files)."""
+    if not src.is_dir():
+        raise ConvertError(f"--src {str(src)!r} is not a folder")
+    split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    if not split_dirs:  # any folder of class folders
+        if not _class_dirs(src):
+            raise ConvertError(f"{str(src)!r} has no train/ or val/ folder and no class folders")
+        split_dirs = {"train": src}
+    wanted = [s for s in SPLITS if split in (s, "all") and s in split_dirs]
+    if not wanted:
+        raise ConvertError(f"{str(src)!r} has no {split}/ folder (found: {', '.join(split_dirs)})")
+
+    csv_path = src / VAL_CSV
+    val_labels = _read_val_csv(csv_path) if csv_path.is_file() else None
+    if "train" in split_dirs:
+        classes = _class_dirs(split_dirs["train"])
+    elif _class_dirs(split_dirs["val"]):
+        classes = _class_dirs(split_dirs["val"])
+    else:
+        classes = sorted(set(val_labels.values())) if val_labels else []
+    if not classes:
+        raise ConvertError(f"no class folders in {str(split_dirs.get('train', src))!r}")
+    index = {c: i for i, c in enumerate(classes)}
+
+    items, skipped, ignored = {}, [], []
+    for s in wanted:
+        root, seen, found = split_dirs[s], set(), []
+        for path in _scan(root):
+            rel_split = path.relative_to(root)
+            rel = path.relative_to(src).as_posix()
+            if path.suffix.lower() not in IMAGE_EXTS:
+                ignored.append(rel)
+                continue
+            if len(rel_split.parts) == 1:  # flat val: label from the CSV
+                if val_labels is None:
+                    raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
+                wnid = val_labels.get(path.stem)
+                reason = f"no label: {path.stem!r} is not in {VAL_CSV}"
+            else:
+                wnid = rel_split.parts[0]
+                reason = f"unknown class: folder {wnid!r} is not a train class"
+            if wnid not in index:
+                skipped.append({"split": s, "path": rel, "shard": None, "reason": reason})
+                continue
+            key = base = _tar_safe_key(rel_split.with_suffix("").as_posix())
+            n = 0
+            while key in seen:  # e.g. a.JPEG and a.png, or names differing only in unsafe characters
+                n += 1
+                key = f"{base}_{n}"
+            seen.add(key)
+            found.append(Item(s, rel, key, index[wnid]))
+        items[s] = found
+    if not any(items.values()):
+        raise ConvertError(f"no images found under {str(src)!r} for split {split!r}")
+    return classes, items, skipped, ignored
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def plan_shards(items: list[Item], split: str, shard_size: int, seed: int) -> list[tuple[str, list[Item], str]]:
+    """-> [(shard name, items in write order, plan hash)]; a seeded shuffle of the sorted items."""
+    order = sorted(items, key=lambda it: it.rel)
+    random.Random(f"eqrecon:{seed}:{split}").shuffle(order)
+    shards = []
+    for i in range(0, len(order), shard_size):
+        chunk = order[i:i + shard_size]
+        h = hashlib.sha256(f"{FORMAT} q{JPEG_QUALITY}\n".encode())
+        for it in chunk:
+            h.update(f"{it.key}\t{it.label}\t{it.rel}\n".encode())
+        shards.append((f"{split}-{i // shard_size:06d}.tar", chunk, h.hexdigest()[:16]))
+    return shards
+
+
+# ------------------------------------------------------------------------------------------ encoding
+
+
+def _to_baseline_jpeg(im: Image.Image) -> bytes:
+    grey = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        # 16-bit greyscale: keep the top 8 bits (Pillow's own convert("L") would clip at 255)
+        a = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
+    elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba).convert("L" if grey else "RGB")
+    elif im.mode not in ("L", "RGB"):
+        im = im.convert("L" if grey else "RGB")  # CMYK, P, 1, YCbCr, LAB, HSV
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=JPEG_QUALITY, progressive=False, optimize=False)
+    return buf.getvalue()
+
+
+def encode_image(data: bytes) -> tuple[bytes, str | None]:
+    """Fully decode data -> (JPEG bytes to store, re-encoding note or None if stored as is)."""
+    if not data:
+        raise _Skip("empty file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. corrupt EXIF: the pixels are what matters
+        try:
+            im = Image.open(io.BytesIO(data))
+            im.load()
+        except Image.UnidentifiedImageError:
+            raise _Skip("unreadable: not a recognised image format") from None
+        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... on bad data
+            kind = "truncated" if "truncated" in str(e) else "undecodable"
+            raise _Skip(f"{kind}: {type(e).__name__}: {e}") from None
+        if im.format == "JPEG" and im.mode in ("RGB", "L"):
+            return data, None
+        note = f"{im.format} {im.mode}"
+        try:
+            return _to_baseline_jpeg(im), note
+        except Exception as e:  # noqa: BLE001 - same: any failure here is a property of the file
+            raise _Skip(f"undecodable: cannot convert {note} to JPEG: {e}") from None
+
+
+# ------------------------------------------------------------------------------------ shard writing
+
+
+def _index_lines(members: list[tuple[str, int, int]]) -> str:
+    """DALI's webdataset index (wds2idx v1.2): `v1.2 <samples>`, then one line per sample listing
+    `<ext> <data offset> <size> <member name>` for each of its members in tar order."""
+    samples: list[list[str]] = []
+    last = None
+    for name, offset, size in members:
+        key, ext = _split_member(name)
+        if key != last:
+            samples.append([])
+            last = key
+        samples[-1].append(f"{ext} {offset} {size} {name}")
+    return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    dot = name.find(".", name.rfind("/") + 1)
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+
+
+def _write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> list[tuple[str, int, int]]:
+    """Write samples (key, jpeg, label) -> [(member name, data offset, size)]."""
+    members = []
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for key, jpeg, label in samples:
+            for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(payload), MTIME, 0o644
+                tar.addfile(info, io.BytesIO(payload))
+                # tar.offset is now past the data, padded to 512 bytes
+                members.append((info.name, tar.offset - (-(-len(payload) // 512) * 512), len(payload)))
+    return members
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
+    """Encode one planned shard and write it atomically -> its record (also run in worker processes)."""
+    out, src, name, plan, items = task
+    samples, skipped, reencoded = [], [], []
+    for it in items:
+        try:
+            data = (Path(src) / it.rel).read_bytes()
+            jpeg, note = encode_image(data)
+        except _Skip as e:
+            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": str(e)})
+            continue
+        except OSError as e:
+            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e}"})
+            continue
+        if note:
+            reencoded.append({"path": it.rel, "was": note})
+        samples.append((it.key, jpeg, it.label))
+    record = {"name": name, "split": items[0].split, "count": len(samples), "bytes": 0, "sha256": None,
+              "plan": plan, "skipped": skipped, "reencoded": reencoded}
+    if samples:  # a shard whose every file was skipped is recorded but not written
+        tar, idx = out / name, (out / name).with_suffix(".idx")
+        members = _write_tar(tar.with_name(name + ".tmp"), samples)
+        idx.with_name(idx.name + ".tmp").write_text(_index_lines(members))
+        os.replace(idx.with_name(idx.name + ".tmp"), idx)
+        os.replace(tar.with_name(name + ".tmp"), tar)  # the .tar appearing marks the shard complete
+        record.update(bytes=tar.stat().st_size, sha256=_sha256(tar))
+    return record
+
+
+# ---------------------------------------------------------------------------------------- verifying
+
+
+def read_shard(tar_path: Path, n_classes: int | None = None, sha256: str | None = None) -> list[tuple[str, int]]:
+    """Check one shard against its .idx (and sha256 when given) -> [(key, label)] in tar order."""
+    name = tar_path.name
+    try:
+        data = tar_path.read_bytes()
+        idx_text = tar_path.with_suffix(".idx").read_text()
+    except OSError as e:
+        raise ShardError(f"{name}: cannot read shard or its index: {e.strerror}: {e.filename}") from None
+    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
+        raise ShardError(f"{name}: content differs from dataset.json (sha256 mismatch): the shard is corrupted")
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            infos = tar.getmembers()
+    except tarfile.TarError as e:
+        raise ShardError(f"{name}: not a valid tar archive: {e}") from None
+    members, samples = [], []
+    for info in infos:
+        end = info.offset_data + info.size
+        if not info.isfile() or end > len(data):
+            raise ShardError(f"{name}: member {info.name!r} is {'truncated' if info.isfile() else 'not a file'}")
+        members.append((info.name, info.offset_data, info.size))
+        key, ext = _split_member(info.name)
+        if ext == "jpg":
+            if info.size == 0:
+                raise ShardError(f"{name}: {info.name!r} is empty")
+            samples.append([key, None])
+        elif ext == "cls" and samples and samples[-1][0] == key and samples[-1][1] is None:
+            text = data[info.offset_data:end].decode("ascii", "replace")
+            if not text.isdigit() or (n_classes is not None and int(text) >= n_classes):
+                raise ShardError(f"{name}: {info.name!r} holds {text!r}, not a class index < {n_classes}")
+            samples[-1][1] = int(text)
+        else:
+            raise ShardError(f"{name}: unexpected member {info.name!r} (want <key>.jpg then <key>.cls)")
+    if samples and samples[-1][1] is None:
+        raise ShardError(f"{name}: sample {samples[-1][0]!r} has no .cls")
+    tail = max((o + (-(-s // 512) * 512) for _, o, s in members), default=0)
+    if data[tail:tail + 1024] != bytes(1024):
+        raise ShardError(f"{name}: tar has no end-of-archive marker (truncated?)")
+    if idx_text != _index_lines(members):
+        raise ShardError(f"{name}: index {tar_path.with_suffix('.idx').name} disagrees with the tar")
+    return [(k, c) for k, c in samples]
+
+
+def _load_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def verify(out: str | Path) -> None:
+    """Re-read every shard of a converted folder; raise ShardError naming the first bad one."""
+    out = Path(out)
+    meta = _load_json(out / "dataset.json")
+    if meta is None or meta.get("format") != FORMAT:
+        raise ConvertError(f"{out / 'dataset.json'} is missing or unreadable: is {str(out)!r} a converted folder?")
+    listed = {s["name"] for s in meta["shards"]}
+    for f in sorted(out.iterdir()):
+        m = SHARD_RE.match(f.name)
+        if m and f.suffix == ".tar" and f.name not in listed:
+            raise ShardError(f"{f.name}: shard file not listed in dataset.json")
+    counts = dict.fromkeys(meta["splits"], 0)
+    for rec in meta["shards"]:
+        samples = read_shard(out / rec["name"], len(meta["classes"]), rec["sha256"])
+        if len(samples) != rec["count"]:
+            raise ShardError(f"{rec['name']}: holds {len(samples)} samples, dataset.json says {rec['count']}")
+        counts[rec["split"]] += len(samples)
+    for split, info in meta["splits"].items():
+        if counts[split] != info["count"]:
+            raise ShardError(f"split {split}: shards hold {counts[split]} samples, dataset.json says {info['count']}")
+
+
+# ---------------------------------------------------------------------------------------- converting
+
+
+def _known_records(out: Path, classes: list[str]) -> dict[str, dict]:
+    """Records of finished shards from an earlier run into the same folder (complete or interrupted)."""
+    records: dict[str, dict] = {}
+    meta = _load_json(out / "dataset.json")
+    if meta and meta.get("format") == FORMAT:
+        if meta.get("classes") != classes:
+            raise ConvertError(f"{out} already holds shards of another class list ({meta.get('source')}); "
+                               "use a new --out")
+        for s in meta["shards"] + meta.get("empty_shards", []):
+            records[s["name"]] = {**s, "skipped": [], "reencoded": []}
+        for key in ("skipped", "reencoded"):
+            for r in meta.get(key, []):
+                if r.get("shard") in records:
+                    records[r["shard"]][key].append(r)
+    try:
+        lines = (out / PROGRESS).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # the line being written when the run was killed
+        records[rec["name"]] = rec
+    return records
+
+
+def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_classes: int) -> bool:
+    if rec is None or rec.get("plan") != plan:
+        return False
+    if rec["count"] == 0:
+        return not (out / rec["name"]).exists()
+    try:
+        samples = read_shard(out / rec["name"], n_classes, rec["sha256"])
+    except ShardError:
+        return False
+    kept = {s["path"] for s in rec["skipped"]}
+    return samples == [(it.key, it.label) for it in items if it.rel not in kept]
+
+
+def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="img", disable=quiet, desc="convert", smoothing=0.05)
+    try:
+        if workers == 1:
+            for task in tasks:
+                on_done(write_shard(task))
+                bar.update(len(task[-1]))
+        else:
+            # fork: the workers need nothing but this module, and start instantly
+            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+            with ctx.Pool(workers) as pool:
+                for rec in pool.imap_unordered(write_shard, tasks):
+                    on_done(rec)
+                    bar.update(rec["count"] + len(rec["skipped"]))
+    finally:
+        bar.close()
+
+
+def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: int = DEFAULT_SHARD_SIZE,
+            workers: int | None = None, seed: int = 0, strict: bool = False, quiet: bool = False) -> dict:
+    """Convert an ImageNet-style folder into shards under out -> the dataset.json content."""
+    src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
+    if split not in (*SPLITS, "all"):
+        raise ConvertError(f"--split must be train, val or all, not {split!r}")
+    if shard_size < 1:
+        raise ConvertError(f"--shard-size must be >= 1, not {shard_size}")
+    workers = workers or os.cpu_count() or 1
+    if workers < 1:
+        raise ConvertError(f"--workers must be >= 1, not {workers}")
+    classes, items, pre_skipped, ignored = discover(src, split)
+    if strict and pre_skipped:
+        raise ConvertError(_strict_message(pre_skipped))
+    out.mkdir(parents=True, exist_ok=True)
+    known = _known_records(out, classes)
+    old = _load_json(out / "dataset.json") or {}
+
+    plans = {s: plan_shards(items[s], s, shard_size, seed) for s in items}
+    planned = {name for s in plans for name, _, _ in plans[s]}
+    for f in out.iterdir():  # stale files of the splits being written: tmp files, old shard numbering
+        m = SHARD_RE.match(f.name)
+        if m and m["split"] in plans and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in planned):
+            f.unlink()
+
+    records, tasks = {}, []
+    for shards in plans.values():
+        for name, chunk, plan in shards:
+            if _still_good(out, known.get(name), plan, chunk, len(classes)):
+                records[name] = known[name]
+            else:
+                tasks.append((out, str(src), name, plan, chunk))
+    todo = sum(len(t[-1]) for t in tasks)
+    if not quiet:
+        print(f"{src}: {len(classes)} classes, "
+              + ", ".join(f"{s} {len(items[s])} images in {len(plans[s])} shards" for s in plans)
+              + f"; {len(records)} shards already done, {len(tasks)} to write with {workers} workers", flush=True)
+
+    t0 = time.perf_counter()
+    with open(out / PROGRESS, "a") as log:
+        def on_done(rec):
+            records[rec["name"]] = rec
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        try:
+            _run(tasks, min(workers, max(len(tasks), 1)), todo, quiet, on_done)
+        except KeyboardInterrupt:
+            raise ConvertError("interrupted: finished shards are kept; re-run the same command to resume") from None
+    rate = todo / max(time.perf_counter() - t0, 1e-9)
+
+    ordered = [records[name] for s in plans for name, _, _ in plans[s]]
+    skipped = pre_skipped + [r for rec in ordered for r in rec["skipped"]]
+    if strict and skipped:
+        raise ConvertError(_strict_message(skipped))
+    meta = _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed, workers)
+    tmp = out / "dataset.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    os.replace(tmp, out / "dataset.json")
+    (out / PROGRESS).unlink(missing_ok=True)
+    if not quiet:
+        _summary(meta, todo, rate)
+    return meta
+
+
+def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed, workers) -> dict:
+    # splits converted earlier into the same folder (e.g. --split train, then --split val) are kept
+    carried = [s for s in old.get("shards", []) if s["split"] not in plans] if old.get("classes") == classes else []
+    keep = {s["split"] for s in carried}
+    splits = {s: v for s, v in old.get("splits", {}).items() if s in keep}
+    for s in plans:
+        recs = [r for r in ordered if r["split"] == s]
+        splits[s] = {"count": sum(r["count"] for r in recs), "shards": sum(r["count"] > 0 for r in recs),
+                     "skipped": sum(x["split"] == s for x in skipped)}
+    fields = ("name", "split", "count", "bytes", "sha256", "plan")
+    return {
+        "format": FORMAT,
+        "source": str(src),
+        "classes": classes,
+        "splits": {s: splits[s] for s in SPLITS if s in splits},
+        "shards": carried + [{k: r[k] for k in fields} for r in ordered if r["count"] > 0],
+        "empty_shards": [{k: r[k] for k in fields} for r in ordered if r["count"] == 0],
+        "skipped": [x for x in old.get("skipped", []) if x["split"] in keep] + skipped,
+        "reencoded": [x for x in old.get("reencoded", []) if x.get("split") in keep]
+        + [{**x, "split": r["split"], "shard": r["name"]} for r in ordered for x in r["reencoded"]],
+        "ignored": ignored,
+        "settings": {"split": split, "shard_size": shard_size, "seed": seed, "jpeg_quality": JPEG_QUALITY,
+                     "workers": workers},
+    }
+
+
+def _strict_message(skipped: list[dict]) -> str:
+    shown = "; ".join(f"{x['path']} ({x['reason']})" for x in skipped[:10])
+    more = f"; and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    return f"--strict: {len(skipped)} input file(s) cannot be converted: {shown}{more}"
+
+
+def _summary(meta: dict, done: int, rate: float) -> None:
+    for s, info in meta["splits"].items():
+        print(f"{s}: {info['count']} samples in {info['shards']} shards, {info['skipped']} skipped")
+    for x in meta["skipped"][:20]:
+        print(f"  skipped {x['path']}: {x['reason']}")
+    if len(meta["skipped"]) > 20:
+        print(f"  ... {len(meta['skipped']) - 20} more skipped files are listed in dataset.json")
+    if meta["reencoded"]:
+        print(f"re-encoded {len(meta['reencoded'])} non-baseline images as JPEG (listed in dataset.json)")
+    print(f"converted {done} images at {rate:.0f} images/s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__.split("\n\n")[0])
+    p.add_argument("--src", help="ImageNet-style folder (train/, val/, LOC_val_solution.csv) or class folders")
+    p.add_argument("--out", help="folder for shards and dataset.json (re-running resumes)")
+    p.add_argument("--split", default="all", choices=("train", "val", "all"))
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the shuffle across shards")
+    p.add_argument("--strict", action="store_true", help="fail if any input file cannot be converted")
+    p.add_argument("--verify", metavar="DIR", help="only check the shards in DIR against dataset.json")
+    args = p.parse_args(argv)
+    try:
+        if args.verify:
+            verify(args.verify)
+            meta = json.loads((Path(args.verify) / "dataset.json").read_text())
+            print(f"{args.verify}: ok, {len(meta['shards'])} shards, "
+                  + ", ".join(f"{s} {v['count']} samples" for s, v in meta["splits"].items()))
+            return 0
+        if not args.src or not args.out:
+            p.error("--src and --out are required (or --verify DIR)")
+        convert(args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.strict)
+        return 0
+    except ConvertError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
