@@ -83,3 +83,31 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         "falling back to the PyTorch reference kernels (set TRITON_INTERPRET=1 to run Triton on CPU)"
     )
     return False
+
+
+_compiled: dict = {}
+
+
+def kernel_for(fn, device: torch.device, configs: list | None = None, key: list[str] | None = None):
+    """The Triton kernel `fn` (a plain Python function) made launchable on `device`.
+
+    CUDA gets a compiled JITFunction (autotuned over `configs` keyed on `key` when given), CPU the
+    interpreter. Deciding here, per device, rather than with `@triton.jit` at import time means the
+    kernels work whether or not TRITON_INTERPRET was set before this package was imported.
+    """
+    interpret = device.type != "cuda"
+    cache_key = (fn, interpret)
+    if cache_key not in _compiled:
+        if interpret:
+            from triton.runtime.interpreter import InterpretedFunction
+
+            kernel = InterpretedFunction(fn)
+        else:
+            import triton
+            from triton.runtime.jit import JITFunction
+
+            kernel = JITFunction(fn)
+            if configs:
+                kernel = triton.autotune(configs=configs, key=key or [])(kernel)
+        _compiled[cache_key] = kernel
+    return _compiled[cache_key]
