@@ -1,0 +1,100 @@
+"""The split encoder shared by every method: a timm ViT, a linear head on its tokens, z = [z_inv | z_eq].
+
+`backbone` is a plain timm model (export saves `backbone.state_dict()` with timm's keys and
+`timm.create_model(encoder.timm_name, **encoder.timm_kwargs)` recreates it); `head` maps every token
+to `d_patch` channels. The first `d_inv` channels are the invariant part, pooled for the SSL loss;
+the remaining `d_eq = d_patch - d_inv` channels of the patch tokens are the equivariant tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import timm
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+
+POOLS = ("mean", "cls")
+
+
+class SplitOutput(NamedTuple):
+    """What `SplitEncoder.forward` returns (N = patch tokens, prefix tokens excluded)."""
+
+    z_inv_tokens: torch.Tensor  # (B, N, d_inv)
+    z_eq: torch.Tensor  # (B, N, d_eq); d_eq = 0 when everything is invariant
+    z_inv: torch.Tensor  # (B, d_inv), pooled by cfg.pool
+    z_eq_pooled: torch.Tensor  # (B, d_eq), pooled the same way
+
+
+class SplitEncoder(nn.Module):
+    """timm ViT + linear head, split channel-wise into an invariant and an equivariant part.
+
+    all_invariant=True (the vicreg method) makes d_inv = d_patch and d_eq = 0.
+    """
+
+    def __init__(self, cfg: ModelConfig, img_size: int, all_invariant: bool = False):
+        super().__init__()
+        check_encoder_config(cfg, img_size, all_invariant)
+        self.timm_name = cfg.backbone
+        self.timm_kwargs = {"img_size": img_size, "patch_size": cfg.patch_size, "num_classes": 0}
+        if cfg.depth:
+            self.timm_kwargs["depth"] = cfg.depth
+        try:
+            self.backbone = timm.create_model(
+                cfg.backbone, pretrained=False, drop_path_rate=cfg.drop_path, **self.timm_kwargs
+            )
+        except RuntimeError as err:  # timm's "Unknown model (...)"
+            raise ValueError(f"model.backbone={cfg.backbone!r}: timm cannot create it ({err})") from None
+        except TypeError as err:  # a non-ViT model that takes no img_size / patch_size / depth
+            raise ValueError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer ({err})") from None
+        if not hasattr(self.backbone, "num_prefix_tokens") or not hasattr(self.backbone, "patch_embed"):
+            raise ValueError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer")
+        if cfg.pool == "cls" and not getattr(self.backbone, "has_class_token", False):
+            raise ValueError(f"model.pool='cls' but {cfg.backbone!r} has no class token; use model.pool=mean")
+        self.pool = cfg.pool
+        self.d_patch = cfg.d_patch
+        self.d_inv = cfg.d_patch if all_invariant else cfg.d_inv
+        self.d_eq = cfg.d_patch - self.d_inv
+        self.grid = img_size // cfg.patch_size
+        self.num_patches = self.grid * self.grid
+        self.embed_dim = self.backbone.embed_dim
+        self.head = nn.Linear(self.embed_dim, cfg.d_patch)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone tokens after the final norm: (B, 3, H, W) -> (B, prefix + N, embed_dim)."""
+        return self.backbone.forward_features(x)
+
+    def forward(self, x: torch.Tensor) -> SplitOutput:
+        tokens = self.forward_features(x)
+        n_prefix = self.backbone.num_prefix_tokens
+        if self.pool == "cls":
+            z = self.head(tokens)  # (B, prefix + N, d_patch)
+            pooled, z = z[:, 0], z[:, n_prefix:]
+        else:
+            z = self.head(tokens[:, n_prefix:])  # (B, N, d_patch)
+            pooled = z.mean(dim=1)
+        return SplitOutput(
+            z_inv_tokens=z[..., : self.d_inv],
+            z_eq=z[..., self.d_inv :],
+            z_inv=pooled[:, : self.d_inv],
+            z_eq_pooled=pooled[:, self.d_inv :],
+        )
+
+
+def check_encoder_config(cfg: ModelConfig, img_size: int, all_invariant: bool) -> None:
+    """One-line errors for sizes the encoder cannot take."""
+    if cfg.patch_size <= 0 or img_size % cfg.patch_size:
+        raise ValueError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
+    if cfg.depth < 0:
+        raise ValueError(f"model.depth must be >= 0 (0 = the timm default), got {cfg.depth}")
+    if cfg.pool not in POOLS:
+        raise ValueError(f"unknown model.pool {cfg.pool!r}; choose from {', '.join(POOLS)}")
+    if cfg.d_patch <= 0:
+        raise ValueError(f"model.d_patch must be > 0, got {cfg.d_patch}")
+    if not all_invariant and not 0 < cfg.d_inv < cfg.d_patch:
+        raise ValueError(
+            f"model.d_inv={cfg.d_inv} must be in (0, model.d_patch={cfg.d_patch}) so that z_eq keeps "
+            f"d_patch - d_inv > 0 channels"
+        )

@@ -1,0 +1,194 @@
+"""The four methods (DESIGN §1): each an nn.Module whose forward(batch) returns its loss terms.
+
+    method = build_method(cfg.model, cfg.data)
+    out = method(batch)      # {"loss", "loss/inv", "loss/eq", "loss/inv.sim", ...}
+    out["loss"].backward()
+
+loss = loss/inv + λ · loss/eq. Both views go through the encoder as one 2B batch (a ViT has no batch
+statistics, so this equals two calls). `reconstruct(batch)` gives the decoder's images for the
+trainer's picture (None for methods that reconstruct nothing).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from model.config import ModelConfig
+from model.decoders import SIEPredictor, build_decoder, check_decoder_config, denormalise_patches, patchify, unpatchify
+from model.encoder import SplitEncoder, SplitOutput
+from model.losses import sie_loss, vicreg_loss
+from pipeline.batch import Batch, DataConfig
+from pipeline.path import G_DIM, PathConfig
+
+# Parameters that weight decay should skip besides biases and norm weights (timm's convention).
+NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "step_embed", "view_embed")
+
+
+def build_expander(d_in: int, widths: tuple[int, ...]) -> nn.Module:
+    """VICReg's expander: (Linear, BatchNorm, ReLU) per hidden width, a plain Linear last; () = none."""
+    if not widths:
+        return nn.Identity()
+    layers: list[nn.Module] = []
+    for i, width in enumerate(widths):
+        layers.append(nn.Linear(d_in, width))
+        if i < len(widths) - 1:
+            layers += [nn.BatchNorm1d(width), nn.ReLU(inplace=True)]
+        d_in = width
+    return nn.Sequential(*layers)
+
+
+class Method(nn.Module):
+    """VICReg on the pooled invariant part; subclasses add the equivariant part."""
+
+    name = "vicreg"
+    all_invariant = True
+
+    def __init__(self, cfg: ModelConfig, data: DataConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.img_size = data.img_size
+        self.encoder = SplitEncoder(cfg, data.img_size, all_invariant=self.all_invariant)
+        self.expander = build_expander(self.encoder.d_inv, tuple(cfg.expander))
+
+    def encode(self, batch: Batch) -> tuple[SplitOutput, SplitOutput]:
+        """Both views through the encoder in one pass: SplitOutput for view 1 and view 2."""
+        for name in ("view1", "view2"):
+            shape = tuple(getattr(batch, name).shape)
+            if len(shape) != 4 or shape[1:] != (3, self.img_size, self.img_size):
+                raise ValueError(f"batch.{name} has shape {shape}, the model expects (B, 3, {self.img_size}, "
+                                 f"{self.img_size}) (data.img_size)")
+        out = self.encoder(torch.cat([batch.view1, batch.view2]))
+        halves = [t.chunk(2) for t in out]
+        return SplitOutput(*(h[0] for h in halves)), SplitOutput(*(h[1] for h in halves))
+
+    def invariance(self, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        # The expander runs per view so that its BatchNorm statistics are per view, as in VICReg.
+        loss, terms = vicreg_loss(self.expander(o1.z_inv), self.expander(o2.z_inv),
+                                  cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff)
+        return {"loss/inv": loss, **{f"loss/inv.{k}": v.detach() for k, v in terms.items()}}
+
+    def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
+        return {"loss/eq": torch.zeros((), device=batch.view1.device)}
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        o1, o2 = self.encode(batch)
+        out = self.invariance(o1, o2)
+        out.update(self.equivariance(batch, o1, o2))
+        out["loss"] = out["loss/inv"] + self.cfg.lam * out["loss/eq"]
+        return out
+
+    @torch.no_grad()
+    def reconstruct(self, batch: Batch) -> torch.Tensor | None:
+        """Predicted images (B, K', 3, Ht, Wt) in the batch's normalisation, or None."""
+        return None
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of parameters to exclude from weight decay: biases, norms, embeddings."""
+        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
+
+
+class VICReg(Method):
+    """VICReg: the whole z is invariant; loss/eq is a zero tensor."""
+
+
+class SIE(Method):
+    """SIE: VICReg on z_inv; a hypernetwork predictor from θ maps pooled z_eq(view 1) to z_eq(view 2)."""
+
+    name = "sie"
+    all_invariant = False
+
+    def __init__(self, cfg: ModelConfig, data: DataConfig):
+        super().__init__(cfg, data)
+        if cfg.sie_hidden <= 0:
+            raise ValueError(f"model.sie_hidden must be > 0, got {cfg.sie_hidden}")
+        self.predictor = SIEPredictor(G_DIM, self.encoder.d_eq, cfg.sie_hidden, theta_scale(data.aug))
+
+    def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
+        if batch.theta.dim() != 2 or batch.theta.shape[1] < G_DIM:
+            raise ValueError(f"batch.theta has shape {tuple(batch.theta.shape)}, expected (B, P >= {G_DIM})")
+        cfg = self.cfg
+        pred = self.predictor(o1.z_eq_pooled, batch.theta)
+        loss, terms = sie_loss(pred, o2.z_eq_pooled, o1.z_eq_pooled, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff)
+        return {"loss/eq": loss, **{f"loss/eq.{k}": v.detach() for k, v in terms.items()}}
+
+
+class XAttn(Method):
+    """Cross-attention reconstruction: VICReg on z_inv; the `xattn` decoder reconstructs view 2 (at
+    data.img_size) from the z_eq tokens of both views (model.decoder is not consulted)."""
+
+    name = "xattn"
+    all_invariant = False
+
+    def __init__(self, cfg: ModelConfig, data: DataConfig):
+        super().__init__(cfg, data)
+        self.grid = self.encoder.grid
+        self.target_size, self.steps = self.target_geometry(data)
+        name = self.decoder_name(cfg)
+        check_decoder_config(name, cfg, self.grid, self.target_size)
+        self.decoder = build_decoder(name, self.encoder.d_eq, self.grid, self.target_size, self.steps, cfg)
+
+    def decoder_name(self, cfg: ModelConfig) -> str:
+        return "xattn"
+
+    def target_geometry(self, data: DataConfig) -> tuple[int, int]:
+        """(target size, number of targets K)."""
+        return data.img_size, 1
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch.view2[:, None]  # (B, 1, 3, H, W)
+
+    def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
+        return {"loss/eq": self.decoder.loss(o1.z_eq, o2.z_eq, self.targets(batch), self.cfg.norm_pix)}
+
+    @torch.no_grad()
+    def reconstruct(self, batch: Batch) -> torch.Tensor:
+        o1, o2 = self.encode(batch)
+        pred = self.decoder(o1.z_eq, o2.z_eq).float()  # (B, K, N, P)
+        if self.cfg.norm_pix:
+            pred = denormalise_patches(pred, patchify(self.targets(batch).float(), self.grid))
+        return unpatchify(pred, self.grid)
+
+
+class Path(XAttn):
+    """Transformed-image reconstruction along the augmentation path: the decoder (`conv` or
+    `xattn-path`) reconstructs the K intermediate images u_k from the z_eq tokens of both views."""
+
+    name = "path"
+
+    def decoder_name(self, cfg: ModelConfig) -> str:
+        if cfg.decoder not in ("conv", "xattn-path"):
+            raise ValueError(f"model.decoder={cfg.decoder!r} is not a path decoder; choose conv or xattn-path "
+                             f"(the xattn method uses the xattn decoder)")
+        return cfg.decoder
+
+    def target_geometry(self, data: DataConfig) -> tuple[int, int]:
+        if data.aug.k < 1:
+            raise ValueError(f"the path method reconstructs K >= 1 intermediate images, but data.aug.k={data.aug.k}")
+        return data.out_target_size, data.aug.k
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        want = (len(batch), self.steps, 3, self.target_size, self.target_size)
+        if tuple(batch.targets.shape) != want:
+            raise ValueError(f"batch.targets has shape {tuple(batch.targets.shape)}, the path method expects {want} "
+                             f"(data.aug.k, data.target_size)")
+        return batch.targets
+
+
+METHODS: dict[str, type[Method]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn, "path": Path}
+
+
+def theta_scale(aug: PathConfig) -> torch.Tensor:
+    """Half-ranges of θ's g entries (G,), so that θ_g / scale is of order 1; 1 where a range is 0."""
+    scale = torch.tensor([aug.rot_deg, aug.translate_px, aug.translate_px, aug.brightness, aug.contrast,
+                          aug.saturation, aug.hue, aug.blur_sigma[1]], dtype=torch.float32)
+    assert scale.numel() == G_DIM, "theta_scale is out of date with pipeline.path.THETA_FIELDS"
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def build_method(cfg: ModelConfig, data: DataConfig) -> Method:
+    """The configured method, with its encoder at data.img_size and K = data.aug.k."""
+    if cfg.method not in METHODS:
+        raise ValueError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")
+    return METHODS[cfg.method](cfg, data)
