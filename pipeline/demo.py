@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.convert import ConvertError, convert, verify
+from pipeline.convert import FORMAT, ConvertError, convert, verify
 
 PHOTOS = Path(__file__).parent / "demo_photos"
 SHARD_SIZE = 8  # several shards per split, so rank/worker sharding is exercised even on the demo
@@ -26,10 +27,27 @@ def default_cache_dir() -> Path:
 
 def photos_fingerprint() -> str:
     """Hash of every photo's path and bytes, and of the converter's shard settings."""
-    h = hashlib.sha256(f"shard_size={SHARD_SIZE}\n".encode())
+    h = hashlib.sha256(f"{FORMAT} shard_size={SHARD_SIZE}\n".encode())
     for path in sorted(PHOTOS.rglob("*.jpg")):
         h.update(path.relative_to(PHOTOS).as_posix().encode() + b"\0" + path.read_bytes())
     return h.hexdigest()
+
+
+@contextmanager
+def _exclusive(folder: Path):
+    """Hold an exclusive lock on folder: every torchrun rank calls ensure_demo_shards at once."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as f:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: single-process use only
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def ensure_demo_shards(cache_dir: str | Path | None = None) -> Path:
@@ -37,13 +55,14 @@ def ensure_demo_shards(cache_dir: str | Path | None = None) -> Path:
     out = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     stamp = out / FINGERPRINT
     want = photos_fingerprint()
-    if stamp.is_file() and stamp.read_text().strip() == want:
-        try:
-            verify(out)
-            return out
-        except ConvertError:
-            pass  # damaged cache: convert again (finished shards that still verify are kept)
-    stamp.unlink(missing_ok=True)
-    convert(PHOTOS, out, split="all", shard_size=SHARD_SIZE, workers=1, seed=0, strict=True, quiet=True)
-    stamp.write_text(want + "\n")
+    with _exclusive(out):
+        if stamp.is_file() and stamp.read_text().strip() == want:
+            try:
+                verify(out)
+                return out
+            except ConvertError:
+                pass  # damaged cache: convert again (finished shards that still verify are kept)
+        stamp.unlink(missing_ok=True)
+        convert(PHOTOS, out, split="all", shard_size=SHARD_SIZE, workers=1, seed=0, strict=True, quiet=True)
+        stamp.write_text(want + "\n")
     return out
