@@ -215,8 +215,18 @@ def path_thetas(theta: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def effective_sigma(sigma: float | torch.Tensor, out_size: int, ref_size: int):
-    """Blur σ in output pixels; σ is defined at ref_size. Values below BLUR_MIN_SIGMA mean no blur."""
-    return sigma * (out_size / ref_size)
+    """Blur σ in output pixels: σ is defined at ref_size and scaled to out_size; 0 (no blur) where the
+    θ value σ itself is below BLUR_MIN_SIGMA. The identity test is on θ, not on the scaled σ, so whether
+    a sample is blurred does not depend on the resolution it is rendered at."""
+    scaled = sigma * (out_size / ref_size)
+    if isinstance(sigma, torch.Tensor):
+        return torch.where(sigma < BLUR_MIN_SIGMA, torch.zeros_like(scaled), scaled)
+    return 0.0 if sigma < BLUR_MIN_SIGMA else scaled
+
+
+def blur_kernel_size(sigma_px: float) -> int:
+    """Odd Gaussian kernel length 2·ceil(3σ)+1 for σ in output pixels (1 = identity for σ = 0)."""
+    return 2 * math.ceil(3 * sigma_px) + 1
 
 
 def affine_matrix(theta_g: torch.Tensor, size_hw: tuple[int, int], ref_size: int) -> torch.Tensor:

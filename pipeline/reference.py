@@ -1,0 +1,454 @@
+"""The PyTorch reference pipeline: shards -> `Batch`, with pipeline.path's semantics in plain torch.
+
+The pure functions (`decode`, `crop_resize`, `apply_g`, `make_views`) are the oracle the DALI
+pipeline is tested against and what the probes use to render (x, g_θ(x)) pairs; they run on CPU or
+CUDA tensors. `build_reference_loader` wraps them in a webdataset + DataLoader loader.
+
+Sharding. The split's shards (dataset.json order) go round-robin to ranks, then each rank's shards
+round-robin to its DataLoader workers ("streams"), fixed for the whole run. Every epoch a stream
+shuffles its shard order and passes its samples through a shuffle buffer (seeded by seed, epoch,
+rank, stream) and cuts them into batches of batch_size // world_size, dropping its last partial
+batch. The DataLoader interleaves the streams round-robin, skipping exhausted ones.
+
+Epoch length. Stream s holds n_s samples (from dataset.json's per-shard counts) and yields
+floor(n_s / b) batches; a rank's epoch is the minimum over ranks of the sum over its streams, so
+every rank yields the same number of batches and DDP never waits on a rank that ran dry. The length
+depends on world_size and workers, not on the epoch.
+
+Randomness. θ (crop boxes, flips, g) for a sample depends only on (seed, epoch, key), so a sample is
+augmented the same way whatever the rank or worker count. Batch composition depends on the worker
+count (shards are split by worker); with the same seed and settings the batches are identical.
+
+Resume. `state_dict()` holds (epoch, batch position). A resumed iteration makes each stream skip the
+samples it had already handed out (tar reading only, nothing decoded) and rotates the worker roles
+so the round-robin continues with the stream that was next: the rest of the epoch is the same as in
+an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import tarfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as nnf
+import torchvision.transforms.v2.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torchvision.io import ImageReadMode, decode_image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from pipeline.batch import Batch, DataConfig
+from pipeline.path import (
+    CROP1,
+    CROP2,
+    G_DIM,
+    IDX,
+    PathConfig,
+    affine_matrix,
+    blur_kernel_size,
+    effective_sigma,
+    path_thetas,
+    sample_theta,
+    validate,
+)
+
+
+class DataError(ValueError):
+    """Bad data in the shards (corrupt tar, undecodable image, wrong count); the message names it."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pure functions: one sample's pixels
+
+
+def decode(jpg: bytes, key: str = "?") -> torch.Tensor:
+    """JPEG (or any image torchvision decodes) bytes -> (3, H, W) uint8 RGB; greyscale is expanded."""
+    if not jpg:
+        raise DataError(f"sample {key!r}: empty image bytes")
+    try:
+        return decode_image(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise DataError(f"sample {key!r}: undecodable image ({str(e).splitlines()[0]})") from None
+
+
+def crop_box_pixels(box: Sequence[float] | torch.Tensor, hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Fractional (y0, x0, h, w) -> integer (top, left, height, width) inside an (H, W) image."""
+    H, W = hw
+    y0, x0, h, w = (float(v) for v in box)
+    top, left = min(round(y0 * H), H - 1), min(round(x0 * W), W - 1)
+    return top, left, max(1, min(round(h * H), H - top)), max(1, min(round(w * W), W - left))
+
+
+def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bool | float | torch.Tensor,
+                size: int) -> torch.Tensor:
+    """A1/A2: crop the fractional box (y0, x0, h, w), resize to size×size (bilinear, antialiased), then
+    flip horizontally if flip. (3, H, W) uint8 or float in [0, 1] -> (3, size, size) float32 in [0, 1]."""
+    x = F.to_dtype(img, torch.float32, scale=True)
+    top, left, h, w = crop_box_pixels(box, tuple(img.shape[-2:]))
+    x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    if bool(flip):
+        x = F.horizontal_flip(x)
+    return x.clamp_(0, 1)
+
+
+def _colour_blur(x: torch.Tensor, theta: torch.Tensor, cfg: PathConfig) -> torch.Tensor:
+    """g's colour and blur steps on one image: (3, H, W) float, θ (P,) -> (3, H, W)."""
+    b, c, s, h, sigma = theta[IDX["brightness"]:IDX["blur_sigma"] + 1].tolist()
+    # Each op is skipped at its identity so θ = 0 returns the input bit for bit.
+    if b:
+        x = F.adjust_brightness(x, 1 + b)
+    if c:
+        x = F.adjust_contrast(x, 1 + c)
+    if s:
+        x = F.adjust_saturation(x, 1 + s)
+    if h:
+        x = F.adjust_hue(x, h)
+    H, W = x.shape[-2:]
+    sx, sy = effective_sigma(sigma, W, cfg.ref_size), effective_sigma(sigma, H, cfg.ref_size)
+    if sx > 0:
+        x = F.gaussian_blur(x, [blur_kernel_size(sx), blur_kernel_size(sy)], [sx, sy])
+    return x
+
+
+def warp_affine(x: torch.Tensor, theta: torch.Tensor, ref_size: int, fill: float) -> torch.Tensor:
+    """g's affine step, exactly `path.affine_matrix`: (N, C, H, W), θ (N, P) -> (N, C, H, W).
+
+    Bilinear; outside the source image the result is `fill`, blended at the border like the image.
+    """
+    C, H, W = x.shape[1:]
+    moving = theta[:, IDX["rot_deg"]:IDX["ty_px"] + 1].ne(0).any(dim=1)
+    if not moving.any():
+        return x
+    m = affine_matrix(theta[moving, :G_DIM], (H, W), ref_size).to(x.device)  # (n, 2, 3) out px -> in px
+    ys = torch.arange(H, device=x.device, dtype=torch.float32) + 0.5  # pixel centres
+    xs = torch.arange(W, device=x.device, dtype=torch.float32) + 0.5
+    gy, gx = torch.meshgrid(ys, xs, indexing="ij")
+    pts = torch.stack([gx, gy, torch.ones_like(gx)], dim=-1)  # (H, W, 3) homogeneous (x, y, 1)
+    src = torch.einsum("hwk,nik->nhwi", pts, m)  # (n, H, W, 2) source (x, y) in pixels
+    # align_corners=False: normalised -1/+1 are the outer pixel edges, i.e. pixel coords 0 and W.
+    grid = src / torch.tensor([W / 2, H / 2], device=x.device) - 1
+    sub = x[moving]
+    ones = torch.ones_like(sub[:, :1])
+    warped = nnf.grid_sample(torch.cat([sub, ones], 1), grid, mode="bilinear", padding_mode="zeros",
+                             align_corners=False)
+    inside = warped[:, C:]  # (n, 1, H, W): how much of each output pixel came from the image
+    out = x.clone()
+    out[moving] = warped[:, :C] + (1 - inside) * fill
+    return out
+
+
+def apply_g(img: torch.Tensor, theta: torch.Tensor, cfg: PathConfig) -> torch.Tensor:
+    """g_θ: colour (brightness, contrast, saturation, hue; torchvision semantics, factors 1 + δ) ->
+    Gaussian blur (σ scaled from cfg.ref_size, kernel 2·ceil(3σ)+1, reflect padding) -> affine
+    (`warp_affine`). One θ row per image.
+
+    img (3, H, W) with theta (P,), or (N, 3, H, W) with theta (N, P); float in [0, 1], any device.
+    Returns the same shape, float in [0, 1].
+    """
+    single = img.dim() == 3
+    x = img[None] if single else img
+    th = theta.reshape(-1, theta.shape[-1])
+    if th.shape[0] != x.shape[0] or th.shape[1] < G_DIM:
+        raise ValueError(f"apply_g: {x.shape[0]} images need {x.shape[0]} θ rows of >= {G_DIM} values, "
+                         f"got θ of shape {tuple(theta.shape)}")
+    th = th.to(x.device, torch.float32)
+    x = torch.stack([_colour_blur(x[i], th[i], cfg) for i in range(x.shape[0])])
+    x = warp_affine(x, th, cfg.ref_size, cfg.fill).clamp_(0, 1)
+    return x[0] if single else x
+
+
+def normalize(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    """[0, 1] pixels -> (x - mean) / std, any (..., 3, H, W)."""
+    mean = torch.tensor(cfg.mean, device=x.device).view(3, 1, 1)
+    std = torch.tensor(cfg.std, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def make_views(img: torch.Tensor, theta: torch.Tensor, cfg: DataConfig
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One sample: (3, H, W) uint8, θ (P,) -> view1 (3, S, S), view2 (3, S, S), targets (K, 3, T, T).
+
+    view1 = A1(img); u = A2(img); view2 = g_θ(u); targets u_k = g_{θ_k}(u) with θ_k = k/(K+1)·θ and u
+    first resized to T = cfg.out_target_size when it differs from S = cfg.img_size. All normalised.
+    """
+    S, T, K = cfg.img_size, cfg.out_target_size, cfg.aug.k
+    view1 = crop_resize(img, theta[CROP1], theta[IDX["flip1"]] > 0.5, S)
+    u = crop_resize(img, theta[CROP2], theta[IDX["flip2"]] > 0.5, S)
+    view2 = apply_g(u, theta, cfg.aug)
+    if T != S:
+        u = F.resize(u, [T, T], antialias=True).clamp_(0, 1)
+    if K:
+        targets = apply_g(u.expand(K, -1, -1, -1), path_thetas(theta[None], K)[0], cfg.aug)
+    else:
+        targets = u.new_zeros(0, 3, T, T)
+    return normalize(view1, cfg), normalize(view2, cfg), normalize(targets, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from any printable parts (stable across processes, unlike hash())."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def sample_generator(seed: int, epoch: int, key: str) -> torch.Generator:
+    """The generator that draws θ for one sample: depends on (seed, epoch, key) only."""
+    return torch.Generator().manual_seed(_seed("theta", seed, epoch, key))
+
+
+def sample_theta_for(key: str, src_hw: tuple[int, int], cfg: DataConfig, epoch: int) -> torch.Tensor:
+    """θ (P,) of sample `key` (source size src_hw) in `epoch`, as the reference loader draws it."""
+    gen = sample_generator(cfg.seed, epoch, key)
+    return sample_theta(cfg.aug, torch.tensor([src_hw], dtype=torch.float64), gen)[0]
+
+
+def render_sample(sample: dict, cfg: DataConfig, epoch: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """A webdataset sample {__key__, jpg, cls} -> (view1, view2, targets, θ, label); label -1 without cls."""
+    key = sample["__key__"]
+    img = decode(sample.get("jpg", b""), key)
+    theta = sample_theta_for(key, tuple(img.shape[-2:]), cfg, epoch)
+    label = -1
+    if "cls" in sample:
+        try:
+            label = int(sample["cls"].decode("ascii").strip())
+        except (UnicodeDecodeError, ValueError):
+            raise DataError(f"sample {key!r} in {sample.get('__url__', '?')}: cls "
+                            f"{sample['cls'][:20]!r} is not an integer") from None
+    return (*make_views(img, theta, cfg), theta, label)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def read_shard(path: Path, expected: int) -> Iterator[dict]:
+    """Samples {__key__, __url__, jpg, cls, ...} of one tar, checked against its dataset.json count."""
+    n = 0
+    try:
+        with open(path, "rb") as f:
+            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": f}])):
+                n += 1
+                yield sample
+    except FileNotFoundError:
+        raise DataError(f"shard {path} is missing: re-run pipeline.convert into {path.parent}") from None
+    except (tarfile.TarError, OSError, ValueError) as e:
+        raise DataError(f"shard {path} is corrupt ({str(e).splitlines()[0]}); check the folder with "
+                        f"`python -m pipeline.convert --verify {path.parent}`") from None
+    if n != expected:
+        raise DataError(f"shard {path} holds {n} samples but dataset.json says {expected}; check it with "
+                        f"`python -m pipeline.convert --verify {path.parent}`")
+
+
+def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """Shuffle a stream through a buffer of bufsize samples."""
+    buf: list[dict] = []
+    for s in samples:
+        if len(buf) < bufsize:
+            buf.append(s)
+            continue
+        i = rng.randrange(bufsize)
+        buf[i], s = s, buf[i]
+        yield s
+    rng.shuffle(buf)
+    yield from buf
+
+
+def interleave(counts: Sequence[int]) -> list[int]:
+    """The DataLoader's order over streams with counts[s] batches: round-robin, skipping exhausted ones."""
+    left, order = list(counts), []
+    while any(left):
+        for s, c in enumerate(left):
+            if c:
+                order.append(s)
+                left[s] -= 1
+    return order
+
+
+class _RankStreams(IterableDataset):
+    """This rank's streams for one (partial) epoch; DataLoader worker w plays stream (w + rotate) % W."""
+
+    def __init__(self, cfg: DataConfig, streams: list[list[tuple[Path, int]]], per_rank_batch: int, rank: int,
+                 epoch: int, skip: list[int], rotate: int):
+        self.cfg, self.streams, self.per_rank_batch = cfg, streams, per_rank_batch
+        self.rank, self.epoch, self.skip, self.rotate = rank, epoch, skip, rotate
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        assert n_workers == len(self.streams), "one DataLoader worker per stream"
+        yield from self._stream((worker + self.rotate) % len(self.streams))
+
+    def _stream(self, s: int) -> Iterator[Batch]:
+        b, cfg = self.per_rank_batch, self.cfg
+        rng = random.Random(_seed("shuffle", cfg.seed, self.epoch, self.rank, s))
+        shards = list(self.streams[s])
+        rng.shuffle(shards)
+        samples = (x for path, count in shards for x in read_shard(path, count))
+        samples = _shuffled(samples, max(1, cfg.shuffle_buffer // len(self.streams)), rng)
+        total = sum(c for _, c in shards) // b
+        for i in range(total):
+            chunk = [next(samples) for _ in range(b)]
+            if i < self.skip[s]:
+                continue  # handed out before the resume point: read, never decoded
+            views1, views2, targets, thetas, labels = zip(*(render_sample(x, cfg, self.epoch) for x in chunk))
+            yield Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
+                        torch.tensor(labels, dtype=torch.int64))
+
+
+def _clean(e: DataError) -> str:
+    # A DataLoader worker's exception comes back with the worker traceback in its message; keep the
+    # last line, which is ours ("pipeline.reference.DataError: shard ... is corrupt ...").
+    last = str(e).strip().splitlines()[-1]
+    return last.split("DataError: ", 1)[-1]
+
+
+class ReferenceLoader:
+    """`pipeline.Loader` over webdataset shards; see the module docstring for sharding and resume."""
+
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
+                 streams: list[list[tuple[Path, int]]], length: int):
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.streams, self.length = streams, length
+        self.per_rank_batch = cfg.batch_size // world_size
+        self.counts = [sum(c for _, c in st) // self.per_rank_batch for st in streams]
+        self.epoch, self.position = 0, 0
+
+    def __len__(self) -> int:
+        return self.length
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch, unless the loader is already positioned inside it (resume)."""
+        self._roll()
+        if epoch != self.epoch:
+            self.epoch, self.position = epoch, 0
+
+    def _roll(self) -> None:
+        if self.position >= self.length:  # a finished epoch is the start of the next one
+            self.epoch, self.position = self.epoch + 1, 0
+
+    def _settings(self) -> dict:
+        return {"seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
+                "world_size": self.world_size, "workers": len(self.streams)}
+
+    def state_dict(self) -> dict:
+        self._roll()
+        return {"epoch": self.epoch, "batch": self.position, **self._settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name, value in self._settings().items():
+            if state.get(name) != value:
+                raise ValueError(f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
+                                 f"now {value!r}; the position is only meaningful with the same data settings")
+        if not 0 <= state["batch"] <= self.length:
+            raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
+        self.epoch, self.position = state["epoch"], state["batch"]
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._roll()
+        order = interleave(self.counts)[: self.length]
+        done = order[: self.position]
+        skip = [done.count(s) for s in range(len(self.streams))]
+        rotate = order[self.position] if self.position < self.length else 0
+        dataset = _RankStreams(self.cfg, self.streams, self.per_rank_batch, self.rank, self.epoch, skip, rotate)
+        workers = max(0, self.cfg.workers)
+        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
+        it = iter(loader)
+        try:
+            while self.position < self.length:
+                try:
+                    batch = next(it)
+                except DataError as e:
+                    raise DataError(_clean(e)) from None
+                except StopIteration:
+                    raise RuntimeError(f"rank {self.rank}: streams ended after {self.position} of "
+                                       f"{self.length} batches (epoch length computed wrongly)") from None
+                self.position += 1
+                yield batch.to(self.device)
+        finally:
+            del it  # shuts the workers down when the consumer stops early
+
+
+# ---------------------------------------------------------------------------------------------------
+# Entry point
+
+
+def _split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
+    try:
+        meta = json.loads((data_dir / "dataset.json").read_text())
+        records = meta["shards"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{data_dir / 'dataset.json'} is unreadable ({e}); re-run pipeline.convert") from None
+    shards = [(data_dir / r["name"], int(r["count"])) for r in records if r["split"] == split and r["count"] > 0]
+    if not shards:
+        have = sorted({r["split"] for r in records})
+        raise DataError(f"{data_dir} has no {split!r} shards (splits present: {', '.join(have) or 'none'})")
+    for path, _ in shards:
+        if not path.is_file():
+            raise FileNotFoundError(f"shard {path} listed in dataset.json is missing; re-run pipeline.convert "
+                                    f"into {data_dir} to rewrite it")
+    return shards
+
+
+def assign_streams(shards: list, world_size: int, workers: int) -> list[list[list]]:
+    """shards -> [rank][stream] lists: round-robin to ranks, then to streams; no shard in two places."""
+    per_rank = [shards[r::world_size] for r in range(world_size)]
+    return [[mine[w::workers] for w in range(workers)] for mine in per_rank]
+
+
+def epoch_length(streams_by_rank: list[list[list[tuple[Path, int]]]], per_rank_batch: int) -> int:
+    """Batches per epoch on every rank: min over ranks of sum over streams of floor(samples / batch)."""
+    return min(sum(sum(c for _, c in st) // per_rank_batch for st in streams) for streams in streams_by_rank)
+
+
+def build_reference_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
+                           device: torch.device | str = "cpu") -> ReferenceLoader:
+    """The PyTorch loader for `rank` of `world_size` over cfg.split's shards in data_dir."""
+    validate(cfg.aug)
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+    per_rank_batch = cfg.batch_size // world_size
+    if per_rank_batch < 1:
+        raise ValueError(f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks")
+    data_dir = Path(data_dir)
+    shards = _split_shards(data_dir, cfg.split)
+    workers = max(1, cfg.workers)
+    if len(shards) < world_size * workers:
+        raise ValueError(f"{data_dir} has {len(shards)} {cfg.split} shards, fewer than {world_size} ranks × "
+                         f"{workers} workers: lower data.workers or convert with a smaller --shard-size")
+    by_rank = assign_streams(shards, world_size, workers)
+    length = epoch_length(by_rank, per_rank_batch)
+    if length == 0:
+        smallest = min(sum(c for _, c in st) for streams in by_rank for st in streams)
+        raise ValueError(f"{data_dir}: a worker stream of {smallest} {cfg.split} samples cannot fill one batch of "
+                         f"{per_rank_batch} per rank; lower data.batch_size or data.workers")
+    return ReferenceLoader(cfg, rank, world_size, torch.device(device), by_rank[rank], length)
+
+
+__all__ = [
+    "DataError",
+    "ReferenceLoader",
+    "apply_g",
+    "assign_streams",
+    "build_reference_loader",
+    "crop_box_pixels",
+    "crop_resize",
+    "decode",
+    "epoch_length",
+    "interleave",
+    "make_views",
+    "normalize",
+    "read_shard",
+    "render_sample",
+    "sample_generator",
+    "sample_theta_for",
+    "warp_affine",
+]
