@@ -1,0 +1,490 @@
+"""The DALI pipeline: webdataset shards -> `Batch` (view 1, view 2, K path targets, θ, label).
+
+One graph, two placements: `device="gpu"` decodes with nvJPEG (`mixed`) and runs every image operator
+on the GPU; `device="cpu"` is the same graph with CPU operators and `device_id=None` (what CI runs).
+The semantics are those of `pipeline.path` and the PyTorch reference (`pipeline.reference`), which is
+the oracle the parity tests compare against:
+
+    θ          sampled per sample inside the graph (fn.random.*): the g part uniform in the configured
+               ranges, crop boxes by torchvision's RandomResizedCrop rule (10 tries, then a centre crop)
+    view1      = normalise(crop_resize(I, crop1, flip1, img_size))
+    u          = crop_resize(I, crop2, flip2, size)     (bilinear, antialiased; the flip folded into the ROI)
+    view2, u_k = normalise(g_{t·θ}(u)),  t = 1 and k/(K+1)
+    g          = colour (brightness, contrast, saturation, hue; torchvision.transforms.v2 semantics,
+               clamped to [0, 1] after each) -> Gaussian blur (kernel 2·ceil(3σ)+1, reflect-101 border)
+               -> affine warp with `path.affine_matrix` (bilinear, `fill` outside the image)
+
+DALI's own colour operators differ from torchvision (`fn.hsv`/`fn.saturation` work in YIQ, and
+`fn.contrast` pivots on a fixed grey instead of the image mean), so colour is written with arithmetic
+operators: brightness and saturation as per-pixel linear maps, contrast around the mean grey, hue by the
+exact HSV rotation (the closed form f(n) = V - C·clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6).
+
+Epochs: every epoch builds a fresh pipeline seeded by (seed, epoch, rank), whose reader reads the
+rank's contiguous sample range (rotating with the epoch) and shuffles within `shuffle_buffer`. Every rank
+yields the same number of full batches, floor(floor(N / world) / local batch); the remainder is dropped.
+The position inside an epoch is kept with DALI's pipeline checkpointing, so a resumed run continues
+with the next batch, neither replaying nor skipping one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.batch import Batch, DataConfig
+from pipeline.convert import ShardError
+from pipeline.path import (BLUR_MIN_SIGMA, CROP1, CROP2, G_DIM, IDX, THETA_DIM, PathConfig, active_families,
+                           path_steps, validate)
+
+READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
+GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
+CROP_TRIES = 10  # torchvision RandomResizedCrop
+CLS_BYTES = 16  # the ASCII class index is padded to this many bytes to batch it
+OUTPUTS = ("view1", "view2", "targets", "theta", "label")
+
+
+# ------------------------------------------------------------------------------------------- shards
+
+
+def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int]]:
+    """The split's shards with their sample counts, checked up front -> (tar paths, counts).
+
+    Each shard listed in dataset.json must exist with its .idx beside it, and the index must fit the tar
+    (a truncated tar is caught here, not halfway through an epoch). Errors name the shard.
+    """
+    data_dir = Path(data_dir)
+    meta_path = data_dir / "dataset.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{meta_path}: missing or unreadable ({e}); is {str(data_dir)!r} a folder "
+                                "written by pipeline.convert?") from None
+    records = [s for s in meta.get("shards", []) if s.get("split") == split]
+    if not records:
+        raise ShardError(f"{meta_path}: no shards for split {split!r} (splits: {', '.join(meta.get('splits', {}))})")
+    tars, counts = [], []
+    for rec in records:
+        tar = data_dir / rec["name"]
+        idx = tar.with_suffix(".idx")
+        if not tar.is_file():
+            raise FileNotFoundError(f"shard {tar} is missing (listed in {meta_path})")
+        if not idx.is_file():
+            raise FileNotFoundError(f"index {idx} of shard {tar.name} is missing; re-run pipeline.convert")
+        counts.append(_check_index(tar, idx, rec.get("count")))
+        tars.append(tar)
+    return tars, counts
+
+
+def _check_index(tar: Path, idx: Path, expected: int | None) -> int:
+    """Sample count from a wds2idx v1.2 index, after checking it against the tar's size."""
+    lines = idx.read_text().splitlines()
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or not head[1].isdigit() or len(lines) - 1 != int(head[1]):
+        raise ShardError(f"{idx}: not a valid DALI webdataset index (expected 'v1.2 <samples>' and one line "
+                         "per sample); re-run pipeline.convert")
+    n = int(head[1])
+    if expected is not None and n != expected:
+        raise ShardError(f"{idx}: indexes {n} samples, dataset.json says {expected} for {tar.name}")
+    fields = lines[-1].split() if n else []
+    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
+    size = tar.stat().st_size
+    if end > size:
+        raise ShardError(f"shard {tar} is truncated: {size} bytes, its index needs {end}; re-run pipeline.convert")
+    return n
+
+
+def epoch_batches(counts: list[int], world_size: int, local_batch: int) -> int:
+    """Full batches per rank and epoch, the same on every rank (DALI splits N samples into contiguous
+    ranges of floor or ceil N/world; the smallest range decides)."""
+    return sum(counts) // world_size // local_batch
+
+
+# ------------------------------------------------------------------------------------- graph pieces
+# Scalars (θ and everything derived from it) live on the CPU: DALI argument inputs must. Image tensors
+# are HWC float32 in [0, 1] and live on `dev`; `_on(x, dev)` moves a CPU scalar next to them.
+
+
+def _fn():
+    from nvidia.dali import fn, math as dmath, types
+
+    return fn, dmath, types
+
+
+def _on(node, dev: str):
+    return node.gpu() if dev == "gpu" else node
+
+
+def _const(values) -> object:
+    _, _, types = _fn()
+    return types.Constant(np.asarray(values, dtype=np.float32), device="cpu")
+
+
+def _as_float(mask):
+    fn, _, types = _fn()
+    return fn.cast(mask, dtype=types.FLOAT)
+
+
+def _round(x):
+    _, dmath, _ = _fn()
+    return dmath.floor(x + 0.5)
+
+
+def sample_crop(H, W, cfg: PathConfig):
+    """torchvision's RandomResizedCrop box for source size (H, W) -> (y0, x0, h, w) scalars in pixels.
+
+    The 10 tries are drawn at once and the first that fits wins; without one, a centre crop clamped to
+    the ratio range, as torchvision does.
+    """
+    fn, dmath, _ = _fn()
+    area = H * W
+    u = fn.random.uniform(range=[0.0, 1.0], shape=[2, CROP_TRIES])
+    lo, hi = cfg.crop_scale
+    log_lo, log_hi = math.log(cfg.crop_ratio[0]), math.log(cfg.crop_ratio[1])
+    scale = u[0] * (hi - lo) + lo
+    ratio = dmath.exp(u[1] * (log_hi - log_lo) + log_lo)
+    w_try = _round(dmath.sqrt(area * scale * ratio))
+    h_try = _round(dmath.sqrt(area * scale / ratio))
+    fits = _as_float((w_try <= W) & (h_try <= H) & (w_try > 0) & (h_try > 0))
+    priority = fits * _const(np.arange(CROP_TRIES, 0, -1))  # (10,): the first fitting try ranks highest
+    best = fn.reductions.max(priority)
+    pick = _as_float(priority == best) * fits  # one-hot at the first fitting try, all zero if none fits
+    found = _as_float(best > 0)
+    w_fit, h_fit = fn.reductions.sum(pick * w_try), fn.reductions.sum(pick * h_try)
+    # centre-crop fallback at the nearest allowed aspect ratio
+    narrow = _as_float(W / H < cfg.crop_ratio[0])
+    wide = _as_float(W / H > cfg.crop_ratio[1])
+    w_fb = wide * _round(H * cfg.crop_ratio[1]) + (1.0 - wide) * W
+    h_fb = narrow * _round(W / cfg.crop_ratio[0]) + (1.0 - narrow) * H
+    w = found * w_fit + (1.0 - found) * w_fb
+    h = found * h_fit + (1.0 - found) * h_fb
+    v = fn.random.uniform(range=[0.0, 1.0], shape=[2])
+    y0 = found * dmath.min(dmath.floor(v[0] * (H - h + 1.0)), H - h) + (1.0 - found) * dmath.floor((H - h) / 2.0)
+    x0 = found * dmath.min(dmath.floor(v[1] * (W - w + 1.0)), W - w) + (1.0 - found) * dmath.floor((W - w) / 2.0)
+    return y0, x0, h, w
+
+
+def sample_theta(H, W, cfg: PathConfig):
+    """θ per sample (THETA_DIM,) float32 in the `path.THETA_FIELDS` layout; inactive families at 0."""
+    fn, _, types = _fn()
+    fam = active_families(cfg)
+    lo, hi = np.zeros(G_DIM), np.zeros(G_DIM)
+    if "rotation" in fam:
+        lo[IDX["rot_deg"]], hi[IDX["rot_deg"]] = -cfg.rot_deg, cfg.rot_deg
+    if "translation" in fam:
+        for name in ("tx_px", "ty_px"):
+            lo[IDX[name]], hi[IDX[name]] = -cfg.translate_px, cfg.translate_px
+    if "color" in fam:
+        for name in ("brightness", "contrast", "saturation", "hue"):
+            lo[IDX[name]], hi[IDX[name]] = -getattr(cfg, name), getattr(cfg, name)
+    if "blur" in fam:
+        lo[IDX["blur_sigma"]], hi[IDX["blur_sigma"]] = cfg.blur_sigma
+    g = fn.random.uniform(range=[0.0, 1.0], shape=[G_DIM]) * _const(hi - lo) + _const(lo)
+    flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[2]), dtype=types.FLOAT)
+    parts = [g]
+    for i in range(2):
+        y0, x0, h, w = sample_crop(H, W, cfg)
+        parts += [fn.stack(y0 / H, x0 / W, h / H, w / W), flips[i:i + 1]]
+    return fn.cat(*parts, axis=0)
+
+
+def crop_resize(img, theta, H, W, which: int, size: int, dev: str):
+    """Crop box `which` (1 or 2) of θ, flipped when its flip is set, resized to size×size -> HWC [0, 1].
+
+    The box is stored as fractions; rounding them back to pixels recovers the integer box exactly.
+    The flip is folded into the region of interest (a start past the end mirrors the output).
+    """
+    fn, _, types = _fn()
+    box, flip = (CROP1, IDX["flip1"]) if which == 1 else (CROP2, IDX["flip2"])
+    y0, x0 = _round(theta[box.start] * H), _round(theta[box.start + 1] * W)
+    h, w = _round(theta[box.start + 2] * H), _round(theta[box.start + 3] * W)
+    f = theta[flip]
+    start = fn.stack(y0, x0 + f * w)
+    end = fn.stack(y0 + h, x0 + (1.0 - f) * w)
+    out = fn.resize(img, device=dev, roi_start=start, roi_end=end, roi_relative=False, size=[size, size],
+                    interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    return out * (1.0 / 255.0)
+
+
+def _clamp01(x):
+    _, dmath, _ = _fn()
+    return dmath.clamp(x, 0.0, 1.0)
+
+
+def _linear(x, m):
+    """Per-pixel colour map x -> m·x, m a per-sample (3, 3) matrix on the CPU."""
+    fn, _, _ = _fn()
+    return fn.coord_transform(x, M=m)
+
+
+def adjust_color(x, b, c, s, h, dev: str):
+    """torchvision's adjust_brightness -> adjust_contrast -> adjust_saturation -> adjust_hue on HWC [0, 1].
+
+    b, c, s are the factors 1 + t·δ and h the hue shift t·δh (CPU scalars).
+    """
+    fn, dmath, _ = _fn()
+    eye, grey_rows = np.eye(3), np.tile(np.asarray(GREY), (3, 1))
+    x = _clamp01(x * _on(b, dev))
+    # contrast blends with the mean grey level: mean(grey) = Σ_c w_c · mean(x_c)
+    mean_grey = fn.reductions.sum(fn.reductions.mean(x, axes=[0, 1]) * _on(_const(GREY), dev))
+    c_dev = _on(c, dev)
+    x = _clamp01(x * c_dev + (1.0 - c_dev) * mean_grey)
+    # saturation blends with the grey image: one per-pixel linear map s·I + (1 - s)·W
+    x = _clamp01(_linear(x, s * _const(eye) + (1.0 - s) * _const(grey_rows)))
+    return shift_hue(x, h, dev)
+
+
+def shift_hue(x, h, dev: str):
+    """torchvision's adjust_hue (RGB -> HSV, h += shift mod 1, HSV -> RGB), exact, on HWC [0, 1]."""
+    fn, dmath, _ = _fn()
+    r, g, b = x[:, :, 0], x[:, :, 1], x[:, :, 2]
+    maxc = dmath.max(dmath.max(r, g), b)
+    minc = dmath.min(dmath.min(r, g), b)
+    chroma = maxc - minc
+    flat = _as_float(chroma == 0.0)
+    div = chroma + flat  # 1 where the pixel is grey, as torchvision does
+    is_r = _as_float(maxc == r)
+    is_g = (1.0 - is_r) * _as_float(maxc == g)
+    is_b = (1.0 - is_r) * (1.0 - is_g)
+    hue6 = is_r * ((g - b) / div) + is_g * (2.0 + (b - r) / div) + is_b * (4.0 + (r - g) / div)
+    hue6 = hue6 + _on(h, dev) * 6.0  # hue in sixths of the wheel; the mod below wraps it
+    channels = []
+    for n in (5.0, 3.0, 1.0):  # R, G, B
+        k = hue6 + n
+        k = k - 6.0 * dmath.floor(k / 6.0)
+        channels.append(maxc - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
+    return fn.stack(*channels, axis=2)
+
+
+def blur(x, sigma_t, size: int, cfg: PathConfig):
+    """Gaussian blur with σ_t (θ units, defined at ref_size) scaled to `size`; σ_t < 0.1 is identity."""
+    fn, dmath, types = _fn()
+    on = _as_float(sigma_t >= BLUR_MIN_SIGMA)
+    sigma = on * sigma_t * (size / cfg.ref_size)
+    window = fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32)  # path.blur_kernel_size; 1 = identity
+    return fn.gaussian_blur(x, sigma=sigma, window_size=window)
+
+
+def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
+    """Rotation about the centre and translation: `path.affine_matrix` built from per-sample scalars."""
+    fn, dmath, types = _fn()
+    phi = rot_deg * (math.pi / 180.0)
+    cos, sin = dmath.cos(phi), dmath.sin(phi)
+    centre = size / 2.0
+    qx = -centre - tx * (size / cfg.ref_size)
+    qy = -centre - ty * (size / cfg.ref_size)
+    m = fn.stack(cos, -sin, cos * qx - sin * qy + centre, sin, cos, sin * qx + cos * qy + centre)
+    return fn.warp_affine(x, matrix=fn.reshape(m, shape=[2, 3]), size=[size, size], inverse_map=True,
+                          fill_value=cfg.fill, interp_type=types.INTERP_LINEAR)
+
+
+def apply_g(u, theta, t: float, size: int, cfg: PathConfig, dev: str):
+    """g_{t·θ}(u): colour -> blur -> affine, each family only when active. u: HWC [0, 1] at size×size."""
+    fam = active_families(cfg)
+    g = {name: theta[IDX[name]] * t for name in ("rot_deg", "tx_px", "ty_px", "brightness", "contrast",
+                                                   "saturation", "hue", "blur_sigma")}
+    x = u
+    if "color" in fam:
+        x = adjust_color(x, 1.0 + g["brightness"], 1.0 + g["contrast"], 1.0 + g["saturation"], g["hue"], dev)
+    if "blur" in fam:
+        x = blur(x, g["blur_sigma"], size, cfg)
+    if "rotation" in fam or "translation" in fam:
+        x = warp(x, g["rot_deg"], g["tx_px"], g["ty_px"], size, cfg)
+    return x
+
+
+def render(img, theta, H, W, cfg: DataConfig, dev: str):
+    """Decoded image (HWC uint8 on dev) + θ -> (view1, view2, targets) normalised CHW; targets (K, 3, Ht, Wt)."""
+    fn, _, types = _fn()
+    aug = cfg.aug
+    norm = dict(mean=list(cfg.mean), std=list(cfg.std), output_layout="CHW", dtype=types.FLOAT)
+    view1 = fn.crop_mirror_normalize(crop_resize(img, theta, H, W, 1, cfg.img_size, dev), **norm)
+    u = crop_resize(img, theta, H, W, 2, cfg.img_size, dev)
+    view2 = fn.crop_mirror_normalize(apply_g(u, theta, 1.0, cfg.img_size, aug, dev), **norm)
+    if aug.k == 0:
+        return view1, view2, None
+    ts = cfg.out_target_size
+    u_t = u if ts == cfg.img_size else crop_resize(img, theta, H, W, 2, ts, dev)
+    targets = [fn.crop_mirror_normalize(apply_g(u_t, theta, float(t), ts, aug, dev), **norm)
+               for t in path_steps(aug.k).tolist()]
+    return view1, view2, fn.stack(*targets, axis=0)
+
+
+# ----------------------------------------------------------------------------------------- pipeline
+
+
+def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device_id: int | None = None,
+                   seed: int = 0, files: list[Path] | None = None, shard_id: int = 0, num_shards: int = 1,
+                   external: tuple | None = None, checkpoint: str | None = None):
+    """The DALI pipeline -> (pipeline, output names).
+
+    Reads `files` (tar shards, .idx beside each) with θ sampled in the graph, or, for parity tests,
+    `external` = (images, theta): callables returning a batch of decoded HWC uint8 images and a
+    (B, THETA_DIM) float32 array, so DALI renders exactly the θ (and pixels) it is given.
+    """
+    from nvidia.dali import Pipeline, fn, types
+
+    if device not in ("cpu", "gpu"):
+        raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
+    validate(cfg.aug)
+    gpu = device == "gpu"
+    threads = max(1, cfg.workers)
+    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
+                    seed=seed, enable_checkpointing=external is None, checkpoint=checkpoint,
+                    prefetch_queue_depth=2)
+    with pipe:
+        if external is None:
+            shuffle = cfg.shuffle_buffer > 0
+            jpg, cls = fn.readers.webdataset(
+                paths=[str(f) for f in files], index_paths=[str(f.with_suffix(".idx")) for f in files],
+                ext=["jpg", "cls"], missing_component_behavior="skip", random_shuffle=shuffle,
+                initial_fill=max(1, cfg.shuffle_buffer), shard_id=shard_id, num_shards=num_shards,
+                name=READER)
+            # EXIF orientation is ignored, as PIL and torchvision.io do by default
+            shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
+            img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                    adjust_orientation=False)
+            H, W = shape[0], shape[1]
+            theta = sample_theta(H, W, cfg.aug)
+            label = fn.pad(cls, fill_value=0, shape=[CLS_BYTES])
+        else:
+            images, thetas = external
+            img = fn.external_source(source=images, batch=True, layout="HWC", dtype=types.UINT8)
+            theta = fn.external_source(source=thetas, batch=True, dtype=types.FLOAT)
+            shape = fn.cast(img.shape(), dtype=types.FLOAT)
+            H, W = shape[0], shape[1]
+            img = _on(img, device)
+            label = fn.pad(fn.cast(shape[0:1] * 0.0, dtype=types.UINT8), fill_value=0, shape=[CLS_BYTES])
+        view1, view2, targets = render(img, theta, H, W, cfg, device)
+        outs = {"view1": view1, "view2": view2, "targets": targets, "theta": theta, "label": label}
+        names = [k for k in OUTPUTS if outs[k] is not None]
+        pipe.set_outputs(*[_on(outs[k], device) if k in ("theta", "label") else outs[k] for k in names])
+    return pipe, names
+
+
+def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
+    """(B, CLS_BYTES) uint8 ASCII, zero-padded -> (B,) int64; -1 where no leading digits."""
+    d = cls_bytes.long() - ord("0")
+    leading = torch.cumprod(((d >= 0) & (d <= 9)).long(), dim=1)  # 1 while still in the leading digits
+    n = leading.sum(dim=1, keepdim=True)
+    power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
+    value = (d * leading * 10 ** power).sum(dim=1)
+    return torch.where(n[:, 0] > 0, value, torch.full_like(value, -1))
+
+
+def _to_batch(out: dict, k: int, target_size: int, device: torch.device) -> Batch:
+    view1 = out["view1"]
+    targets = out.get("targets")
+    if targets is None:  # K = 0: an empty target tensor keeps the Batch contract
+        targets = view1.new_zeros(view1.shape[0], 0, 3, target_size, target_size)
+    batch = Batch(view1=view1, view2=out["view2"], targets=targets, theta=out["theta"],
+                  label=parse_labels(out["label"]))
+    return batch.to(device)
+
+
+_SHARD_IN_MESSAGE = re.compile(r"[^\s'\"\[\]:]+\.tar")
+
+
+def _shard_error(err: RuntimeError, files: list[Path]) -> ShardError:
+    """A DALI failure while reading -> one line naming the shard (from DALI's message) or the shard set."""
+    text = str(err)
+    named = _SHARD_IN_MESSAGE.findall(text)
+    where = f"shard {named[0]}" if named else f"one of the shards {files[0].parent}/{{{', '.join(f.name for f in files)}}}"
+    detail = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Critical", "Error in",
+                   "which was", "  File", "encountered", "C++", "Current"))), text.splitlines()[0] if text else "")
+    return ShardError(f"DALI could not read {where}: {detail[:300]} (the shard is corrupt: re-run "
+                      "pipeline.convert, or check it with `python -m pipeline.convert --verify DIR`)")
+
+
+class DaliLoader:
+    """Epochs of `Batch` from the DALI pipeline for one rank (see the module docstring for the policy)."""
+
+    def __init__(self, cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", dali_device: str | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = torch.device(device)
+        self.dali_device = dali_device or ("gpu" if self.device.type == "cuda" else "cpu")
+        if self.dali_device == "gpu" and self.device.type != "cuda":
+            raise ValueError(f"the GPU DALI pipeline needs a CUDA device, got {self.device}")
+        self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
+            if self.dali_device == "gpu" else None
+        self.local_batch = cfg.batch_size // world_size
+        self.files, counts = shard_files(data_dir, cfg.split)
+        self.samples = sum(counts)
+        self.batches = epoch_batches(counts, world_size, self.local_batch)
+        if self.batches == 0:
+            raise ValueError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
+                             f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size")
+        self.epoch = 0
+        self._position = 0  # batches of self.epoch already handed out
+        self._checkpoint: str | None = None  # DALI state after those batches
+        self._iterator = None
+
+    def __len__(self) -> int:
+        return self.batches
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self._position, self._checkpoint = epoch, 0, None
+
+    def state_dict(self) -> dict:
+        if self._iterator is not None and 0 < self._position < self.batches:
+            self._checkpoint = self._iterator.checkpoints()[0]
+        return {"epoch": self.epoch, "position": self._position,
+                "dali_checkpoint": self._checkpoint if 0 < self._position < self.batches else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self._position = int(state["epoch"]), int(state["position"])
+        self._checkpoint = state.get("dali_checkpoint")
+
+    def _seed(self) -> int:
+        return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
+
+    def _build(self, checkpoint: str | None):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        pipe, names = build_pipeline(
+            self.cfg, self.local_batch, self.dali_device, self.device_id, seed=self._seed(), files=self.files,
+            # the rank's sample range rotates with the epoch, as DALI's own readers do between epochs
+            shard_id=(self.rank + self.epoch) % self.world_size, num_shards=self.world_size,
+            checkpoint=checkpoint)
+        try:
+            pipe.build()
+        except RuntimeError as e:
+            raise _shard_error(e, self.files) from None
+        read = pipe.epoch_size(READER)
+        if read != self.samples:
+            raise ShardError(f"the indexes of {self.files[0].parent} list {self.samples} samples but DALI reads "
+                             f"{read}: some samples lack a .jpg or .cls member; re-run pipeline.convert")
+        return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP,
+                                   auto_reset=False)
+
+    def __iter__(self):
+        if self._position >= self.batches:  # a finished epoch: iterate it again from the start
+            self._position, self._checkpoint = 0, None
+        resume = self._checkpoint if self._position > 0 else None
+        skip = self._position if self._position > 0 and resume is None else 0
+        start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position
+        self._iterator = self._build(resume)
+        try:
+            for i in range(start, self.batches):
+                try:
+                    out = next(self._iterator)[0]
+                except RuntimeError as e:
+                    raise _shard_error(e, self.files) from None
+                if i < self._position:
+                    continue
+                self._position = i + 1
+                yield _to_batch(out, self.cfg.aug.k, self.cfg.out_target_size, self.device)
+        finally:
+            self._iterator = None
+
+
+def build_dali_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
+                      device: torch.device | str = "cpu") -> DaliLoader:
+    """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise."""
+    return DaliLoader(cfg, data_dir, rank, world_size, device)
