@@ -48,6 +48,7 @@ JPEG_QUALITY = 95
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs per shard
 VAL_CSV = "LOC_val_solution.csv"
 PROGRESS = ".convert-progress.jsonl"
+PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
 
@@ -379,18 +380,17 @@ def verify(out: str | Path) -> None:
 # ---------------------------------------------------------------------------------------- converting
 
 
-def _known_records(out: Path, classes: list[str]) -> dict[str, dict]:
+def _known_records(out: Path, old: dict, classes: list[str]) -> dict[str, dict]:
     """Records of finished shards from an earlier run into the same folder (complete or interrupted)."""
     records: dict[str, dict] = {}
-    meta = _load_json(out / "dataset.json")
-    if meta and meta.get("format") == FORMAT:
-        if meta.get("classes") != classes:
-            raise ConvertError(f"{out} already holds shards of another class list ({meta.get('source')}); "
+    if old:
+        if old.get("classes") != classes:
+            raise ConvertError(f"{out} already holds shards of another class list ({old.get('source')}); "
                                "use a new --out")
-        for s in meta["shards"] + meta.get("empty_shards", []):
+        for s in old["shards"] + old.get("empty_shards", []):
             records[s["name"]] = {**s, "skipped": [], "reencoded": []}
         for key in ("skipped", "reencoded"):
-            for r in meta.get(key, []):
+            for r in old.get(key, []):
                 if r.get("shard") in records:
                     records[r["shard"]][key].append(r)
     try:
@@ -406,6 +406,10 @@ def _known_records(out: Path, classes: list[str]) -> dict[str, dict]:
     return records
 
 
+def _check(args: tuple) -> bool:
+    return _still_good(*args)
+
+
 def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_classes: int) -> bool:
     if rec is None or rec.get("plan") != plan:
         return False
@@ -419,6 +423,19 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
     return samples == [(it.key, it.label) for it in items if it.rel not in kept]
 
 
+def _pool(workers: int):
+    # fork: the workers need nothing but this module and the plan, and start instantly
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    return ctx.Pool(workers)
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Replace path's content atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
     from tqdm import tqdm
 
@@ -429,9 +446,7 @@ def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
                 on_done(write_shard(task))
                 bar.update(len(task[-1]))
         else:
-            # fork: the workers need nothing but this module, and start instantly
-            ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-            with ctx.Pool(workers) as pool:
+            with _pool(workers) as pool:
                 for rec in pool.imap_unordered(write_shard, tasks):
                     on_done(rec)
                     bar.update(rec["count"] + len(rec["skipped"]))
@@ -454,23 +469,30 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
     if strict and pre_skipped:
         raise ConvertError(_strict_message(pre_skipped))
     out.mkdir(parents=True, exist_ok=True)
-    known = _known_records(out, classes)
-    old = _load_json(out / "dataset.json") or {}
+    old = next((m for m in map(_load_json, (out / "dataset.json", out / PREVIOUS))
+                if m and m.get("format") == FORMAT), {})
+    known = _known_records(out, old, classes)
 
     plans = {s: plan_shards(items[s], s, shard_size, seed) for s in items}
-    planned = {name for s in plans for name, _, _ in plans[s]}
-    for f in out.iterdir():  # stale files of the splits being written: tmp files, old shard numbering
-        m = SHARD_RE.match(f.name)
-        if m and m["split"] in plans and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in planned):
+    names = [name for s in plans for name, _, _ in plans[s]]
+    stale = [f for f in out.iterdir() if (m := SHARD_RE.match(f.name)) and m["split"] in plans
+             and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in set(names))]
+    candidates = [(out, known.get(name), plan, chunk, len(classes)) for s in plans for name, chunk, plan in plans[s]]
+    if workers > 1 and sum(c[1] is not None for c in candidates) > 1:  # resuming ImageNet re-reads ~140 GB
+        with _pool(workers) as pool:
+            good = pool.map(_check, candidates, chunksize=1)
+    else:
+        good = [_check(c) for c in candidates]
+    records = {name: c[1] for name, c, ok in zip(names, candidates, good) if ok}
+    tasks = [(out, str(src), name, c[2], c[3]) for name, c, ok in zip(names, candidates, good) if not ok]
+    if tasks or stale:
+        # From here on the folder is incomplete: no dataset.json, and the progress log (plus the
+        # previous dataset.json, for splits not converted now) is what a re-run resumes from.
+        _rewrite(out / PROGRESS, "".join(json.dumps(r) + "\n" for r in records.values()))
+        if (out / "dataset.json").exists():
+            os.replace(out / "dataset.json", out / PREVIOUS)
+        for f in stale:
             f.unlink()
-
-    records, tasks = {}, []
-    for shards in plans.values():
-        for name, chunk, plan in shards:
-            if _still_good(out, known.get(name), plan, chunk, len(classes)):
-                records[name] = known[name]
-            else:
-                tasks.append((out, str(src), name, plan, chunk))
     todo = sum(len(t[-1]) for t in tasks)
     if not quiet:
         print(f"{src}: {len(classes)} classes, "
@@ -493,17 +515,16 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
     skipped = pre_skipped + [r for rec in ordered for r in rec["skipped"]]
     if strict and skipped:
         raise ConvertError(_strict_message(skipped))
-    meta = _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed, workers)
-    tmp = out / "dataset.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    os.replace(tmp, out / "dataset.json")
+    meta = _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed)
+    _rewrite(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
     (out / PROGRESS).unlink(missing_ok=True)
+    (out / PREVIOUS).unlink(missing_ok=True)
     if not quiet:
         _summary(meta, todo, rate)
     return meta
 
 
-def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed, workers) -> dict:
+def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed) -> dict:
     # splits converted earlier into the same folder (e.g. --split train, then --split val) are kept
     carried = [s for s in old.get("shards", []) if s["split"] not in plans] if old.get("classes") == classes else []
     keep = {s["split"] for s in carried}
@@ -524,8 +545,8 @@ def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_
         "reencoded": [x for x in old.get("reencoded", []) if x.get("split") in keep]
         + [{**x, "split": r["split"], "shard": r["name"]} for r in ordered for x in r["reencoded"]],
         "ignored": ignored,
-        "settings": {"split": split, "shard_size": shard_size, "seed": seed, "jpeg_quality": JPEG_QUALITY,
-                     "workers": workers},
+        # settings that determine the shards (not --workers: any worker count writes the same bytes)
+        "settings": {"split": split, "shard_size": shard_size, "seed": seed, "jpeg_quality": JPEG_QUALITY},
     }
 
 

@@ -242,7 +242,7 @@ def test_resume_after_interrupt_gives_the_same_dataset(tree, converted, tmp_path
     untouched = (out / done[2]).stat().st_mtime_ns
 
     meta = cv.convert(tree[0], out, shard_size=4, workers=2, seed=3, quiet=True)
-    assert meta["shards"] == ref["shards"] and meta["skipped"] == ref["skipped"]
+    assert meta == ref  # same shard bytes (sha256), counts, skipped and re-encoded files
     assert {k: v[0] for k, v in read_all(out).items()} == {k: v[0] for k, v in read_all(ref_out).items()}
     assert (out / done[2]).stat().st_mtime_ns == untouched, "a good finished shard should be kept"
     assert not list(out.glob("*.tmp")) and not (out / cv.PROGRESS).exists()
@@ -253,8 +253,20 @@ def test_rerun_with_new_shard_size_removes_stale_shards(tree, tmp_path):
     cv.convert(tree[0], tmp_path, split="train", shard_size=2, workers=1, quiet=True)
     meta = cv.convert(tree[0], tmp_path, split="train", shard_size=8, workers=1, quiet=True)
     assert sorted(p.name for p in tmp_path.glob("*.tar")) == sorted(r["name"] for r in meta["shards"])
-    both = cv.convert(tree[0], tmp_path, split="val", shard_size=8, workers=1, quiet=True)
-    assert set(both["splits"]) == {"train", "val"}  # converting val later keeps train
+    cv.verify(tmp_path)
+
+
+def test_splits_converted_separately_survive_an_interrupt(tree, tmp_path, monkeypatch):
+    train = cv.convert(tree[0], tmp_path, split="train", shard_size=4, workers=1, quiet=True)
+    _interrupt_after(monkeypatch, 1)
+    with pytest.raises(cv.ConvertError, match="interrupted"):
+        cv.convert(tree[0], tmp_path, split="val", shard_size=2, workers=1, quiet=True)
+    monkeypatch.undo()
+    assert not (tmp_path / "dataset.json").exists(), "an unfinished folder must not look complete"
+    both = cv.convert(tree[0], tmp_path, split="val", shard_size=2, workers=1, quiet=True)
+    assert set(both["splits"]) == {"train", "val"} and both["splits"]["train"] == train["splits"]["train"]
+    assert [r for r in both["shards"] if r["split"] == "train"] == train["shards"]
+    assert sorted(p.name for p in tmp_path.glob("*.tar")) == sorted(r["name"] for r in both["shards"])
     cv.verify(tmp_path)
 
 
