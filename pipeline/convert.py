@@ -76,16 +76,16 @@ class Item:
 # ---------------------------------------------------------------------------------------- discovery
 
 
-def _scan(folder: Path) -> list[Path]:
-    """All files below folder, recursively, in sorted order (hidden entries left out)."""
-    found = []
+def _scan(folder: str, prefix: str = "") -> list[str]:
+    """Paths (relative to folder, posix) of all files below it, sorted, hidden entries left out."""
+    found = []  # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            found += _scan(Path(entry.path))
+            found += _scan(entry.path, f"{prefix}{entry.name}/")
         elif entry.is_file():
-            found.append(Path(entry.path))
+            found.append(prefix + entry.name)
     return found
 
 
@@ -139,24 +139,25 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
     items, skipped, ignored = {}, [], []
     for s in wanted:
         root, seen, found = split_dirs[s], set(), []
-        for path in _scan(root):
-            rel_split = path.relative_to(root)
-            rel = path.relative_to(src).as_posix()
-            if path.suffix.lower() not in IMAGE_EXTS:
+        prefix = "" if root == src else f"{s}/"
+        for rel_split in _scan(str(root)):
+            rel = prefix + rel_split
+            stem, ext = os.path.splitext(rel_split)
+            if ext.lower() not in IMAGE_EXTS:
                 ignored.append(rel)
                 continue
-            if len(rel_split.parts) == 1:  # flat val: label from the CSV
+            if "/" not in rel_split:  # flat val: label from the CSV
                 if val_labels is None:
                     raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
-                wnid = val_labels.get(path.stem)
-                reason = f"no label: {path.stem!r} is not in {VAL_CSV}"
+                wnid = val_labels.get(stem)
+                reason = f"no label: {stem!r} is not in {VAL_CSV}"
             else:
-                wnid = rel_split.parts[0]
+                wnid = rel_split.split("/", 1)[0]
                 reason = f"unknown class: folder {wnid!r} is not a train class"
             if wnid not in index:
                 skipped.append({"split": s, "path": rel, "shard": None, "reason": reason})
                 continue
-            key = base = _tar_safe_key(rel_split.with_suffix("").as_posix())
+            key = base = _tar_safe_key(stem)
             n = 0
             while key in seen:  # e.g. a.JPEG and a.png, or names differing only in unsafe characters
                 n += 1
