@@ -193,20 +193,23 @@ def sample_theta(H, W, cfg: PathConfig):
 
 
 def crop_resize(img, theta, H, W, which: int, size: int, dev: str):
-    """Crop box `which` (1 or 2) of θ, flipped when its flip is set, resized to size×size -> HWC [0, 1].
+    """Crop box `which` (1 or 2) of θ, resize to size×size, flip if its flip is set -> HWC [0, 1].
 
     The box is stored as fractions; rounding them back to pixels recovers the integer box exactly.
-    The flip is folded into the region of interest (a start past the end mirrors the output).
+    The crop is cut out before resizing (not a resize ROI) because a ROI lets the filter read pixels
+    outside the box at its edges, which torchvision's resized_crop never sees.
     """
-    fn, _, types = _fn()
+    fn, dmath, types = _fn()
     box, flip = (CROP1, IDX["flip1"]) if which == 1 else (CROP2, IDX["flip2"])
-    y0, x0 = _round(theta[box.start] * H), _round(theta[box.start + 1] * W)
-    h, w = _round(theta[box.start + 2] * H), _round(theta[box.start + 3] * W)
-    f = theta[flip]
-    start = fn.stack(y0, x0 + f * w)
-    end = fn.stack(y0 + h, x0 + (1.0 - f) * w)
-    out = fn.resize(img, device=dev, roi_start=start, roi_end=end, roi_relative=False, size=[size, size],
-                    interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    # the same clamping as reference.crop_box_pixels, so any θ gives a non-empty box inside the image
+    y0 = dmath.min(_round(theta[box.start] * H), H - 1.0)
+    x0 = dmath.min(_round(theta[box.start + 1] * W), W - 1.0)
+    h = dmath.max(dmath.min(_round(theta[box.start + 2] * H), H - y0), 1.0)
+    w = dmath.max(dmath.min(_round(theta[box.start + 3] * W), W - x0), 1.0)
+    crop = fn.slice(img, start=fn.cast(fn.stack(y0, x0), dtype=types.INT32),
+                    shape=fn.cast(fn.stack(h, w), dtype=types.INT32), axes=[0, 1])
+    out = fn.resize(crop, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    out = fn.flip(out, horizontal=fn.cast(theta[flip] > 0.5, dtype=types.INT32))
     return out * (1.0 / 255.0)
 
 
@@ -257,7 +260,8 @@ def shift_hue(x, h, dev: str):
         k = hue6 + n
         k = k - 6.0 * dmath.floor(k / 6.0)
         channels.append(maxc - chroma * dmath.clamp(dmath.min(k, 4.0 - k), 0.0, 1.0))
-    return fn.stack(*channels, axis=2)
+    # stacking drops the layout; without "HWC" the blur would also smooth across the channel axis
+    return fn.reshape(fn.stack(*channels, axis=2), layout="HWC")
 
 
 def blur(x, sigma_t, size: int, cfg: PathConfig):
@@ -308,7 +312,9 @@ def render(img, theta, H, W, cfg: DataConfig, dev: str):
     if aug.k == 0:
         return view1, view2, None
     ts = cfg.out_target_size
-    u_t = u if ts == cfg.img_size else crop_resize(img, theta, H, W, 2, ts, dev)
+    u_t = u
+    if ts != cfg.img_size:  # u itself resized, as the reference does (not a fresh crop of the source)
+        u_t = fn.resize(u, size=[ts, ts], interp_type=types.INTERP_LINEAR, antialias=True)
     targets = [fn.crop_mirror_normalize(apply_g(u_t, theta, float(t), ts, aug, dev), **norm)
                for t in path_steps(aug.k).tolist()]
     return view1, view2, fn.stack(*targets, axis=0)
@@ -428,18 +434,37 @@ class DaliLoader:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
+        """Start `epoch` from its first batch, unless the loader is already positioned inside it (resume)."""
+        self._roll()
         if epoch != self.epoch:
             self.epoch, self._position, self._checkpoint = epoch, 0, None
 
+    def _roll(self) -> None:
+        if self._position >= self.batches:  # a finished epoch is the start of the next one
+            self.epoch, self._position, self._checkpoint = self.epoch + 1, 0, None
+
+    def _settings(self) -> dict:
+        return {"loader": "dali", "seed": self.cfg.seed, "split": self.cfg.split,
+                "batch_size": self.cfg.batch_size, "world_size": self.world_size}
+
     def state_dict(self) -> dict:
+        """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them}."""
         if self._iterator is not None and 0 < self._position < self.batches:
             self._checkpoint = self._iterator.checkpoints()[0]
-        return {"epoch": self.epoch, "position": self._position,
-                "dali_checkpoint": self._checkpoint if 0 < self._position < self.batches else None}
+        self._roll()
+        return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": self._checkpoint,
+                **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, self._position = int(state["epoch"]), int(state["position"])
-        self._checkpoint = state.get("dali_checkpoint")
+        for name, value in self._settings().items():
+            if name != "loader" and state.get(name) != value:
+                raise ValueError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
+                                 "the position is only meaningful with the same data settings")
+        if not 0 <= int(state["batch"]) <= self.batches:
+            raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
+        self.epoch, self._position = int(state["epoch"]), int(state["batch"])
+        # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
+        self._checkpoint = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
 
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
@@ -464,8 +489,7 @@ class DaliLoader:
                                    auto_reset=False)
 
     def __iter__(self):
-        if self._position >= self.batches:  # a finished epoch: iterate it again from the start
-            self._position, self._checkpoint = 0, None
+        self._roll()
         resume = self._checkpoint if self._position > 0 else None
         skip = self._position if self._position > 0 and resume is None else 0
         start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position
@@ -482,6 +506,30 @@ class DaliLoader:
                 yield _to_batch(out, self.cfg.aug.k, self.cfg.out_target_size, self.device)
         finally:
             self._iterator = None
+
+
+def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfig, device: str = "cpu",
+                 device_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the DALI graph on given pixels and θ -> (view1, view2, targets), normalised, on the CPU.
+
+    images: B decoded (3, H, W) uint8 tensors (sizes may differ); theta: (B, THETA_DIM). What the parity
+    tests compare with `reference.make_views` on the same inputs.
+    """
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    if theta.shape != (len(images), THETA_DIM):
+        raise ValueError(f"render_batch: {len(images)} images need θ of shape ({len(images)}, {THETA_DIM}), "
+                         f"got {tuple(theta.shape)}")
+    hwc = [np.ascontiguousarray(im.permute(1, 2, 0).cpu().numpy()) for im in images]
+    th = theta.detach().cpu().float().numpy()
+    pipe, names = build_pipeline(cfg, len(images), device, device_id,
+                                 external=(lambda: hwc, lambda: [row.copy() for row in th]))
+    pipe.build()
+    out = next(iter(DALIGenericIterator([pipe], names, size=len(images))))[0]
+    targets = out.get("targets")
+    if targets is None:
+        targets = out["view1"].new_zeros(len(images), 0, 3, cfg.out_target_size, cfg.out_target_size)
+    return out["view1"].cpu(), out["view2"].cpu(), targets.cpu()
 
 
 def build_dali_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
