@@ -3,8 +3,8 @@
 `EQRECON_KERNELS` picks the path, read at every call so tests and launchers can flip it:
 
 - unset / `auto`: Triton when every tensor is on CUDA and triton imports, the reference elsewhere;
-- `triton`: Triton on CUDA; on CPU only under `TRITON_INTERPRET=1` (the interpreter), otherwise
-  a loud warning and the reference;
+- `triton`: Triton on CUDA; on CPU only when triton runs in interpreter mode (`TRITON_INTERPRET=1`
+  set before triton was first imported), otherwise a loud warning and the reference;
 - `ref`: always the reference.
 
 A fallback warns once per reason, on rank 0 only. Both paths are functions without parameters,
@@ -32,9 +32,22 @@ def mode() -> str:
     return value
 
 
-def interpreting() -> bool:
-    """True when Triton's CPU interpreter was asked for (`TRITON_INTERPRET=1`)."""
+def interpret_requested() -> bool:
+    """True when `TRITON_INTERPRET=1` is in the environment now."""
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def triton_interprets() -> bool:
+    """True when triton runs in interpreter mode.
+
+    Triton fixes the mode of its own `tl` library functions (tl.sum, tl.max ...) when it is first
+    imported, so what counts is TRITON_INTERPRET at that moment, not now: a kernel interpreted
+    while they are compiled-mode functions fails, and vice versa.
+    """
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(tl.sum, JITFunction)
 
 
 def triton_import_error() -> str | None:
@@ -76,11 +89,16 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     if error is not None:
         warn_once(f"triton does not import ({error}); falling back to the PyTorch reference kernels")
         return False
-    if on_cuda or interpreting():
+    if triton_interprets():
+        if on_cuda:
+            warn_once("triton is in interpreter mode (TRITON_INTERPRET=1): CUDA kernels run interpreted, slowly")
         return True
+    if on_cuda:
+        return True
+    why = "was set after triton was first imported" if interpret_requested() else "is not 1"
     warn_once(
-        "EQRECON_KERNELS=triton but the tensors are on the CPU and TRITON_INTERPRET is not 1; "
-        "falling back to the PyTorch reference kernels (set TRITON_INTERPRET=1 to run Triton on CPU)"
+        f"EQRECON_KERNELS=triton but the tensors are on the CPU and TRITON_INTERPRET {why}; falling back "
+        "to the PyTorch reference kernels (set TRITON_INTERPRET=1 before starting Python to run Triton on CPU)"
     )
     return False
 
@@ -88,14 +106,15 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 _compiled: dict = {}
 
 
-def kernel_for(fn, device: torch.device, configs: list | None = None, key: list[str] | None = None):
-    """The Triton kernel `fn` (a plain Python function) made launchable on `device`.
+def kernel_for(fn, configs: list | None = None, key: list[str] | None = None):
+    """The Triton kernel `fn` (a plain Python function) made launchable.
 
-    CUDA gets a compiled JITFunction (autotuned over `configs` keyed on `key` when given), CPU the
-    interpreter. Deciding here, per device, rather than with `@triton.jit` at import time means the
-    kernels work whether or not TRITON_INTERPRET was set before this package was imported.
+    A compiled JITFunction (autotuned over `configs` keyed on `key` when given), or the interpreter
+    when triton itself is in interpreter mode. Wrapping lazily here, rather than with `@triton.jit`
+    when this package is imported, keeps the kernels in the same mode as triton's own library even
+    when TRITON_INTERPRET changed between the two imports.
     """
-    interpret = device.type != "cuda"
+    interpret = triton_interprets()
     cache_key = (fn, interpret)
     if cache_key not in _compiled:
         if interpret:

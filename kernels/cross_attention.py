@@ -20,6 +20,7 @@ contiguous. Under TRITON_INTERPRET=1 the same kernels run on CPU tensors (slow, 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -33,7 +34,7 @@ SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernels (plain functions; `_backend.kernel_for` compiles or interprets them per device)
+# Triton kernels (plain functions; `_backend.kernel_for` compiles or interprets them)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -205,7 +206,8 @@ def _configs(pairs):
 
 
 # GPU candidates (autotuned once per (N_Q, N_K, HEAD_D) and dtype); configs that exceed shared
-# memory are skipped by the autotuner. The interpreter uses one fixed, large block (fewer programs).
+# memory are skipped by the autotuner. The interpreter takes one fixed, large block: it runs about
+# a program per millisecond, so fewer programs is what matters there.
 _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 2),
                          (128, 32, 4, 4)])
 _DKDV_CONFIGS = _configs([(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 2), (32, 128, 8, 3), (16, 64, 4, 4),
@@ -221,13 +223,12 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _launch(fn, configs, tensor: torch.Tensor, grid_of, args, **constexprs):
-    """Run `fn` on tensor's device: autotuned on CUDA, fixed blocks in the interpreter."""
-    kernel = _backend.kernel_for(fn, tensor.device, configs, _KEY)
-    if tensor.is_cuda:
-        with torch.cuda.device(tensor.device):
-            kernel[lambda meta: grid_of(meta)](*args, **constexprs)
-    else:
-        kernel[grid_of(_INTERPRET_META)](*args, **constexprs, **_INTERPRET_META)
+    """Run `fn` on tensor's device: autotuned when compiled, fixed blocks in the interpreter."""
+    with torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext():
+        if _backend.triton_interprets():
+            _backend.kernel_for(fn)[grid_of(_INTERPRET_META)](*args, **constexprs, **_INTERPRET_META)
+        else:
+            _backend.kernel_for(fn, configs, _KEY)[lambda meta: grid_of(meta)](*args, **constexprs)
 
 
 def _forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,9 +247,9 @@ def _backward(q, k, v, out, lse, dout, scale: float, need_dkdv: bool):
     n_k = k.shape[2]
     delta = torch.empty_like(lse)  # (B·H, Nq) fp32
     grid = (triton.cdiv(n_q, _DELTA_BLOCK_M), b * h)
-    delta_kernel = _backend.kernel_for(_xattn_bwd_delta, q.device)
-    delta_kernel[grid](out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
-                       HEAD_D=d, BLOCK_M=_DELTA_BLOCK_M)
+    with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
+        _backend.kernel_for(_xattn_bwd_delta)[grid](out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
+                                                    HEAD_D=d, BLOCK_M=_DELTA_BLOCK_M)
 
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
     consts = dict(HEAD_D=d, PRECISION=_precision(q.dtype))

@@ -22,6 +22,8 @@ in fp32. Limits: P ≤ 16384 on the Triton path.
 
 from __future__ import annotations
 
+import contextlib
+
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ MAX_P = 16384
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # ---------------------------------------------------------------------------------------------
-# Triton kernel (a plain function; `_backend.kernel_for` compiles or interprets it per device)
+# Triton kernel (a plain function; `_backend.kernel_for` compiles or interprets it)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -81,9 +83,8 @@ def _sum_sq_and_grad(pred2, target2, grad2, norm_pix: bool, grad_scale: float) -
     block_r, block_p, warps = _blocks(p)
     n_prog = triton.cdiv(r, block_r)
     partial = torch.empty(n_prog, device=pred2.device, dtype=torch.float32)
-    kernel = _backend.kernel_for(_recon_fwd, pred2.device)
-    launch = torch.cuda.device(pred2.device) if pred2.is_cuda else _nullcontext()
-    with launch:
+    kernel = _backend.kernel_for(_recon_fwd)
+    with torch.cuda.device(pred2.device) if pred2.is_cuda else contextlib.nullcontext():
         kernel[(n_prog,)](
             pred2, target2, grad2 if grad2 is not None else pred2, partial,
             r, p, 1.0 / p, grad_scale, NORM_PIX_EPS,
@@ -91,14 +92,6 @@ def _sum_sq_and_grad(pred2, target2, grad2, norm_pix: bool, grad_scale: float) -
             num_warps=warps,
         )  # fmt: skip
     return partial.sum()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
