@@ -239,6 +239,8 @@ def test_resume_after_interrupt_gives_the_same_dataset(tree, converted, tmp_path
     data[2000] ^= 0xFF
     bad.write_bytes(bytes(data))
     lost.unlink()
+    with open(out / cv.PROGRESS, "a") as log:  # a SIGKILL can cut the progress log mid-line
+        log.write('{"name": "train-0000')
     untouched = (out / done[2]).stat().st_mtime_ns
 
     meta = cv.convert(tree[0], out, shard_size=4, workers=2, seed=3, quiet=True)
