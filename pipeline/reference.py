@@ -28,17 +28,19 @@ an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import random
 import tarfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.batch import Batch, DataConfig
@@ -66,13 +68,15 @@ class DataError(ValueError):
 
 
 def decode(jpg: bytes, key: str = "?") -> torch.Tensor:
-    """JPEG (or any image torchvision decodes) bytes -> (3, H, W) uint8 RGB; greyscale is expanded."""
+    """JPEG (or any image PIL reads) bytes -> (3, H, W) uint8 RGB; greyscale and CMYK are converted."""
     if not jpg:
         raise DataError(f"sample {key!r}: empty image bytes")
     try:
-        return decode_image(torch.frombuffer(bytearray(jpg), dtype=torch.uint8), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
+        with Image.open(io.BytesIO(jpg)) as im:
+            rgb = np.asarray(im.convert("RGB"))  # decodes fully: truncation raises here
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"sample {key!r}: undecodable image ({str(e).splitlines()[0]})") from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
 def crop_box_pixels(box: Sequence[float] | torch.Tensor, hw: tuple[int, int]) -> tuple[int, int, int, int]:

@@ -1,0 +1,239 @@
+"""The PyTorch reference loader over the demo shards: Batch contract, determinism, sharding, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import build_loader
+from pipeline.batch import Batch, DataConfig
+from pipeline.path import THETA_DIM, PathConfig
+from pipeline.reference import (
+    DataError,
+    ReferenceLoader,
+    build_reference_loader,
+    decode,
+    interleave,
+    make_views,
+    read_shard,
+    sample_theta_for,
+)
+
+SIZE = 32  # tiny views keep a whole demo epoch (64 photos) around a second
+
+
+def _cfg(data_dir: Path, **kw) -> DataConfig:
+    base = {"dir": str(data_dir), "loader": "reference", "img_size": SIZE, "batch_size": 4, "workers": 2}
+    return DataConfig(**{**base, **kw})
+
+
+def _samples(data_dir: Path, split: str = "train") -> list[dict]:
+    meta = json.loads((data_dir / "dataset.json").read_text())
+    return [s for r in meta["shards"] if r["split"] == split for s in read_shard(data_dir / r["name"], r["count"])]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Render in-process (workers=0) on one thread, as DataLoader workers do: tiny images gain nothing
+    from intra-op threads, and on a loaded 2-core machine they made an epoch 15× slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def catalogue(demo_shards) -> dict[str, tuple[int, tuple[int, int]]]:
+    """key -> (label, source (H, W)) of every demo train photo."""
+    return {s["__key__"]: (int(s["cls"]), tuple(decode(s["jpg"]).shape[-2:])) for s in _samples(demo_shards)}
+
+
+def _key_finder(catalogue, cfg: DataConfig, epoch: int):
+    """θ row -> sample key: θ is a function of (seed, epoch, key), so it identifies the sample."""
+    table = {tuple(sample_theta_for(k, hw, cfg, epoch).tolist()): k for k, (_, hw) in catalogue.items()}
+    return lambda theta: [table[tuple(row.tolist())] for row in theta]
+
+
+def _epoch(loader) -> list[Batch]:
+    return list(loader)
+
+
+def _same(a: list[Batch], b: list[Batch]) -> bool:
+    fields = ("view1", "view2", "targets", "theta", "label")
+    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields)
+
+
+# --- one sample ----------------------------------------------------------------------------------------
+
+
+def test_decode_gives_rgb_uint8_and_names_bad_samples(demo_shards):
+    by_key = {s["__key__"]: s for s in _samples(demo_shards)}
+    img = decode(by_key[next(k for k in by_key if k.startswith("cat/"))]["jpg"])
+    assert img.dtype == torch.uint8 and img.dim() == 3 and img.shape[0] == 3
+    grey = decode(by_key[next(k for k in by_key if k.startswith("camera/"))]["jpg"])  # greyscale JPEG
+    assert grey.shape[0] == 3 and torch.equal(grey[0], grey[1]) and torch.equal(grey[1], grey[2])
+    with pytest.raises(DataError, match="sample 'x/broken': undecodable"):
+        decode(b"\xff\xd8 not really a jpeg", "x/broken")
+    with pytest.raises(DataError, match="sample 'x/empty': empty"):
+        decode(b"", "x/empty")
+
+
+def test_make_views_shapes_ranges_and_target_size(demo_shards):
+    cfg = DataConfig(img_size=40, target_size=24, aug=PathConfig(k=3))
+    img = decode(_samples(demo_shards)[0]["jpg"])
+    theta = sample_theta_for("k", tuple(img.shape[-2:]), cfg, 0)
+    view1, view2, targets = make_views(img, theta, cfg)
+    assert view1.shape == view2.shape == (3, 40, 40) and targets.shape == (3, 3, 24, 24)
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    for x in (view1, view2, targets):
+        pixels = x * std + mean
+        assert x.dtype == torch.float32 and pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    _, _, none = make_views(img, theta, DataConfig(img_size=40, aug=PathConfig(k=0)))
+    assert none.shape == (0, 3, 40, 40)
+
+
+# --- the loader ----------------------------------------------------------------------------------------
+
+
+def test_loader_yields_the_documented_batch_with_right_labels(demo_shards, catalogue):
+    cfg = _cfg(demo_shards, target_size=16, aug=PathConfig(k=2))
+    loader = build_loader(cfg)  # the public entry, dispatching to the reference backend
+    assert isinstance(loader, ReferenceLoader)
+    batches = _epoch(loader)
+    assert len(batches) == len(loader) == 64 // 4  # 8 shards of 8 in 2 streams of 32: nothing dropped
+    find = _key_finder(catalogue, cfg, epoch=0)
+    seen = []
+    for b in batches:
+        assert b.view1.shape == b.view2.shape == (4, 3, SIZE, SIZE)
+        assert b.targets.shape == (4, 2, 3, 16, 16) and b.theta.shape == (4, THETA_DIM)
+        assert b.label.shape == (4,) and b.label.dtype == torch.int64
+        assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (b.view1, b.view2, b.targets, b.theta))
+        assert b.view1.min() >= -2.2 and b.view1.max() <= 2.7  # ImageNet-normalised [0, 1] pixels
+        keys = find(b.theta)
+        assert b.label.tolist() == [catalogue[k][0] for k in keys]
+        seen += keys
+    assert sorted(seen) == sorted(catalogue)  # every photo exactly once
+
+
+def test_same_seed_same_batches_other_seed_or_epoch_differs(demo_shards):
+    cfg = _cfg(demo_shards)
+    first = _epoch(build_reference_loader(cfg, demo_shards))
+    assert _same(first, _epoch(build_reference_loader(cfg, demo_shards)))
+    assert not _same(first, _epoch(build_reference_loader(_cfg(demo_shards, seed=1), demo_shards)))
+    loader = build_reference_loader(cfg, demo_shards)
+    loader.set_epoch(1)
+    second = _epoch(loader)
+    assert len(second) == len(first) and not _same(first, second)
+
+
+def test_a_sample_is_augmented_the_same_whatever_the_worker_count(demo_shards, catalogue):
+    views = []
+    for workers in (0, 2):
+        cfg = _cfg(demo_shards, workers=workers)
+        find = _key_finder(catalogue, cfg, epoch=0)
+        views.append({k: v for b in _epoch(build_reference_loader(cfg, demo_shards))
+                      for k, v in zip(find(b.theta), b.view2)})
+    assert views[0].keys() == views[1].keys() == catalogue.keys()
+    assert all(torch.equal(views[0][k], views[1][k]) for k in views[0])
+
+
+def test_ranks_get_disjoint_samples_and_the_same_number_of_batches(demo_shards, catalogue):
+    # 8 shards over 3 ranks × 2 workers: ranks hold 24/24/16 samples, so the longer ranks must stop early
+    cfg = _cfg(demo_shards, batch_size=6)
+    find = _key_finder(catalogue, cfg, epoch=0)
+    loaders = [build_reference_loader(cfg, demo_shards, rank=r, world_size=3) for r in range(3)]
+    lengths = [len(ld) for ld in loaders]
+    assert lengths == [8, 8, 8]
+    keys = []
+    for ld in loaders:
+        batches = _epoch(ld)
+        assert len(batches) == len(ld) and all(len(b) == 2 for b in batches)
+        keys.append({k for b in batches for k in find(b.theta)})
+    assert all(len(k) == 16 for k in keys)
+    assert not (keys[0] & keys[1]) and not (keys[0] & keys[2]) and not (keys[1] & keys[2])
+
+
+@pytest.fixture
+def three_shards(demo_shards, tmp_path) -> Path:
+    """The first three demo train shards, so two workers get unequal streams (16 and 8 samples)."""
+    meta = json.loads((demo_shards / "dataset.json").read_text())
+    meta["shards"] = [r for r in meta["shards"] if r["split"] == "train"][:3]
+    for r in meta["shards"]:
+        shutil.copy(demo_shards / r["name"], tmp_path / r["name"])
+    (tmp_path / "dataset.json").write_text(json.dumps(meta))
+    return tmp_path
+
+
+def test_interleave_is_round_robin_over_streams_with_batches_left():
+    assert interleave([4, 2]) == [0, 1, 0, 1, 0, 0]
+    assert interleave([1, 3, 2]) == [0, 1, 2, 1, 2, 1]
+
+
+def test_resume_continues_exactly_where_the_run_stopped(three_shards):
+    cfg = _cfg(three_shards)
+    full = _epoch(build_reference_loader(cfg, three_shards))
+    assert len(full) == 6  # streams of 4 and 2 batches
+    # stop after 3 batches, then resume in a fresh loader from the saved state
+    loader = build_reference_loader(cfg, three_shards)
+    for i, _ in enumerate(loader):
+        if i == 2:
+            break
+    state = loader.state_dict()
+    assert state["epoch"] == 0 and state["batch"] == 3
+    for position in (3, 4, 5):  # 4 and 5: one stream has run dry before the resume point
+        resumed = build_reference_loader(cfg, three_shards)
+        resumed.load_state_dict({**state, "batch": position})
+        resumed.set_epoch(0)  # what a trainer calls at the top of the epoch: keeps the position
+        assert _same(_epoch(resumed), full[position:]), position
+        assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch"] == 0
+    with pytest.raises(ValueError, match="workers"):
+        build_reference_loader(_cfg(three_shards, workers=1), three_shards).load_state_dict(state)
+
+
+# --- errors --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def copied(demo_shards, tmp_path) -> Path:
+    out = tmp_path / "shards"
+    shutil.copytree(demo_shards, out)
+    return out
+
+
+def test_missing_shard_is_named_at_build(copied):
+    (copied / "train-000003.tar").unlink()
+    with pytest.raises(FileNotFoundError, match="train-000003.tar"):
+        build_reference_loader(_cfg(copied), copied)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shard_is_named_in_one_line(copied, workers):
+    tar = copied / "train-000002.tar"
+    data = tar.read_bytes()
+    tar.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"shard .*train-000002\.tar") as err:
+        _epoch(build_reference_loader(_cfg(copied, workers=workers), copied))
+    assert "\n" not in str(err.value) and "Traceback" not in str(err.value)
+
+
+def test_shard_count_disagreeing_with_dataset_json_is_an_error(copied):
+    meta = json.loads((copied / "dataset.json").read_text())
+    meta["shards"][0]["count"] += 1
+    (copied / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DataError, match=r"train-000000\.tar holds 8 samples but dataset.json says 9"):
+        _epoch(build_reference_loader(_cfg(copied, workers=0), copied))
+
+
+@pytest.mark.parametrize("change, error, match", [
+    ({"workers": 5}, ValueError, "8 train shards, fewer than 2 ranks × 5 workers"),
+    ({"batch_size": 80, "workers": 1}, ValueError, "cannot fill one batch of 40"),
+    ({"aug": PathConfig(transforms=("rotation", "shear"))}, ValueError, "unknown transformation 'shear'"),
+    ({"split": "test"}, DataError, "no 'test' shards"),
+])
+def test_bad_settings_are_clear_errors(demo_shards, change, error, match):
+    with pytest.raises(error, match=match):
+        build_reference_loader(_cfg(demo_shards, **change), demo_shards, rank=0, world_size=2)
