@@ -27,6 +27,16 @@ A sample is built as
 
 Only the first `G_DIM` entries (the g part) are interpolated: θ_t = t·θ is exactly "colour factors
 1 + t·δ, hue shift t·δh, blur σ_t = t·σ, rotation t·φ, translation t·(tx, ty)".
+
+g in detail (`pipeline.reference.apply_g` is the executable definition, images in [0, 1]):
+  colour  brightness, contrast, saturation, hue in that fixed order, torchvision.transforms.v2
+          .functional semantics, each skipped at its identity value;
+  blur    σ_px = σ·size/ref_size per axis, kernel 2·ceil(3σ_px)+1, reflect padding; identity when the
+          θ value σ < BLUR_MIN_SIGMA (decided on θ, not on σ_px, so it does not depend on resolution);
+  affine  `affine_matrix` (pixel centres at +0.5, rotation about (W/2, H/2)), bilinear, `fill` outside
+          the source, blended at the border like the image.
+Crop boxes need the source size, so they are drawn after decoding: by the reference loader from a
+generator seeded by (seed, epoch, sample key), by the DALI graph in-graph.
 """
 
 from __future__ import annotations
