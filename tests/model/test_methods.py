@@ -1,0 +1,181 @@
+"""Methods: loss terms, reconstruction shapes, gradients reach every parameter, losses go down,
+kernel switch invariance, and one-line errors for bad configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_testing import VARIANTS, make_batch, tiny_config, variant_config
+
+from kernels import _backend
+from model import METHODS, build_method
+
+
+def _build(name: str, *overrides: str, seed: int = 0):
+    cfg = variant_config(name, *overrides)
+    torch.manual_seed(seed)
+    return cfg, build_method(cfg.model, cfg.data)
+
+
+def test_registry():
+    assert set(METHODS) == {"vicreg", "sie", "xattn", "path"}
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_loss_terms(name):
+    cfg, method = _build(name, "--model.lam=0.5")
+    out = method(make_batch(cfg))
+    assert {"loss", "loss/inv", "loss/eq", "loss/inv.sim", "loss/inv.std", "loss/inv.cov"} <= set(out)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in out.values())
+    torch.testing.assert_close(out["loss"], out["loss/inv"] + 0.5 * out["loss/eq"])
+    if name == "vicreg":
+        assert out["loss/eq"].item() == 0.0
+    else:
+        assert out["loss/eq"].item() > 0.0
+    if name == "sie":
+        assert {"loss/eq.pred", "loss/eq.std", "loss/eq.cov"} <= set(out)
+
+
+@pytest.mark.parametrize(
+    "name, overrides, shape",
+    [
+        ("vicreg", (), None),
+        ("sie", (), None),
+        ("xattn", (), (8, 1, 3, 32, 32)),
+        ("xattn", ("--data.target_size=16",), (8, 1, 3, 32, 32)),  # xattn reconstructs view 2 itself
+        ("path-xattn", (), (8, 2, 3, 32, 32)),
+        ("path-xattn", ("--data.target_size=16", "--data.aug.k=3"), (8, 3, 3, 16, 16)),
+        ("path-conv", ("--data.target_size=64",), (8, 2, 3, 64, 64)),
+        ("path-conv", ("--model.norm_pix=true",), (8, 2, 3, 32, 32)),
+    ],
+)
+def test_reconstruct_shapes(name, overrides, shape):
+    cfg, method = _build(name, *overrides)
+    pred = method.reconstruct(make_batch(cfg))
+    if shape is None:
+        assert pred is None
+    else:
+        assert tuple(pred.shape) == shape and not pred.requires_grad and torch.isfinite(pred).all()
+
+
+@pytest.mark.parametrize("name, overrides", [(n, ()) for n in VARIANTS] + [("path-xattn", ("--model.pool=cls",))])
+def test_every_parameter_gets_a_gradient(name, overrides):
+    """An unused parameter breaks DDP (or silently never trains): each must get a non-zero gradient."""
+    cfg, method = _build(name, *overrides)
+    method(make_batch(cfg))["loss"].backward()
+    dead = [n for n, p in method.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not dead, f"parameters without gradient: {dead}"
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_loss_decreases_on_a_fixed_batch(name):
+    cfg, method = _build(name)
+    batch = make_batch(cfg)
+    opt = torch.optim.AdamW(method.parameters(), lr=1e-3, weight_decay=0.0)
+    history = []
+    for _ in range(20):
+        out = method(batch)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        history.append({k: v.item() for k, v in out.items()})
+    first, last = history[0], history[-1]
+    assert last["loss"] < 0.8 * first["loss"], [h["loss"] for h in history]
+    if name != "vicreg":
+        assert last["loss/eq"] < 0.9 * first["loss/eq"], [h["loss/eq"] for h in history]
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_independent_of_kernel_switch(name, monkeypatch):
+    keys = {}
+    for mode in ("ref", "auto", "triton"):
+        monkeypatch.setenv("EQRECON_KERNELS", mode)
+        keys[mode] = list(_build(name)[1].state_dict())
+    assert keys["ref"] == keys["auto"] == keys["triton"]
+
+
+def triton_vs_reference() -> None:
+    """The same weights give the same loss and gradients through the Triton kernels as through the
+    PyTorch references. Needs triton in interpreter mode (TRITON_INTERPRET=1 before importing it)."""
+    assert _backend.triton_interprets(), "triton is not in interpreter mode"
+    torch.set_num_threads(1)
+    cfg, method = _build("path-xattn", "--model.expander=32", "--data.img_size=16", "--data.target_size=32")
+    batch = make_batch(cfg, batch_size=2)
+    results = {}
+    for mode in ("ref", "triton"):
+        os.environ["EQRECON_KERNELS"] = mode
+        assert _backend.use_triton(batch.view1) == (mode == "triton")
+        method.zero_grad(set_to_none=True)
+        out = method(batch)
+        out["loss"].backward()
+        results[mode] = (out["loss/eq"].detach(), {n: p.grad.clone() for n, p in method.named_parameters()})
+    (loss_ref, g_ref), (loss_tri, g_tri) = results["ref"], results["triton"]
+    torch.testing.assert_close(loss_tri, loss_ref, rtol=1e-4, atol=1e-6)
+    for n in g_ref:
+        torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_path_method_matches_between_triton_and_reference():
+    """Run in a fresh interpreter: triton fixes interpreter mode at its first import."""
+    here = Path(__file__).resolve().parent
+    code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_methods; test_methods.triton_vs_reference()"
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here.parents[1], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_no_weight_decay_names():
+    _, method = _build("path-xattn")
+    names = method.no_weight_decay()
+    assert {"encoder.backbone.pos_embed", "encoder.backbone.cls_token", "encoder.head.bias",
+            "decoder.step_embed", "decoder.view_embed", "decoder.norm.weight"} <= names
+    assert "encoder.head.weight" not in names and "decoder.head.weight" not in names
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, message",
+    [
+        ("demo", ("--model.method=mae",), "unknown model.method 'mae'"),
+        ("demo", ("--model.decoder=unet",), "model.decoder='unet' is not a path decoder"),
+        ("demo", ("--model.decoder=xattn",), "model.decoder='xattn' is not a path decoder"),
+        ("demo", ("--data.img_size=36",), "data.img_size=36 is not divisible by model.patch_size=8"),
+        ("demo", ("--model.d_inv=128",), "model.d_inv=128 must be in"),
+        ("demo-sie", ("--model.d_inv=0",), "model.d_inv=0 must be in"),
+        ("demo", ("--model.dec_heads=5",), "model.dec_width=96 is not divisible by model.dec_heads=5"),
+        ("demo", ("--model.dec_heads=2",), "head dim model.dec_width / model.dec_heads = 48"),
+        ("demo", ("--model.dec_depth=0",), "model.dec_depth must be >= 1"),
+        ("demo", ("--data.aug.k=0",), "data.aug.k=0"),
+        ("demo", ("--data.target_size=18",), "target size 18 is not divisible by the 4×4 token grid"),
+        ("demo", ("--model.decoder=conv", "--data.target_size=24"), "is not a power of 2"),
+        ("demo", ("--model.backbone=vit_nonexistent_patch16",), "model.backbone='vit_nonexistent_patch16'"),
+        ("demo", ("--model.pool=max",), "unknown model.pool 'max'"),
+        ("demo", ("--model.backbone=vit_medium_patch16_gap_256", "--model.pool=cls"), "has no class token"),
+    ],
+)
+def test_bad_config_errors(preset, overrides, message):
+    cfg = tiny_config(preset, *overrides)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")) as info:
+        build_method(cfg.model, cfg.data)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "field, shape, message",
+    [
+        ("view2", (8, 3, 16, 16), r"batch\.view2 has shape \(8, 3, 16, 16\)"),
+        ("targets", (8, 3, 3, 32, 32), r"batch\.targets has shape \(8, 3, 3, 32, 32\)"),
+    ],
+)
+def test_bad_batch_errors(field, shape, message):
+    cfg, method = _build("path-xattn")
+    batch = make_batch(cfg)
+    setattr(batch, field, torch.zeros(shape))
+    with pytest.raises(ValueError, match=message):
+        method(batch)
