@@ -1,0 +1,369 @@
+"""The training loop: optimizer and schedule, one DDP step, checkpoints, logging and the recon grid.
+
+`train(cfg, model, optimizer, scheduler, loader, env)` runs the schedule the config defines, from
+step 0 or from `cfg.run.resume`, and stops after `cfg.run.steps` if set. `train_step` is one
+optimizer step and is what `bench/step.py` times. Rank 0 writes the run folder:
+
+    config.json    resolved config, git SHA, world size
+    metrics.jsonl  every `run.log_every` steps: step, epoch, lr, every loss term, grad norm, times, images/s
+    ckpt/          step-NNNNNN.pt (atomic) and last.pt -> the newest one
+    recon.png      view 1 | view 2 | targets | predictions (also recon/step-NNNNNN.png)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from tqdm import tqdm
+
+from bench._provenance import git_sha
+from train.config import Config, ConfigError, OptimConfig, to_dict
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term or the gradient norm became NaN/inf; the message names the step and the term."""
+
+
+@dataclass
+class Env:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --- optimizer and schedule -----------------------------------------------------------------------
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on weight matrices only: biases, norms, embeddings and tokens are exempt.
+    The model's own `no_weight_decay()` names decide when it has one; otherwise only the weights
+    of linear and conv layers decay (as in MAE/DINO)."""
+    if hasattr(model, "no_weight_decay"):
+        exempt = set(model.no_weight_decay())
+    else:
+        layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        matrices = {f"{m}.weight".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, layers)}
+        exempt = {n for n, _ in model.named_parameters()} - matrices
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if name in exempt else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    return cfg.base_lr * global_batch / 256
+
+
+def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int,
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA), or apex's FusedAdam / FusedLAMB when asked for."""
+    groups, lr = param_groups(model, cfg.weight_decay), peak_lr(cfg, global_batch)
+    if cfg.name == "adamw":
+        fused = {"fused": True} if device.type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **fused)
+    try:
+        from apex.optimizers import FusedAdam, FusedLAMB
+    except ImportError:
+        raise ConfigError(f"--optim.name={cfg.name} needs NVIDIA apex (built from github.com/NVIDIA/apex), "
+                          "which is not importable; use --optim.name=adamw") from None
+    cls = FusedAdam if cfg.name == "apex_adam" else FusedLAMB
+    return cls(groups, lr=lr, betas=cfg.betas, adam_w_mode=True)
+
+
+def total_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    return max(1, round(cfg.epochs * steps_per_epoch))
+
+
+def lr_factor(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up, then cosine down to min_lr."""
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    floor = min(1.0, cfg.min_lr / peak_lr(cfg, global_batch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch: int,
+                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, global_batch, steps_per_epoch))
+
+
+# --- one step -------------------------------------------------------------------------------------
+
+
+def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, *, step: int, clip_grad: float = 0.0,
+               amp: bool = False, mark: Callable[[str], None] | None = None) -> dict[str, float]:
+    """Forward, backward, clip, optimizer and scheduler step; returns the loss terms averaged over
+    ranks plus the grad norm. Raises NonFiniteLoss (before touching the weights) on NaN/inf.
+    `mark(phase)` is called after "forward", "backward" and "optimizer" (bench/step.py times them)."""
+    with torch.autocast(batch.view1.device.type, dtype=torch.bfloat16, enabled=amp):
+        out = model(batch)
+    names = sorted(k for k in out if k.startswith("loss"))
+    # One small all-reduce of every term, overlapped with backward; read after it (one host sync).
+    terms = torch.stack([out[k].detach().float() for k in names])
+    pending = dist.all_reduce(terms, async_op=True) if dist.is_initialized() else None
+    if mark:
+        mark("forward")
+    out["loss"].backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    if clip_grad > 0:
+        norm = nn.utils.clip_grad_norm_(params, clip_grad)
+    else:
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    if pending:
+        pending.wait()
+        terms /= dist.get_world_size()
+    if mark:
+        mark("backward")
+    values = torch.cat([terms, norm.detach().float().reshape(1).to(terms.device)]).tolist()
+    result = dict(zip(names + ["grad_norm"], values))
+    bad = [k for k in names + ["grad_norm"] if not math.isfinite(result[k])]
+    if bad:
+        # Name the specific term rather than the total it poisons.
+        term = next((k for k in bad if k != "loss"), bad[0])
+        raise NonFiniteLoss(f"non-finite {term} = {result[term]} at step {step + 1} "
+                            f"({', '.join(f'{k}={result[k]:.4g}' for k in names)}); "
+                            "lower --optim.base_lr or check the data")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    if mark:
+        mark("optimizer")
+    return result
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def gather(obj, env: Env) -> list:
+    """Every rank's obj, in rank order (on every rank)."""
+    if env.world_size == 1:
+        return [obj]
+    out = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, scheduler, loader,
+                    step: int, epoch: int, env: Env) -> Path | None:
+    """Collective (every rank calls it); rank 0 writes ckpt/step-NNNNNN.pt atomically, points
+    ckpt/last.pt at it and prunes old ones to run.keep_ckpts."""
+    rngs, positions = gather(rng_state(), env), gather(loader.state_dict(), env)
+    if not env.main:
+        return None
+    method = unwrap(model)
+    state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
+             "loader": positions, "world_size": env.world_size, "config": to_dict(cfg), "git_sha": git_sha()}
+    ckpt_dir = run_dir / "ckpt"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step-{step:06d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    link = ckpt_dir / "last.pt.tmp"
+    link.unlink(missing_ok=True)
+    link.symlink_to(path.name)
+    os.replace(link, ckpt_dir / "last.pt")
+    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, cfg.run.keep_ckpts)]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, loader, env: Env) -> tuple[int, int]:
+    """Restore everything save_checkpoint wrote; returns (step, epoch)."""
+    # Our own file: it holds RNG states (numpy objects), so it is not weights_only.
+    state = torch.load(path, map_location=env.device, weights_only=False)
+    if state["world_size"] != env.world_size:
+        raise ConfigError(f"{path} was written by {state['world_size']} ranks but this run has "
+                          f"{env.world_size}: resume with --nproc_per_node={state['world_size']}")
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"][env.rank])
+    loader.set_epoch(state["epoch"])
+    loader.load_state_dict(state["loader"][env.rank])
+    return state["step"], state["epoch"]
+
+
+# --- rank 0's outputs -----------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def save_recon_grid(method: nn.Module, batch, mean, std, path: Path, rows: int = 8) -> bool:
+    """One row per sample: view 1, view 2, the K targets, the K' predictions, un-normalised to
+    [0, 1] at the target resolution. False when the method reconstructs nothing."""
+    from torchvision.utils import save_image
+
+    was_training = method.training
+    method.eval()
+    try:
+        pred = method.reconstruct(batch)
+    finally:
+        method.train(was_training)
+    if pred is None:
+        return False
+    n = min(rows, len(batch))
+    size = pred.shape[-2:]
+    views = [nn.functional.interpolate(v[:n].float(), size=size, mode="bilinear", antialias=True,
+                                       align_corners=False) for v in (batch.view1, batch.view2)]
+    # (n, 3, Ht, Wt) x 2 + (n, K, 3, Ht, Wt) + (n, K', 3, Ht, Wt) -> (n, 2 + K + K', 3, Ht, Wt)
+    cells = torch.cat([torch.stack(views, 1), batch.targets[:n].float(), pred[:n].float()], 1)
+    m = torch.tensor(mean, device=cells.device).view(1, 1, 3, 1, 1)
+    s = torch.tensor(std, device=cells.device).view(1, 1, 3, 1, 1)
+    cells = (cells * s + m).clamp(0, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
+    return True
+
+
+class RunLog:
+    """Rank 0's progress bar, metrics.jsonl and config.json; a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
+        self.env, self.batch = env, cfg.data.batch_size
+        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
+        if env.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            meta = {"git_sha": git_sha(), "world_size": env.world_size, "device": str(env.device),
+                    "config": to_dict(cfg)}
+            (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            self.metrics = run_dir / "metrics.jsonl"
+
+    def step(self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float,
+             write: bool) -> None:
+        if not self.env.main:
+            return
+        ips = self.batch / max(step_s, 1e-9)
+        self.bar.update(1)
+        # The bar shows the headline terms; metrics.jsonl keeps every sub-term.
+        self.bar.set_postfix_str(f"{ips:.0f} img/s " + " ".join(
+            f"{k}={v:.3f}" for k, v in terms.items() if k in ("loss", "loss/inv", "loss/eq")))
+        if write:
+            row = {"step": step, "epoch": epoch, "lr": lr, **terms, "step_time_s": step_s,
+                   "data_time_s": data_s, "images_per_s": ips}
+            with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
+                f.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def run_dir_of(cfg: Config) -> Path:
+    if cfg.run.resume:
+        return Path(cfg.run.resume).resolve().parent.parent  # RUN/ckpt/last.pt -> RUN
+    return Path(cfg.run.out or f"runs/{cfg.preset}")
+
+
+def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env) -> Path:
+    """Run (or continue) the configured schedule; returns the run folder."""
+    method, run_dir = unwrap(model), run_dir_of(cfg)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"the data yields no full batch of {cfg.data.batch_size} per epoch; "
+                          "lower --data.batch_size or add data")
+    total = total_steps(cfg.optim, steps_per_epoch)
+    stop = min(total, cfg.run.steps) if cfg.run.steps else total
+    step, epoch, resumed = 0, 0, bool(cfg.run.resume)
+    if resumed:
+        step, epoch = load_checkpoint(cfg.run.resume, model, optimizer, scheduler, loader, env)
+    else:
+        if env.main and (run_dir / "ckpt" / "last.pt").exists():
+            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume "
+                              f"{run_dir / 'ckpt' / 'last.pt'} or pass a new --out")
+        seed_all(cfg.run.seed * 1000 + env.rank)  # per-rank streams (drop-path etc.); init was shared
+    amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
+    log = RunLog(run_dir, cfg, env, step, stop)
+    model.train()
+    try:
+        while step < stop:
+            if not resumed:
+                loader.set_epoch(epoch)
+            # A checkpoint taken on an epoch's last batch resumes into an empty remainder of it.
+            yielded, may_be_empty, resumed = 0, resumed, False
+            it, t0 = iter(loader), time.perf_counter()
+            for batch in it:
+                t_data = time.perf_counter() - t0
+                lr = optimizer.param_groups[0]["lr"]
+                terms = train_step(model, batch, optimizer, scheduler, step=step,
+                                   clip_grad=cfg.optim.clip_grad, amp=amp)
+                step, yielded = step + 1, yielded + 1
+                t_step = time.perf_counter() - t0
+                log.step(step, epoch, lr, terms, t_step, t_data,
+                         write=step % cfg.run.log_every == 0 or step == stop)
+                if step % cfg.run.ckpt_every == 0 or step == stop:
+                    save_checkpoint(run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env)
+                if env.main and (step % cfg.run.recon_every == 0 or step == stop):
+                    save_recon_grid(method, batch, cfg.data.mean, cfg.data.std,
+                                    run_dir / "recon" / f"step-{step:06d}.png")
+                    _copy(run_dir / "recon" / f"step-{step:06d}.png", run_dir / "recon.png")
+                if step >= stop:
+                    break
+                t0 = time.perf_counter()
+            else:
+                epoch += 1
+            if yielded == 0 and not may_be_empty:
+                raise RuntimeError(f"the loader yielded no batch in epoch {epoch - 1}")
+    finally:
+        log.close()
+    return run_dir
+
+
+def _copy(src: Path, dst: Path) -> None:
+    if src.exists():
+        tmp = dst.with_suffix(".tmp.png")
+        tmp.write_bytes(src.read_bytes())
+        os.replace(tmp, dst)
