@@ -28,9 +28,9 @@ with the next batch, neither replaying nor skipping one.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +51,8 @@ OUTPUTS = ("view1", "view2", "targets", "theta", "label")
 # ------------------------------------------------------------------------------------------- shards
 
 
-def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int]]:
-    """The split's shards with their sample counts, checked up front -> (tar paths, counts).
+def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int], list[str | None]]:
+    """The split's shards with their sample counts, checked up front -> (tar paths, counts, sha256s).
 
     Each shard listed in dataset.json must exist with its .idx beside it, and the index must fit the tar
     (a truncated tar is caught here, not halfway through an epoch). Errors name the shard.
@@ -67,7 +67,7 @@ def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int]
     records = [s for s in meta.get("shards", []) if s.get("split") == split]
     if not records:
         raise ShardError(f"{meta_path}: no shards for split {split!r} (splits: {', '.join(meta.get('splits', {}))})")
-    tars, counts = [], []
+    tars, counts, shas = [], [], []
     for rec in records:
         tar = data_dir / rec["name"]
         idx = tar.with_suffix(".idx")
@@ -77,7 +77,8 @@ def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int]
             raise FileNotFoundError(f"index {idx} of shard {tar.name} is missing; re-run pipeline.convert")
         counts.append(_check_index(tar, idx, rec.get("count")))
         tars.append(tar)
-    return tars, counts
+        shas.append(rec.get("sha256"))
+    return tars, counts, shas
 
 
 def _check_index(tar: Path, idx: Path, expected: int | None) -> int:
@@ -392,18 +393,37 @@ def _to_batch(out: dict, k: int, target_size: int, device: torch.device) -> Batc
     return batch.to(device)
 
 
-_SHARD_IN_MESSAGE = re.compile(r"[^\s'\"\[\]:]+\.tar")
+def rank_shards(counts: list[int], shard_id: int, num_shards: int) -> list[int]:
+    """Indices of the tars that DALI's contiguous sample range [N·i/n, N·(i+1)/n) of `shard_id` touches."""
+    n = sum(counts)
+    lo, hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+    starts = np.cumsum([0] + counts[:-1])
+    return [i for i, (s, c) in enumerate(zip(starts, counts)) if s < hi and s + c > lo]
 
 
-def _shard_error(err: RuntimeError, files: list[Path]) -> ShardError:
-    """A DALI failure while reading -> one line naming the shard (from DALI's message) or the shard set."""
-    text = str(err)
-    named = _SHARD_IN_MESSAGE.findall(text)
-    where = f"shard {named[0]}" if named else f"one of the shards {files[0].parent}/{{{', '.join(f.name for f in files)}}}"
-    detail = next((ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(("Critical", "Error in",
-                   "which was", "  File", "encountered", "C++", "Current"))), text.splitlines()[0] if text else "")
-    return ShardError(f"DALI could not read {where}: {detail[:300]} (the shard is corrupt: re-run "
-                      "pipeline.convert, or check it with `python -m pipeline.convert --verify DIR`)")
+def _dali_reason(err: Exception) -> str:
+    """The operator's own complaint from a DALI error (the line after 'encountered:')."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    return next((ln for ln in after if ln), "unknown error")[:300]
+
+
+def _shard_error(err: Exception, files: list[Path], shas: list[str | None]) -> ShardError:
+    """A DALI failure while reading -> one line naming the shard.
+
+    DALI's decode errors do not say which sample failed, so the shards this rank reads are checked
+    against dataset.json (sha256, tar/index agreement) to find the damaged one; this runs only on failure.
+    """
+    from pipeline.convert import read_shard
+
+    reason = _dali_reason(err)
+    for tar, sha in zip(files, shas):
+        try:
+            read_shard(tar, sha256=sha)
+        except ShardError as bad:
+            return ShardError(f"shard {tar} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert to rewrite it")
+    where = f"{files[0].parent}/{{{files[0].name} .. {files[-1].name}}}"
+    return ShardError(f"DALI failed while reading {where}, which all match dataset.json: {reason}")
 
 
 class DaliLoader:
@@ -419,7 +439,8 @@ class DaliLoader:
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.dali_device == "gpu" else None
         self.local_batch = cfg.batch_size // world_size
-        self.files, counts = shard_files(data_dir, cfg.split)
+        self.files, self.counts, self.shas = shard_files(data_dir, cfg.split)
+        counts = self.counts
         self.samples = sum(counts)
         self.batches = epoch_batches(counts, world_size, self.local_batch)
         if self.batches == 0:
@@ -450,7 +471,9 @@ class DaliLoader:
     def state_dict(self) -> dict:
         """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them}."""
         if self._iterator is not None and 0 < self._position < self.batches:
-            self._checkpoint = self._iterator.checkpoints()[0]
+            cpt = self._iterator.checkpoints()[0]
+            # DALI serialises to bytes; base64 text keeps the state JSON- and torch.save-friendly
+            self._checkpoint = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
         self._roll()
         return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": self._checkpoint,
                 **self._settings()}
@@ -469,28 +492,37 @@ class DaliLoader:
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
 
+    def _shard_id(self) -> int:
+        # the rank's sample range rotates with the epoch, as DALI's own readers do between epochs
+        return (self.rank + self.epoch) % self.world_size
+
+    def _failure(self, err: Exception) -> ShardError:
+        mine = rank_shards(self.counts, self._shard_id(), self.world_size)
+        return _shard_error(err, [self.files[i] for i in mine], [self.shas[i] for i in mine])
+
     def _build(self, checkpoint: str | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe, names = build_pipeline(
             self.cfg, self.local_batch, self.dali_device, self.device_id, seed=self._seed(), files=self.files,
-            # the rank's sample range rotates with the epoch, as DALI's own readers do between epochs
-            shard_id=(self.rank + self.epoch) % self.world_size, num_shards=self.world_size,
-            checkpoint=checkpoint)
+            shard_id=self._shard_id(), num_shards=self.world_size, checkpoint=checkpoint)
         try:
             pipe.build()
         except RuntimeError as e:
-            raise _shard_error(e, self.files) from None
+            raise self._failure(e) from None
         read = pipe.epoch_size(READER)
         if read != self.samples:
             raise ShardError(f"the indexes of {self.files[0].parent} list {self.samples} samples but DALI reads "
                              f"{read}: some samples lack a .jpg or .cls member; re-run pipeline.convert")
-        return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP,
-                                   auto_reset=False)
+        try:  # the iterator runs the pipeline ahead right away, so decoding errors can surface here
+            return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP,
+                                       auto_reset=False)
+        except RuntimeError as e:
+            raise self._failure(e) from None
 
     def __iter__(self):
         self._roll()
-        resume = self._checkpoint if self._position > 0 else None
+        resume = base64.b64decode(self._checkpoint) if self._position > 0 and self._checkpoint else None
         skip = self._position if self._position > 0 and resume is None else 0
         start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position
         self._iterator = self._build(resume)
@@ -499,7 +531,7 @@ class DaliLoader:
                 try:
                     out = next(self._iterator)[0]
                 except RuntimeError as e:
-                    raise _shard_error(e, self.files) from None
+                    raise self._failure(e) from None
                 if i < self._position:
                     continue
                 self._position = i + 1
