@@ -38,8 +38,18 @@ import torch
 
 from pipeline.batch import Batch, DataConfig
 from pipeline.convert import ShardError
-from pipeline.path import (BLUR_MIN_SIGMA, CROP1, CROP2, G_DIM, IDX, THETA_DIM, PathConfig, active_families,
-                           path_steps, validate)
+from pipeline.path import (
+    BLUR_MIN_SIGMA,
+    CROP1,
+    CROP2,
+    G_DIM,
+    IDX,
+    THETA_DIM,
+    PathConfig,
+    active_families,
+    path_steps,
+    validate,
+)
 
 READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
@@ -111,7 +121,8 @@ def epoch_batches(counts: list[int], world_size: int, local_batch: int) -> int:
 
 
 def _fn():
-    from nvidia.dali import fn, math as dmath, types
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     return fn, dmath, types
 
@@ -230,7 +241,7 @@ def adjust_color(x, b, c, s, h, dev: str):
 
     b, c, s are the factors 1 + t·δ and h the hue shift t·δh (CPU scalars).
     """
-    fn, dmath, _ = _fn()
+    fn, _, _ = _fn()
     eye, grey_rows = np.eye(3), np.tile(np.asarray(GREY), (3, 1))
     x = _clamp01(x * _on(b, dev))
     # contrast blends with the mean grey level: mean(grey) = Σ_c w_c · mean(x_c)
@@ -306,7 +317,7 @@ def render(img, theta, H, W, cfg: DataConfig, dev: str):
     """Decoded image (HWC uint8 on dev) + θ -> (view1, view2, targets) normalised CHW; targets (K, 3, Ht, Wt)."""
     fn, _, types = _fn()
     aug = cfg.aug
-    norm = dict(mean=list(cfg.mean), std=list(cfg.std), output_layout="CHW", dtype=types.FLOAT)
+    norm = {"mean": list(cfg.mean), "std": list(cfg.std), "output_layout": "CHW", "dtype": types.FLOAT}
     view1 = fn.crop_mirror_normalize(crop_resize(img, theta, H, W, 1, cfg.img_size, dev), **norm)
     u = crop_resize(img, theta, H, W, 2, cfg.img_size, dev)
     view2 = fn.crop_mirror_normalize(apply_g(u, theta, 1.0, cfg.img_size, aug, dev), **norm)

@@ -254,7 +254,7 @@ def test_g_parity_on_identical_u(families, device):
         mx, mean = compare(denorm(a, cfg), denorm(b, cfg), valid_region(theta, t, 48, cfg.aug), f"t={t}")
         worst.append(mx)
         assert mx <= G_ATOL, f"{families} t={t:.3f}: max |Δ| {mx:.2e} (mean {mean:.2e}) > {G_ATOL}"
-    print(f"{families}: max |Δ| per output {['%.1e' % w for w in worst]}")
+    print(f"{families}: max |Δ| per output {[f'{w:.1e}' for w in worst]}")
 
 
 @pytest.mark.parametrize("device", DEVICES)
