@@ -9,16 +9,28 @@ save and restore the position inside the epoch so a resumed run neither replays 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import TYPE_CHECKING, Iterator, Protocol
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily so `python -m pipeline.convert` starts fast
+    import torch
 
-from pipeline.batch import Batch, DataConfig
-from pipeline.path import PathConfig
+    from pipeline.batch import Batch, DataConfig
 
 __all__ = ["Batch", "DataConfig", "PathConfig", "Loader", "build_loader", "resolve_data_dir"]
 
 LOADERS = ("dali", "reference")
+
+
+def __getattr__(name: str):
+    if name in ("Batch", "DataConfig"):
+        from pipeline import batch
+
+        return getattr(batch, name)
+    if name == "PathConfig":
+        from pipeline.path import PathConfig
+
+        return PathConfig
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
 
 
 class Loader(Protocol):
@@ -48,6 +60,8 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
                  device: torch.device | str | None = None) -> Loader:
     """Build the configured loader for this rank. device: where batches land (default: cuda:<local rank>
     when CUDA is available, else cpu)."""
+    import torch
+
     if cfg.loader not in LOADERS:
         raise ValueError(f"unknown data.loader {cfg.loader!r}; choose from {', '.join(LOADERS)}")
     if cfg.batch_size % world_size:
