@@ -244,7 +244,8 @@ def read_shard(path: Path, expected: int) -> Iterator[dict]:
     except FileNotFoundError:
         raise DataError(f"shard {path} is missing: re-run pipeline.convert into {path.parent}") from None
     except (tarfile.TarError, OSError, ValueError) as e:
-        raise DataError(f"shard {path} is corrupt ({str(e).splitlines()[0]}); check the folder with "
+        reason = str(e.args[0] if e.args else e).split(" @ ")[0]  # webdataset appends " @ <stream>"
+        raise DataError(f"shard {path} is corrupt ({reason}); check the folder with "
                         f"`python -m pipeline.convert --verify {path.parent}`") from None
     if n != expected:
         raise DataError(f"shard {path} holds {n} samples but dataset.json says {expected}; check it with "
@@ -280,9 +281,9 @@ class _RankStreams(IterableDataset):
     """This rank's streams for one (partial) epoch; DataLoader worker w plays stream (w + rotate) % W."""
 
     def __init__(self, cfg: DataConfig, streams: list[list[tuple[Path, int]]], per_rank_batch: int, rank: int,
-                 epoch: int, skip: list[int], rotate: int):
+                 epoch: int, quota: list[int], skip: list[int], rotate: int):
         self.cfg, self.streams, self.per_rank_batch = cfg, streams, per_rank_batch
-        self.rank, self.epoch, self.skip, self.rotate = rank, epoch, skip, rotate
+        self.rank, self.epoch, self.quota, self.skip, self.rotate = rank, epoch, quota, skip, rotate
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
@@ -297,8 +298,7 @@ class _RankStreams(IterableDataset):
         rng.shuffle(shards)
         samples = (x for path, count in shards for x in read_shard(path, count))
         samples = _shuffled(samples, max(1, cfg.shuffle_buffer // len(self.streams)), rng)
-        total = sum(c for _, c in shards) // b
-        for i in range(total):
+        for i in range(self.quota[s]):
             chunk = [next(samples) for _ in range(b)]
             if i < self.skip[s]:
                 continue  # handed out before the resume point: read, never decoded
@@ -357,28 +357,37 @@ class ReferenceLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         self._roll()
+        # Streams render only the batches inside the epoch length; cutting the round-robin order at
+        # `length` is the round-robin over those quotas, so the DataLoader still yields `order`.
         order = interleave(self.counts)[: self.length]
-        done = order[: self.position]
-        skip = [done.count(s) for s in range(len(self.streams))]
+        quota = [order.count(s) for s in range(len(self.streams))]
+        skip = [order[: self.position].count(s) for s in range(len(self.streams))]
         rotate = order[self.position] if self.position < self.length else 0
-        dataset = _RankStreams(self.cfg, self.streams, self.per_rank_batch, self.rank, self.epoch, skip, rotate)
+        dataset = _RankStreams(self.cfg, self.streams, self.per_rank_batch, self.rank, self.epoch, quota, skip,
+                               rotate)
         workers = max(0, self.cfg.workers)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
-        it = iter(loader)
+        it, error = iter(loader), None
         try:
             while self.position < self.length:
                 try:
                     batch = next(it)
                 except DataError as e:
-                    raise DataError(_clean(e)) from None
+                    error = _clean(e)
+                    # the worker's traceback is a reference cycle holding `it`: stop the workers now,
+                    # not whenever the garbage collector gets to it
+                    getattr(it, "_shutdown_workers", lambda: None)()
+                    break
                 except StopIteration:
-                    raise RuntimeError(f"rank {self.rank}: streams ended after {self.position} of "
-                                       f"{self.length} batches (epoch length computed wrongly)") from None
+                    error = f"rank {self.rank}: streams ended after {self.position} of {self.length} batches"
+                    break
                 self.position += 1
                 yield batch.to(self.device)
         finally:
-            del it  # shuts the workers down when the consumer stops early
+            del it  # shuts the workers down, also when the consumer stops early
+        if error:
+            raise DataError(error)
 
 
 # ---------------------------------------------------------------------------------------------------
