@@ -86,26 +86,30 @@ def resolve_data(cfg: Config, env: Env) -> None:
         raise FileNotFoundError(error)
 
 
+def build(cfg: Config, env: Env):
+    """-> (model, optimizer, scheduler, loader); model is DDP-wrapped when there are several ranks."""
+    from model import build_method
+    from pipeline import build_loader
+
+    loader = build_loader(cfg.data, env.rank, env.world_size, env.device)
+    seed_all(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg.model, cfg.data).to(env.device)
+    model = method
+    if env.world_size > 1:
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(method, device_ids=ids)
+    optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, env.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, len(loader))
+    return model, optimizer, scheduler, loader
+
+
 def main(argv: list[str]) -> int:
     env = None
     try:
         cfg = parse_config(argv)
         env = init_distributed(cfg.run.device)
         resolve_data(cfg, env)
-
-        from model import build_method
-        from pipeline import build_loader
-
-        loader = build_loader(cfg.data, env.rank, env.world_size, env.device)
-        seed_all(cfg.run.seed)  # identical initial weights on every rank
-        method = build_method(cfg.model, cfg.data).to(env.device)
-        model = method
-        if env.world_size > 1:
-            ids = [env.device.index] if env.device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(method, device_ids=ids)
-        optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, env.device)
-        scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, len(loader))
-
+        model, optimizer, scheduler, loader = build(cfg, env)
         run_dir = train(cfg, model, optimizer, scheduler, loader, env)
         if env.main:
             print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}  "

@@ -1,0 +1,79 @@
+"""The config tree: presets, `--section.field=value` overrides, one-line errors, save/load round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from train.config import PRESETS, ConfigError, from_dict, load_config, to_dict
+
+PAPER = ("vits16-vicreg", "vits16-sie", "vits16-xattn", "vits16-path")
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_loads_and_round_trips(name):
+    cfg = load_config(name)
+    assert cfg.preset == name
+    saved = json.loads(json.dumps(to_dict(cfg)))  # what config.json and checkpoints hold
+    assert from_dict(saved) == cfg
+
+
+def test_presets_pick_their_method():
+    expected = {"demo": "path", "demo-vicreg": "vicreg", "demo-sie": "sie", "demo-xattn": "xattn",
+                "vits16-vicreg": "vicreg", "vits16-sie": "sie", "vits16-xattn": "xattn", "vits16-path": "path"}
+    assert {n: load_config(n).model.method for n in expected} == expected
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_presets_match_the_paper_setting(name):
+    cfg = load_config(name)
+    assert (cfg.model.backbone, cfg.model.patch_size, cfg.data.img_size) == ("vit_small_patch16_224", 16, 224)
+    assert (cfg.model.d_patch, cfg.model.d_inv, cfg.model.lam) == (512, 256, 1.0)
+    assert (cfg.data.batch_size, cfg.optim.base_lr, cfg.optim.epochs, cfg.optim.name) == (2048, 1e-4, 800, "adamw")
+    assert cfg.data.aug.k == (2 if cfg.model.method == "path" else 0)
+    assert (cfg.data.aug.rot_deg, cfg.data.aug.translate_px, cfg.data.aug.hue) == (45.0, 10.0, 0.1)
+
+
+def test_overrides_parse_every_field_type():
+    cfg = load_config("demo", ["--model.lam=0.5", "--data.batch_size", "32", "--model.norm_pix=true",
+                               "--data.aug.transforms=rotation,blur", "--data.aug.blur_sigma=0.2,1.5",
+                               "--run.out=/tmp/x", "--model.expander=64,64,32"])
+    assert cfg.model.lam == 0.5 and cfg.data.batch_size == 32 and cfg.model.norm_pix is True
+    assert cfg.data.aug.transforms == ("rotation", "blur") and cfg.data.aug.blur_sigma == (0.2, 1.5)
+    assert cfg.run.out == "/tmp/x" and cfg.model.expander == (64, 64, 32)
+    assert load_config("demo").model.lam == 1.0  # presets are rebuilt, never mutated
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.lamda=2"], ["unknown config key --model.lamda", "'lamda'", "lam"]),
+    (["--nosection.x=1"], ["unknown config key --nosection.x", "fields:"]),
+    (["--data.aug.k=two"], ["--data.aug.k=two", "int"]),
+    (["--data.aug.blur_sigma=1"], ["--data.aug.blur_sigma=1", "2 comma-separated"]),
+    (["--model.norm_pix=maybe"], ["--model.norm_pix=maybe"]),
+    (["--data=3"], ["--data is a section"]),
+    (["--run.device=tpu"], ["--run.device=tpu", "auto, cpu, cuda"]),
+    (["--optim.name=sgd"], ["--optim.name=sgd", "adamw"]),
+    (["--data.batch_size=0"], ["--data.batch_size=0", "positive"]),
+    (["--run.steps"], ["--run.steps needs a value"]),
+    (["positional"], ["unexpected argument 'positional'"]),
+])
+def test_bad_overrides_are_one_line_errors_naming_the_key(args, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", args)
+    message = str(err.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'demo2'; choose from demo, "):
+        load_config("demo2")
+
+
+def test_saved_config_with_an_unknown_key_is_rejected():
+    saved = to_dict(load_config("demo"))
+    saved["run"]["colour"] = "red"
+    with pytest.raises(ConfigError, match="RunConfig.colour"):
+        from_dict(saved)
