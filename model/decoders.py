@@ -215,8 +215,9 @@ class SIEPredictor(nn.Module):
     """SIE's hypernetwork: θ's g part -> a d_eq × d_eq matrix W(θ) that maps pooled z_eq(view 1) to a
     prediction of pooled z_eq(view 2).
 
-    W(θ) = I + MLP(θ_g / scale) / sqrt(d_eq): the identity offset makes identity transformations
-    start as identity maps; the 1/sqrt(d_eq) keeps the prediction's magnitude independent of d_eq.
+    W(θ) = I + MLP(θ_g / scale) / sqrt(d_eq): residual, so the predictor starts near the identity
+    (the right map for small transformations), and 1/sqrt(d_eq) keeps the residual's size
+    independent of d_eq.
     theta_scale (G,) are the sampling half-ranges, so the MLP sees inputs of order 1.
     """
 

@@ -2,12 +2,14 @@
 
 Each returns a scalar (and, where there are several terms, a dict of the unweighted terms for
 logging). VICReg statistics run in fp32 outside autocast: bf16 covariance sums lose too much.
-Statistics are over the local batch (per rank under DDP), as in solo-learn's default.
+Under torch.distributed the variance and covariance terms see the global batch (gathered from all
+ranks, as in VICReg's and solo-learn's code); the similarity term stays per rank.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import kernels
@@ -30,9 +32,39 @@ def covariance_term(x: torch.Tensor) -> torch.Tensor:
     return off_diag.square().sum() / d
 
 
+class _GatherBatch(torch.autograd.Function):
+    """all_gather along the batch with a gradient: each rank's slice receives the sum over ranks of
+    the gradients for it, so that after DDP averages parameter gradients over the W ranks, the
+    gathered terms get the gradient of the global loss. all_reduce rather than reduce_scatter,
+    which Gloo lacks."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)  # (W·B, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        b = grad.shape[0] // dist.get_world_size()
+        rank = dist.get_rank()
+        return grad[rank * b : (rank + 1) * b]
+
+
+def gather_batch(x: torch.Tensor) -> torch.Tensor:
+    """(B, D) on each rank -> (W·B, D), rank order, differentiable; x itself without distributed.
+    Every rank must pass the same B."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherBatch.apply(x)
+
+
 def _check_batch(x: torch.Tensor, who: str) -> None:
     if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"{who}: needs (B, D) embeddings with B >= 2 per rank for its variance, got {tuple(x.shape)}")
+        raise ValueError(f"{who}: needs (B, D) embeddings with B >= 2 (over all ranks) for its variance, "
+                         f"got {tuple(x.shape)}")
 
 
 def vicreg_loss(
@@ -42,11 +74,13 @@ def vicreg_loss(
 
     loss = sim · MSE(a, b) + std · (V(a) + V(b)) / 2 + cov · (C(a) + C(b)); terms unweighted.
     """
-    _check_batch(a, "vicreg_loss")
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.float(), b.float()
+        sim_term = F.mse_loss(a, b)
+        a, b = gather_batch(a), gather_batch(b)
+        _check_batch(a, "vicreg_loss")
         terms = {
-            "sim": F.mse_loss(a, b),
+            "sim": sim_term,
             "std": (variance_term(a) + variance_term(b)) / 2,
             "cov": covariance_term(a) + covariance_term(b),
         }
@@ -65,11 +99,13 @@ def sie_loss(
     Without the variance/covariance terms, z_eq collapsing to a constant would solve the prediction,
     so the equivariant part gets the same regularisation VICReg gives the invariant one.
     """
-    _check_batch(z1, "sie_loss")
     with torch.autocast(device_type=z1.device.type, enabled=False):
         pred, target, z1 = pred.float(), target.float(), z1.float()
+        pred_term = F.mse_loss(pred, target)
+        z1, target = gather_batch(z1), gather_batch(target)
+        _check_batch(z1, "sie_loss")
         terms = {
-            "pred": F.mse_loss(pred, target),
+            "pred": pred_term,
             "std": (variance_term(z1) + variance_term(target)) / 2,
             "cov": covariance_term(z1) + covariance_term(target),
         }

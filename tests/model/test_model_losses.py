@@ -60,3 +60,42 @@ def test_sie_loss_terms():
     pred = z2 + 1
     _, terms = sie_loss(pred, z2, z1)
     assert terms["pred"].item() == pytest.approx(1.0)
+
+
+def _two_rank_worker(rank: int, world: int, init_file: str, full: dict, results) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        b = full["a"].shape[0] // world
+        a = full["a"][rank * b : (rank + 1) * b].clone().requires_grad_()
+        c = full["b"][rank * b : (rank + 1) * b].clone().requires_grad_()
+        loss, terms = vicreg_loss(a, c)
+        loss.backward()
+        results[rank] = {"std": terms["std"].item(), "cov": terms["cov"].item(), "grad_a": a.grad, "grad_b": c.grad}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_vicreg_statistics_are_global_under_distributed(tmp_path):
+    """Two Gloo ranks with half the batch each: variance/covariance equal the full batch's, and each
+    rank's gradient is W × the full-batch loss's gradient for its slice (DDP then divides by W)."""
+    import torch.multiprocessing as mp
+
+    gen = torch.Generator().manual_seed(0)
+    full = {"a": torch.randn(8, 6, generator=gen), "b": torch.randn(8, 6, generator=gen)}
+    ref_a, ref_b = full["a"].clone().requires_grad_(), full["b"].clone().requires_grad_()
+    ref_loss, ref_terms = vicreg_loss(ref_a, ref_b)
+    ref_loss.backward()
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_two_rank_worker, args=(2, str(tmp_path / "init"), full, results), nprocs=2)
+        results = dict(results)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["std"] == pytest.approx(ref_terms["std"].item(), rel=1e-5)
+        assert r["cov"] == pytest.approx(ref_terms["cov"].item(), rel=1e-5)
+        torch.testing.assert_close(r["grad_a"], 2 * ref_a.grad[rank * 4 : (rank + 1) * 4])
+        torch.testing.assert_close(r["grad_b"], 2 * ref_b.grad[rank * 4 : (rank + 1) * 4])
