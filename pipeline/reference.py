@@ -114,8 +114,27 @@ def _colour_blur(x: torch.Tensor, theta: torch.Tensor, cfg: PathConfig) -> torch
     H, W = x.shape[-2:]
     sx, sy = effective_sigma(sigma, W, cfg.ref_size), effective_sigma(sigma, H, cfg.ref_size)
     if sx > 0:
-        x = F.gaussian_blur(x, [blur_kernel_size(sx), blur_kernel_size(sy)], [sx, sy])
+        x = gaussian_blur(x, sx, sy)
     return x
+
+
+def _gauss1d(sigma: float, device: torch.device) -> torch.Tensor:
+    k = blur_kernel_size(sigma)
+    t = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, device=device)
+    w = torch.exp(-0.5 * (t / sigma) ** 2)
+    return w / w.sum()
+
+
+def gaussian_blur(x: torch.Tensor, sigma_x: float, sigma_y: float) -> torch.Tensor:
+    """torchvision's gaussian_blur (kernel 2·ceil(3σ)+1 per axis, reflect padding) done separably,
+    ~5× faster at σ = 2 and equal to it up to float rounding. (C, H, W) float -> (C, H, W)."""
+    C = x.shape[0]
+    kx, ky = _gauss1d(sigma_x, x.device), _gauss1d(sigma_y, x.device)
+    px, py = kx.numel() // 2, ky.numel() // 2
+    out = nnf.pad(x[None], [px, px, py, py], mode="reflect")  # (1, C, H + 2py, W + 2px)
+    out = nnf.conv2d(out, kx.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    out = nnf.conv2d(out, ky.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+    return out[0]
 
 
 def warp_affine(x: torch.Tensor, theta: torch.Tensor, ref_size: int, fill: float) -> torch.Tensor:
