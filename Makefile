@@ -6,16 +6,35 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.eqrecon-installed
 
-.PHONY: setup test
+# `make train RUN=runs/mine TRAIN_ARGS="--steps 50 --data.loader=reference"` to change the defaults.
+RUN        := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+TRAIN_ARGS ?=
+# One process per GPU, or one CPU process.
+NPROC = $$($(PY) -c "import torch; print(max(1, torch.cuda.device_count()))")
+
+.PHONY: setup test train
 
 setup: $(STAMP)
 
 # Re-install only when the package metadata changed; otherwise `make setup` is a no-op.
+# editable_mode=compat puts the repo root on sys.path, so `model`, `kernels`, `train` resolve to the
+# packages even where pytest also puts tests/ (whose tests/model etc. would shadow them as namespaces).
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev]"
+	$(PY) -m pip install --quiet -e ".[dev]" --config-settings editable_mode=compat
 	@touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q
+
+# Demo photos -> shards (cached), train the `demo` preset (GPU when present), export the backbone.
+train: setup
+	@$(PY) -c "from pipeline.demo import ensure_demo_shards; print('demo shards:', ensure_demo_shards())"
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py --preset demo --out $(RUN) $(TRAIN_ARGS)
+	$(PY) train/export.py --ckpt $(RUN)/ckpt/last.pt --out $(RUN)/backbone.safetensors --with-head
+# PROBE: the evaluation step (train/probe.py on $(RUN)/backbone.safetensors) goes on the line below.
+	@echo ""
+	@echo "run:             $(RUN)  (config.json, metrics.jsonl, ckpt/last.pt)"
+	@echo "reconstructions: $(RUN)/recon.png  (rows: view 1 | view 2 | targets | predictions)"
+	@echo "backbone:        $(RUN)/backbone.safetensors + $(RUN)/backbone.json (timm.create_model, see train/export.py)"
