@@ -7,13 +7,16 @@ CUDA tensors. `build_reference_loader` wraps them in a webdataset + DataLoader l
 Sharding. The split's shards (dataset.json order) go round-robin to ranks, then each rank's shards
 round-robin to its DataLoader workers ("streams"), fixed for the whole run. Every epoch a stream
 shuffles its shard order and passes its samples through a shuffle buffer (seeded by seed, epoch,
-rank, stream) and cuts them into batches of batch_size // world_size, dropping its last partial
-batch. The DataLoader interleaves the streams round-robin, skipping exhausted ones.
+rank, stream; data.shuffle_buffer samples in all, split over the streams) and cuts them into batches
+of b = batch_size // world_size, dropping its last partial batch. The DataLoader interleaves the
+streams round-robin, skipping exhausted ones (`interleave`). workers=0 is one stream in-process.
 
 Epoch length. Stream s holds n_s samples (from dataset.json's per-shard counts) and yields
-floor(n_s / b) batches; a rank's epoch is the minimum over ranks of the sum over its streams, so
-every rank yields the same number of batches and DDP never waits on a rank that ran dry. The length
-depends on world_size and workers, not on the epoch.
+floor(n_s / b) batches; the epoch length is the minimum over ranks of the sum over the rank's
+streams (`epoch_length`), so every rank yields the same number of batches and DDP never waits on a
+rank that ran dry; a rank with more data stops early (streams render only the batches they hand
+out). The length depends on world_size and workers, not on the epoch. There must be at least
+world_size × max(workers, 1) shards, and every rank must fill at least one batch.
 
 Randomness. θ (crop boxes, flips, g) for a sample depends only on (seed, epoch, key), so a sample is
 augmented the same way whatever the rank or worker count. Batch composition depends on the worker
