@@ -135,9 +135,11 @@ class XAttnDecoder(nn.Module):
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, targets: torch.Tensor, norm_pix: bool) -> torch.Tensor:
         """Pixel MSE against targets (B, K, 3, Ht, Wt), fused with the pixel head (no (B, K, N, P)
         prediction is materialised on the kernel path)."""
-        return recon_mse_linear(
-            self.hidden(z1, z2), self.head.weight, self.head.bias, patchify(targets, self.grid), norm_pix
-        )
+        hidden = self.hidden(z1, z2)  # (B, K, N, width); fp32 under autocast (LayerNorm output)
+        device = hidden.device.type
+        if torch.is_autocast_enabled(device):  # the head runs where an autocast nn.Linear would
+            hidden = hidden.to(torch.get_autocast_dtype(device))
+        return recon_mse_linear(hidden, self.head.weight, self.head.bias, patchify(targets, self.grid), norm_pix)
 
 
 class XAttnPathDecoder(XAttnDecoder):

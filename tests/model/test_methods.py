@@ -179,3 +179,26 @@ def test_bad_batch_errors(field, shape, message):
     setattr(batch, field, torch.zeros(shape))
     with pytest.raises(ValueError, match=message):
         method(batch)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", VARIANTS)
+def test_cuda_bf16_triton_matches_reference(name, monkeypatch):
+    """On a GPU under bf16 autocast, the compiled kernels give the reference's losses (bf16 tolerance)
+    and finite gradients for every parameter."""
+    if _backend.triton_interprets():
+        pytest.skip("triton is in interpreter mode (TRITON_INTERPRET=1); run the gpu tests without it")
+    cfg, method = _build(name, "--data.img_size=64")
+    method = method.cuda()
+    batch = make_batch(cfg, batch_size=16).to("cuda")
+    losses = {}
+    for mode in ("ref", "triton"):
+        monkeypatch.setenv("EQRECON_KERNELS", mode)
+        method.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = method(batch)
+        out["loss"].backward()
+        losses[mode] = out["loss/eq"].item(), out["loss"].item()
+        assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
+    assert losses["triton"] == pytest.approx(losses["ref"], rel=2e-2, abs=1e-3)
