@@ -558,8 +558,6 @@ def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfi
     images: B decoded (3, H, W) uint8 tensors (sizes may differ); theta: (B, THETA_DIM). What the parity
     tests compare with `reference.make_views` on the same inputs.
     """
-    from nvidia.dali.plugin.pytorch import DALIGenericIterator
-
     if theta.shape != (len(images), THETA_DIM):
         raise ValueError(f"render_batch: {len(images)} images need θ of shape ({len(images)}, {THETA_DIM}), "
                          f"got {tuple(theta.shape)}")
@@ -568,7 +566,9 @@ def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfi
     pipe, names = build_pipeline(cfg, len(images), device, device_id,
                                  external=(lambda: hwc, lambda: [row.copy() for row in th]))
     pipe.build()
-    out = next(iter(DALIGenericIterator([pipe], names, size=len(images))))[0]
+    # one batch, no reader: run the pipeline directly rather than through an epoch-counting iterator
+    out = {name: torch.from_numpy(np.array((t.as_cpu() if device == "gpu" else t).as_array()))
+           for name, t in zip(names, pipe.run())}
     targets = out.get("targets")
     if targets is None:
         targets = out["view1"].new_zeros(len(images), 0, 3, cfg.out_target_size, cfg.out_target_size)
