@@ -94,9 +94,9 @@ def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bo
                 size: int) -> torch.Tensor:
     """A1/A2: crop the fractional box (y0, x0, h, w), resize to size×size (bilinear, antialiased), then
     flip horizontally if flip. (3, H, W) uint8 or float in [0, 1] -> (3, size, size) float32 in [0, 1]."""
-    x = F.to_dtype(img, torch.float32, scale=True)
     top, left, h, w = crop_box_pixels(box, tuple(img.shape[-2:]))
-    x = F.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    x = F.to_dtype(img[:, top:top + h, left:left + w], torch.float32, scale=True)  # crop, then convert
+    x = F.resize(x, [size, size], antialias=True)
     if bool(flip):
         x = F.horizontal_flip(x)
     return x.clamp_(0, 1)

@@ -8,14 +8,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import torchvision.transforms.v2.functional as F
 
 from pipeline import build_loader
 from pipeline.batch import Batch, DataConfig
-from pipeline.path import THETA_DIM, PathConfig
+from pipeline.path import CROP2, THETA_DIM, PathConfig
 from pipeline.reference import (
     DataError,
     ReferenceLoader,
     build_reference_loader,
+    crop_box_pixels,
+    crop_resize,
     decode,
     interleave,
     make_views,
@@ -80,6 +83,19 @@ def test_decode_gives_rgb_uint8_and_names_bad_samples(demo_shards):
         decode(b"\xff\xd8 not really a jpeg", "x/broken")
     with pytest.raises(DataError, match="sample 'x/empty': empty"):
         decode(b"", "x/empty")
+
+
+def test_crop_resize_crops_the_fractional_box_then_flips():
+    img = torch.randint(0, 256, (3, 300, 250), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = crop_resize(img, (0.1, 0.2, 0.5, 0.6), True, 64)  # rows 30..180, columns 50..200
+    want = F.resize(img[:, 30:180, 50:200].float() / 255, [64, 64], antialias=True).flip(-1)
+    assert out.shape == (3, 64, 64) and out.dtype == torch.float32
+    assert torch.allclose(out, want, atol=1e-6)
+    # sampled boxes are whole pixels of the source, recovered exactly from the float32 fractions
+    theta = sample_theta_for("any", (300, 250), DataConfig(), 0)
+    top, left, h, w = crop_box_pixels(theta[CROP2], (300, 250))
+    assert torch.allclose(theta[CROP2].double(), torch.tensor([top / 300, left / 250, h / 300, w / 250],
+                                                              dtype=torch.float64), atol=1e-6)
 
 
 def test_make_views_shapes_ranges_and_target_size(demo_shards):
