@@ -33,7 +33,7 @@ MIN_CONV_CHANNELS = 16  # the conv decoder halves its width per x2 stage but nev
 
 def patchify(images: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, K, 3, H, W) -> (B, K, grid², p·p·3) with p = H / grid."""
-    b, k, c, h, w = images.shape
+    b, k, c, h, _ = images.shape
     p = h // grid
     x = images.reshape(b, k, c, grid, p, grid, p)
     return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, k, grid * grid, p * p * c)

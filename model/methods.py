@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
-from model.decoders import SIEPredictor, build_decoder, check_decoder_config, denormalise_patches, patchify, unpatchify
+from model.decoders import (
+    SIEPredictor,
+    build_decoder,
+    check_decoder_config,
+    denormalise_patches,
+    patchify,
+    unpatchify,
+)
 from model.encoder import SplitEncoder, SplitOutput
 from model.losses import sie_loss, vicreg_loss
 from pipeline.batch import Batch, DataConfig

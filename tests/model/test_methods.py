@@ -126,7 +126,7 @@ def test_path_method_matches_between_triton_and_reference():
     here = Path(__file__).resolve().parent
     code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_methods; test_methods.triton_vs_reference()"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=here.parents[1], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-c", code], cwd=here.parents[1], env=env, capture_output=True, check=False,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
