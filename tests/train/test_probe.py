@@ -1,18 +1,25 @@
 """The probes: R² formulas, the MLP regressor on informative and uninformative features, linear and
-k-NN top-1 on a separable toy set, the end-to-end equivariance probe on real photos with synthetic
-backbones, and the results file schema."""
+k-NN top-1 on a separable toy set, the equivariance probe end to end with synthetic backbones, loading
+a training checkpoint, and the CLI's results file on the demo photos."""
 
 from __future__ import annotations
 
+import io
 import json
-import math
+from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from sklearn.metrics import r2_score
 from torch import nn
 
+from model import build_method
+from pipeline.path import IDX, PathConfig, sample_theta
+from pipeline.reference import apply_g, crop_resize, decode
 from train import probe
+from train.config import load_config, to_dict
 
 # A narrower head than the protocol's 1024 keeps each fit around a second on a shared 2-core CPU.
 FAST = probe.FitConfig(hidden=128)
@@ -71,7 +78,7 @@ def test_regress_r2_splits_by_image():
     # Features identify the image, θ is one value per image: a pair-level split would let the MLP look
     # θ up from the image identity; the image-level split must not.
     gen = torch.Generator().manual_seed(3)
-    theta, groups, base = _pairs(100, 6, 16, gen)
+    _, groups, base = _pairs(100, 6, 16, gen)
     per_image_theta = torch.rand(100, 2, generator=gen)[groups]
     out = probe.regress_r2(base, base, per_image_theta, groups, fit=FAST)
     assert out["r2"] < 0.3, out
@@ -90,3 +97,154 @@ def test_linear_and_knn_top1_on_separable_toy_set():
     assert probe.knn_top1(f_tr, y_tr, f_va, y_va) > 0.95
     noise = torch.randn(f_va.shape, generator=gen)
     assert probe.linear_top1(f_tr, y_tr, noise, y_va) < 0.6  # chance is 0.25
+
+
+# --- end to end: pairs rendered by the reference pipeline, embedded by synthetic backbones ---------
+
+
+def _blob_jpegs(n: int, size: int = 48, seed: int = 0) -> list[tuple[bytes, int]]:
+    """Grey Gaussian blobs at random off-centre positions on black: their centroid tracks rotation
+    about the centre and translation exactly, as long as the blob stays inside the frame."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] + 0.5
+    samples = []
+    for _ in range(n):
+        r, a = rng.uniform(6, 12), rng.uniform(0, 2 * np.pi)
+        cx, cy = size / 2 + r * np.cos(a), size / 2 + r * np.sin(a)
+        img = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 2.0**2))
+        buf = io.BytesIO()
+        Image.fromarray((img * 255).astype(np.uint8)).convert("RGB").save(buf, "JPEG", quality=95)
+        samples.append((buf.getvalue(), 0))
+    return samples
+
+
+class Centroid(nn.Module):
+    """Features that encode rotation and translation exactly: the intensity centroid (x, y) relative
+    to the image centre, in pixels."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(1)  # (B, 3, H, W) -> (B, H, W)
+        H, W = m.shape[-2:]
+        mass = m.sum((1, 2)).clamp_min(1e-6)
+        cy = (m.sum(2) * (torch.arange(H) + 0.5)).sum(1) / mass
+        cx = (m.sum(1) * (torch.arange(W) + 0.5)).sum(1) / mass
+        return torch.stack([cx - W / 2, cy - H / 2], dim=1)  # (B, 2)
+
+
+class Blind(nn.Module):
+    """Features independent of the image and so of θ."""
+
+    def __init__(self):
+        super().__init__()
+        self.gen = torch.Generator().manual_seed(0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.randn(len(x), 8, generator=self.gen)
+
+
+def test_equivariance_probe_end_to_end_with_synthetic_backbones():
+    samples = _blob_jpegs(40)
+    cfg = PathConfig(ref_size=48)  # translations of ±10 px at 48 px keep the blob inside the frame
+    exact = probe.equivariance(Centroid(), samples, cfg, 48, ("rotation", "translation"), per_image=8,
+                               fit=FAST, quiet=True, device=torch.device("cpu"))
+    assert exact["rotation"]["all"]["r2"] > 0.95, exact
+    assert exact["translation"]["all"]["r2"] > 0.98, exact
+    blind = probe.equivariance(Blind(), samples, cfg, 48, probe.TRANSFORMS, per_image=8, fit=FAST, quiet=True,
+                               device=torch.device("cpu"))
+    for family, by_part in blind.items():
+        assert abs(by_part["all"]["r2"]) < 0.1, (family, by_part)
+
+
+def test_pairs_follow_the_path_semantics():
+    samples = _blob_jpegs(3)
+    cfg = PathConfig(ref_size=48)
+    x2, theta, group = next(probe.make_pairs(samples, "rotation", cfg, 48, per_image=4, seed=0))
+    assert x2.shape == (12, 3, 48, 48) and theta.shape == (12, 1)
+    assert group.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert theta.abs().max() <= cfg.rot_deg and theta.std() > 0
+    # Image 0's pairs are g_θ(centre view) for θ drawn by pipeline.path with only rotation active,
+    # rendered by the reference pipeline: one semantics for training and probing.
+    rot_only = replace(cfg, transforms=("rotation",))
+    full = sample_theta(rot_only, torch.tensor([[48, 48]] * 4), torch.Generator().manual_seed(0))
+    assert torch.equal(theta[:4, 0], full[:, IDX["rot_deg"]])
+    assert (full[:, IDX["tx_px"]:IDX["blur_sigma"] + 1] == 0).all()  # no other family leaks in
+    x = crop_resize(decode(samples[0][0]), probe.centre_box((48, 48)), False, 48)
+    assert torch.allclose(x2[:4], apply_g(x[None].expand(4, -1, -1, -1).contiguous(), full, rot_only))
+    # crop: the θ entries are A2's crop box (y0, x0, h, w) inside the image; flip: 0 or 1, both drawn.
+    _, box, _ = next(probe.make_pairs(samples, "crop", cfg, 48, per_image=4))
+    assert box.shape == (12, 4) and (box[:, 2:] > 0).all() and (box[:, :2] + box[:, 2:] <= 1 + 1e-6).all()
+    _, flip, _ = next(probe.make_pairs(samples, "flip", cfg, 48, per_image=8))
+    assert set(flip.flatten().tolist()) == {0.0, 1.0}
+
+
+# --- backbones from training checkpoints, the CLI and its results file -----------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_checkpoint(tmp_path_factory):
+    """A checkpoint as train/main.py writes it (model state + resolved config), of an untrained demo model."""
+    cfg = load_config("demo")
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.data)
+    path = tmp_path_factory.mktemp("run") / "last.pt"
+    torch.save({"model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path)
+    return path, method
+
+
+def test_checkpoint_parts_match_the_encoder(demo_checkpoint):
+    path, method = demo_checkpoint
+    loaded = probe.load_backbone(path)
+    assert loaded.model.parts == ("all", "inv", "eq") and loaded.data.img_size == 64
+    x = torch.rand(2, 3, 64, 64)
+    out = loaded.model(x)
+    with torch.no_grad():
+        split = method.encoder.eval()(probe_normalise(x, loaded.data))
+    # The probe's inv/eq features are exactly the encoder's pooled z_inv / z_eq.
+    assert torch.allclose(out["inv"], split.z_inv, atol=1e-5)
+    assert torch.allclose(out["eq"], split.z_eq_pooled, atol=1e-5)
+    assert out["all"].shape == (2, method.encoder.embed_dim)
+
+
+def probe_normalise(x, data):
+    mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def test_bad_backbone_files_give_one_line_errors(tmp_path):
+    with pytest.raises(probe.ProbeError, match="no such file"):
+        probe.load_backbone(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(probe.ProbeError, match="not a readable torch checkpoint"):
+        probe.load_backbone(junk)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(probe.ProbeError, match="needs 'model' and 'config'"):
+        probe.load_backbone(tmp_path / "other.pt")
+
+
+def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys):
+    path, _ = demo_checkpoint
+    out = tmp_path / "eq.json"
+    fast = ["--hidden", "64", "--epochs", "5", "--quiet"]
+    assert probe.main(["equivariance", "--backbone", str(path), "--data", str(demo_shards), "--split", "val",
+                       "--transforms", "rotation,crop", "--samples", "2", "--out", str(out), *fast]) == 0
+    record = json.loads(out.read_text())
+    assert record["what"] == "probe-equivariance" and record["images"] == 16
+    assert set(record["results"]) == {"rotation", "crop"}
+    for by_part in record["results"].values():
+        assert set(by_part) == {"all", "inv", "eq"}
+        for r in by_part.values():
+            assert set(r) == {"r2", "r2_sie", "n_train", "n_test"} and r["r2"] <= 1 and r["r2_sie"] <= 1
+            assert r["n_train"] + r["n_test"] == 32
+    assert "rotation" in capsys.readouterr().out  # the table
+
+    out = tmp_path / "lin.json"
+    assert probe.main(["linear", "--backbone", str(path), "--data", str(demo_shards), "--part", "all,eq",
+                       "--out", str(out), *fast]) == 0
+    record = json.loads(out.read_text())
+    assert record["what"] == "probe-linear" and set(record["results"]) == {"all", "eq"}
+    for r in record["results"].values():
+        assert 0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 and (r["n_train"], r["n_val"]) == (64, 16)
+
+    assert probe.main(["equivariance", "--backbone", str(path), "--data", str(tmp_path), *fast]) == 2
+    assert "no val-*.tar shards" in capsys.readouterr().err
