@@ -461,19 +461,16 @@ class DaliLoader:
         self._position = 0  # batches of self.epoch already handed out
         self._checkpoint: str | None = None  # DALI state after those batches
         self._iterator = None
+        self._restored = False
 
     def __len__(self) -> int:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch, unless the loader is already positioned inside it (resume)."""
-        self._roll()
-        if epoch != self.epoch:
+        """Start `epoch` from its first batch, unless the loader is positioned inside it (a resume)."""
+        if epoch != self.epoch or self._position >= self.batches:
             self.epoch, self._position, self._checkpoint = epoch, 0, None
-
-    def _roll(self) -> None:
-        if self._position >= self.batches:  # a finished epoch is the start of the next one
-            self.epoch, self._position, self._checkpoint = self.epoch + 1, 0, None
+        self._restored = False
 
     def _settings(self) -> dict:
         return {"loader": "dali", "seed": self.cfg.seed, "split": self.cfg.split,
@@ -485,7 +482,6 @@ class DaliLoader:
             cpt = self._iterator.checkpoints()[0]
             # DALI serialises to bytes; base64 text keeps the state JSON- and torch.save-friendly
             self._checkpoint = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
-        self._roll()
         return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": self._checkpoint,
                 **self._settings()}
 
@@ -499,6 +495,7 @@ class DaliLoader:
         self.epoch, self._position = int(state["epoch"]), int(state["batch"])
         # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
         self._checkpoint = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
+        self._restored = True  # a state saved after an epoch's last batch resumes into its empty remainder
 
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
@@ -532,7 +529,13 @@ class DaliLoader:
             raise self._failure(e) from None
 
     def __iter__(self):
-        self._roll()
+        if self._position >= self.batches:
+            if self._restored:
+                self._restored = False
+                return
+            # iterated again without set_epoch: the next epoch, as a plain `for` loop over epochs expects
+            self.epoch, self._position, self._checkpoint = self.epoch + 1, 0, None
+        self._restored = False
         resume = base64.b64decode(self._checkpoint) if self._position > 0 and self._checkpoint else None
         skip = self._position if self._position > 0 and resume is None else 0
         start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position

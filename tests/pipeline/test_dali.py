@@ -188,7 +188,14 @@ def test_set_epoch_reshuffles_and_resume_continues_exactly(demo_shards):
     assert len(rest) == len(want) - 3
     for got, ref in zip(rest, want[3:]):
         assert torch.equal(got, ref)
-    assert resumed.state_dict()["epoch"] == 2 and resumed.state_dict()["batch"] == 0
+    end = resumed.state_dict()
+    assert (end["epoch"], end["batch"]) == (1, len(want))
+    # a run checkpointed on the epoch's last batch resumes into an empty remainder, then moves on
+    again = build_dali_loader(cfg, demo_shards)
+    again.load_state_dict(end)
+    assert list(again) == []
+    again.set_epoch(2)
+    assert len(list(again)) == len(want)
 
 
 # ------------------------------------------------------------------------------------------- errors
