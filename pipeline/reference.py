@@ -35,6 +35,7 @@ import io
 import json
 import random
 import tarfile
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -361,7 +362,7 @@ class ReferenceLoader:
             self.epoch, self.position = self.epoch + 1, 0
 
     def _settings(self) -> dict:
-        return {"seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
+        return {"loader": "reference", "seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
                 "world_size": self.world_size, "workers": len(self.streams)}
 
     def state_dict(self) -> dict:
@@ -369,7 +370,15 @@ class ReferenceLoader:
         return {"epoch": self.epoch, "batch": self.position, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue at (epoch, batch). A state saved by another loader (DALI) keeps its batch count, so
+        the epoch still ends at the same step, but the remaining samples are this loader's."""
+        foreign = state.get("loader", "reference") != "reference"
+        if foreign:
+            warnings.warn(f"resuming the reference loader from a {state.get('loader')} loader state: batch "
+                          f"{state['batch']} of epoch {state['epoch']}, with this loader's sample order", stacklevel=2)
         for name, value in self._settings().items():
+            if name == "loader" or (foreign and name == "workers"):
+                continue
             if state.get(name) != value:
                 raise ValueError(f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
                                  f"now {value!r}; the position is only meaningful with the same data settings")

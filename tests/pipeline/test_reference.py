@@ -208,6 +208,12 @@ def test_resume_continues_exactly_where_the_run_stopped(three_shards):
         assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch"] == 0
     with pytest.raises(ValueError, match="workers"):
         build_reference_loader(_cfg(three_shards, workers=1), three_shards).load_state_dict(state)
+    # a DALI loader's state: its batch count is kept (the epoch ends on time), the order is ours
+    foreign = {k: v for k, v in state.items() if k != "workers"} | {"loader": "dali"}
+    resumed = build_reference_loader(_cfg(three_shards, workers=1), three_shards)
+    with pytest.warns(UserWarning, match="from a dali loader state"):
+        resumed.load_state_dict(foreign)
+    assert len(_epoch(resumed)) == 6 - 3
 
 
 # --- errors --------------------------------------------------------------------------------------------
