@@ -78,7 +78,7 @@ def _ceilings(device: torch.device, dtype: torch.dtype, reps: int) -> dict:
     src = torch.randn(n_bytes // 4, device=device)
     dst = torch.empty_like(src)
     copy_ms = _median_ms(lambda: dst.copy_(src), device, reps)
-    del src, dst
+    src = dst = None  # free the buffers before the matmul
     m = 8192 if device.type == "cuda" else 1024
     a = torch.randn(m, m, device=device, dtype=dtype)
     b = torch.randn(m, m, device=device, dtype=dtype)
@@ -98,6 +98,25 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
+def _time_impl(fn: Callable, inputs: list, extra: tuple, grad_out: Callable, device: torch.device,
+               reps: int) -> tuple[dict, float | None]:
+    """({pass: ms}, peak MB of fwd+bwd) for one implementation; gradients by autograd.grad (no .grad
+    accumulation inside the timed region)."""
+
+    def fwd():
+        return fn(*inputs, *extra)
+
+    g = grad_out(fwd())
+
+    def fwd_bwd():
+        return torch.autograd.grad(fn(*inputs, *extra), inputs, g)
+
+    fwd_bwd()  # compile/autotune both directions before timing
+    times = {"fwd": _median_ms(fwd, device, reps), "fwd+bwd": _median_ms(fwd_bwd, device, reps)}
+    times["bwd"] = max(times["fwd+bwd"] - times["fwd"], 0.0)
+    return times, _peak_mb(fwd_bwd, device)
+
+
 def _measure(op: str, impls: dict, inputs: list, extra: tuple, grad_out: Callable, passes: dict,
              device: torch.device, reps: int, ceil: dict) -> list[dict]:
     """Rows for every implementation of one op: fwd, bwd (= fwd+bwd − fwd) and fwd+bwd."""
@@ -105,19 +124,8 @@ def _measure(op: str, impls: dict, inputs: list, extra: tuple, grad_out: Callabl
     for impl, fn in impls.items():
         row_base = {"op": op, "impl": impl}
         try:
-            fwd = lambda: fn(*inputs, *extra)  # noqa: E731
-            out = fwd()
-            g = grad_out(out)
-
-            def fwd_bwd():
-                return torch.autograd.grad(fn(*inputs, *extra), inputs, g)
-
-            fwd_bwd()  # compile/autotune both directions before timing
-            times = {"fwd": _median_ms(fwd, device, reps), "fwd+bwd": _median_ms(fwd_bwd, device, reps)}
-            times["bwd"] = max(times["fwd+bwd"] - times["fwd"], 0.0)
-            peak = _peak_mb(fwd_bwd, device)
-            del out
-        except Exception as exc:  # a backend that rejects these shapes is a result, not a crash
+            times, peak = _time_impl(fn, inputs, extra, grad_out, device, reps)
+        except Exception as exc:  # noqa: BLE001  (a backend that rejects these shapes is a result, not a crash)
             rows.append({**row_base, "pass": "fwd+bwd", "error": f"{type(exc).__name__}: {str(exc)[:300]}"})
             continue
         for name in ("fwd", "bwd", "fwd+bwd"):
@@ -274,7 +282,6 @@ def main(argv=None) -> None:
         os.environ["TRITON_INTERPRET"] = "1"  # the kernels run in Triton's interpreter on CPU
     os.environ["EQRECON_KERNELS"] = "triton"
     import kernels  # after the environment: triton fixes interpreter mode when first imported
-
     from bench._provenance import write_result
 
     device = torch.device(args.device)

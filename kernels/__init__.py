@@ -14,8 +14,8 @@ __all__ = [
     "cross_attention",
     "cross_attention_ref",
     "recon_loss",
-    "recon_loss_ref",
     "recon_loss_linear",
     "recon_loss_linear_ref",
+    "recon_loss_ref",
     "use_triton",
 ]

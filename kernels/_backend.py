@@ -56,9 +56,9 @@ def triton_import_error() -> str | None:
     if not _triton_checked:
         _triton_checked = True
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
-        except Exception as exc:  # any failure to import means: no Triton path
+        except Exception as exc:  # noqa: BLE001  (any failure to import means: no Triton path)
             _triton_error = f"{type(exc).__name__}: {exc}"
     return _triton_error
 

@@ -252,7 +252,7 @@ def _backward(q, k, v, out, lse, dout, scale: float, need_dkdv: bool):
                                                     HEAD_D=d, BLOCK_M=_DELTA_BLOCK_M)
 
     strides = (*q.stride(), *k.stride(), *v.stride(), *dout.stride())
-    consts = dict(HEAD_D=d, PRECISION=_precision(q.dtype))
+    consts = {"HEAD_D": d, "PRECISION": _precision(q.dtype)}
     dq = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
     dk = dv = None
     if need_dkdv:

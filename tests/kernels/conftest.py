@@ -17,7 +17,7 @@ import torch
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from kernels import _backend  # noqa: E402  (after the environment is set)
+from kernels import _backend
 
 
 @pytest.fixture

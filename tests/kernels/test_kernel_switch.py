@@ -53,7 +53,7 @@ def test_fallback_warns_once_and_matches_reference():
     # a fresh CPU process asking for Triton without the interpreter: one warning, then the reference
     env = {**os.environ, "EQRECON_KERNELS": "triton", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True,
+    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True, check=False,
                           text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert done.stderr.count("RuntimeWarning") == 1, done.stderr
