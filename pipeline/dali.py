@@ -22,8 +22,14 @@ exact HSV rotation (the closed form f(n) = V - C·clamp(min(k, 4-k), 0, 1), k = 
 Epochs: every epoch builds a fresh pipeline seeded by (seed, epoch, rank), whose reader reads the
 rank's contiguous sample range (rotating with the epoch) and shuffles within `shuffle_buffer`. Every rank
 yields the same number of full batches, floor(floor(N / world) / local batch); the remainder is dropped.
-The position inside an epoch is kept with DALI's pipeline checkpointing, so a resumed run continues
-with the next batch, neither replaying nor skipping one.
+The position inside an epoch is kept with DALI's pipeline checkpointing (base64 text in `state_dict`),
+so a resumed run continues with the next batch, neither replaying nor skipping one; a state from
+another loader (no DALI checkpoint) replays the epoch up to its position instead.
+
+Bad data is reported before it is read where possible: every shard and index listed in dataset.json
+must exist and agree, and a sample that lacks its .jpg or .cls (which the reader skips) is an error, not
+a silent loss. A decoding failure is traced to the damaged shard by checking this rank's shards against
+dataset.json.
 """
 
 from __future__ import annotations
@@ -394,7 +400,7 @@ def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
     return torch.where(n[:, 0] > 0, value, torch.full_like(value, -1))
 
 
-def _to_batch(out: dict, k: int, target_size: int, device: torch.device) -> Batch:
+def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
     view1 = out["view1"]
     targets = out.get("targets")
     if targets is None:  # K = 0: an empty target tensor keeps the Batch contract
@@ -549,7 +555,7 @@ class DaliLoader:
                 if i < self._position:
                     continue
                 self._position = i + 1
-                yield _to_batch(out, self.cfg.aug.k, self.cfg.out_target_size, self.device)
+                yield _to_batch(out, self.cfg.out_target_size, self.device)
         finally:
             self._iterator = None
 
