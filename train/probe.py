@@ -10,22 +10,29 @@
 carries the head). Without `--data` the probes read the embedded demo photos.
 
 Equivariance protocol (SIE, Garrido et al. 2023; Wang et al. 2024/2025): for each transformation family
-alone, pairs (x, g_θ(x)) are built with the path semantics of `pipeline.path` (reference pipeline):
+alone, pairs (x, x') are rendered by the reference pipeline (`pipeline.reference`) with the θ semantics
+of `pipeline.path`, θ drawn from the protocol's ranges (`PathConfig()` defaults: the path paper's
+Table 2, pixels at 224 px scaled to the probe resolution), whatever ranges the backbone was trained with:
 
-    rotation, translation, color, blur:  x = A2(I) (random crop + flip), x' = g_θ(x) with only that family active
-    crop:  x = the whole image resized, x' = A2(I) without flip         target: the crop box (y0, x0, h, w)
-    flip:  x = A2(I) unflipped,         x' = the same crop, flipped when flip2 = 1     target: flip2
+    rotation, translation, color, blur:  x = the centre view (largest centred square), x' = g_θ(x) with
+                                         only that family active; target: its θ entries
+    crop:  x = the whole image, x' = an A2 crop (unflipped)       target: the box (y0, x0, h, w) of A2
+    flip:  x = the whole image, x' = an A2 crop, mirrored when flip2 = 1                 target: flip2
 
-The frozen backbone embeds both images of every pair (once, in batches), a 3-layer MLP (1024 hidden,
-ReLU) regresses the family's θ entries (`pipeline.path.FAMILY_FIELDS`) from [f(x), f(x')], and R² is
-measured on pairs from held-out images (the split is by source image, never by pair). Two R² are reported:
+Each image gives `--samples` pairs (own θ each) and its x is embedded once. The frozen backbone
+embeds x and x', a 3-layer MLP (1024 hidden, ReLU) regresses the family's θ entries
+(`pipeline.path.FAMILY_FIELDS`) from [f(x), f(x')], early-stopped on held-out training images, and
+R² is measured on pairs of held-out images (the split is by source image, never by pair):
 
     r2       = mean_j [1 - Σ_i (y_ij - ŷ_ij)² / Σ_i (y_ij - ȳ_j)²]     per-dimension, uniform average
                                                                      (scikit-learn's r2_score)
     r2_sie   = 1 - Σ_ij (y_ij - ŷ_ij)² / Σ_ij (y_ij - ȳ)²,  ȳ = the mean of all entries   (SIE's code)
 
-r2_sie weights each θ entry by its raw scale (translation in pixels outweighs nothing else; for colour,
-brightness/contrast/saturation at ±0.4 outweigh hue at ±0.1); both equal the usual R² for 1-D families.
+Both equal the usual R² for 1-D families (rotation, blur, flip). For several dimensions r2_sie
+weights each θ entry by its raw scale and credits predicting each dimension's own mean: for crop,
+whose box entries have different means (h, w ≈ 0.7, y0, x0 ≈ 0.15), it is near 0.9 even for a
+backbone that knows nothing; read r2 there.
+
 Invariance: a linear classifier (softmax regression on standardised features) fitted on the train
 split and scored on the val split, and DINO's weighted k-NN (cosine, k = 20, T = 0.07) as a cheap check.
 """
@@ -356,7 +363,7 @@ class Loaded:
     """A backbone ready to probe and the data settings it was trained with."""
 
     model: Embedder
-    data: DataConfig  # img_size, mean/std, path ranges (aug) the probes use
+    data: DataConfig  # img_size and mean/std of training; aug = the protocol's ranges (PathConfig defaults)
     describe: str  # one line for the report: file, method, step
 
 
@@ -394,49 +401,43 @@ def _load_checkpoint(path: Path, pool: str) -> Loaded:
                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     enc = method.encoder
     model = Embedder(enc.backbone, enc.head, enc.d_inv, pool, cfg.data.mean, cfg.data.std)
+    data = DataConfig(img_size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std)
     step = state.get("step", "?")
-    return Loaded(model, cfg.data, f"{path} ({cfg.model.method}, {cfg.model.backbone}, step {step})")
+    return Loaded(model, data, f"{path} ({cfg.model.method}, {cfg.model.backbone}, step {step})")
 
 
 def _load_export(path: Path, pool: str) -> Loaded:
-    """`train/export.py` output: timm-keyed weights + a JSON naming the timm model, its kwargs and
-    (when exported with the head) the head's width split and the data settings."""
+    """`train/export.py` output: timm-keyed weights, the JSON beside it (timm_name, timm_kwargs, mean,
+    std) and, when exported `--with-head`, the head file and its split named in the JSON's "head"."""
     import timm
     from safetensors.torch import load_file
 
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise ProbeError(f"--backbone {path}: its description {meta_path.name} is missing beside it")
+        raise ProbeError(f"--backbone {path}: its description {meta_path.name} (written by train/export.py) "
+                         f"is missing beside it")
     try:
         meta = json.loads(meta_path.read_text())
-        weights = load_file(str(path))
-    except (OSError, ValueError) as err:
-        raise ProbeError(f"--backbone {path}: unreadable export ({err})") from None
-    name, kwargs = meta.get("timm_name") or meta.get("model"), meta.get("timm_kwargs") or meta.get("kwargs", {})
-    if not name:
-        raise ProbeError(f"--backbone {meta_path}: no 'timm_name' entry naming the timm model")
-    head_w = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
-    backbone = timm.create_model(name, pretrained=False, **kwargs)
-    try:
-        backbone.load_state_dict({k: v for k, v in weights.items() if not k.startswith("head.")})
-    except RuntimeError as err:
-        raise ProbeError(f"--backbone {path}: weights do not fit {name}({kwargs}): {str(err).splitlines()[0]}") from None
-    head, d_inv = None, 0
-    if head_w and meta.get("d_inv"):
-        head = nn.Linear(head_w["weight"].shape[1], head_w["weight"].shape[0])
-        head.load_state_dict(head_w)
-        d_inv = int(meta["d_inv"])
-    data = DataConfig()
-    for key in ("img_size", "mean", "std"):
-        if key in meta.get("data", {}):
-            setattr(data, key, type(getattr(data, key))(meta["data"][key]))
-    if "img_size" in kwargs:
-        data.img_size = int(kwargs["img_size"])
-    aug = meta.get("data", {}).get("aug")
-    if aug:
-        data.aug = PathConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in aug.items()})
+        name, kwargs = meta["timm_name"], dict(meta.get("timm_kwargs", {}))
+        backbone = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+        backbone.load_state_dict(load_file(str(path)))
+        head, d_inv = None, 0
+        if meta.get("head"):
+            weights = load_file(str(path.with_name(meta["head"]["file"])))
+            head = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
+            head.load_state_dict(weights)
+            d_inv = int(meta["head"]["d_inv"])
+    except KeyError as err:
+        raise ProbeError(f"--backbone {meta_path}: missing entry {err} (re-export with train/export.py)") from None
+    except (OSError, ValueError, RuntimeError) as err:
+        raise ProbeError(f"--backbone {path}: unreadable export ({str(err).splitlines()[0]})") from None
+    data = DataConfig(img_size=int(kwargs.get("img_size", 224)))
+    if "mean" in meta and "std" in meta:
+        data.mean, data.std = tuple(meta["mean"]), tuple(meta["std"])
     model = Embedder(backbone, head, d_inv, pool, data.mean, data.std)
-    return Loaded(model, data, f"{path} ({name}{', with head' if head is not None else ''})")
+    what = meta.get("method", "?")
+    return Loaded(model, data, f"{path} ({what}, {name}, step {meta.get('step', '?')}"
+                               f"{', with head' if head is not None else ''})")
 
 
 # ------------------------------------------------------------------------------------------ drivers

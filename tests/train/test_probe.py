@@ -210,6 +210,23 @@ def probe_normalise(x, data):
     return (x - mean) / std
 
 
+def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
+    from train.export import export
+
+    path, _ = demo_checkpoint
+    x = torch.rand(2, 3, 64, 64)
+    want = probe.load_backbone(path).model(x)
+    export(path, tmp_path / "plain.safetensors")
+    plain = probe.load_backbone(tmp_path / "plain.safetensors")
+    assert plain.model.parts == ("all",) and plain.data.img_size == 64
+    assert torch.allclose(plain.model(x)["all"], want["all"], atol=1e-5)
+    export(path, tmp_path / "headed.safetensors", with_head=True)
+    headed = probe.load_backbone(tmp_path / "headed.safetensors").model
+    assert headed.parts == ("all", "inv", "eq")
+    got = headed(x)
+    assert all(torch.allclose(got[p], want[p], atol=1e-5) for p in ("all", "inv", "eq"))
+
+
 def test_bad_backbone_files_give_one_line_errors(tmp_path):
     with pytest.raises(probe.ProbeError, match="no such file"):
         probe.load_backbone(tmp_path / "missing.pt")
