@@ -96,7 +96,10 @@ def build(cfg: Config, env: Env):
     method = build_method(cfg.model, cfg.data).to(env.device)
     model = method
     if env.world_size > 1:
-        ids = [env.device.index] if env.device.type == "cuda" else None
+        ids = None
+        if env.device.type == "cuda":
+            # Global-batch BatchNorm statistics in the expander, as VICReg trains (GPU-only in torch).
+            method, ids = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method), [env.device.index]
         model = torch.nn.parallel.DistributedDataParallel(method, device_ids=ids)
     optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, len(loader))
