@@ -1,0 +1,397 @@
+"""The science run: vicreg, sie, xattn and path pretrained side by side on the same real photos for
+the same number of steps, then both probes on each; results, R² chart and reconstruction grids.
+
+    python -m bench.science --size gpu            # ViT-S/16 at 112 px, one GPU, ~40 min in parts < 10 min
+    python -m bench.science --size cpu            # tiny ViT at 64 px, ~20 min on 2 CPU cores
+    python -m bench.science --size gpu --parts train --methods path --seeds 1    # one part at a time
+
+Every part is resumable and skipped when done, so the same command continues an interrupted run:
+  data    bench/science_data.sh fetches the photos (scikit-image wheel, Debian's opencv-doc and
+          lomiri-wallpapers-16.04) and Fashion-MNIST (Debian's dataset-fashion-mnist); random crops of
+          the photos (train crops from 5/6 of the photos, val crops from the other 1/6) and the
+          Fashion-MNIST images are converted into shards with pipeline.convert.
+  train   one `train/main.py` run per (method, seed): its preset with the same resolution, batch, step
+          count and schedule for every method (a run stopped midway resumes from ckpt/last.pt).
+  probe   `train.probe` on each run: equivariance R² on pairs from the held-out photos' crops, linear
+          and k-NN top-1 on Fashion-MNIST (train -> val).
+  report  bench/results/science-<device>.json (summary r2.<method>.<transformation> and top1.<method>:
+          the backbone's pooled features, mean over seeds), science-<device>-r2.png (bars: mean, ticks:
+          each seed) and science-<device>-recon-<method>.png (the trainer's last reconstruction grid).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench._provenance import RESULTS_DIR, device_slug, write_result
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ("vicreg", "sie", "xattn", "path")
+TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
+FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+# Where the photos are inside the fetched packages (opencv-doc's html/ holds diagrams and screenshots).
+PHOTO_DIRS = ("skimage/data/", "usr/share/backgrounds/", "opencv-doc/examples/")
+# Files in the packages that are masks, ground truths, synthetic patterns or text pages, not photos.
+NOT_PHOTOS = ("mask", "/color.png", "gt.", "_result", "trimap", "chessboard", "phantom", "logo", "horse", "text", "page",
+              "digits", "gradient", "ellipses", "shape_sample", "sudoku", "binary", "blox", "cards", "detect_blob")
+
+
+@dataclass
+class Size:
+    """Everything that differs between the GPU run and its CPU-sized stand-in."""
+
+    preset: dict  # method -> train/main.py preset
+    img_size: int
+    batch_size: int
+    steps: int
+    overrides: list = field(default_factory=list)  # extra --section.field=value for every run
+    crops_train: int = 40_000
+    crops_val: int = 1_000
+    crop_px: int = 160  # short side of the stored crops
+    fmnist_train: int = 20_000
+    fmnist_val: int = 5_000
+    probe_images: int = 1_000
+    probe_samples: int = 8
+    probe_hidden: int = 1024
+    probe_epochs: int = 100
+    seeds: tuple = (0, 1)
+    device: str = "cuda"
+    threads: int = 0  # torch/OpenMP threads for training and probes; 0 = the default
+
+
+SIZES = {
+    # ViT-S/16 at 112 px (7x7 tokens), batch 256 (peak lr 5e-4), 1500 steps (~10 epochs of the 40k crops).
+    "gpu": Size(preset={m: f"vits16-{m}" for m in METHODS}, img_size=112, batch_size=256, steps=1500,
+                overrides=["--optim.base_lr=5e-4", "--data.workers=8", "--run.ckpt_every=250",
+                           "--run.recon_every=500", "--run.log_every=25"]),
+    # The demo presets' tiny ViT (4 blocks, patch 8) at 64 px, batch 32 (peak lr 8e-3 * 32/256 = 1e-3),
+    # 200 steps; one thread per
+    # process (the 2-core machines it runs on are shared, where 2 threads run several times slower).
+    "cpu": Size(preset={"vicreg": "demo-vicreg", "sie": "demo-sie", "xattn": "demo-xattn", "path": "demo"},
+                img_size=64, batch_size=32, steps=200, crops_train=3_000, crops_val=200, crop_px=96,
+                fmnist_train=2_000, fmnist_val=500, probe_images=200, probe_samples=4, probe_hidden=256,
+                probe_epochs=50, seeds=(0,), device="cpu", threads=1,
+                overrides=["--optim.base_lr=8e-3", "--data.workers=2", "--run.ckpt_every=50",
+                           "--run.recon_every=100", "--run.log_every=10", "--run.device=cpu"]),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[science {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------- data
+
+
+def source_photos(raw: Path) -> list[Path]:
+    """Every photo in the fetched packages: RGB or greyscale, short side >= 240 px, not a mask or chart."""
+    found = []
+    for path in sorted(raw.rglob("*")):
+        name = path.as_posix().lower()
+        if (path.suffix.lower() not in (".jpg", ".jpeg", ".png") or not any(d in name for d in PHOTO_DIRS)
+                or any(s in name for s in NOT_PHOTOS)):
+            continue
+        try:
+            with Image.open(path) as im:
+                if im.mode in ("RGB", "L") and min(im.size) >= 240:
+                    found.append(path)
+        except OSError:
+            continue
+    return found
+
+
+def is_val_photo(path: Path) -> bool:
+    """A fixed 1/6 of the photos, by a hash of the file name: their crops are never trained on."""
+    return int(hashlib.sha256(path.name.encode()).hexdigest(), 16) % 6 == 0
+
+
+def _write_crops(task: tuple[Path, Path, int, int, int]) -> int:
+    """Random crops (8-100 % of the area, aspect 3:4-4:3) of one photo, short side resized to px."""
+    photo, out, n, px, seed = task
+    rng = random.Random(seed)
+    with Image.open(photo) as im:
+        im = im.convert("RGB")
+    w, h = im.size
+    for i in range(n):
+        area, aspect = rng.uniform(0.08, 1.0) * w * h, rng.uniform(3 / 4, 4 / 3)
+        cw, ch = min(w, round((area * aspect) ** 0.5)), min(h, round((area / aspect) ** 0.5))
+        x, y = rng.randint(0, w - cw), rng.randint(0, h - ch)
+        scale = px / min(cw, ch)
+        crop = im.crop((x, y, x + cw, y + ch)).resize((round(cw * scale), round(ch * scale)), Image.BICUBIC)
+        crop.save(out / f"{photo.stem}-{seed}-{i:05d}.jpg", quality=90)
+    return n
+
+
+def make_photo_crops(photos: list[Path], src: Path, size: Size, workers: int) -> None:
+    """src/{train,val}/photo/*.jpg: crops spread evenly over the photos of each split."""
+    tasks = []
+    for split, total in (("train", size.crops_train), ("val", size.crops_val)):
+        chosen = [p for p in photos if is_val_photo(p) == (split == "val")]
+        out = src / split / "photo"
+        out.mkdir(parents=True, exist_ok=True)
+        for j, photo in enumerate(chosen):
+            n = total // len(chosen) + (j < total % len(chosen))
+            tasks.append((photo, out, n, size.crop_px, int(hashlib.sha256(photo.name.encode()).hexdigest()[:8], 16)))
+    with multiprocessing.Pool(workers) as pool:
+        done = sum(pool.imap_unordered(_write_crops, tasks))
+    log(f"wrote {done} photo crops from {len(photos)} photos into {src}")
+
+
+def _idx(path: Path) -> np.ndarray:
+    """An idx (MNIST format) array from its .gz file."""
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def make_fmnist(folder: Path, src: Path, size: Size) -> None:
+    """src/{train,val}/<class>/*.jpg from Fashion-MNIST's train and t10k sets (the first N of each)."""
+    for split, prefix, n in (("train", "train", size.fmnist_train), ("val", "t10k", size.fmnist_val)):
+        images, labels = _idx(folder / f"{prefix}-images-idx3-ubyte.gz"), _idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+        for c, name in enumerate(FMNIST_CLASSES):
+            (src / split / f"{c}-{name}").mkdir(parents=True, exist_ok=True)
+        for i in range(min(n, len(images))):
+            c = int(labels[i])
+            Image.fromarray(images[i]).save(src / split / f"{c}-{FMNIST_CLASSES[c]}" / f"{i:05d}.jpg", quality=95)
+    log(f"wrote Fashion-MNIST ({size.fmnist_train} train, {size.fmnist_val} val) into {src}")
+
+
+def prepare_data(work: Path, size: Size, workers: int) -> dict:
+    """Fetch, crop and convert; -> {"photos": shard dir, "fmnist": shard dir, "sources": [...]}."""
+    from pipeline.convert import convert
+
+    raw = work / "raw"
+    subprocess.run(["bash", str(ROOT / "bench" / "science_data.sh"), str(raw), sys.executable], check=True)
+    photos = source_photos(raw)
+    info = {"photos": str(work / "photos"), "fmnist": str(work / "fmnist"),
+            "sources": [p.relative_to(raw).as_posix() for p in photos],
+            "val_sources": [p.relative_to(raw).as_posix() for p in photos if is_val_photo(p)]}
+    for name, make in (("photos", lambda src: make_photo_crops(photos, src, size, workers)),
+                       ("fmnist", lambda src: make_fmnist(next(raw.rglob("fashion-mnist")), src, size))):
+        out = work / name
+        if (out / "dataset.json").is_file():
+            continue
+        src = work / f"{name}-src"
+        shutil.rmtree(src, ignore_errors=True)
+        make(src)
+        convert(src, out, split="all", shard_size=1000, workers=workers, seed=0, quiet=True)
+        shutil.rmtree(src)
+    (work / "data.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# ------------------------------------------------------------------------------------------ train
+
+
+def run_dir(work: Path, method: str, seed: int) -> Path:
+    return work / "runs" / f"{method}-s{seed}"
+
+
+def trained(run: Path) -> bool:
+    """The run finished its schedule: train/main.py exited cleanly and train.json was written after it."""
+    return (run / "train.json").is_file()
+
+
+def train_command(work: Path, size: Size, method: str, seed: int, n_train: int) -> list[str]:
+    """The train/main.py command: same resolution, batch, steps and schedule for every method."""
+    per_epoch = n_train // size.batch_size
+    epochs = size.steps / per_epoch  # the schedule ends exactly at size.steps
+    run = run_dir(work, method, seed)
+    cmd = [sys.executable, str(ROOT / "train" / "main.py"), "--preset", size.preset[method],
+           "--data", str(work / "photos"), "--out", str(run), f"--data.img_size={size.img_size}",
+           f"--data.batch_size={size.batch_size}", f"--optim.epochs={epochs:.6f}",
+           f"--optim.warmup_epochs={epochs / 10:.6f}", f"--run.seed={seed}", f"--data.seed={seed}", *size.overrides]
+    if (run / "ckpt" / "last.pt").exists():
+        cmd += ["--resume", str(run / "ckpt" / "last.pt")]
+    return cmd
+
+
+def train_all(work: Path, size: Size, methods, seeds) -> None:
+    n_train = json.loads((work / "photos" / "dataset.json").read_text())["splits"]["train"]["count"]
+    for seed in seeds:
+        for method in methods:
+            run = run_dir(work, method, seed)
+            if trained(run):
+                continue
+            cmd = train_command(work, size, method, seed, n_train)
+            log(f"train {method} seed {seed}: {' '.join(cmd[1:])}")
+            start = time.time()
+            env = dict(os.environ, **({"OMP_NUM_THREADS": str(size.threads)} if size.threads else {}))
+            subprocess.run(cmd, check=True, env=env)
+            step = torch.load(run / "ckpt" / "last.pt", map_location="cpu", weights_only=False)["step"]
+            (run / "train.json").write_text(json.dumps({"step": step, "wall_s": round(time.time() - start, 1)}) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+
+def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.device) -> dict:
+    """Both probes on one run's last checkpoint -> (and cached in) RUN/probe.json."""
+    from train import probe
+
+    run = run_dir(work, method, seed)
+    out = run / "probe.json"
+    if out.is_file():
+        return json.loads(out.read_text())
+    loaded = probe.load_backbone(run / "ckpt" / "last.pt")
+    photos = probe.read_split(work / "photos", "val", size.probe_images)
+    fit = probe.FitConfig(hidden=size.probe_hidden, epochs=size.probe_epochs, seed=seed)
+    start = time.time()
+    eq = probe.equivariance(loaded.model, photos, loaded.data.aug, loaded.data.img_size, TRANSFORMS,
+                            loaded.model.parts, size.probe_samples, device, seed=seed, fit=fit, quiet=True)
+    train, val = probe.read_split(work / "fmnist", "train"), probe.read_split(work / "fmnist", "val")
+    lin = probe.linear(loaded.model, train, val, loaded.data.img_size, loaded.model.parts, device, quiet=True)
+    record = {"method": method, "seed": seed, "backbone": loaded.describe, "equivariance": eq, "linear": lin,
+              "probe_s": round(time.time() - start, 1)}
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    log(f"probed {method} seed {seed}: " + ", ".join(f"{t} {eq[t]['all']['r2']:.3f}" for t in TRANSFORMS)
+        + f"; linear {lin['all']['linear_top1']:.3f}")
+    return record
+
+
+# ----------------------------------------------------------------------------------------- report
+
+
+def summarise(records: list[dict]) -> dict:
+    """r2.<method>.<transformation> and top1.<method>: part "all", mean over seeds."""
+    summary = {}
+    for method in METHODS:
+        mine = [r for r in records if r["method"] == method]
+        if not mine:
+            continue
+        for t in TRANSFORMS:
+            summary[f"r2.{method}.{t}"] = round(float(np.mean([r["equivariance"][t]["all"]["r2"] for r in mine])), 4)
+        summary[f"top1.{method}"] = round(float(np.mean([r["linear"]["all"]["linear_top1"] for r in mine])), 4)
+    return summary
+
+
+COLOURS = {"vicreg": (120, 120, 120), "sie": (70, 130, 200), "xattn": (230, 150, 40), "path": (200, 50, 60)}
+
+
+def r2_chart(records: list[dict], path: Path, title: str) -> None:
+    """Grouped bars (PIL, no matplotlib): R² of the backbone features per transformation and method;
+    bar = mean over seeds, black ticks = the individual seeds."""
+    from PIL import ImageDraw, ImageFont
+
+    methods = [m for m in METHODS if any(r["method"] == m for r in records)]
+    W, H, left, top, bottom = 900, 420, 60, 50, 60
+    lo, hi = -0.2, 1.0
+    img = Image.new("RGB", (W, H), "white")
+    d = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    y_of = lambda v: top + (hi - max(lo, min(hi, v))) / (hi - lo) * (H - top - bottom)
+    for v in np.arange(lo, hi + 1e-9, 0.2):
+        d.line([(left, y_of(v)), (W - 10, y_of(v))], fill=(225, 225, 225) if abs(v) > 1e-9 else (0, 0, 0))
+        d.text((10, y_of(v) - 6), f"{v:+.1f}", fill="black", font=font)
+    group = (W - left - 10) / len(TRANSFORMS)
+    bar = group * 0.8 / max(1, len(methods))
+    for i, t in enumerate(TRANSFORMS):
+        x0 = left + i * group + group * 0.1
+        for j, m in enumerate(methods):
+            vals = [r["equivariance"][t]["all"]["r2"] for r in records if r["method"] == m]
+            xa, xb = x0 + j * bar, x0 + (j + 1) * bar - 2
+            d.rectangle([xa, min(y_of(0), y_of(np.mean(vals))), xb, max(y_of(0), y_of(np.mean(vals)))],
+                        fill=COLOURS[m])
+            for v in vals:
+                d.line([(xa, y_of(v)), (xb, y_of(v))], fill="black", width=2)
+        d.text((x0, H - bottom + 8), t, fill="black", font=font)
+    for j, m in enumerate(methods):
+        d.rectangle([left + 10 + j * 110, 28, left + 22 + j * 110, 40], fill=COLOURS[m])
+        d.text((left + 28 + j * 110, 28), m, fill="black", font=font)
+    d.text((left, 8), title, fill="black", font=font)
+    d.text((left, H - 25), "R² of θ from frozen (x, g(x)) embeddings, held-out photos; bar: mean over seeds, "
+                           "ticks: seeds", fill=(90, 90, 90), font=font)
+    img.save(path)
+
+
+def report(work: Path, size_name: str, size: Size, records: list[dict], data: dict) -> Path:
+    device = torch.device(size.device if size.device == "cpu" or torch.cuda.is_available() else "cpu")
+    slug = device_slug(device)
+    rows = []
+    for r in records:
+        for t in TRANSFORMS:
+            for part, v in r["equivariance"][t].items():
+                rows.append({"method": r["method"], "seed": r["seed"], "probe": "equivariance", "transformation": t,
+                             "part": part, **v})
+        for part, v in r["linear"].items():
+            rows.append({"method": r["method"], "seed": r["seed"], "probe": "linear", "part": part, **v})
+        trained_ = json.loads((run_dir(work, r["method"], r["seed"]) / "train.json").read_text())
+        rows.append({"method": r["method"], "seed": r["seed"], "probe": "timing", "probe_s": r["probe_s"],
+                     "train_s": trained_["wall_s"], "steps": trained_["step"]})
+    n_train = json.loads((work / "photos" / "dataset.json").read_text())["splits"]["train"]["count"]
+    config = {"size": size_name, **asdict(size), "data": {k: v for k, v in data.items() if k != "sources"},
+              "n_source_photos": len(data["sources"]), "n_train_crops": n_train,
+              "command": {m: train_command(work, size, m, 0, n_train)[2:] for m in size.preset}}
+    config["seeds"] = sorted({r["seed"] for r in records})
+    path = write_result("science", config, rows, summarise(records), device=device)
+    r2_chart(records, RESULTS_DIR / f"science-{slug}-r2.png", f"science run ({size_name}): {device_name_of(path)}")
+    for method in METHODS:
+        grid = run_dir(work, method, min(config["seeds"])) / "recon.png"
+        if grid.is_file():
+            shutil.copyfile(grid, RESULTS_DIR / f"science-{slug}-recon-{method}.png")
+    return path
+
+
+def device_name_of(result: Path) -> str:
+    return json.loads(result.read_text())["device"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=tuple(SIZES), default="gpu")
+    ap.add_argument("--work", default="", help="data, runs and probe results (default: runs/science-<size>)")
+    ap.add_argument("--parts", default="data,train,probe,report")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
+    ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
+    args = ap.parse_args(argv)
+    size = SIZES[args.size]
+    work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
+    methods = [m for m in args.methods.split(",") if m]
+    seeds = [int(s) for s in args.seeds.split(",") if s] or list(size.seeds)
+    if bad := [m for m in methods if m not in METHODS]:
+        ap.error(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
+    if size.device == "cuda" and not torch.cuda.is_available() and set(args.parts.split(",")) & {"train", "probe"}:
+        ap.error("--size gpu needs a CUDA GPU; use --size cpu for the CPU-sized run")
+    work.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    if size.threads:
+        # On a CPU shared with other jobs, one thread per process avoids stragglers in every matmul.
+        torch.set_num_threads(size.threads)
+    data = prepare_data(work, size, args.workers) if "data" in parts else json.loads((work / "data.json").read_text())
+    if "train" in parts:
+        train_all(work, size, methods, seeds)
+    device = torch.device(size.device)
+    records = []
+    if "probe" in parts or "report" in parts:
+        for seed in seeds:
+            for method in methods:
+                if trained(run_dir(work, method, seed)):
+                    records.append(probe_run(work, size, method, seed, device))
+    if "report" in parts and records:
+        path = report(work, args.size, size, records, data)
+        log(f"wrote {path}")
+        for key, value in summarise(records).items():
+            print(f"  {key:<28} {value:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
