@@ -51,6 +51,7 @@ class RunConfig:
     ckpt_every: int = 500
     recon_every: int = 200  # reconstruction grid PNG every N steps (and at the end)
     keep_ckpts: int = 2  # step checkpoints kept besides ckpt/last.pt
+    threads: int = 0  # torch CPU threads per rank; 0 = auto (on a CPU device: cores per rank minus data workers)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import Config, ConfigError, apply_overrides, from_dict, load_config
-from train.loop import Env, NonFiniteLoss, build_optimizer, build_scheduler, seed_all, train
+from train.loop import Env, NonFiniteLoss, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
 
 SHORT_FLAGS = {"data": "data.dir", "out": "run.out", "device": "run.device", "steps": "run.steps",
                "resume": "run.resume"}
@@ -111,6 +111,7 @@ def main(argv: list[str]) -> int:
     try:
         cfg = parse_config(argv)
         env = init_distributed(cfg.run.device)
+        set_cpu_threads(cfg, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         resolve_data(cfg, env)
         model, optimizer, scheduler, loader = build(cfg, env)
         run_dir = train(cfg, model, optimizer, scheduler, loader, env)

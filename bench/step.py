@@ -1,0 +1,221 @@
+"""Training-step throughput per method: samples/s, the step's time split, MFU and peak memory.
+
+    python -m bench.step [--presets demo,demo-vicreg,...] [--device auto|cpu|cuda] [--steps N]
+        [--warmup N] [--sources synthetic,loader] [--data DIR] [--section.field=value ...]
+
+Each preset is one method. Its step is `train.loop.train_step` (the trainer's own step: forward,
+backward, grad clipping, optimizer, schedule; bf16 autocast on CUDA) fed two ways:
+
+    synthetic  random Batches already on the device: the model's ceiling, no input pipeline
+    loader     the configured loader (`data.loader`, DALI by default) over the shards: what a run gets
+
+Per step the clock is read (after synchronising CUDA) when the batch arrives ("data"), after the
+forward, after the backward (incl. clipping) and after the optimizer, so the phases add up to the step.
+FLOPs per step are counted once with torch's FlopCounterMode (forward + backward); MFU = FLOPs per
+step / synthetic step time / peak, where peak is the GPU's dense bf16 datasheet figure, or on a CPU
+the fp32 matmul throughput measured in this process (the JSON names which). Peak memory is
+torch.cuda.max_memory_allocated on CUDA, and on a CPU the process's peak RSS (VmHWM, reset per
+method; it includes the libraries, ~1 GB). Default presets: vits16-* on CUDA, demo-* on a CPU.
+
+Summary (DESIGN §3): samples_per_s.<method> and mfu.<method> from synthetic batches,
+loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger of the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/step.py` from anywhere
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench._provenance import write_result
+from model import build_method
+from pipeline import build_loader, resolve_data_dir
+from pipeline.batch import Batch
+from pipeline.path import THETA_DIM
+from train.config import Config, load_config, to_dict
+from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, train_step
+
+CPU_PRESETS = ("demo", "demo-vicreg", "demo-sie", "demo-xattn")
+GPU_PRESETS = ("vits16-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")
+# Dense bf16 tensor-core peaks from the datasheets (FLOP/s), matched on the device name.
+GPU_PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
+                 ("L40S", 362e12), ("L4", 121e12), ("4090", 165e12), ("A10", 125e12))
+PHASES = ("data", "forward", "backward", "optimizer")
+
+
+def synthetic_batches(cfg: Config, device: torch.device, n: int = 2) -> list[Batch]:
+    """n random Batches with the shapes the loader would give (B = the global batch, one process)."""
+    d, g = cfg.data, torch.Generator(device="cpu").manual_seed(0)
+    b, h, k, ht = d.batch_size, d.img_size, d.aug.k, d.out_target_size
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    return [Batch(rand(b, 3, h, h), rand(b, 3, h, h), rand(b, k, 3, ht, ht), rand(b, THETA_DIM),
+                  torch.full((b,), -1, dtype=torch.long, device=device)) for _ in range(n)]
+
+
+def endless(loader):
+    """The loader's batches across epoch boundaries (epoch restarts are part of the data time)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, flops in GPU_PEAK_BF16:
+            if key in name:
+                return flops, f"datasheet dense bf16 ({key})"
+        return float("nan"), f"unknown GPU {name!r}: no datasheet peak"
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    for _ in range(2):
+        a @ b
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        a @ b
+    return reps * 2 * 2048**3 / (time.perf_counter() - t0), "measured fp32 2048^3 matmul on this CPU"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+        except OSError:
+            pass
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    return float("nan")
+
+
+def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, steps: int) -> dict:
+    """Run warmup + steps train_steps; -> per-phase mean ms, step ms, samples/s, peak memory."""
+    optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 1000)
+    amp = device.type == "cuda" and cfg.run.amp == "bf16"
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = {p: [] for p in PHASES}
+    reset_peak_memory(device)
+    marks: list[float] = []
+
+    def mark(_phase: str) -> None:
+        sync()
+        marks.append(time.perf_counter())
+
+    for i in range(warmup + steps):
+        marks.clear()
+        mark("start")
+        batch = next(batches)
+        mark("data")
+        train_step(method, batch, optimizer, scheduler, step=i, clip_grad=cfg.optim.clip_grad, amp=amp, mark=mark)
+        if i >= warmup:
+            for phase, t0, t1 in zip(PHASES, marks, marks[1:]):
+                times[phase].append(1e3 * (t1 - t0))
+    step_ms = [sum(parts) for parts in zip(*times.values())]
+    return {"step_ms": statistics.mean(step_ms), "step_ms_median": statistics.median(step_ms),
+            **{f"{p}_ms": statistics.mean(v) for p, v in times.items()},
+            "samples_per_s": cfg.data.batch_size / (statistics.mean(step_ms) / 1e3),
+            "peak_mem_gb": peak_memory_gb(device)}
+
+
+def count_flops(method, batch: Batch, cfg: Config, device: torch.device) -> float:
+    amp = device.type == "cuda" and cfg.run.amp == "bf16"
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = method(batch)["loss"]
+        loss.backward()
+    method.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def bench_preset(preset: str, overrides: list[str], sources: list[str], device: torch.device, warmup: int,
+                 steps: int, peak: float) -> list[dict]:
+    cfg = load_config(preset, overrides)
+    set_cpu_threads(cfg, device)  # as the trainer does
+    seed_all(cfg.run.seed)
+    method = build_method(cfg.model, cfg.data).to(device).train()
+    batches = synthetic_batches(cfg, device)
+    flops = count_flops(method, batches[0], cfg, device)
+    rows = []
+    for source in sources:
+        if source == "synthetic":
+            stream = (batches[i % len(batches)] for i in range(10**9))
+        else:
+            cfg.data.dir = str(resolve_data_dir(cfg.data))
+            stream = endless(build_loader(cfg.data, 0, 1, device))
+        result = time_steps(method, stream, cfg, device, warmup, steps)
+        mfu = flops / (result["step_ms"] / 1e3) / peak
+        rows.append({"preset": preset, "method": cfg.model.method, "source": source,
+                     "loader": cfg.data.loader if source == "loader" else None,
+                     "batch_size": cfg.data.batch_size, "img_size": cfg.data.img_size, "k": cfg.data.aug.k,
+                     "backbone": cfg.model.backbone, "dtype": "bf16" if device.type == "cuda" and
+                     cfg.run.amp == "bf16" else "fp32", "flops_per_step": flops, "mfu": mfu, **result})
+        print(f"{preset:14s} {source:9s} {result['samples_per_s']:9.1f} samples/s  step {result['step_ms']:8.1f} ms "
+              f"(data {result['data_ms']:.1f}, fwd {result['forward_ms']:.1f}, bwd {result['backward_ms']:.1f}, "
+              f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB", flush=True)
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", default="", help="comma list (default: vits16-* on CUDA, demo-* on CPU)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--steps", type=int, default=0, help="timed steps per source (default: 20 GPU, 5 CPU)")
+    parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 5 GPU, 2 CPU)")
+    parser.add_argument("--sources", default="synthetic,loader")
+    parser.add_argument("--data", default="", help="shard folder for the loader (default: the demo photos)")
+    args, overrides = parser.parse_known_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
+        return 2
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    presets = args.presets.split(",") if args.presets else list(GPU_PRESETS if cuda else CPU_PRESETS)
+    steps, warmup = args.steps or (20 if cuda else 5), args.warmup or (5 if cuda else 2)
+    sources = args.sources.split(",")
+    if args.data:
+        overrides.append(f"--data.dir={args.data}")
+    set_cpu_threads(load_config(presets[0], overrides), device)  # the peak with the threads the steps get
+    peak, peak_source = peak_flops(device)
+    rows = []
+    for preset in presets:
+        rows += bench_preset(preset, overrides, sources, device, warmup, steps, peak)
+    summary = {}
+    for row in rows:
+        m = row["method"]
+        if row["source"] == "synthetic":
+            summary[f"samples_per_s.{m}"], summary[f"mfu.{m}"] = row["samples_per_s"], row["mfu"]
+        else:
+            summary[f"loader_samples_per_s.{m}"] = row["samples_per_s"]
+        summary[f"peak_mem_gb.{m}"] = max(summary.get(f"peak_mem_gb.{m}", 0.0), row["peak_mem_gb"])
+    config = {"presets": presets, "overrides": overrides, "sources": sources, "steps": steps, "warmup": warmup,
+              "peak_flops": peak, "peak_flops_source": peak_source, "torch_threads": torch.get_num_threads(),
+              "load_average_at_end": os.getloadavg(), "resolved": {p: to_dict(load_config(p, overrides))
+                                                                   for p in presets}}
+    path = write_result("step", config, rows, summary, device=device)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
