@@ -6,10 +6,11 @@ the same number of steps, then both probes on each; results, R² chart and recon
     python -m bench.science --size gpu --parts train --methods path --seeds 1    # one part at a time
 
 Every part is resumable and skipped when done, so the same command continues an interrupted run:
-  data    bench/science_data.sh fetches the photos (scikit-image wheel, Debian's opencv-doc and
-          lomiri-wallpapers-16.04) and Fashion-MNIST (Debian's dataset-fashion-mnist); random crops of
-          the photos (train crops from 5/6 of the photos, val crops from the other 1/6) and the
-          Fashion-MNIST images are converted into shards with pipeline.convert.
+  fetch   bench/science_data.sh fetches the photos (scikit-image wheel, Debian's opencv-doc and
+          lomiri-wallpapers-16.04) and Fashion-MNIST (Debian's dataset-fashion-mnist) into WORK/raw and
+          keeps only those (~60 MB; needs the Debian and PyPI registries).
+  data    random crops of the photos (train crops from 5/6 of the photos, val crops from the other
+          1/6) and the Fashion-MNIST images, converted into shards with pipeline.convert (offline).
   train   one `train/main.py` run per (method, seed): its preset with the same resolution, batch, step
           count and schedule for every method (a run stopped midway resumes from ckpt/last.pt).
   probe   `train.probe` on each run: equivariance R² on pairs from the held-out photos' crops, linear
@@ -17,6 +18,12 @@ Every part is resumable and skipped when done, so the same command continues an 
   report  bench/results/science-<device>.json (summary r2.<method>.<transformation> and top1.<method>:
           the backbone's pooled features, mean over seeds), science-<device>-r2.png (bars: mean, ticks:
           each seed) and science-<device>-recon-<method>.png (the trainer's last reconstruction grid).
+
+On a GPU machine without network, with at most 10 minutes per command (the setting this was built for):
+  here:  python -m bench.science --size gpu --parts fetch        # WORK = runs/science-gpu; carry WORK/raw
+  GPU:   python -m bench.science --size gpu --parts data,train,probe --methods M --seeds S --copy-results $OUT
+         once per method M and seed S (data, ~1 min, is redone on a fresh machine; train + probe ~5 min)
+  here:  copy each $OUT's data.json and runs/ into WORK, then  python -m bench.science --size gpu --parts report
 """
 
 from __future__ import annotations
@@ -39,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench._provenance import RESULTS_DIR, device_slug, write_result
+from bench._provenance import RESULTS_DIR, device_slug, provenance
 
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("vicreg", "sie", "xattn", "path")
@@ -173,18 +180,38 @@ def make_fmnist(folder: Path, src: Path, size: Size) -> None:
     log(f"wrote Fashion-MNIST ({size.fmnist_train} train, {size.fmnist_val} val) into {src}")
 
 
+def fetch(raw: Path) -> None:
+    """bench/science_data.sh into raw/ (needs Debian's and PyPI's registries), then keep only the photos
+    and Fashion-MNIST (~60 MB), small enough to carry to a GPU machine that has no network."""
+    if (raw / ".pruned").is_file():
+        return
+    subprocess.run(["bash", str(ROOT / "bench" / "science_data.sh"), str(raw), sys.executable], check=True)
+    keep = set(source_photos(raw)) | set(fmnist_dir(raw).glob("*.gz"))
+    for path in sorted(raw.rglob("*"), reverse=True):  # files before their folders
+        if path.is_file() and path not in keep and path.name != ".done":
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    (raw / ".pruned").touch()
+    log(f"fetched {len(keep)} files into {raw}")
+
+
+def fmnist_dir(raw: Path) -> Path:
+    return raw / "debian" / "usr" / "share" / "datasets" / "fashion-mnist"
+
+
 def prepare_data(work: Path, size: Size, workers: int) -> dict:
-    """Fetch, crop and convert; -> {"photos": shard dir, "fmnist": shard dir, "sources": [...]}."""
+    """Crops of the fetched photos and Fashion-MNIST, converted into shards (offline given raw/);
+    -> data.json's content: shard folders, train crop count, the photos used."""
     from pipeline.convert import convert
 
     raw = work / "raw"
-    subprocess.run(["bash", str(ROOT / "bench" / "science_data.sh"), str(raw), sys.executable], check=True)
+    if not (raw / ".done").is_file():
+        raise SystemExit(f"science: {raw} has no fetched data; run `python -m bench.science --size ... --parts fetch` "
+                         f"on a machine that reaches Debian and PyPI, and bring {raw} along")
     photos = source_photos(raw)
-    info = {"photos": str(work / "photos"), "fmnist": str(work / "fmnist"),
-            "sources": [p.relative_to(raw).as_posix() for p in photos],
-            "val_sources": [p.relative_to(raw).as_posix() for p in photos if is_val_photo(p)]}
     for name, make in (("photos", lambda src: make_photo_crops(photos, src, size, workers)),
-                       ("fmnist", lambda src: make_fmnist(next(raw.rglob("fashion-mnist")), src, size))):
+                       ("fmnist", lambda src: make_fmnist(fmnist_dir(raw), src, size))):
         out = work / name
         if (out / "dataset.json").is_file():
             continue
@@ -193,6 +220,11 @@ def prepare_data(work: Path, size: Size, workers: int) -> dict:
         make(src)
         convert(src, out, split="all", shard_size=1000, workers=workers, seed=0, quiet=True)
         shutil.rmtree(src)
+    counts = json.loads((work / "photos" / "dataset.json").read_text())["splits"]
+    info = {"photos": str(work / "photos"), "fmnist": str(work / "fmnist"),
+            "n_train_crops": counts["train"]["count"], "n_val_crops": counts["val"]["count"],
+            "sources": [p.relative_to(raw).as_posix() for p in photos],
+            "val_sources": [p.relative_to(raw).as_posix() for p in photos if is_val_photo(p)]}
     (work / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -223,8 +255,7 @@ def train_command(work: Path, size: Size, method: str, seed: int, n_train: int) 
     return cmd
 
 
-def train_all(work: Path, size: Size, methods, seeds) -> None:
-    n_train = json.loads((work / "photos" / "dataset.json").read_text())["splits"]["train"]["count"]
+def train_all(work: Path, size: Size, methods, seeds, n_train: int) -> None:
     for seed in seeds:
         for method in methods:
             run = run_dir(work, method, seed)
@@ -259,6 +290,7 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
     train, val = probe.read_split(work / "fmnist", "train"), probe.read_split(work / "fmnist", "val")
     lin = probe.linear(loaded.model, train, val, loaded.data.img_size, loaded.model.parts, device, quiet=True)
     record = {"method": method, "seed": seed, "backbone": loaded.describe, "equivariance": eq, "linear": lin,
+              "provenance": provenance(device), "device_slug": device_slug(device),
               "probe_s": round(time.time() - start, 1)}
     out.write_text(json.dumps(record, indent=2) + "\n")
     log(f"probed {method} seed {seed}: " + ", ".join(f"{t} {eq[t]['all']['r2']:.3f}" for t in TRANSFORMS)
@@ -322,8 +354,14 @@ def r2_chart(records: list[dict], path: Path, title: str) -> None:
 
 
 def report(work: Path, size_name: str, size: Size, records: list[dict], data: dict) -> Path:
-    device = torch.device(size.device if size.device == "cpu" or torch.cuda.is_available() else "cpu")
-    slug = device_slug(device)
+    """bench/results/science-<device>.json (DESIGN §3) and the PNGs. The device, versions and git SHA
+    are those recorded when the runs were probed, so a report assembled on another machine (from
+    results copied back from the GPU machine) still names the GPU."""
+    slugs = {r["device_slug"] for r in records}
+    if len(slugs) > 1:
+        raise SystemExit(f"science: the runs were probed on different devices ({', '.join(sorted(slugs))}); "
+                         f"report them separately (--methods/--seeds)")
+    slug, prov = slugs.pop(), records[0]["provenance"]
     rows = []
     for r in records:
         for t in TRANSFORMS:
@@ -334,14 +372,15 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], data: di
             rows.append({"method": r["method"], "seed": r["seed"], "probe": "linear", "part": part, **v})
         trained_ = json.loads((run_dir(work, r["method"], r["seed"]) / "train.json").read_text())
         rows.append({"method": r["method"], "seed": r["seed"], "probe": "timing", "probe_s": r["probe_s"],
-                     "train_s": trained_["wall_s"], "steps": trained_["step"]})
-    n_train = json.loads((work / "photos" / "dataset.json").read_text())["splits"]["train"]["count"]
-    config = {"size": size_name, **asdict(size), "data": {k: v for k, v in data.items() if k != "sources"},
-              "n_source_photos": len(data["sources"]), "n_train_crops": n_train,
-              "command": {m: train_command(work, size, m, 0, n_train)[2:] for m in size.preset}}
-    config["seeds"] = sorted({r["seed"] for r in records})
-    path = write_result("science", config, rows, summarise(records), device=device)
-    r2_chart(records, RESULTS_DIR / f"science-{slug}-r2.png", f"science run ({size_name}): {device_name_of(path)}")
+                     "train_s": trained_["wall_s"], "steps": trained_["step"], "git_sha": r["provenance"]["git_sha"]})
+    config = {"size": size_name, **asdict(size), "seeds": sorted({r["seed"] for r in records}),
+              "data": {k: v for k, v in data.items() if k != "sources"}, "n_source_photos": len(data["sources"]),
+              "command": {m: train_command(work, size, m, 0, data["n_train_crops"])[2:] for m in size.preset}}
+    record = {"what": "science", **prov, "config": config, "rows": rows, "summary": summarise(records)}
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"science-{slug}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    r2_chart(records, RESULTS_DIR / f"science-{slug}-r2.png", f"science run ({size_name}): {prov['device']}")
     for method in METHODS:
         grid = run_dir(work, method, min(config["seeds"])) / "recon.png"
         if grid.is_file():
@@ -349,43 +388,62 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], data: di
     return path
 
 
-def device_name_of(result: Path) -> str:
-    return json.loads(result.read_text())["device"]
+KEEP = ("train.json", "probe.json", "recon.png", "config.json", "metrics.jsonl")  # what --copy-results copies
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", choices=tuple(SIZES), default="gpu")
     ap.add_argument("--work", default="", help="data, runs and probe results (default: runs/science-<size>)")
-    ap.add_argument("--parts", default="data,train,probe,report")
+    ap.add_argument("--parts", default="fetch,data,train,probe,report")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
+    ap.add_argument("--copy-results", default="", help="copy each probed run's small files (no checkpoints) here")
     args = ap.parse_args(argv)
     size = SIZES[args.size]
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
     methods = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s] or list(size.seeds)
+    parts = [p for p in args.parts.split(",") if p]
     if bad := [m for m in methods if m not in METHODS]:
         ap.error(f"--methods: unknown method {bad[0]!r}; choose from {', '.join(METHODS)}")
-    if size.device == "cuda" and not torch.cuda.is_available() and set(args.parts.split(",")) & {"train", "probe"}:
+    if bad := [p for p in parts if p not in ("fetch", "data", "train", "probe", "report")]:
+        ap.error(f"--parts: unknown part {bad[0]!r}; choose from fetch, data, train, probe, report")
+    if size.device == "cuda" and not torch.cuda.is_available() and {"train", "probe"} & set(parts):
         ap.error("--size gpu needs a CUDA GPU; use --size cpu for the CPU-sized run")
     work.mkdir(parents=True, exist_ok=True)
-    parts = args.parts.split(",")
     if size.threads:
         # On a CPU shared with other jobs, one thread per process avoids stragglers in every matmul.
         torch.set_num_threads(size.threads)
-    data = prepare_data(work, size, args.workers) if "data" in parts else json.loads((work / "data.json").read_text())
+    if "fetch" in parts:
+        fetch(work / "raw")
+    if "data" in parts:
+        prepare_data(work, size, args.workers)
+    data = json.loads((work / "data.json").read_text()) if {"train", "report"} & set(parts) else {}
     if "train" in parts:
-        train_all(work, size, methods, seeds)
-    device = torch.device(size.device)
-    records = []
-    if "probe" in parts or "report" in parts:
-        for seed in seeds:
-            for method in methods:
-                if trained(run_dir(work, method, seed)):
-                    records.append(probe_run(work, size, method, seed, device))
-    if "report" in parts and records:
+        train_all(work, size, methods, seeds, data["n_train_crops"])
+    runs = [(m, s) for s in seeds for m in methods]
+    if "probe" in parts:
+        for method, seed in runs:
+            if trained(run_dir(work, method, seed)):
+                probe_run(work, size, method, seed, torch.device(size.device))
+    if args.copy_results:
+        Path(args.copy_results).mkdir(parents=True, exist_ok=True)
+        if (work / "data.json").is_file():
+            shutil.copyfile(work / "data.json", Path(args.copy_results) / "data.json")
+        for method, seed in runs:
+            run, dst = run_dir(work, method, seed), Path(args.copy_results) / "runs" / f"{method}-s{seed}"
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in KEEP:
+                if (run / name).is_file():
+                    shutil.copyfile(run / name, dst / name)
+    if "report" in parts:
+        # Every probed run found, also those whose results were copied back from another machine.
+        records = [json.loads((run_dir(work, m, s) / "probe.json").read_text()) for m, s in runs
+                   if (run_dir(work, m, s) / "probe.json").is_file()]
+        if not records:
+            raise SystemExit(f"science: no probed runs under {work / 'runs'}; run the train and probe parts first")
         path = report(work, args.size, size, records, data)
         log(f"wrote {path}")
         for key, value in summarise(records).items():

@@ -287,13 +287,14 @@ def anchor_views(samples: list[tuple[bytes, int]], size: int, kinds=("centre", "
 
 
 def make_pairs(samples: list[tuple[bytes, int]], family: str, cfg: PathConfig, size: int, per_image: int,
-               seed: int = 0, chunk: int = 64):
+               seed: int = 0, chunk: int = 64, device: torch.device | None = None):
     """Yield the transformed images of one family in chunks of `chunk` source images: (x2, theta, group).
 
     x2: (b, 3, size, size) in [0, 1], the second image of each pair; the first is the image's
     `anchor_of(family)` view (see `anchor_views`), the same for all of its pairs. theta: (b, p) the
     family's θ entries; group: (b,) the index of the source image. `per_image` pairs per image, each
-    with its own θ; deterministic in seed.
+    with its own θ; deterministic in seed. g runs on `device` (the GPU when probing there: it is the
+    costly step); decoding and cropping stay on the CPU.
     """
     if family not in TRANSFORMS:
         raise ProbeError(f"unknown transformation {family!r}; choose from {', '.join(TRANSFORMS)}")
@@ -314,7 +315,7 @@ def make_pairs(samples: list[tuple[bytes, int]], family: str, cfg: PathConfig, s
                 x2.append(torch.stack([crop_resize(img, box, flip, size) for box, flip in zip(boxes, flips)]))
             else:  # x = the centre view, x' = g_θ(x)
                 x = crop_resize(img, centre_box(tuple(img.shape[-2:])), False, size)
-                x2.append(apply_g(x[None].expand(per_image, -1, -1, -1).contiguous(), theta, cfg))
+                x2.append(apply_g(x[None].expand(per_image, -1, -1, -1).to(device or x.device).contiguous(), theta, cfg))
             thetas.append(theta[:, fields])
             groups.append(torch.full((per_image,), i))
         yield torch.cat(x2), torch.cat(thetas), torch.cat(groups)
@@ -511,7 +512,7 @@ def equivariance(model: nn.Module, samples: list[tuple[bytes, int]], cfg: PathCo
     results: dict = {}
     for family in transforms:
         chunks, thetas, groups = [], [], []
-        for x2, theta, group in make_pairs(samples, family, cfg, size, per_image, seed):
+        for x2, theta, group in make_pairs(samples, family, cfg, size, per_image, seed, device=device):
             chunks.append(_embed(model, x2, device, batch_size))
             thetas.append(theta)
             groups.append(group)
@@ -649,6 +650,8 @@ def main(argv: list[str] | None = None) -> int:
               f"({args.split}), {record['config']['img_size']} px; MLP hidden {args.hidden}; "
               f"R² on held-out images (sie = SIE's global-mean R²)")
         print(format_equivariance(record["results"]))
+        print("R² near 1: θ can be read from the pair's features (equivariant); near 0 or below: the "
+              "features ignore it (invariant). all = backbone, inv/eq = the split head's parts.")
     else:
         print(format_linear(record["results"]))
     if args.out:
