@@ -4,6 +4,7 @@ commands (the same budget for every method), the summary names of DESIGN §3 and
 from __future__ import annotations
 
 import gzip
+import json
 
 import numpy as np
 import pytest
@@ -83,3 +84,25 @@ def test_r2_chart_is_a_png(tmp_path):
         # Each method's colour is drawn (its bars and legend).
         colours = {c for _, c in im.convert("RGB").getcolors(1 << 20)}
     assert set(science.COLOURS.values()) <= colours
+
+
+def test_report_writes_design_format(tmp_path, monkeypatch):
+    monkeypatch.setattr(science, "RESULTS_DIR", tmp_path / "results")
+    records = _records(seeds=(0,))
+    prov = science.provenance("cpu")
+    for r in records:
+        r.update(provenance=prov, device_slug="cpu", probe_s=1.0)
+        run = science.run_dir(tmp_path, r["method"], 0)
+        run.mkdir(parents=True)
+        (run / "train.json").write_text(json.dumps({"step": 200, "wall_s": 3.0}))
+    Image.new("RGB", (8, 8)).save(science.run_dir(tmp_path, "path", 0) / "recon.png")
+    data = {"n_train_crops": 3000, "sources": ["a.jpg"], "photos": "p", "fmnist": "f"}
+    path = science.report(tmp_path, "cpu", science.SIZES["cpu"], records, data)
+    assert path == tmp_path / "results" / "science-cpu.json"
+    record = json.loads(path.read_text())
+    assert set(record) == {"what", "device", "versions", "git_sha", "config", "rows", "summary"}
+    assert record["what"] == "science" and record["device"] == prov["device"]
+    assert record["summary"] == science.summarise(records)
+    assert {"torch", "triton", "dali", "cuda"} <= set(record["versions"])
+    assert (tmp_path / "results" / "science-cpu-r2.png").is_file()
+    assert [p.name for p in (tmp_path / "results").glob("*recon*")] == ["science-cpu-recon-path.png"]
