@@ -113,7 +113,8 @@ def _time_impl(fn: Callable, inputs: list, extra: tuple, grad_out: Callable, dev
 
     fwd_bwd()  # compile/autotune both directions before timing
     times = {"fwd": _median_ms(fwd, device, reps), "fwd+bwd": _median_ms(fwd_bwd, device, reps)}
-    times["bwd"] = max(times["fwd+bwd"] - times["fwd"], 0.0)
+    bwd = times["fwd+bwd"] - times["fwd"]
+    times["bwd"] = bwd if bwd > 0 else None  # None: the difference is below the timing noise
     return times, _peak_mb(fwd_bwd, device)
 
 
@@ -130,6 +131,9 @@ def _measure(op: str, impls: dict, inputs: list, extra: tuple, grad_out: Callabl
             continue
         for name in ("fwd", "bwd", "fwd+bwd"):
             n_bytes, flops = passes[name]
+            if times[name] is None:
+                rows.append({**row_base, "pass": name, "ms": None, "note": "fwd+bwd − fwd below timing noise"})
+                continue
             floor_ms = max(n_bytes / ceil["copy_gb_per_s"] / 1e6, flops / ceil["matmul_tflops"] / 1e9)
             rows.append({
                 **row_base, "pass": name, "ms": round(times[name], 4),
@@ -224,20 +228,20 @@ def _bench_recon_linear(kernels, shape, width, dtype, target_dtype, norm_pix, de
 
 def _time(rows, op, impl, name="fwd+bwd"):
     for r in rows:
-        if r["op"] == op and r["impl"] == impl and r["pass"] == name and "ms" in r:
+        if r["op"] == op and r["impl"] == impl and r["pass"] == name and r.get("ms") is not None:
             return r
     return None
 
 
 def _ratio(a, b):
-    return round(a / b, 3) if a is not None and b else None
+    return _sig(a / b) if a is not None and b else None
 
 
 def _summary(rows: list[dict]) -> dict:
     out: dict = {}
     tri = _time(rows, "xattn", "triton")
     sdpa = [r for r in rows if r["op"] == "xattn" and r["impl"].startswith("sdpa-") and r["pass"] == "fwd+bwd"
-            and "ms" in r]
+            and r.get("ms") is not None]
     best = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
     out["xattn_speedup_vs_sdpa"] = _ratio(best and best["ms"], tri and tri["ms"])
     out["xattn_best_sdpa_backend"] = best and best["impl"]
@@ -265,7 +269,8 @@ def _table(rows: list[dict]) -> str:
             lines.append(f"| {op} | {impl} | — | — | — | — | — | {err[:60]} |")
             continue
         f, b = _time(rows, op, impl, "fwd"), _time(rows, op, impl, "bwd")
-        lines.append(f"| {op} | {impl} | {f['ms']:.3f} | {b['ms']:.3f} | {fb['ms']:.3f} | {fb['gb_per_s']} | "
+        b_ms = f"{b['ms']:.3f}" if b else "noise"
+        lines.append(f"| {op} | {impl} | {f['ms']:.3f} | {b_ms} | {fb['ms']:.3f} | {fb['gb_per_s']} | "
                      f"{fb['roofline_fraction']} | {fb['peak_mem_mb'] if fb['peak_mem_mb'] is not None else '—'} |")
     return "\n".join(lines)
 
