@@ -312,7 +312,14 @@ class _CrossAttention(torch.autograd.Function):
 def cross_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
-    """softmax(q kᵀ · scale) v, scale defaulting to 1/sqrt(D); Triton or reference per EQRECON_KERNELS."""
+    """softmax(q kᵀ · scale) v, scale defaulting to 1/sqrt(D); Triton or reference per EQRECON_KERNELS.
+
+    Under autocast the inputs are cast to the autocast dtype first, as SDPA's are.
+    """
+    device_type = q.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     _check_inputs(q, k, v)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if _backend.use_triton(q, k, v):

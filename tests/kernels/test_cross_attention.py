@@ -69,6 +69,16 @@ def test_backward_without_key_grads(interpreted_kernels):
     assert_parity("dq", q.grad, exact.grad, lowp.grad, torch.float32)
 
 
+def test_autocast_casts_mixed_inputs_like_sdpa(interpreted_kernels):
+    q, k, v, _ = _inputs(1, 2, 9, 20, 32, torch.float32)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = cross_attention(q, k.half(), v)
+    assert out.dtype == torch.float16
+    exact = cross_attention_ref(*(t.half().double() for t in (q, k, v)))
+    lowp = cross_attention_ref(q.half(), k.half(), v.half())
+    assert_parity("autocast out", out, exact, lowp, torch.float16)
+
+
 def test_triton_path_really_runs(interpreted_kernels):
     q, k, v, _ = _inputs(1, 1, 5, 7, 32, torch.float32)
     out = cross_attention(q.requires_grad_(), k, v)
