@@ -116,8 +116,9 @@ def main(argv: list[str]) -> int:
         model, optimizer, scheduler, loader = build(cfg, env)
         run_dir = train(cfg, model, optimizer, scheduler, loader, env)
         if env.main:
-            print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}  "
-                  f"reconstructions: {run_dir / 'recon.png'}", flush=True)
+            recon = run_dir / "recon.png"
+            print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}" +
+                  (f"  reconstructions: {recon}" if recon.exists() else ""), flush=True)
         return 0
     except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
         # ConfigError is a ValueError: every user-fixable problem ends as one line, not a traceback.
