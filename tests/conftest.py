@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+
+import torch
+
+# Without a GPU, Triton kernels run under the interpreter. The variable must be set before anything
+# imports triton, whichever test folder pytest collects first.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from collections.abc import Callable
 from pathlib import Path
 
