@@ -86,3 +86,20 @@ def test_a_non_finite_term_stops_before_the_weights_change_and_is_named(demo_bat
         train_step(method, batch, opt, sched, step=7, clip_grad=3.0)
     assert "\n" not in str(err.value)
     assert all(torch.equal(p, before[n]) for n, p in method.named_parameters())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_trains_in_bf16_with_fused_adamw(tmp_path, demo_shards):
+    import json
+
+    from train.main import main
+
+    model = nn.Linear(4, 4).cuda()
+    assert build_optimizer(OptimConfig(), model, 256, torch.device("cuda")).defaults["fused"] is True
+    run = tmp_path / "run"
+    assert main(["--preset", "demo", "--device", "cuda", "--data", str(demo_shards), "--out", str(run),
+                 "--steps", "4", "--run.log_every=1"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
+    assert json.loads((run / "config.json").read_text())["device"] == "cuda:0"
