@@ -15,7 +15,8 @@ FLOPs per step are counted once with torch's FlopCounterMode (forward + backward
 step / synthetic step time / peak, where peak is the GPU's dense bf16 datasheet figure, or on a CPU
 the fp32 matmul throughput measured in this process (the JSON names which). Peak memory is
 torch.cuda.max_memory_allocated on CUDA, and on a CPU the process's peak RSS (VmHWM, reset per
-method; it includes the libraries, ~1 GB). Default presets: vits16-* on CUDA, demo-* on a CPU.
+method; it includes the libraries, ~1 GB). Default presets: vits16-* on CUDA at batch 256 (one GPU's
+share of the paper's 2048 on 8), demo-* on a CPU.
 
 Summary (DESIGN §3): samples_per_s.<method> and mfu.<method> from synthetic batches,
 loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger of the two).
@@ -196,6 +197,8 @@ def main(argv: list[str]) -> int:
     sources = args.sources.split(",")
     if args.data:
         overrides.append(f"--data.dir={args.data}")
+    if cuda and not any(o.startswith("--data.batch_size") for o in overrides):
+        overrides.insert(0, "--data.batch_size=256")  # one GPU's share of the paper's 2048 on 8 GPUs
     set_cpu_threads(load_config(presets[0], overrides), device)  # the peak with the threads the steps get
     peak, peak_source = peak_flops(device)
     rows = []
