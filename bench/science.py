@@ -346,8 +346,9 @@ def r2_chart(records: list[dict], path: Path, title: str) -> None:
         d.rectangle([left + 10 + j * 110, 28, left + 22 + j * 110, 40], fill=COLOURS[m])
         d.text((left + 28 + j * 110, 28), m, fill="black", font=font)
     d.text((left, 8), title, fill="black", font=font)
-    d.text((left, H - 25), "R² of θ from frozen (x, g(x)) embeddings, held-out photos; bar: mean over seeds, "
-                           "ticks: seeds", fill=(90, 90, 90), font=font)
+    # PIL's built-in font has no "²" or "θ".
+    d.text((left, H - 25), "R^2 of theta from frozen (x, g(x)) embeddings of held-out photos (backbone features); "
+                           "bar: mean over seeds, ticks: seeds", fill=(90, 90, 90), font=font)
     img.save(path)
 
 
