@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import KEPT, REENCODED, make_oddities
+from photo_oddities import KEPT, REENCODED, make_oddities
 from PIL import Image
 
 from pipeline import convert as cv
