@@ -23,7 +23,8 @@ On a GPU machine without network, with at most 10 minutes per command (the setti
   here:  python -m bench.science --size gpu --parts fetch        # WORK = runs/science-gpu; carry WORK/raw
   GPU:   python -m bench.science --size gpu --parts data,train,probe --methods M --seeds S --copy-results $OUT
          once per method M and seed S (data, ~1 min, is redone on a fresh machine; train + probe ~5 min)
-  here:  copy each $OUT's data.json and runs/ into WORK, then  python -m bench.science --size gpu --parts report
+  here:  copy each $OUT's data.json and runs/ into WORK, then
+         python -m bench.science --size gpu --parts report
 """
 
 from __future__ import annotations
@@ -50,12 +51,43 @@ from bench._provenance import RESULTS_DIR, device_slug, provenance
 ROOT = Path(__file__).resolve().parent.parent
 METHODS = ("vicreg", "sie", "xattn", "path")
 TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
-FMNIST_CLASSES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+FMNIST_CLASSES = (
+    "tshirt",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "boot",
+)
 # Where the photos are inside the fetched packages (opencv-doc's html/ holds diagrams and screenshots).
 PHOTO_DIRS = ("skimage/data/", "usr/share/backgrounds/", "opencv-doc/examples/")
 # Files in the packages that are masks, ground truths, synthetic patterns or text pages, not photos.
-NOT_PHOTOS = ("mask", "/color.png", "gt.", "_result", "trimap", "chessboard", "phantom", "logo", "horse", "text", "page",
-              "digits", "gradient", "ellipses", "shape_sample", "sudoku", "binary", "blox", "cards", "detect_blob")
+NOT_PHOTOS = (
+    "mask",
+    "/color.png",
+    "gt.",
+    "_result",
+    "trimap",
+    "chessboard",
+    "phantom",
+    "logo",
+    "horse",
+    "text",
+    "page",
+    "digits",
+    "gradient",
+    "ellipses",
+    "shape_sample",
+    "sudoku",
+    "binary",
+    "blox",
+    "cards",
+    "detect_blob",
+)
 
 
 @dataclass
@@ -83,18 +115,48 @@ class Size:
 
 SIZES = {
     # ViT-S/16 at 112 px (7x7 tokens), batch 256 (peak lr 5e-4), 1500 steps (~10 epochs of the 40k crops).
-    "gpu": Size(preset={m: f"vits16-{m}" for m in METHODS}, img_size=112, batch_size=256, steps=1500,
-                overrides=["--optim.base_lr=5e-4", "--data.workers=8", "--run.ckpt_every=250",
-                           "--run.recon_every=500", "--run.log_every=25"]),
+    "gpu": Size(
+        preset={m: f"vits16-{m}" for m in METHODS},
+        img_size=112,
+        batch_size=256,
+        steps=1500,
+        overrides=[
+            "--optim.base_lr=5e-4",
+            "--data.workers=8",
+            "--run.ckpt_every=250",
+            "--run.recon_every=500",
+            "--run.log_every=25",
+        ],
+    ),
     # The demo presets' tiny ViT (4 blocks, patch 8) at 64 px, batch 32 (peak lr 8e-3 * 32/256 = 1e-3),
-    # 200 steps; one thread per
-    # process (the 2-core machines it runs on are shared, where 2 threads run several times slower).
-    "cpu": Size(preset={"vicreg": "demo-vicreg", "sie": "demo-sie", "xattn": "demo-xattn", "path": "demo"},
-                img_size=64, batch_size=32, steps=200, crops_train=3_000, crops_val=200, crop_px=96,
-                fmnist_train=2_000, fmnist_val=500, probe_images=200, probe_samples=4, probe_hidden=256,
-                probe_epochs=50, seeds=(0,), device="cpu", threads=1,
-                overrides=["--optim.base_lr=8e-3", "--data.workers=2", "--run.ckpt_every=50",
-                           "--run.recon_every=100", "--run.log_every=10", "--run.device=cpu", "--run.threads=1"]),
+    # 200 steps; one thread per process (the 2-core machines it runs on are shared, where 2 threads
+    # run several times slower).
+    "cpu": Size(
+        preset={"vicreg": "demo-vicreg", "sie": "demo-sie", "xattn": "demo-xattn", "path": "demo"},
+        img_size=64,
+        batch_size=32,
+        steps=200,
+        crops_train=3_000,
+        crops_val=200,
+        crop_px=96,
+        fmnist_train=2_000,
+        fmnist_val=500,
+        probe_images=200,
+        probe_samples=8,
+        probe_epochs=50,
+        seeds=(0,),
+        device="cpu",
+        threads=1,
+        overrides=[
+            "--optim.base_lr=8e-3",
+            "--data.workers=2",
+            "--run.ckpt_every=50",
+            "--run.recon_every=100",
+            "--run.log_every=10",
+            "--run.device=cpu",
+            "--run.threads=1",
+        ],
+    ),
 }
 
 
@@ -110,8 +172,11 @@ def source_photos(raw: Path) -> list[Path]:
     found = []
     for path in sorted(raw.rglob("*")):
         name = path.as_posix().lower()
-        if (path.suffix.lower() not in (".jpg", ".jpeg", ".png") or not any(d in name for d in PHOTO_DIRS)
-                or any(s in name for s in NOT_PHOTOS)):
+        if (
+            path.suffix.lower() not in (".jpg", ".jpeg", ".png")
+            or not any(d in name for d in PHOTO_DIRS)
+            or any(s in name for s in NOT_PHOTOS)
+        ):
             continue
         try:
             with Image.open(path) as im:
@@ -153,7 +218,9 @@ def make_photo_crops(photos: list[Path], src: Path, size: Size, workers: int) ->
         out.mkdir(parents=True, exist_ok=True)
         for j, photo in enumerate(chosen):
             n = total // len(chosen) + (j < total % len(chosen))
-            tasks.append((photo, out, n, size.crop_px, int(hashlib.sha256(photo.name.encode()).hexdigest()[:8], 16)))
+            tasks.append(
+                (photo, out, n, size.crop_px, int(hashlib.sha256(photo.name.encode()).hexdigest()[:8], 16))
+            )
     with multiprocessing.Pool(workers) as pool:
         done = sum(pool.imap_unordered(_write_crops, tasks))
     log(f"wrote {done} photo crops from {len(photos)} photos into {src}")
@@ -163,19 +230,24 @@ def _idx(path: Path) -> np.ndarray:
     """An idx (MNIST format) array from its .gz file."""
     data = gzip.decompress(path.read_bytes())
     ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
 def make_fmnist(folder: Path, src: Path, size: Size) -> None:
     """src/{train,val}/<class>/*.jpg from Fashion-MNIST's train and t10k sets (the first N of each)."""
     for split, prefix, n in (("train", "train", size.fmnist_train), ("val", "t10k", size.fmnist_val)):
-        images, labels = _idx(folder / f"{prefix}-images-idx3-ubyte.gz"), _idx(folder / f"{prefix}-labels-idx1-ubyte.gz")
+        images, labels = (
+            _idx(folder / f"{prefix}-images-idx3-ubyte.gz"),
+            _idx(folder / f"{prefix}-labels-idx1-ubyte.gz"),
+        )
         for c, name in enumerate(FMNIST_CLASSES):
             (src / split / f"{c}-{name}").mkdir(parents=True, exist_ok=True)
         for i in range(min(n, len(images))):
             c = int(labels[i])
-            Image.fromarray(images[i]).save(src / split / f"{c}-{FMNIST_CLASSES[c]}" / f"{i:05d}.jpg", quality=95)
+            Image.fromarray(images[i]).save(
+                src / split / f"{c}-{FMNIST_CLASSES[c]}" / f"{i:05d}.jpg", quality=95
+            )
     log(f"wrote Fashion-MNIST ({size.fmnist_train} train, {size.fmnist_val} val) into {src}")
 
 
@@ -206,11 +278,15 @@ def prepare_data(work: Path, size: Size, workers: int) -> dict:
 
     raw = work / "raw"
     if not (raw / ".done").is_file():
-        raise SystemExit(f"science: {raw} has no fetched data; run `python -m bench.science --size ... --parts fetch` "
-                         f"on a machine that reaches Debian and PyPI, and bring {raw} along")
+        raise SystemExit(
+            f"science: {raw} has no fetched data; run `python -m bench.science --size ... --parts fetch` "
+            f"on a machine that reaches Debian and PyPI, and bring {raw} along"
+        )
     photos = source_photos(raw)
-    for name, make in (("photos", lambda src: make_photo_crops(photos, src, size, workers)),
-                       ("fmnist", lambda src: make_fmnist(fmnist_dir(raw), src, size))):
+    for name, make in (
+        ("photos", lambda src: make_photo_crops(photos, src, size, workers)),
+        ("fmnist", lambda src: make_fmnist(fmnist_dir(raw), src, size)),
+    ):
         out = work / name
         if (out / "dataset.json").is_file():
             continue
@@ -220,10 +296,14 @@ def prepare_data(work: Path, size: Size, workers: int) -> dict:
         convert(src, out, split="all", shard_size=1000, workers=workers, seed=0, quiet=True)
         shutil.rmtree(src)
     counts = json.loads((work / "photos" / "dataset.json").read_text())["splits"]
-    info = {"photos": str(work / "photos"), "fmnist": str(work / "fmnist"),
-            "n_train_crops": counts["train"]["count"], "n_val_crops": counts["val"]["count"],
-            "sources": [p.relative_to(raw).as_posix() for p in photos],
-            "val_sources": [p.relative_to(raw).as_posix() for p in photos if is_val_photo(p)]}
+    info = {
+        "photos": str(work / "photos"),
+        "fmnist": str(work / "fmnist"),
+        "n_train_crops": counts["train"]["count"],
+        "n_val_crops": counts["val"]["count"],
+        "sources": [p.relative_to(raw).as_posix() for p in photos],
+        "val_sources": [p.relative_to(raw).as_posix() for p in photos if is_val_photo(p)],
+    }
     (work / "data.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
 
@@ -245,10 +325,23 @@ def train_command(work: Path, size: Size, method: str, seed: int, n_train: int) 
     per_epoch = n_train // size.batch_size
     epochs = size.steps / per_epoch  # the schedule ends exactly at size.steps
     run = run_dir(work, method, seed)
-    cmd = [sys.executable, str(ROOT / "train" / "main.py"), "--preset", size.preset[method],
-           "--data", str(work / "photos"), "--out", str(run), f"--data.img_size={size.img_size}",
-           f"--data.batch_size={size.batch_size}", f"--optim.epochs={epochs:.6f}",
-           f"--optim.warmup_epochs={epochs / 10:.6f}", f"--run.seed={seed}", f"--data.seed={seed}", *size.overrides]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train" / "main.py"),
+        "--preset",
+        size.preset[method],
+        "--data",
+        str(work / "photos"),
+        "--out",
+        str(run),
+        f"--data.img_size={size.img_size}",
+        f"--data.batch_size={size.batch_size}",
+        f"--optim.epochs={epochs:.6f}",
+        f"--optim.warmup_epochs={epochs / 10:.6f}",
+        f"--run.seed={seed}",
+        f"--data.seed={seed}",
+        *size.overrides,
+    ]
     if (run / "ckpt" / "last.pt").exists():
         cmd += ["--resume", str(run / "ckpt" / "last.pt")]
     return cmd
@@ -265,7 +358,9 @@ def train_all(work: Path, size: Size, methods, seeds, n_train: int) -> None:
             start = time.time()
             subprocess.run(cmd, check=True)
             step = torch.load(run / "ckpt" / "last.pt", map_location="cpu", weights_only=False)["step"]
-            (run / "train.json").write_text(json.dumps({"step": step, "wall_s": round(time.time() - start, 1)}) + "\n")
+            (run / "train.json").write_text(
+                json.dumps({"step": step, "wall_s": round(time.time() - start, 1)}) + "\n"
+            )
 
 
 # ------------------------------------------------------------------------------------------ probe
@@ -283,16 +378,37 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
     photos = probe.read_split(work / "photos", "val", size.probe_images)
     fit = probe.FitConfig(hidden=size.probe_hidden, epochs=size.probe_epochs, seed=seed)
     start = time.time()
-    eq = probe.equivariance(loaded.model, photos, loaded.data.aug, loaded.data.img_size, TRANSFORMS,
-                            loaded.model.parts, size.probe_samples, device, seed=seed, fit=fit, quiet=True)
+    eq = probe.equivariance(
+        loaded.model,
+        photos,
+        loaded.data.aug,
+        loaded.data.img_size,
+        TRANSFORMS,
+        loaded.model.parts,
+        size.probe_samples,
+        device,
+        seed=seed,
+        fit=fit,
+        quiet=True,
+    )
     train, val = probe.read_split(work / "fmnist", "train"), probe.read_split(work / "fmnist", "val")
     lin = probe.linear(loaded.model, train, val, loaded.data.img_size, loaded.model.parts, device, quiet=True)
-    record = {"method": method, "seed": seed, "backbone": loaded.describe, "equivariance": eq, "linear": lin,
-              "provenance": provenance(device), "device_slug": device_slug(device),
-              "probe_s": round(time.time() - start, 1)}
+    record = {
+        "method": method,
+        "seed": seed,
+        "backbone": loaded.describe,
+        "equivariance": eq,
+        "linear": lin,
+        "provenance": provenance(device),
+        "device_slug": device_slug(device),
+        "probe_s": round(time.time() - start, 1),
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
-    log(f"probed {method} seed {seed}: " + ", ".join(f"{t} {eq[t]['all']['r2']:.3f}" for t in TRANSFORMS)
-        + f"; linear {lin['all']['linear_top1']:.3f}")
+    log(
+        f"probed {method} seed {seed}: "
+        + ", ".join(f"{t} {eq[t]['all']['r2']:.3f}" for t in TRANSFORMS)
+        + f"; linear {lin['all']['linear_top1']:.3f}"
+    )
     return record
 
 
@@ -307,8 +423,12 @@ def summarise(records: list[dict]) -> dict:
         if not mine:
             continue
         for t in TRANSFORMS:
-            summary[f"r2.{method}.{t}"] = round(float(np.mean([r["equivariance"][t]["all"]["r2"] for r in mine])), 4)
-        summary[f"top1.{method}"] = round(float(np.mean([r["linear"]["all"]["linear_top1"] for r in mine])), 4)
+            summary[f"r2.{method}.{t}"] = round(
+                float(np.mean([r["equivariance"][t]["all"]["r2"] for r in mine])), 4
+            )
+        summary[f"top1.{method}"] = round(
+            float(np.mean([r["linear"]["all"]["linear_top1"] for r in mine])), 4
+        )
     return summary
 
 
@@ -326,7 +446,10 @@ def r2_chart(records: list[dict], path: Path, title: str) -> None:
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font = ImageFont.load_default()
-    y_of = lambda v: top + (hi - max(lo, min(hi, v))) / (hi - lo) * (H - top - bottom)
+
+    def y_of(v: float) -> float:  # R² -> pixel row, clipped to the axis range
+        return top + (hi - max(lo, min(hi, v))) / (hi - lo) * (H - top - bottom)
+
     for v in np.arange(lo, hi + 1e-9, 0.2):
         d.line([(left, y_of(v)), (W - 10, y_of(v))], fill=(225, 225, 225) if abs(v) > 1e-9 else (0, 0, 0))
         d.text((10, y_of(v) - 6), f"{v:+.1f}", fill="black", font=font)
@@ -337,8 +460,10 @@ def r2_chart(records: list[dict], path: Path, title: str) -> None:
         for j, m in enumerate(methods):
             vals = [r["equivariance"][t]["all"]["r2"] for r in records if r["method"] == m]
             xa, xb = x0 + j * bar, x0 + (j + 1) * bar - 2
-            d.rectangle([xa, min(y_of(0), y_of(np.mean(vals))), xb, max(y_of(0), y_of(np.mean(vals)))],
-                        fill=COLOURS[m])
+            d.rectangle(
+                [xa, min(y_of(0), y_of(np.mean(vals))), xb, max(y_of(0), y_of(np.mean(vals)))],
+                fill=COLOURS[m],
+            )
             for v in vals:
                 d.line([(xa, y_of(v)), (xb, y_of(v))], fill="black", width=2)
         d.text((x0, H - bottom + 8), t, fill="black", font=font)
@@ -347,8 +472,13 @@ def r2_chart(records: list[dict], path: Path, title: str) -> None:
         d.text((left + 28 + j * 110, 28), m, fill="black", font=font)
     d.text((left, 8), title, fill="black", font=font)
     # PIL's built-in font has no "²" or "θ".
-    d.text((left, H - 25), "R^2 of theta from frozen (x, g(x)) embeddings of held-out photos (backbone features); "
-                           "bar: mean over seeds, ticks: seeds", fill=(90, 90, 90), font=font)
+    d.text(
+        (left, H - 25),
+        "R^2 of theta from frozen (x, g(x)) embeddings of held-out photos (backbone features); "
+        "bar: mean over seeds, ticks: seeds",
+        fill=(90, 90, 90),
+        font=font,
+    )
     img.save(path)
 
 
@@ -358,23 +488,47 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], data: di
     results copied back from the GPU machine) still names the GPU."""
     slugs = {r["device_slug"] for r in records}
     if len(slugs) > 1:
-        raise SystemExit(f"science: the runs were probed on different devices ({', '.join(sorted(slugs))}); "
-                         f"report them separately (--methods/--seeds)")
+        raise SystemExit(
+            f"science: the runs were probed on different devices ({', '.join(sorted(slugs))}); "
+            f"report them separately (--methods/--seeds)"
+        )
     slug, prov = slugs.pop(), records[0]["provenance"]
     rows = []
     for r in records:
         for t in TRANSFORMS:
             for part, v in r["equivariance"][t].items():
-                rows.append({"method": r["method"], "seed": r["seed"], "probe": "equivariance", "transformation": t,
-                             "part": part, **v})
+                rows.append(
+                    {
+                        "method": r["method"],
+                        "seed": r["seed"],
+                        "probe": "equivariance",
+                        "transformation": t,
+                        "part": part,
+                        **v,
+                    }
+                )
         for part, v in r["linear"].items():
             rows.append({"method": r["method"], "seed": r["seed"], "probe": "linear", "part": part, **v})
         trained_ = json.loads((run_dir(work, r["method"], r["seed"]) / "train.json").read_text())
-        rows.append({"method": r["method"], "seed": r["seed"], "probe": "timing", "probe_s": r["probe_s"],
-                     "train_s": trained_["wall_s"], "steps": trained_["step"], "git_sha": r["provenance"]["git_sha"]})
-    config = {"size": size_name, **asdict(size), "seeds": sorted({r["seed"] for r in records}),
-              "data": {k: v for k, v in data.items() if k != "sources"}, "n_source_photos": len(data["sources"]),
-              "command": {m: train_command(work, size, m, 0, data["n_train_crops"])[2:] for m in size.preset}}
+        rows.append(
+            {
+                "method": r["method"],
+                "seed": r["seed"],
+                "probe": "timing",
+                "probe_s": r["probe_s"],
+                "train_s": trained_["wall_s"],
+                "steps": trained_["step"],
+                "git_sha": r["provenance"]["git_sha"],
+            }
+        )
+    config = {
+        "size": size_name,
+        **asdict(size),
+        "seeds": sorted({r["seed"] for r in records}),
+        "data": {k: v for k, v in data.items() if k != "sources"},
+        "n_source_photos": len(data["sources"]),
+        "command": {m: train_command(work, size, m, 0, data["n_train_crops"])[2:] for m in size.preset},
+    }
     record = {"what": "science", **prov, "config": config, "rows": rows, "summary": summarise(records)}
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"science-{slug}.json"
@@ -398,7 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
-    ap.add_argument("--copy-results", default="", help="copy each probed run's small files (no checkpoints) here")
+    ap.add_argument(
+        "--copy-results", default="", help="copy each probed run's small files (no checkpoints) here"
+    )
     args = ap.parse_args(argv)
     size = SIZES[args.size]
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
@@ -439,10 +595,15 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(run / name, dst / name)
     if "report" in parts:
         # Every probed run found, also those whose results were copied back from another machine.
-        records = [json.loads((run_dir(work, m, s) / "probe.json").read_text()) for m, s in runs
-                   if (run_dir(work, m, s) / "probe.json").is_file()]
+        records = [
+            json.loads((run_dir(work, m, s) / "probe.json").read_text())
+            for m, s in runs
+            if (run_dir(work, m, s) / "probe.json").is_file()
+        ]
         if not records:
-            raise SystemExit(f"science: no probed runs under {work / 'runs'}; run the train and probe parts first")
+            raise SystemExit(
+                f"science: no probed runs under {work / 'runs'}; run the train and probe parts first"
+            )
         path = report(work, args.size, size, records, data)
         log(f"wrote {path}")
         for key, value in summarise(records).items():

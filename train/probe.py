@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import pickle
 import sys
 import tarfile
 from dataclasses import dataclass, replace
@@ -94,8 +95,9 @@ def r2_global(pred: torch.Tensor, target: torch.Tensor) -> float:
 def mlp(d_in: int, d_out: int, hidden: int = 1024) -> nn.Sequential:
     """The probe head of SIE's eval: Linear-ReLU-Linear-ReLU-Linear; the last layer starts at zero, so
     an untrained head predicts the (standardised) training mean, R² ≈ 0, never worse."""
-    net = nn.Sequential(nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                        nn.Linear(hidden, d_out))
+    net = nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
     nn.init.zeros_(net[-1].weight)
     nn.init.zeros_(net[-1].bias)
     return net
@@ -129,8 +131,15 @@ def _group_split(groups: torch.Tensor, fraction: float, gen: torch.Generator) ->
     return torch.isin(groups, held)
 
 
-def fit_predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, loss_fn, cfg: FitConfig,
-                groups: torch.Tensor) -> torch.Tensor:
+def fit_predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    loss_fn,
+    cfg: FitConfig,
+    groups: torch.Tensor,
+) -> torch.Tensor:
     """Train `model` on (x, y) with AdamW and early stopping on held-out groups; -> predictions on x_test.
 
     x, y, x_test live on the device the model should train on. Minibatches of cfg.batch_size; the best
@@ -167,8 +176,14 @@ def fit_predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
         return model(x_test)
 
 
-def regress_r2(f1: torch.Tensor, f2: torch.Tensor, theta: torch.Tensor, groups: torch.Tensor,
-               test_fraction: float = 0.25, fit: FitConfig | None = None) -> dict:
+def regress_r2(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    theta: torch.Tensor,
+    groups: torch.Tensor,
+    test_fraction: float = 0.25,
+    fit: FitConfig | None = None,
+) -> dict:
     """R² of θ regressed from [f1, f2] by the 3-layer MLP, on pairs of held-out groups.
 
     f1, f2: (N, D) embeddings of x and g_θ(x); theta: (N, P) the family's θ entries; groups: (N,) the
@@ -176,7 +191,9 @@ def regress_r2(f1: torch.Tensor, f2: torch.Tensor, theta: torch.Tensor, groups: 
     """
     fit = fit or FitConfig()
     if len(groups.unique()) < 3:
-        raise ProbeError(f"the equivariance probe needs pairs from at least 3 images, got {len(groups.unique())}")
+        raise ProbeError(
+            f"the equivariance probe needs pairs from at least 3 images, got {len(groups.unique())}"
+        )
     gen = torch.Generator().manual_seed(fit.seed + 1)
     is_test = _group_split(groups.cpu(), test_fraction, gen).to(f1.device)
     x = torch.cat([f1, f2], dim=1).float()  # (N, 2D)
@@ -189,12 +206,21 @@ def regress_r2(f1: torch.Tensor, f2: torch.Tensor, theta: torch.Tensor, groups: 
     # Back to θ units (standardising is affine per dimension, so r2 is unchanged by it, r2_sie is not).
     mean, std = y[~is_test].mean(0), y[~is_test].std(0).clamp_min(1e-6)
     pred, y_test = pred * std + mean, y[is_test]
-    return {"r2": r2_per_dim(pred.cpu(), y_test.cpu()), "r2_sie": r2_global(pred.cpu(), y_test.cpu()),
-            "n_train": int((~is_test).sum()), "n_test": int(is_test.sum())}
+    return {
+        "r2": r2_per_dim(pred.cpu(), y_test.cpu()),
+        "r2_sie": r2_global(pred.cpu(), y_test.cpu()),
+        "n_train": int((~is_test).sum()),
+        "n_test": int(is_test.sum()),
+    }
 
 
-def linear_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor,
-                fit: FitConfig | None = None) -> float:
+def linear_top1(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    fit: FitConfig | None = None,
+) -> float:
     """Top-1 accuracy of softmax regression fitted on standardised train features, scored on val."""
     fit = fit or FitConfig(epochs=100, batch_size=1024, lr=1e-3, weight_decay=1e-4, patience=10)
     n_classes = int(max(y_train.max(), y_val.max())) + 1
@@ -208,19 +234,26 @@ def linear_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tenso
     return float((pred.argmax(1).cpu() == y_val.cpu()).float().mean())
 
 
-def knn_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor,
-             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+def knn_top1(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """DINO's weighted k-NN: cosine similarity, the k nearest vote with weight exp(sim / T)."""
     train = F.normalize(f_train.float(), dim=1)
     n_classes = int(max(y_train.max(), y_val.max())) + 1
     k = min(k, len(train))
     correct = 0
     for start in range(0, len(f_val), chunk):
-        val = F.normalize(f_val[start:start + chunk].float(), dim=1)
+        val = F.normalize(f_val[start : start + chunk].float(), dim=1)
         sim, idx = (val @ train.T).topk(k, dim=1)  # (b, k)
         votes = torch.zeros(len(val), n_classes, device=val.device)
         votes.scatter_add_(1, y_train.to(val.device)[idx], (sim / temperature).exp())
-        correct += int((votes.argmax(1).cpu() == y_val[start:start + chunk].cpu()).sum())
+        correct += int((votes.argmax(1).cpu() == y_val[start : start + chunk].cpu()).sum())
     return correct / len(f_val)
 
 
@@ -234,8 +267,10 @@ def read_split(data: str | Path, split: str, limit: int = 0) -> list[tuple[bytes
     shards = sorted(folder.glob(f"{split}-*.tar"))
     if not shards:
         found = sorted({p.name.split("-")[0] for p in folder.glob("*-*.tar")})
-        raise ProbeError(f"{folder}: no {split}-*.tar shards (splits found: {', '.join(found) or 'none'}); "
-                         f"convert a dataset with `python -m pipeline.convert`")
+        raise ProbeError(
+            f"{folder}: no {split}-*.tar shards (splits found: {', '.join(found) or 'none'}); "
+            f"convert a dataset with `python -m pipeline.convert`"
+        )
     samples: list[tuple[bytes, int]] = []
     for shard in shards:
         try:
@@ -277,7 +312,7 @@ def anchor_views(samples: list[tuple[bytes, int]], size: int, kinds=("centre", "
     for start in range(0, len(samples), chunk):
         views: dict[str, list] = {kind: [] for kind in kinds}
         labels = []
-        for i, (jpg, label) in enumerate(samples[start:start + chunk], start=start):
+        for i, (jpg, label) in enumerate(samples[start : start + chunk], start=start):
             img = decode(jpg, key=f"#{i}")  # (3, H, W) uint8
             for kind in kinds:
                 box = centre_box(tuple(img.shape[-2:])) if kind == "centre" else WHOLE
@@ -286,8 +321,16 @@ def anchor_views(samples: list[tuple[bytes, int]], size: int, kinds=("centre", "
         yield {kind: torch.stack(v) for kind, v in views.items()}, torch.tensor(labels)
 
 
-def make_pairs(samples: list[tuple[bytes, int]], family: str, cfg: PathConfig, size: int, per_image: int,
-               seed: int = 0, chunk: int = 64, device: torch.device | None = None):
+def make_pairs(
+    samples: list[tuple[bytes, int]],
+    family: str,
+    cfg: PathConfig,
+    size: int,
+    per_image: int,
+    seed: int = 0,
+    chunk: int = 64,
+    device: torch.device | None = None,
+):
     """Yield the transformed images of one family in chunks of `chunk` source images: (x2, theta, group).
 
     x2: (b, 3, size, size) in [0, 1], the second image of each pair; the first is the image's
@@ -304,10 +347,10 @@ def make_pairs(samples: list[tuple[bytes, int]], family: str, cfg: PathConfig, s
     gen = torch.Generator().manual_seed(seed * 1000 + TRANSFORMS.index(family))
     for start in range(0, len(samples), chunk):
         x2, thetas, groups = [], [], []
-        for i, (jpg, _) in enumerate(samples[start:start + chunk], start=start):
+        for i, (jpg, _) in enumerate(samples[start : start + chunk], start=start):
             img = decode(jpg, key=f"#{i}")  # (3, H, W) uint8
             theta = sample_theta(cfg, torch.tensor([list(img.shape[-2:])] * per_image), gen)  # (n, P)
-            boxes = theta[:, IDX["crop2_y0"]:IDX["crop2_w"] + 1]
+            boxes = theta[:, IDX["crop2_y0"] : IDX["crop2_w"] + 1]
             flips = theta[:, IDX["flip2"]] > 0.5
             if family == "crop":  # x = the whole image, x' = an A2 crop of it
                 x2.append(torch.stack([crop_resize(img, box, False, size) for box in boxes]))
@@ -315,7 +358,11 @@ def make_pairs(samples: list[tuple[bytes, int]], family: str, cfg: PathConfig, s
                 x2.append(torch.stack([crop_resize(img, box, flip, size) for box, flip in zip(boxes, flips)]))
             else:  # x = the centre view, x' = g_θ(x)
                 x = crop_resize(img, centre_box(tuple(img.shape[-2:])), False, size)
-                x2.append(apply_g(x[None].expand(per_image, -1, -1, -1).to(device or x.device).contiguous(), theta, cfg))
+                x2.append(
+                    apply_g(
+                        x[None].expand(per_image, -1, -1, -1).to(device or x.device).contiguous(), theta, cfg
+                    )
+                )
             thetas.append(theta[:, fields])
             groups.append(torch.full((per_image,), i))
         yield torch.cat(x2), torch.cat(thetas), torch.cat(groups)
@@ -331,8 +378,15 @@ class Embedder(nn.Module):
          the exported timm model gets.  inv / eq: the head's z_inv / z_eq channels, pooled the same way.
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None, d_inv: int, pool: str,
-                 mean: tuple[float, ...], std: tuple[float, ...]):
+    def __init__(
+        self,
+        backbone: nn.Module,
+        head: nn.Module | None,
+        d_inv: int,
+        pool: str,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+    ):
         super().__init__()
         if pool not in ("mean", "cls"):
             raise ProbeError(f"--pool must be mean or cls, got {pool!r}")
@@ -341,8 +395,11 @@ class Embedder(nn.Module):
         self.backbone, self.head, self.d_inv, self.pool = backbone.eval(), head, d_inv, pool
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
-        self.parts = ("all",) if head is None else (("all", "inv") if d_inv >= head.out_features
-                                                    else ("all", "inv", "eq"))
+        self.parts = (
+            ("all",)
+            if head is None
+            else (("all", "inv") if d_inv >= head.out_features else ("all", "inv", "eq"))
+        )
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -353,9 +410,9 @@ class Embedder(nn.Module):
         if self.head is not None:
             # Mean pooling commutes with the linear head: head(mean of tokens) = mean of head(tokens).
             z = self.head(pooled)  # (B, d_patch)
-            out["inv"] = z[:, :self.d_inv]
+            out["inv"] = z[:, : self.d_inv]
             if "eq" in self.parts:
-                out["eq"] = z[:, self.d_inv:]
+                out["eq"] = z[:, self.d_inv :]
         return out
 
 
@@ -387,10 +444,22 @@ def _load_checkpoint(path: Path, pool: str) -> Loaded:
     try:
         # The trainer's own files also hold RNG states (numpy objects): not loadable weights-only.
         state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means "not our checkpoint"
-        raise ProbeError(f"--backbone {path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        EOFError,
+        ValueError,
+        OSError,
+        ImportError,
+        AttributeError,
+    ) as err:
+        raise ProbeError(
+            f"--backbone {path}: not a readable torch checkpoint ({type(err).__name__}: {err})"
+        ) from None
     if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ProbeError(f"--backbone {path}: not a train/main.py checkpoint (needs 'model' and 'config' entries)")
+        raise ProbeError(
+            f"--backbone {path}: not a train/main.py checkpoint (needs 'model' and 'config' entries)"
+        )
     try:
         cfg = from_dict(state["config"])
         method = build_method(cfg.model, cfg.data)
@@ -398,8 +467,10 @@ def _load_checkpoint(path: Path, pool: str) -> Loaded:
         raise ProbeError(f"--backbone {path}: its saved config does not build a model ({err})") from None
     missing, unexpected = method.load_state_dict(state["model"], strict=False)
     if missing or unexpected:
-        raise ProbeError(f"--backbone {path}: weights do not match the saved config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ProbeError(
+            f"--backbone {path}: weights do not match the saved config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     enc = method.encoder
     model = Embedder(enc.backbone, enc.head, enc.d_inv, pool, cfg.data.mean, cfg.data.std)
     data = DataConfig(img_size=cfg.data.img_size, mean=cfg.data.mean, std=cfg.data.std)
@@ -415,8 +486,10 @@ def _load_export(path: Path, pool: str) -> Loaded:
 
     meta_path = path.with_suffix(".json")
     if not meta_path.is_file():
-        raise ProbeError(f"--backbone {path}: its description {meta_path.name} (written by train/export.py) "
-                         f"is missing beside it")
+        raise ProbeError(
+            f"--backbone {path}: its description {meta_path.name} (written by train/export.py) "
+            f"is missing beside it"
+        )
     try:
         meta = json.loads(meta_path.read_text())
         name, kwargs = meta["timm_name"], dict(meta.get("timm_kwargs", {}))
@@ -429,7 +502,9 @@ def _load_export(path: Path, pool: str) -> Loaded:
             head.load_state_dict(weights)
             d_inv = int(meta["head"]["d_inv"])
     except KeyError as err:
-        raise ProbeError(f"--backbone {meta_path}: missing entry {err} (re-export with train/export.py)") from None
+        raise ProbeError(
+            f"--backbone {meta_path}: missing entry {err} (re-export with train/export.py)"
+        ) from None
     except (OSError, ValueError, RuntimeError) as err:
         raise ProbeError(f"--backbone {path}: unreadable export ({str(err).splitlines()[0]})") from None
     data = DataConfig(img_size=int(kwargs.get("img_size", 224)))
@@ -437,15 +512,20 @@ def _load_export(path: Path, pool: str) -> Loaded:
         data.mean, data.std = tuple(meta["mean"]), tuple(meta["std"])
     model = Embedder(backbone, head, d_inv, pool, data.mean, data.std)
     what = meta.get("method", "?")
-    return Loaded(model, data, f"{path} ({what}, {name}, step {meta.get('step', '?')}"
-                               f"{', with head' if head is not None else ''})")
+    return Loaded(
+        model,
+        data,
+        f"{path} ({what}, {name}, step {meta.get('step', '?')}{', with head' if head is not None else ''})",
+    )
 
 
 # ------------------------------------------------------------------------------------------ drivers
 
 
 def _device(name: str = "auto") -> torch.device:
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return torch.device(
+        "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
+    )
 
 
 def _progress(total: int, desc: str, quiet: bool):
@@ -463,7 +543,9 @@ def _embed(model: nn.Module, images: torch.Tensor, device: torch.device, batch_s
     out: dict[str, list] = {}
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            for part, f in _as_parts(model(images[start:start + batch_size].to(device, non_blocking=True))).items():
+            for part, f in _as_parts(
+                model(images[start : start + batch_size].to(device, non_blocking=True))
+            ).items():
                 out.setdefault(part, []).append(f.float())
     return {part: torch.cat(f) for part, f in out.items()}
 
@@ -472,8 +554,15 @@ def _cat(chunks: list[dict]) -> dict:
     return {part: torch.cat([c[part] for c in chunks]) for part in chunks[0]}
 
 
-def embed_anchors(model: nn.Module, samples, size: int, device: torch.device, batch_size: int, bar=None,
-                  kinds=("centre", "whole")):
+def embed_anchors(
+    model: nn.Module,
+    samples,
+    size: int,
+    device: torch.device,
+    batch_size: int,
+    bar=None,
+    kinds=("centre", "whole"),
+):
     """Embed every image's anchor views -> ({"centre": {part: (N, D)}, "whole": ...}, labels (N,))."""
     feats: dict[str, list] = {kind: [] for kind in kinds}
     labels = []
@@ -486,10 +575,20 @@ def embed_anchors(model: nn.Module, samples, size: int, device: torch.device, ba
     return {kind: _cat(chunks) for kind, chunks in feats.items()}, torch.cat(labels)
 
 
-def equivariance(model: nn.Module, samples: list[tuple[bytes, int]], cfg: PathConfig, size: int,
-                 transforms: tuple[str, ...] = TRANSFORMS, parts: tuple[str, ...] = ("all",), per_image: int = 16,
-                 device: torch.device | None = None, batch_size: int = 256, seed: int = 0,
-                 fit: FitConfig | None = None, quiet: bool = False) -> dict:
+def equivariance(
+    model: nn.Module,
+    samples: list[tuple[bytes, int]],
+    cfg: PathConfig,
+    size: int,
+    transforms: tuple[str, ...] = TRANSFORMS,
+    parts: tuple[str, ...] = ("all",),
+    per_image: int = 16,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    fit: FitConfig | None = None,
+    quiet: bool = False,
+) -> dict:
     """The equivariance probe -> {transformation: {part: {"r2", "r2_sie", "n_train", "n_test"}}}.
 
     model maps (B, 3, size, size) images in [0, 1] to features: a tensor (B, D), which is part "all",
@@ -507,8 +606,10 @@ def equivariance(model: nn.Module, samples: list[tuple[bytes, int]], cfg: PathCo
     have = anchors[kinds[0]]
     missing = [p for p in parts if p not in have]
     if missing:
-        raise ProbeError(f"--part {missing[0]}: this backbone has only the parts {', '.join(have)} "
-                         f"(inv/eq need the split head: a training checkpoint or an export with head)")
+        raise ProbeError(
+            f"--part {missing[0]}: this backbone has only the parts {', '.join(have)} "
+            f"(inv/eq need the split head: a training checkpoint or an export with head)"
+        )
     results: dict = {}
     for family in transforms:
         chunks, thetas, groups = [], [], []
@@ -522,36 +623,54 @@ def equivariance(model: nn.Module, samples: list[tuple[bytes, int]], cfg: PathCo
         for part in parts:
             if not (f1[part].isfinite().all() and f2[part].isfinite().all()):
                 raise ProbeError(f"the backbone gave non-finite features (part {part}) on the {family} pairs")
-        results[family] = {part: regress_r2(f1[part][group.to(device)], f2[part], theta, group, fit=fit)
-                           for part in parts}
+        results[family] = {
+            part: regress_r2(f1[part][group.to(device)], f2[part], theta, group, fit=fit) for part in parts
+        }
     bar.close()
     return results
 
 
-def linear(model: nn.Module, train: list[tuple[bytes, int]], val: list[tuple[bytes, int]], size: int,
-           parts: tuple[str, ...] = ("all",), device: torch.device | None = None, batch_size: int = 256,
-           k: int = 20, quiet: bool = False) -> dict:
+def linear(
+    model: nn.Module,
+    train: list[tuple[bytes, int]],
+    val: list[tuple[bytes, int]],
+    size: int,
+    parts: tuple[str, ...] = ("all",),
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    k: int = 20,
+    quiet: bool = False,
+) -> dict:
     """Linear-probe and k-NN top-1 -> {part: {"linear_top1", "knn_top1", "n_train", "n_val"}}."""
     device = device or _device()
     model = model.to(device).eval()
     for name, split in (("train", train), ("val", val)):
         if not split:
-            raise ProbeError(f"the {name} split is empty; the linear probe needs labelled train and val shards")
+            raise ProbeError(
+                f"the {name} split is empty; the linear probe needs labelled train and val shards"
+            )
         if any(label < 0 for _, label in split):
-            raise ProbeError(f"the {name} split has unlabelled samples (cls -1); the linear probe needs labels")
+            raise ProbeError(
+                f"the {name} split has unlabelled samples (cls -1); the linear probe needs labels"
+            )
     bar = _progress(len(train) + len(val), "embedding", quiet)
     # The centre view (largest centred square) is the usual "resize + centre crop" evaluation view.
-    (a_tr, y_tr), (a_va, y_va) = (embed_anchors(model, split, size, device, batch_size, bar, kinds=("centre",))
-                                  for split in (train, val))
+    (a_tr, y_tr), (a_va, y_va) = (
+        embed_anchors(model, split, size, device, batch_size, bar, kinds=("centre",))
+        for split in (train, val)
+    )
     f_tr, f_va = a_tr["centre"], a_va["centre"]
     bar.close()
     results = {}
     for part in parts:
         if part not in f_tr:
             raise ProbeError(f"--part {part}: this backbone has only the parts {', '.join(f_tr)}")
-        results[part] = {"linear_top1": linear_top1(f_tr[part], y_tr, f_va[part], y_va),
-                         "knn_top1": knn_top1(f_tr[part], y_tr, f_va[part], y_va, k=k),
-                         "n_train": len(y_tr), "n_val": len(y_va)}
+        results[part] = {
+            "linear_top1": linear_top1(f_tr[part], y_tr, f_va[part], y_va),
+            "knn_top1": knn_top1(f_tr[part], y_tr, f_va[part], y_va, k=k),
+            "n_train": len(y_tr),
+            "n_val": len(y_va),
+        }
     return results
 
 
@@ -579,9 +698,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="train/probe.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="probe", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--backbone", required=True, help="training checkpoint (.pt) or export (.safetensors)")
-    common.add_argument("--data", default="", help="shard folder (pipeline.convert); default: the demo photos")
-    common.add_argument("--part", default="", help="comma list of all,inv,eq; default: every part the backbone has")
+    common.add_argument(
+        "--backbone", required=True, help="training checkpoint (.pt) or export (.safetensors)"
+    )
+    common.add_argument(
+        "--data", default="", help="shard folder (pipeline.convert); default: the demo photos"
+    )
+    common.add_argument(
+        "--part", default="", help="comma list of all,inv,eq; default: every part the backbone has"
+    )
     common.add_argument("--pool", default="mean", choices=("mean", "cls"))
     common.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
     common.add_argument("--batch-size", type=int, default=256)
@@ -619,15 +744,31 @@ def run(args: argparse.Namespace) -> dict:
     device = _device(args.device)
     fit = FitConfig(hidden=args.hidden, epochs=args.epochs, seed=args.seed)
     torch.manual_seed(args.seed)
-    record = {"what": f"probe-{args.probe}", "backbone": loaded.describe, "data": str(data_dir),
-              "config": {k: v for k, v in vars(args).items() if k not in ("probe",)} | {"img_size": size}}
+    record = {
+        "what": f"probe-{args.probe}",
+        "backbone": loaded.describe,
+        "data": str(data_dir),
+        "config": {k: v for k, v in vars(args).items() if k not in ("probe",)} | {"img_size": size},
+    }
     if args.probe == "equivariance":
         samples = [s for split in args.split.split(",") for s in read_split(data_dir, split)]
         if args.max_images:
-            samples = samples[:args.max_images]
+            samples = samples[: args.max_images]
         transforms = tuple(t for t in args.transforms.split(",") if t)
-        results = equivariance(loaded.model, samples, loaded.data.aug, size, transforms, parts, args.samples,
-                               device, args.batch_size, args.seed, fit, args.quiet)
+        results = equivariance(
+            loaded.model,
+            samples,
+            loaded.data.aug,
+            size,
+            transforms,
+            parts,
+            args.samples,
+            device,
+            args.batch_size,
+            args.seed,
+            fit,
+            args.quiet,
+        )
         record.update(images=len(samples), pairs_per_image=args.samples, results=results)
     else:
         train = read_split(data_dir, args.train_split, args.max_train)
@@ -646,12 +787,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(f"{record['what']}: {record['backbone']}")
     if args.probe == "equivariance":
-        print(f"pairs: {record['images']} images x {record['pairs_per_image']} from {record['data']} "
-              f"({args.split}), {record['config']['img_size']} px; MLP hidden {args.hidden}; "
-              f"R² on held-out images (sie = SIE's global-mean R²)")
+        print(
+            f"pairs: {record['images']} images x {record['pairs_per_image']} from {record['data']} "
+            f"({args.split}), {record['config']['img_size']} px; MLP hidden {args.hidden}; "
+            f"R² on held-out images (sie = SIE's global-mean R²)"
+        )
         print(format_equivariance(record["results"]))
-        print("R² near 1: θ can be read from the pair's features (equivariant); near 0 or below: the "
-              "features ignore it (invariant). all = backbone, inv/eq = the split head's parts.")
+        print(
+            "R² near 1: θ can be read from the pair's features (equivariant); near 0 or below: the "
+            "features ignore it (invariant). all = backbone, inv/eq = the split head's parts."
+        )
     else:
         print(format_linear(record["results"]))
     if args.out:

@@ -42,13 +42,15 @@ def test_every_method_gets_the_same_budget(size_name, tmp_path):
     commands = {m: science.train_command(tmp_path, size, m, 0, n_train=3000) for m in science.METHODS}
     flags = {}
     for method, cmd in commands.items():
-        rest = cmd[cmd.index("--preset") + 2:]  # everything but the preset...
+        rest = cmd[cmd.index("--preset") + 2 :]  # everything but the preset...
         rest[rest.index("--out") + 1] = "RUN"  # ...and the run folder is the same for every method
         flags[method] = rest
     assert all(f == flags["vicreg"] for f in flags.values())
     for method, cmd in commands.items():
         preset = cmd[cmd.index("--preset") + 1]
-        cfg = load_config(preset, [a for a in cmd[cmd.index("--preset") + 2:] if a.startswith("--") and "=" in a])
+        cfg = load_config(
+            preset, [a for a in cmd[cmd.index("--preset") + 2 :] if a.startswith("--") and "=" in a]
+        )
         assert cfg.model.method == method
         assert cfg.data.img_size == size.img_size and cfg.data.batch_size == size.batch_size
         steps = cfg.optim.epochs * (3000 // size.batch_size)
@@ -60,9 +62,13 @@ def _records(seeds=(0, 1)):
     out = []
     for m in science.METHODS:
         for s in seeds:
-            eq = {t: {"all": {"r2": float(rng.uniform(-0.1, 1)), "r2_sie": 0.0, "n_train": 1, "n_test": 1}}
-                  for t in science.TRANSFORMS}
-            out.append({"method": m, "seed": s, "equivariance": eq, "linear": {"all": {"linear_top1": 0.5 + s / 10}}})
+            eq = {
+                t: {"all": {"r2": float(rng.uniform(-0.1, 1)), "r2_sie": 0.0, "n_train": 1, "n_test": 1}}
+                for t in science.TRANSFORMS
+            }
+            out.append(
+                {"method": m, "seed": s, "equivariance": eq, "linear": {"all": {"linear_top1": 0.5 + s / 10}}}
+            )
     return out
 
 
@@ -70,7 +76,8 @@ def test_summary_names_follow_design(tmp_path):
     records = _records()
     summary = science.summarise(records)
     assert set(summary) == {f"r2.{m}.{t}" for m in science.METHODS for t in science.TRANSFORMS} | {
-        f"top1.{m}" for m in science.METHODS}
+        f"top1.{m}" for m in science.METHODS
+    }
     mine = [r["equivariance"]["rotation"]["all"]["r2"] for r in records if r["method"] == "path"]
     assert summary["r2.path.rotation"] == pytest.approx(np.mean(mine), abs=1e-4)
     assert summary["top1.sie"] == pytest.approx(0.55)

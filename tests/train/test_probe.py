@@ -38,7 +38,9 @@ def test_r2_formulas_match_sklearn_and_sie():
     gen = torch.Generator().manual_seed(0)
     y = torch.randn(50, 3, generator=gen) * torch.tensor([1.0, 10.0, 0.1]) + torch.tensor([0.0, 5.0, -1.0])
     pred = y + 0.3 * torch.randn(50, 3, generator=gen)
-    assert probe.r2_per_dim(pred, y) == pytest.approx(r2_score(y.double().numpy(), pred.double().numpy()), abs=1e-9)
+    assert probe.r2_per_dim(pred, y) == pytest.approx(
+        r2_score(y.double().numpy(), pred.double().numpy()), abs=1e-9
+    )
     sie = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
     assert probe.r2_global(pred, y) == pytest.approx(float(sie), abs=1e-6)
     # The two differ when the dimensions have different scales: the global mean inflates SS_tot.
@@ -145,12 +147,30 @@ class Blind(nn.Module):
 def test_equivariance_probe_end_to_end_with_synthetic_backbones():
     samples = _blob_jpegs(40)
     cfg = PathConfig(ref_size=48)  # translations of ±10 px at 48 px keep the blob inside the frame
-    exact = probe.equivariance(Centroid(), samples, cfg, 48, ("rotation", "translation"), per_image=8,
-                               fit=FAST, quiet=True, device=torch.device("cpu"))
+    exact = probe.equivariance(
+        Centroid(),
+        samples,
+        cfg,
+        48,
+        ("rotation", "translation"),
+        per_image=8,
+        fit=FAST,
+        quiet=True,
+        device=torch.device("cpu"),
+    )
     assert exact["rotation"]["all"]["r2"] > 0.95, exact
     assert exact["translation"]["all"]["r2"] > 0.98, exact
-    blind = probe.equivariance(Blind(), samples, cfg, 48, probe.TRANSFORMS, per_image=8, fit=FAST, quiet=True,
-                               device=torch.device("cpu"))
+    blind = probe.equivariance(
+        Blind(),
+        samples,
+        cfg,
+        48,
+        probe.TRANSFORMS,
+        per_image=8,
+        fit=FAST,
+        quiet=True,
+        device=torch.device("cpu"),
+    )
     for family, by_part in blind.items():
         assert abs(by_part["all"]["r2"]) < 0.1, (family, by_part)
 
@@ -167,7 +187,7 @@ def test_pairs_follow_the_path_semantics():
     rot_only = replace(cfg, transforms=("rotation",))
     full = sample_theta(rot_only, torch.tensor([[48, 48]] * 4), torch.Generator().manual_seed(0))
     assert torch.equal(theta[:4, 0], full[:, IDX["rot_deg"]])
-    assert (full[:, IDX["tx_px"]:IDX["blur_sigma"] + 1] == 0).all()  # no other family leaks in
+    assert (full[:, IDX["tx_px"] : IDX["blur_sigma"] + 1] == 0).all()  # no other family leaks in
     x = crop_resize(decode(samples[0][0]), probe.centre_box((48, 48)), False, 48)
     assert torch.allclose(x2[:4], apply_g(x[None].expand(4, -1, -1, -1).contiguous(), full, rot_only))
     # crop: the θ entries are A2's crop box (y0, x0, h, w) inside the image; flip: 0 or 1, both drawn.
@@ -243,8 +263,27 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
     path, _ = demo_checkpoint
     out = tmp_path / "eq.json"
     fast = ["--hidden", "64", "--epochs", "5", "--quiet"]
-    assert probe.main(["equivariance", "--backbone", str(path), "--data", str(demo_shards), "--split", "val",
-                       "--transforms", "rotation,crop", "--samples", "2", "--out", str(out), *fast]) == 0
+    assert (
+        probe.main(
+            [
+                "equivariance",
+                "--backbone",
+                str(path),
+                "--data",
+                str(demo_shards),
+                "--split",
+                "val",
+                "--transforms",
+                "rotation,crop",
+                "--samples",
+                "2",
+                "--out",
+                str(out),
+                *fast,
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["what"] == "probe-equivariance" and record["images"] == 16
     assert set(record["results"]) == {"rotation", "crop"}
@@ -256,12 +295,29 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
     assert "rotation" in capsys.readouterr().out  # the table
 
     out = tmp_path / "lin.json"
-    assert probe.main(["linear", "--backbone", str(path), "--data", str(demo_shards), "--part", "all,eq",
-                       "--out", str(out), *fast]) == 0
+    assert (
+        probe.main(
+            [
+                "linear",
+                "--backbone",
+                str(path),
+                "--data",
+                str(demo_shards),
+                "--part",
+                "all,eq",
+                "--out",
+                str(out),
+                *fast,
+            ]
+        )
+        == 0
+    )
     record = json.loads(out.read_text())
     assert record["what"] == "probe-linear" and set(record["results"]) == {"all", "eq"}
     for r in record["results"].values():
-        assert 0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 and (r["n_train"], r["n_val"]) == (64, 16)
+        assert (
+            0 <= r["linear_top1"] <= 1 and 0 <= r["knn_top1"] <= 1 and (r["n_train"], r["n_val"]) == (64, 16)
+        )
 
     assert probe.main(["equivariance", "--backbone", str(path), "--data", str(tmp_path), *fast]) == 2
     assert "no val-*.tar shards" in capsys.readouterr().err
