@@ -28,13 +28,15 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# Demo photos -> shards (cached), train the `demo` preset (GPU when present), export the backbone.
+# Demo photos -> shards (cached), train the `demo` preset (GPU when present), export the backbone,
+# then probe it: R² of a small MLP regressing each transformation from (x, g_θ(x)) embeddings.
 train: setup
 	@$(PY) -c "from pipeline.demo import ensure_demo_shards; print('demo shards:', ensure_demo_shards())"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py --preset demo --out $(RUN) $(TRAIN_ARGS)
 	$(PY) train/export.py --ckpt $(RUN)/ckpt/last.pt --out $(RUN)/backbone.safetensors --with-head
-# PROBE: the evaluation step (train/probe.py on $(RUN)/backbone.safetensors) goes on the line below.
+	$(PY) train/probe.py equivariance --backbone $(RUN)/backbone.safetensors --split train,val --samples 8 --epochs 50 --out $(RUN)/probe-equivariance.json
 	@echo ""
 	@echo "run:             $(RUN)  (config.json, metrics.jsonl, ckpt/last.pt)"
 	@echo "reconstructions: $(RUN)/recon.png  (rows: view 1 | view 2 | targets | predictions)"
+	@echo "probe (R²):      $(RUN)/probe-equivariance.json"
 	@echo "backbone:        $(RUN)/backbone.safetensors + $(RUN)/backbone.json (timm.create_model, see train/export.py)"
