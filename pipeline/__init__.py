@@ -8,15 +8,16 @@ save and restore the position inside the epoch so a resumed run neither replays 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:  # torch is imported lazily so `python -m pipeline.convert` starts fast
     import torch
 
     from pipeline.batch import Batch, DataConfig
 
-__all__ = ["Batch", "DataConfig", "PathConfig", "Loader", "build_loader", "resolve_data_dir"]
+__all__ = ["Batch", "DataConfig", "Loader", "PathConfig", "build_loader", "resolve_data_dir"]
 
 LOADERS = ("dali", "reference")
 
