@@ -95,6 +95,7 @@ def _demo_base(cfg: Config) -> None:
 
 def _vits16_base(cfg: Config) -> None:
     """The path paper's VICReg setting: ViT-S/16 at 224, d_patch 512 = 256 + 256, batch 2048, 800 epochs."""
+    cfg.run.device = "cuda"  # a GPU preset: on a machine without one it stops with a clear error
     cfg.data.img_size = 224
     cfg.data.batch_size = 2048
     cfg.data.workers = 8

@@ -48,10 +48,11 @@ def parse_config(argv: list[str]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def init_distributed(choice: str) -> Env:
+def init_distributed(choice: str, preset: str) -> Env:
     """Process group from torchrun's environment (NCCL on GPUs, Gloo on CPUs); none for plain python."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise ConfigError(f"--device cuda was asked for (preset {preset} runs on GPUs) but no CUDA GPU is "
+                          "visible; use --device cpu or auto to run on the CPU anyway")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if choice != "cpu" and torch.cuda.is_available():
@@ -110,7 +111,7 @@ def main(argv: list[str]) -> int:
     env = None
     try:
         cfg = parse_config(argv)
-        env = init_distributed(cfg.run.device)
+        env = init_distributed(cfg.run.device, cfg.preset)
         set_cpu_threads(cfg, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         resolve_data(cfg, env)
         model, optimizer, scheduler, loader = build(cfg, env)

@@ -64,6 +64,14 @@ def test_cuda_without_a_gpu(tmp_path):
     assert "--device cuda" in line and "no CUDA GPU" in line and "--device cpu" in line
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_gpu_preset_without_a_gpu(tmp_path):
+    proc = run_main("--preset", "vits16-path", "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2
+    line = one_error_line(proc)
+    assert "vits16-path" in line and "no CUDA GPU" in line and "--device cpu" in line
+
+
 def test_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path, demo_shards):
     proc = run_main("--preset", "demo-vicreg", "--device", "cpu", "--data", str(demo_shards), "--out",
                     str(tmp_path / "run"), "--steps", "3", "--model.sim_coeff=nan", "--data.img_size=32")
