@@ -56,14 +56,18 @@ def _default_device() -> torch.device:
 
 
 def git_sha() -> str | None:
-    """HEAD's SHA, suffixed '-dirty' when tracked files differ from it; None outside a checkout."""
+    """HEAD's SHA, suffixed '-dirty' when tracked code differs from it; None outside a checkout.
+
+    bench/results/ is left out of the check: one bench rewriting its JSON must not mark the next
+    bench of the same session as run on modified code.
+    """
     root = Path(__file__).resolve().parent.parent
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=False
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)bench/results"], cwd=root, capture_output=True, text=True, check=False
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
