@@ -48,11 +48,12 @@ def parse_config(argv: list[str]) -> Config:
     return apply_overrides(cfg, overrides)
 
 
-def init_distributed(choice: str, preset: str) -> Env:
+def init_distributed(choice: str, preset: str = "") -> Env:
     """Process group from torchrun's environment (NCCL on GPUs, Gloo on CPUs); none for plain python."""
     if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device cuda was asked for (preset {preset} runs on GPUs) but no CUDA GPU is "
-                          "visible; use --device cpu or auto to run on the CPU anyway")
+        why = f" (preset {preset} runs on GPUs)" if preset else ""
+        raise ConfigError(f"--device cuda was asked for{why} but no CUDA GPU is visible; use --device cpu or "
+                          "auto to run on the CPU anyway")
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if choice != "cpu" and torch.cuda.is_available():
