@@ -67,6 +67,14 @@ def _check_batch(x: torch.Tensor, who: str) -> None:
                          f"got {tuple(x.shape)}")
 
 
+def _variance_covariance(x: torch.Tensor, y: torch.Tensor, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """VICReg's regularisers of two (B, D) embeddings over the batch gathered from all ranks:
+    ((V(x) + V(y)) / 2, C(x) + C(y))."""
+    x, y = gather_batch(x), gather_batch(y)
+    _check_batch(x, caller)
+    return (variance_term(x) + variance_term(y)) / 2, covariance_term(x) + covariance_term(y)
+
+
 def vicreg_loss(
     a: torch.Tensor, b: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -76,14 +84,8 @@ def vicreg_loss(
     """
     with torch.autocast(device_type=a.device.type, enabled=False):
         a, b = a.float(), b.float()
-        sim_term = F.mse_loss(a, b)
-        a, b = gather_batch(a), gather_batch(b)
-        _check_batch(a, "vicreg_loss")
-        terms = {
-            "sim": sim_term,
-            "std": (variance_term(a) + variance_term(b)) / 2,
-            "cov": covariance_term(a) + covariance_term(b),
-        }
+        std_term, cov_term = _variance_covariance(a, b, "vicreg_loss")
+        terms = {"sim": F.mse_loss(a, b), "std": std_term, "cov": cov_term}
     loss = sim * terms["sim"] + std * terms["std"] + cov * terms["cov"]
     return loss, terms
 
@@ -101,14 +103,8 @@ def sie_loss(
     """
     with torch.autocast(device_type=z1.device.type, enabled=False):
         pred, target, z1 = pred.float(), target.float(), z1.float()
-        pred_term = F.mse_loss(pred, target)
-        z1, target = gather_batch(z1), gather_batch(target)
-        _check_batch(z1, "sie_loss")
-        terms = {
-            "pred": pred_term,
-            "std": (variance_term(z1) + variance_term(target)) / 2,
-            "cov": covariance_term(z1) + covariance_term(target),
-        }
+        std_term, cov_term = _variance_covariance(z1, target, "sie_loss")
+        terms = {"pred": F.mse_loss(pred, target), "std": std_term, "cov": cov_term}
     loss = sim * terms["pred"] + std * terms["std"] + cov * terms["cov"]
     return loss, terms
 

@@ -26,6 +26,16 @@ def demo_shards(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def one_thread():
+    """Run a test single-threaded: tiny models gain nothing from intra-op threads, and on a busy 2-core
+    machine oversubscribed threads made such tests ten times slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def oddities() -> Callable[[Path], dict[str, str]]:
     """make_oddities as a fixture, for tests outside tests/pipeline."""
     return make_oddities

@@ -25,13 +25,8 @@ from train.config import load_config, to_dict
 FAST = probe.FitConfig(hidden=128)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a CPU shared with other jobs run ~50x faster on one thread than on two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small matmuls on a CPU shared with other jobs run far faster on one thread than on two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_r2_formulas_match_sklearn_and_sie():
