@@ -425,7 +425,8 @@ class ReferenceLoader:
 # Entry point
 
 
-def _split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
+def split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
+    """The split's non-empty shards listed in dataset.json, as (tar path, sample count); the tars must exist."""
     try:
         meta = json.loads((data_dir / "dataset.json").read_text())
         records = meta["shards"]
@@ -463,7 +464,7 @@ def build_reference_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0,
     if per_rank_batch < 1:
         raise ValueError(f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks")
     data_dir = Path(data_dir)
-    shards = _split_shards(data_dir, cfg.split)
+    shards = split_shards(data_dir, cfg.split)
     workers = max(1, cfg.workers)
     if len(shards) < world_size * workers:
         raise ValueError(f"{data_dir} has {len(shards)} {cfg.split} shards, fewer than {world_size} ranks × "

@@ -44,7 +44,6 @@ import copy
 import json
 import pickle
 import sys
-import tarfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -57,7 +56,7 @@ if __package__ in (None, ""):  # `python train/probe.py`: make the repository ro
 
 from pipeline.batch import DataConfig
 from pipeline.path import FAMILIES, FAMILY_FIELDS, IDX, PathConfig, sample_theta
-from pipeline.reference import DataError, apply_g, crop_resize, decode
+from pipeline.reference import DataError, apply_g, crop_resize, decode, read_shard, split_shards
 
 TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
 PARTS = ("all", "inv", "eq")
@@ -261,33 +260,25 @@ def knn_top1(
 
 
 def read_split(data: str | Path, split: str, limit: int = 0) -> list[tuple[bytes, int]]:
-    """(JPEG bytes, class index) of every sample in SHARDS/{split}-*.tar, in shard order; `limit` > 0
-    keeps the first `limit` samples (shards are shuffled when written, so this is a random subset)."""
+    """(JPEG bytes, class index) of every sample in the split's shards (dataset.json's list), in shard
+    order; `limit` > 0 keeps the first `limit` samples (shards are shuffled when written, so this is a
+    random subset). Shards are read and checked by the reference pipeline's reader."""
     folder = Path(data)
-    shards = sorted(folder.glob(f"{split}-*.tar"))
-    if not shards:
-        found = sorted({p.name.split("-")[0] for p in folder.glob("*-*.tar")})
-        raise ProbeError(
-            f"{folder}: no {split}-*.tar shards (splits found: {', '.join(found) or 'none'}); "
-            f"convert a dataset with `python -m pipeline.convert`"
-        )
+    if not (folder / "dataset.json").is_file():
+        raise ProbeError(f"{folder}: no {split}-*.tar shards (no dataset.json); "
+                         "convert a dataset with `python -m pipeline.convert`")
     samples: list[tuple[bytes, int]] = []
-    for shard in shards:
-        try:
-            with tarfile.open(shard, mode="r:") as tar:
-                pending: dict[str, dict[str, bytes]] = {}
-                for info in tar:
-                    key, _, ext = info.name.rpartition(".")
-                    pending.setdefault(key, {})[ext] = tar.extractfile(info).read()
-        except (tarfile.TarError, OSError) as err:
-            raise ProbeError(f"{shard}: cannot read shard ({err})") from None
-        for key, parts in pending.items():
-            if "jpg" not in parts:
-                raise ProbeError(f"{shard}: sample {key!r} has no .jpg")
-            label = parts.get("cls", b"-1").decode("ascii", "replace").strip()
-            samples.append((parts["jpg"], int(label) if label.lstrip("-").isdigit() else -1))
-            if limit and len(samples) >= limit:
-                return samples
+    try:
+        for shard, count in split_shards(folder, split):
+            for sample in read_shard(shard, count):
+                if "jpg" not in sample:
+                    raise ProbeError(f"{shard}: sample {sample['__key__']!r} has no .jpg")
+                label = sample.get("cls", b"-1").decode("ascii", "replace").strip()
+                samples.append((sample["jpg"], int(label) if label.lstrip("-").isdigit() else -1))
+                if limit and len(samples) >= limit:
+                    return samples
+    except (DataError, FileNotFoundError) as err:
+        raise ProbeError(str(err)) from None
     return samples
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 from dataclasses import replace
 
 import numpy as np
@@ -316,3 +317,16 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
 
     assert probe.main(["equivariance", "--backbone", str(path), "--data", str(tmp_path), *fast]) == 2
     assert "no val-*.tar shards" in capsys.readouterr().err
+
+
+def test_read_split_reads_the_shards_dataset_json_lists(demo_shards, tmp_path):
+    """A stray tar beside the shards (an old copy, a partial download) is not read twice."""
+    folder = tmp_path / "shards"
+    shutil.copytree(demo_shards, folder)
+    shutil.copy(folder / "val-000000.tar", folder / "val-000007.tar")
+    samples = probe.read_split(folder, "val")
+    assert len(samples) == json.loads((folder / "dataset.json").read_text())["splits"]["val"]["count"]
+    assert len({jpg for jpg, _ in samples}) == len(samples)
+    (folder / "val-000001.tar").write_bytes((folder / "val-000001.tar").read_bytes()[:3000])
+    with pytest.raises(probe.ProbeError, match="val-000001.tar"):
+        probe.read_split(folder, "val")
