@@ -41,6 +41,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.errors import ConvertError, ShardError, UserError, one_line
+
 FORMAT = "eqrecon-shards/1"
 SPLITS = ("train", "val")
 IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -51,14 +53,6 @@ PROGRESS = ".convert-progress.jsonl"
 PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
-
-
-class ConvertError(Exception):
-    """Bad input or a failed conversion; the message is one actionable line."""
-
-
-class ShardError(ConvertError):
-    """A shard that does not match its index, its record or the tar format."""
 
 
 class _Skip(Exception):
@@ -591,8 +585,8 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--src and --out are required (or --verify DIR)")
         convert(args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.strict)
         return 0
-    except ConvertError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except UserError as e:
+        print(one_line(e), file=sys.stderr)
         return 1
 
 

@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.convert import ShardError
+from pipeline.errors import ShardError
 from pipeline.path import (
     BLUR_MIN_SIGMA,
     CROP1,

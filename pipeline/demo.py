@@ -12,7 +12,8 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.convert import FORMAT, ConvertError, convert, verify
+from pipeline.convert import FORMAT, convert, verify
+from pipeline.errors import ConvertError, ShardError
 
 PHOTOS = Path(__file__).parent / "demo_photos"
 SHARD_SIZE = 8  # several shards per split, so rank/worker sharding is exercised even on the demo
@@ -60,7 +61,7 @@ def ensure_demo_shards(cache_dir: str | Path | None = None) -> Path:
             try:
                 verify(out)
                 return out
-            except ConvertError:
+            except (ConvertError, ShardError):
                 pass  # damaged cache: convert again (finished shards that still verify are kept)
         stamp.unlink(missing_ok=True)
         convert(PHOTOS, out, split="all", shard_size=SHARD_SIZE, workers=1, seed=0, strict=True, quiet=True)

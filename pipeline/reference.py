@@ -48,6 +48,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.batch import Batch, DataConfig
+from pipeline.errors import DataError
 from pipeline.path import (
     CROP1,
     CROP2,
@@ -61,11 +62,6 @@ from pipeline.path import (
     sample_theta,
     validate,
 )
-
-
-class DataError(ValueError):
-    """Bad data in the shards (corrupt tar, undecodable image, wrong count); the message names it."""
-
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: one sample's pixels

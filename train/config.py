@@ -17,12 +17,8 @@ from typing import Any
 
 from model.config import ModelConfig
 from pipeline.batch import DataConfig
+from pipeline.errors import ConfigError
 from pipeline.path import PathConfig
-
-
-class ConfigError(ValueError):
-    """A bad preset name, key or value; the message is meant to be shown to the user as is."""
-
 
 OPTIMIZERS = ("adamw", "apex_adam", "apex_lamb")
 

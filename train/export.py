@@ -27,11 +27,8 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from pipeline.errors import ExportError
 from train.config import from_dict
-
-
-class ExportError(RuntimeError):
-    """The checkpoint cannot be exported, or timm does not read the export back exactly."""
 
 
 def load_method(ckpt_path: str | Path) -> tuple[torch.nn.Module, dict]:

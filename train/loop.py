@@ -27,11 +27,12 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from bench._provenance import git_sha
+from pipeline.errors import TrainingError
 from train.config import Config, ConfigError, OptimConfig, to_dict
+from train.provenance import git_sha
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(TrainingError):
     """A loss term or the gradient norm became NaN/inf; the message names the step and the term."""
 
 

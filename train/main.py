@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train
 import torch
 import torch.distributed as dist
 
+from pipeline.errors import UserError
 from train.config import Config, ConfigError, apply_overrides, from_dict, load_config
 from train.loop import Env, NonFiniteLoss, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
 
@@ -122,7 +123,7 @@ def main(argv: list[str]) -> int:
             print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}" +
                   (f"  reconstructions: {recon}" if recon.exists() else ""), flush=True)
         return 0
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as err:
+    except (UserError, ValueError, FileNotFoundError) as err:
         # ConfigError is a ValueError: every user-fixable problem ends as one line, not a traceback.
         if env is None or env.main:
             print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)

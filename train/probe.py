@@ -55,15 +55,12 @@ if __package__ in (None, ""):  # `python train/probe.py`: make the repository ro
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.batch import DataConfig
+from pipeline.errors import ProbeError
 from pipeline.path import FAMILIES, FAMILY_FIELDS, IDX, PathConfig, sample_theta
 from pipeline.reference import DataError, apply_g, crop_resize, decode, read_shard, split_shards
 
 TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
 PARTS = ("all", "inv", "eq")
-
-
-class ProbeError(ValueError):
-    """Bad input to a probe; the message is one actionable line."""
 
 
 # --------------------------------------------------------------------------------------------- metrics
