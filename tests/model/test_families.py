@@ -1,0 +1,111 @@
+"""model/families.py on random tensors: the token adapter equals the encoder, every family with every
+equivariant part gives finite logged terms, every trainable parameter gets a gradient and the
+teacher none, the centres and the teacher move, and a batch without masks is a one-line error."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from model_testing import make_batch, variant_config
+
+from model import dino
+from model.families import DinoConfig, DinoFamily, MultiCropBatch, encode_tokens
+
+LOCAL, LOCAL_SIZE = 3, 16  # local crops per image at 16 px (a 2×2 grid at patch 8)
+# (family, equivariant part, model_testing variant, extra overrides)
+COMBOS = [
+    ("dino", "path", "path-xattn", ()),
+    ("ibot", "path", "path-xattn", ()),
+    ("dinov2", "path", "path-conv", ("--model.pool=cls",)),
+    ("ibot", "none", "vicreg", ()),
+    ("ibot", "sie", "sie", ()),
+    ("dinov2", "xattn", "xattn", ()),
+]
+
+
+def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFamily, MultiCropBatch]:
+    cfg = variant_config(variant, *overrides)
+    torch.manual_seed(0)
+    fam = DinoConfig(family=family, out_dim=64, hidden_dim=32, bottleneck_dim=16,
+                     norm_last_layer=family != "dinov2")
+    method = DinoFamily(cfg.model, cfg.data, fam, equivariant=eq)
+    batch = make_batch(cfg, batch_size=4)
+    gen = torch.Generator().manual_seed(1)
+    grid = method.encoder.grid
+    masks = dino.block_masks(2 * 4, (grid, grid), random.Random(2), ranges=((0.2, 0.5),))
+    masks[0] = False  # one crop unmasked, as half of iBOT's are
+    multi = MultiCropBatch(**vars(batch), local=torch.randn(4, LOCAL, 3, LOCAL_SIZE, LOCAL_SIZE, generator=gen),
+                           masks=masks.view(4, 2, -1))
+    return method, multi
+
+
+def test_encode_tokens_equals_the_split_encoder():
+    method, batch = _build("ibot", "path", "path-xattn")
+    enc = method.encoder.eval()
+    want = enc(batch.view1)
+    got = encode_tokens(enc, batch.view1)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-6)
+    no_masks = torch.zeros(4, enc.num_patches, dtype=torch.bool)
+    masked = encode_tokens(enc, batch.view1, no_masks, method.mask_token)
+    torch.testing.assert_close(masked.z_inv, want.z_inv, rtol=0, atol=1e-6)
+    some = no_masks.clone()
+    some[:, :3] = True
+    assert not torch.allclose(encode_tokens(enc, batch.view1, some, method.mask_token + 1).z_inv, want.z_inv)
+    small = encode_tokens(enc, batch.local[:, 0])  # another size: position embedding resampled
+    assert small.z_inv_tokens.shape == (4, (LOCAL_SIZE // 8) ** 2, enc.d_inv)
+
+
+@pytest.mark.parametrize(("family", "eq", "variant", "overrides"), COMBOS, ids=[f"{f}-{e}" for f, e, *_ in COMBOS])
+def test_terms_finite_and_gradients_reach_the_student_only(family, eq, variant, overrides):
+    method, batch = _build(family, eq, variant, *overrides)
+    method.train()
+    method.set_temperatures(0.04, 0.05)
+    out = method(batch)
+    want = {"loss", "loss/inv", "loss/inv.dino", "loss/eq"}
+    want |= {"loss/inv.ibot"} if family != "dino" else set()
+    want |= {"loss/inv.koleo"} if family == "dinov2" else set()
+    assert want <= out.keys(), out.keys()
+    assert all(torch.isfinite(v).all() for v in out.values()), out
+    weights = {"ibot": 1.0, "koleo": 0.1}
+    inv = out["loss/inv.dino"] + sum(w * out[f"loss/inv.{k}"] for k, w in weights.items() if f"loss/inv.{k}" in out)
+    torch.testing.assert_close(out["loss/inv"].detach(), inv)
+    out["loss"].backward()
+    trained = {n: p for n, p in method.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("teacher.") for n in trained)
+    missing = [n for n, p in trained.items() if p.grad is None]
+    assert not missing, missing
+    assert all(p.grad is None for p in method.teacher.parameters())
+    assert not method.teacher.module.training
+
+
+def test_centres_move_and_the_teacher_follows():
+    method, batch = _build("ibot", "path", "path-xattn")
+    teacher_before = [p.clone() for p in method.teacher.parameters()]
+    method(batch)
+    assert method.center.abs().sum() > 0 and method.patch_center.abs().sum() > 0
+    with torch.no_grad():
+        for p in method.head.parameters():
+            p.add_(0.1)
+    method.update_teacher(0.9)
+    assert not all(torch.equal(a, b) for a, b in zip(method.teacher.parameters(), teacher_before))
+    keys = method.state_dict().keys()
+    assert {"center", "patch_center"} <= keys and any(k.startswith("teacher.module.head.") for k in keys)
+
+
+def test_global_crops_alone_are_a_dino_batch():
+    method, batch = _build("dino", "none", "vicreg")
+    batch.local = None
+    out = method(batch)
+    assert torch.isfinite(out["loss"])
+
+
+def test_masked_family_without_masks_is_a_clear_error():
+    method, batch = _build("ibot", "path", "path-xattn")
+    batch.masks = None
+    with pytest.raises(ValueError, match=r"needs batch\.masks, bool \(4, 2, 16\)"):
+        method(batch)
+    with pytest.raises(ValueError, match="unknown DINO family 'byol'"):
+        DinoFamily(variant_config("vicreg").model, variant_config("vicreg").data, DinoConfig(family="byol"))
