@@ -1,3 +1,4 @@
+# ruff: noqa  (verbatim official code: kept as published, not to the house style)
 """Oracle: facebookresearch/dino at 7c446df5b9f45747937fb0d72314eb9f7b66930a.
 
 `DINOLoss` from main_dino.py and `DINOHead` from vision_transformer.py, verbatim except:
@@ -5,6 +6,8 @@
   `trunc_normal_` is torch's (DINO's utils.trunc_normal_ is a copy of it);
 - nothing else; the code below is the official code.
 """
+
+# fmt: off
 
 import numpy as np
 import torch

@@ -1,3 +1,4 @@
+# ruff: noqa  (verbatim official code: kept as published, not to the house style)
 """Oracle: facebookresearch/dinov2 at b8931f7bf91576930313be2c6d6af376033b35f0.
 
 Verbatim from dinov2/loss/dino_clstoken_loss.py (`DINOLoss`), dinov2/loss/ibot_patch_loss.py
@@ -10,6 +11,8 @@ Verbatim from dinov2/loss/dino_clstoken_loss.py (`DINOLoss`), dinov2/loss/ibot_p
 - KoLeoLoss disables autocast with `torch.autocast(device_type=..., enabled=False)` on the input's
   device rather than the deprecated `torch.cuda.amp.autocast(enabled=False)`.
 """
+
+# fmt: off
 
 import math
 import random

@@ -1,3 +1,4 @@
+# ruff: noqa  (verbatim official code: kept as published, not to the house style)
 """Oracle: bytedance/ibot at da316d82636a7a7356835ef224b13d5f3ace0489.
 
 `iBOTLoss` from main_ibot.py, verbatim except the import of `dist` (tests/model/oracles/_dist.py:
@@ -9,6 +10,8 @@ folder: the class no longer subclasses torchvision's ImageFolder (its *args/**kw
 `__getitem__(index)` became `masks_for(crops)`, which takes the list of crops that
 `super().__getitem__(index)[0]` returned and returns the masks.
 """
+
+# fmt: off
 
 import math
 import random
