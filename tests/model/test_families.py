@@ -109,3 +109,19 @@ def test_masked_family_without_masks_is_a_clear_error():
         method(batch)
     with pytest.raises(ValueError, match="unknown DINO family 'byol'"):
         DinoFamily(variant_config("vicreg").model, variant_config("vicreg").data, DinoConfig(family="byol"))
+
+
+def test_state_dict_restores_student_teacher_and_centres_exactly():
+    method, batch = _build("ibot", "path", "path-xattn")
+    method(batch)  # centres off zero
+    method.update_teacher(0.5)
+    restored, _ = _build("ibot", "path", "path-xattn")
+    torch.manual_seed(3)
+    for p in restored.parameters():  # another state everywhere, then the checkpoint
+        p.data.normal_()
+    restored.load_state_dict(method.state_dict())
+    method.eval()
+    restored.eval()
+    want, got = method(batch), restored(batch)
+    assert all(torch.equal(want[k], got[k]) for k in want)
+    assert torch.equal(method.center, restored.center) and torch.equal(method.patch_center, restored.patch_center)
