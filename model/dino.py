@@ -22,10 +22,11 @@ Choices the `path` paper (arXiv 2503.18753) leaves open, made here and in model/
 - Reconstruction uses student features only: the decoder reads the student's `z_eq` of the two global
   crops (DINO family: from the same student pass that the iBOT loss uses, so the second global crop is
   seen with its iBOT mask; no extra encoder pass).
-- Only `z_inv` feeds the family's terms: the DINO loss takes the pooled `z_inv` (class token) of every
-  crop, the iBOT loss the `z_inv` tokens of the masked patches through the same (shared) head, KoLeo
-  the pooled `z_inv` of each global crop (DINOv2 applies it to the backbone's class token; `z_inv` is
-  the closest analogue in a split encoder). `z_eq` sees only the reconstruction loss.
+- Only `z_inv` feeds the family's terms: the DINO loss takes the pooled `z_inv` of every crop (pooled
+  by model.pool; `cls`, the class token, is DINO's choice), the iBOT loss the `z_inv` tokens of the
+  masked patches through the same (shared) head, KoLeo the pooled `z_inv` of each global crop (DINOv2
+  applies it to the backbone's class token; `z_inv` is the closest analogue in a split encoder).
+  `z_eq` sees only the reconstruction loss.
 
 Numerics: softmax statistics run in at least fp32 outside autocast (float64 stays float64, for tests).
 """

@@ -89,6 +89,10 @@ def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | 
     size (tested), by the steps of timm's VisionTransformer.forward_features.
     """
     vit = encoder.backbone
+    patch = vit.patch_embed.patch_size
+    if x.dim() != 4 or x.shape[-2] % patch[0] or x.shape[-1] % patch[1]:
+        raise ValueError(f"crops of shape {tuple(x.shape)}: the encoder needs (B, 3, H, W) with H and W "
+                         f"multiples of model.patch_size={patch[0]}")
     tokens = vit.patch_embed.proj(x)  # (B, D, gh, gw)
     grid = tuple(tokens.shape[-2:])
     tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))  # (B, N, D)

@@ -56,6 +56,8 @@ def test_encode_tokens_equals_the_split_encoder():
     assert not torch.allclose(encode_tokens(enc, batch.view1, some, method.mask_token + 1).z_inv, want.z_inv)
     small = encode_tokens(enc, batch.local[:, 0])  # another size: position embedding resampled
     assert small.z_inv_tokens.shape == (4, (LOCAL_SIZE // 8) ** 2, enc.d_inv)
+    with pytest.raises(ValueError, match="multiples of model.patch_size=8"):
+        encode_tokens(enc, batch.local[:, 0, :, :12, :12])
 
 
 @pytest.mark.parametrize(("family", "eq", "variant", "overrides"), COMBOS, ids=[f"{f}-{e}" for f, e, *_ in COMBOS])
