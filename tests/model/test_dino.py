@@ -402,3 +402,25 @@ def test_block_mask_never_exceeds_the_target():
         for _ in range(20):
             assert dino.block_mask((14, 14), n, rng).sum() <= n
     assert math.isclose(dino.sample_mask_ratio(random.Random(0), ((0.2, 0.2),)), 0.2)
+
+
+def test_losses_run_in_fp32_under_autocast():
+    """bf16 logits under autocast give the fp32 result of the same logits: the softmax statistics,
+    the cross-entropy contraction and Sinkhorn do not run in bf16."""
+    gen = torch.Generator().manual_seed(13)
+    student = torch.randn(2 + L, B, K, generator=gen).bfloat16()
+    teacher = torch.randn(2 * B, K, generator=gen).bfloat16()
+    masks = _masks(2 * B, gen)
+    patches = torch.randn(int(masks.sum()), K, generator=gen).bfloat16()
+
+    def terms():
+        targets = dino.sinkhorn_knopp(teacher, TEMP)
+        return torch.stack([dino.dino_loss(student, targets.view(2, B, K)),
+                            dino.ibot_patch_loss(patches, dino.teacher_softmax(patches, torch.zeros(K), TEMP), masks),
+                            dino.koleo_loss(student[0])])
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = terms()
+    student, teacher, patches = student.float(), teacher.float(), patches.float()
+    assert mixed.dtype == torch.float32
+    torch.testing.assert_close(mixed, terms(), rtol=1e-6, atol=1e-6)

@@ -1,6 +1,7 @@
 """model/families.py on random tensors: the token adapter equals the encoder, every family with every
 equivariant part gives finite logged terms, every trainable parameter gets a gradient and the
-teacher none, the centres and the teacher move, and a batch without masks is a one-line error."""
+teacher none, the centres and the teacher move, a checkpoint restores them, two DDP ranks stay
+identical, and a batch without masks is a one-line error."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import random
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from model_testing import make_batch, variant_config
 
 from model import dino
@@ -127,3 +130,35 @@ def test_state_dict_restores_student_teacher_and_centres_exactly():
     want, got = method(batch), restored(batch)
     assert all(torch.equal(want[k], got[k]) for k in want)
     assert torch.equal(method.center, restored.center) and torch.equal(method.patch_center, restored.patch_center)
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        method, batch = _build("ibot", "path", "path-xattn")
+        batch.view1 = batch.view1 + rank  # each rank its own images
+        batch.local = batch.local * (1 + rank)
+        model = torch.nn.parallel.DistributedDataParallel(method)
+        opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+        losses = []
+        for _ in range(2):  # a parameter without gradient would fail DDP's second reduction
+            out = model(batch)
+            out["loss"].backward()
+            opt.step()
+            opt.zero_grad()
+            method.update_teacher(0.99)
+            losses.append(out["loss"].detach())
+        torch.save({"state": method.state_dict(), "losses": torch.stack(losses)}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes that import torch and timm: ~30 s on 2 busy cores
+def test_two_ddp_ranks_keep_student_teacher_and_centres_identical(tmp_path):
+    mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.isfinite(r0["losses"]).all() and not torch.equal(r0["losses"], r1["losses"])
+    assert r0["state"]["center"].abs().sum() > 0
+    for key, value in r0["state"].items():  # the centres see both ranks' images: equal, like the weights
+        torch.testing.assert_close(r1["state"][key], value, rtol=0, atol=1e-6, msg=key)
