@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from pipeline.errors import ConfigError
+
 STUDENT_TEMP = 0.1  # DINO / iBOT / DINOv2 student temperature
 CENTER_MOMENTUM = 0.9  # EMA of the teacher centre (DINO, iBOT)
 SINKHORN_ITERATIONS = 3  # DINOv2
@@ -77,7 +79,7 @@ class DINOHead(nn.Module):
                  nlayers: int = 3, norm_last_layer: bool = True):
         super().__init__()
         if nlayers < 1 or min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1:
-            raise ValueError(f"DINOHead needs nlayers >= 1 and positive sizes, got nlayers={nlayers}, "
+            raise ConfigError(f"DINOHead needs nlayers >= 1 and positive sizes, got nlayers={nlayers}, "
                              f"in={in_dim}, hidden={hidden_dim}, bottleneck={bottleneck_dim}, out={out_dim}")
         widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []

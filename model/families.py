@@ -45,6 +45,7 @@ from model.encoder import SplitEncoder, SplitOutput
 from model.methods import METHODS, NO_DECAY_NAMES, Method
 from model.teacher import EMATeacher
 from pipeline.batch import Batch, DataConfig
+from pipeline.errors import ConfigError
 
 FAMILIES = ("dino", "ibot", "dinov2")
 # Equivariant part -> the model/methods.py method that provides it ("none": VICReg's, which adds nothing).
@@ -127,9 +128,9 @@ class DinoFamily(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig, family: DinoConfig, equivariant: str = "path"):
         super().__init__()
         if family.family not in FAMILIES:
-            raise ValueError(f"unknown DINO family {family.family!r}; choose from {', '.join(FAMILIES)}")
+            raise ConfigError(f"unknown DINO family {family.family!r}; choose from {', '.join(FAMILIES)}")
         if equivariant not in EQUIVARIANT:
-            raise ValueError(f"unknown equivariant part {equivariant!r}; choose from {', '.join(EQUIVARIANT)}")
+            raise ConfigError(f"unknown equivariant part {equivariant!r}; choose from {', '.join(EQUIVARIANT)}")
         self.cfg, self.family = cfg, family
         # The equivariant method owns the encoder and its decoder/predictor; its VICReg expander is
         # dropped (the family has its own head), so that no parameter is left without a gradient.
@@ -177,8 +178,8 @@ class DinoFamily(nn.Module):
             want = (b, 2, self.encoder.num_patches)
             if masks is None or tuple(masks.shape) != want or masks.dtype != torch.bool:
                 got = None if masks is None else (tuple(masks.shape), masks.dtype)
-                raise ValueError(f"the {self.family.family} family needs batch.masks, bool {want} (iBOT's masks "
-                                 f"of the two global crops), got {got}")
+                raise ConfigError(f"the {self.family.family} family needs batch.masks, bool {want} (iBOT's masks "
+                                  f"of the two global crops), got {got}: the loader must make them")
         return local, masks
 
     @torch.no_grad()

@@ -20,11 +20,13 @@ import math
 import torch
 from torch import nn
 
+from pipeline.errors import ConfigError
+
 
 def teacher_momentum(step: int, total_steps: int, base: float, final: float = 1.0) -> float:
     """DINO's cosine schedule: base at step 0, final at total_steps (and after)."""
     if total_steps <= 0:
-        raise ValueError(f"teacher_momentum needs total_steps > 0, got {total_steps}")
+        raise ConfigError(f"teacher_momentum needs total_steps > 0, got {total_steps}")
     progress = min(max(step, 0), total_steps) / total_steps
     return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
 
@@ -53,7 +55,7 @@ class EMATeacher(nn.Module):
     def update(self, student: nn.Module, momentum: float) -> None:
         """θ_t ← momentum · θ_t + (1 - momentum) · θ_s for every parameter; buffers copied."""
         if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"teacher momentum must be in [0, 1], got {momentum}")
+            raise ConfigError(f"teacher momentum must be in [0, 1], got {momentum}")
         named = list(student.named_parameters())
         if [name for name, _ in named] != self._names:
             raise ValueError("EMATeacher.update: the student's parameters are not the ones the teacher was "

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from scipy import ndimage  # scikit-learn's dependency (the dev extra)
 
 from model import dino
+from pipeline.errors import ConfigError
 from tests.model.oracles import dino_official, dinov2_official, ibot_official
 
 TOL = {"rtol": 1e-6, "atol": 1e-9}
@@ -424,3 +425,8 @@ def test_losses_run_in_fp32_under_autocast():
     student, teacher, patches = student.float(), teacher.float(), patches.float()
     assert mixed.dtype == torch.float32
     torch.testing.assert_close(mixed, terms(), rtol=1e-6, atol=1e-6)
+
+
+def test_head_rejects_impossible_sizes():
+    with pytest.raises(ConfigError, match="nlayers >= 1"):
+        dino.DINOHead(16, K, nlayers=0)

@@ -15,6 +15,7 @@ from model_testing import make_batch, variant_config
 
 from model import dino
 from model.families import DinoConfig, DinoFamily, MultiCropBatch, encode_tokens
+from pipeline.errors import ConfigError
 
 LOCAL, LOCAL_SIZE = 3, 16  # local crops per image at 16 px (a 2×2 grid at patch 8)
 # (family, equivariant part, model_testing variant, extra overrides)
@@ -110,9 +111,9 @@ def test_global_crops_alone_are_a_dino_batch():
 def test_masked_family_without_masks_is_a_clear_error():
     method, batch = _build("ibot", "path", "path-xattn")
     batch.masks = None
-    with pytest.raises(ValueError, match=r"needs batch\.masks, bool \(4, 2, 16\)"):
+    with pytest.raises(ConfigError, match=r"needs batch\.masks, bool \(4, 2, 16\)"):
         method(batch)
-    with pytest.raises(ValueError, match="unknown DINO family 'byol'"):
+    with pytest.raises(ConfigError, match="unknown DINO family 'byol'"):
         DinoFamily(variant_config("vicreg").model, variant_config("vicreg").data, DinoConfig(family="byol"))
 
 

@@ -12,6 +12,7 @@ from torch import nn
 
 from model.dino import DINOHead
 from model.teacher import EMATeacher, teacher_momentum
+from pipeline.errors import ConfigError
 
 
 def _student(seed: int = 0) -> nn.Module:
@@ -69,7 +70,7 @@ def test_momentum_one_keeps_and_zero_copies():
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), frozen))
     teacher.update(student, 0.0)
     assert all(torch.equal(a, b) for a, b in zip(teacher.parameters(), student.parameters()))
-    with pytest.raises(ValueError, match="momentum"):
+    with pytest.raises(ConfigError, match="momentum"):
         teacher.update(student, 1.5)
 
 
@@ -115,3 +116,5 @@ def test_momentum_schedule_is_a_cosine_to_one(base):
     assert values[25] == pytest.approx(1 - (1 - base) * (1 + math.cos(math.pi / 4)) / 2)
     assert all(a <= b for a, b in itertools.pairwise(values))
     assert teacher_momentum(total + 7, total, base) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="total_steps > 0"):
+        teacher_momentum(0, 0, base)
