@@ -163,3 +163,19 @@ def test_two_ddp_ranks_keep_student_teacher_and_centres_identical(tmp_path):
     assert r0["state"]["center"].abs().sum() > 0
     for key, value in r0["state"].items():  # the centres see both ranks' images: equal, like the weights
         torch.testing.assert_close(r1["state"][key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("family", ["dino", "ibot", "dinov2"])
+def test_the_student_learns_the_teachers_targets(family):
+    """On one fixed batch, a few AdamW steps (teacher following at momentum 0.9) cut the loss."""
+    method, batch = _build(family, "none", "vicreg")
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(6):
+        out = method(batch)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        method.update_teacher(0.9)
+        losses.append(out["loss"].item())
+    assert losses[-1] < 0.75 * losses[0], losses
