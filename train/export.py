@@ -24,7 +24,7 @@ the head and d_inv: `head(model(x))[:, :d_inv]` is the pooled z_inv the SSL loss
 (the head is linear, so pooling before or after it is the same).
 
 `--img-size` other than the training size resamples the position embedding (timm's
-`resample_abs_pos_embed`, bicubic): the features then differ from the trained ones, as any
+`set_input_size`, bicubic): the features then differ from the trained ones, as any
 resolution change does. The size must be a multiple of the patch size.
 """
 
@@ -99,34 +99,34 @@ def load_method(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
 # ------------------------------------------------------------------------------------ writing
 
 
-def timm_backbone(encoder, img_size: int | None = None) -> nn.Module:
+def timm_backbone(encoder, img_size: int | None = None, what: str = "img_size") -> nn.Module:
     """A fresh timm model holding the encoder's backbone whose `model(x)` is eqrecon's pooled features.
 
     Mean pooling needs fc_norm=False as well as global_pool="avg": timm's default for "avg" moves the
-    final norm after the pooling (fc_norm), which is not what the encoder computes.
-    img_size other than the training size: the position embedding is resampled to the new grid.
+    final norm after the pooling (fc_norm), which is not what the encoder computes. img_size: see
+    `set_img_size` (`what` names the setting in its error).
     """
-    from timm.layers import resample_abs_pos_embed
-
-    trained = encoder.timm_kwargs["img_size"]
-    size = img_size or trained
-    patch = encoder.timm_kwargs["patch_size"]
-    if size <= 0 or size % patch:
-        raise ExportError(f"--img-size {size}: must be a positive multiple of the patch size {patch} "
-                          f"(trained at {trained})")
-    kwargs = {**encoder.timm_kwargs, "img_size": size, "num_classes": 0,
-              "global_pool": TIMM_POOL[encoder.pool], "fc_norm": False}
+    kwargs = {**encoder.timm_kwargs, "num_classes": 0, "global_pool": TIMM_POOL[encoder.pool], "fc_norm": False}
     # The tag names where the weights come from; license=None drops the architecture's default
     # weights' license from the exported config (these weights are not those).
     model = timm.create_model(encoder.timm_name, pretrained=False, pretrained_cfg_overlay={
         "tag": "eqrecon", "license": None}, **kwargs)
-    state = dict(encoder.backbone.state_dict())
-    if size != trained:
-        state["pos_embed"] = resample_abs_pos_embed(
-            state["pos_embed"], new_size=model.patch_embed.grid_size,
-            num_prefix_tokens=0 if model.no_embed_class else model.num_prefix_tokens)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(encoder.backbone.state_dict(), strict=True)
+    if img_size:
+        set_img_size(model, img_size, what)
     return model.eval()
+
+
+def set_img_size(model: nn.Module, size: int, what: str) -> None:
+    """Make a timm ViT take size x size images: timm resamples the position embedding (bicubic)."""
+    patch = model.patch_embed.patch_size[0]
+    trained = model.patch_embed.img_size[0]
+    if size == trained:
+        return
+    if size <= 0 or size % patch:
+        raise ExportError(f"{what} {size}: must be a positive multiple of the patch size {patch} "
+                          f"(the backbone was made for {trained})")
+    model.set_input_size(img_size=size)  # records the new size in the args an export saves
 
 
 def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) -> Path:
@@ -141,7 +141,7 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) 
         raise ExportError(f"--out {out}: exists and is not a folder")
     method, ckpt = load_method(ckpt_path)
     encoder = method.encoder
-    model = timm_backbone(encoder, img_size)
+    model = timm_backbone(encoder, img_size, "--img-size")
     size = model.patch_embed.img_size
     data = ckpt["config"]["data"]
     data_config = {"input_size": (3, *size), "mean": tuple(data["mean"]), "std": tuple(data["std"]),
@@ -188,20 +188,35 @@ def check_roundtrip(out: Path, model: nn.Module) -> None:
 # ------------------------------------------------------------------------------------ reading
 
 
-def load_export(folder: str | Path) -> nn.Module:
-    """The exported timm model in eval mode (timm's `local-dir:` load, strict); ExportError if unreadable."""
+def read_config(folder: str | Path) -> dict:
+    """An export's config.json (timm's fields plus "eqrecon": checkpoint, step, method, head split)."""
+    path = Path(folder) / CONFIG
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: unreadable export config ({err})") from None
+
+
+def load_export(folder: str | Path, img_size: int | None = None) -> nn.Module:
+    """The exported timm model in eval mode (timm's `local-dir:` load, strict); ExportError if unreadable.
+
+    img_size other than the exported size: the position embedding is resampled (`set_img_size`).
+    """
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
         raise ExportError(f"{folder}: not an export folder (needs {CONFIG} and {WEIGHTS}; "
                           f"write one with train/export.py)")
     try:
-        return timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     except (SafetensorError, json.JSONDecodeError) as err:
         raise ExportError(f"{folder}: damaged export file ({err})") from None
     except KeyError as err:  # a config.json without "architecture" or "pretrained_cfg"
         raise ExportError(f"{folder / CONFIG}: missing entry {err} (re-export with train/export.py)") from None
     except RuntimeError as err:  # timm's strict load_state_dict, or "Unknown model"
         raise ExportError(f"{folder}: weights do not match {CONFIG} ({str(err).splitlines()[0]} ...)") from None
+    if img_size:
+        set_img_size(model, img_size, "img_size")
+    return model
 
 
 def load_split_head(folder: str | Path) -> tuple[nn.Linear, int]:
