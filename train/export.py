@@ -168,6 +168,7 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) 
 
 
 def _atomic(path: Path, write) -> None:
+    """write(tmp) beside `path`, then rename it onto `path` (no partial file on failure)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         write(tmp)
@@ -177,12 +178,16 @@ def _atomic(path: Path, write) -> None:
 
 
 def check_roundtrip(out: Path, model: nn.Module) -> None:
-    """timm must load exactly the exported tensors and compute the same features."""
+    """timm must load exactly the exported tensors and compute the same features from them."""
     loaded = load_export(out)
     got, want = loaded.state_dict(), model.state_dict()
     differ = sorted(k for k in want if k not in got or not torch.equal(want[k], got[k]))
     if differ or set(got) != set(want):
         raise ExportError(f"timm loaded {out} differently: {differ[:5] or sorted(set(got) ^ set(want))[:5]}")
+    x = torch.randn(1, 3, *model.patch_embed.img_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(loaded(x), model(x)):  # e.g. a pooling setting config.json did not keep
+            raise ExportError(f"timm's model from {out} computes other features than the exported one")
 
 
 # ------------------------------------------------------------------------------------ reading
@@ -212,8 +217,9 @@ def load_export(folder: str | Path, img_size: int | None = None) -> nn.Module:
         raise ExportError(f"{folder}: damaged export file ({err})") from None
     except KeyError as err:  # a config.json without "architecture" or "pretrained_cfg"
         raise ExportError(f"{folder / CONFIG}: missing entry {err} (re-export with train/export.py)") from None
-    except RuntimeError as err:  # timm's strict load_state_dict, or "Unknown model"
-        raise ExportError(f"{folder}: weights do not match {CONFIG} ({str(err).splitlines()[0]} ...)") from None
+    except RuntimeError as err:  # timm's strict load_state_dict (it names the keys), or "Unknown model"
+        reason = " ".join(str(err).split())
+        raise ExportError(f"{folder}: weights do not match {CONFIG} ({reason[:400]})") from None
     if img_size:
         set_img_size(model, img_size, "img_size")
     return model
