@@ -63,18 +63,18 @@ def _read_checkpoint(path: str | Path) -> dict:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"--ckpt {path}: no such checkpoint (runs keep it at RUN/ckpt/last.pt)")
+        raise CheckpointError(f"{path}: no such checkpoint (runs keep it at RUN/ckpt/last.pt)")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"--ckpt {path}: the file is empty")
+        raise CheckpointError(f"{path}: the file is empty")
     try:
         # Our own training checkpoint: it pickles numpy RNG states, hence not weights_only.
         ckpt = torch.load(path, map_location="cpu", weights_only=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, ImportError, AttributeError) as err:
         # RuntimeError: torch's zip reader on a truncated file; the others: a file that is no pickle.
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"--ckpt {path}: not a readable torch checkpoint, truncated or foreign ({reason})") from None
+        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or foreign ({reason})") from None
     if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        raise CheckpointError(f"--ckpt {path}: not an eqrecon training checkpoint (no 'model'/'config' entries)")
+        raise CheckpointError(f"{path}: not an eqrecon training checkpoint (no 'model'/'config' entries)")
     return ckpt
 
 
@@ -88,10 +88,10 @@ def load_method(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
         cfg = from_dict(ckpt["config"])
         method = build_method(cfg.model, cfg.data)
     except (ConfigError, ValueError, TypeError) as err:
-        raise CheckpointError(f"--ckpt {ckpt_path}: its saved config does not build a model ({err})") from None
+        raise CheckpointError(f"{ckpt_path}: its saved config does not build a model ({err})") from None
     missing, unexpected = method.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"--ckpt {ckpt_path}: weights do not match its saved config "
+        raise CheckpointError(f"{ckpt_path}: weights do not match its saved config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return method.eval(), ckpt
 
