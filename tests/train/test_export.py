@@ -1,8 +1,9 @@
-"""train/export.py: timm loads the exported backbone exactly and computes the trained encoder's features."""
+"""train/export.py: timm's `local-dir:` loads the export strictly and computes the trained features."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,68 +19,161 @@ from train.main import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_shards):
-    run = tmp_path_factory.mktemp("export") / "run"
+def _train(tmp: Path, demo_shards: Path, pool: str) -> Path:
+    """A real 1-step run of the demo preset (tiny: depth 1 at 32 px) -> its checkpoint."""
+    run = tmp / f"run-{pool}"
     assert main(["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
-                 "--steps", "2", "--data.img_size=32"]) == 0
-    out = run / "backbone.safetensors"
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), "--ckpt", str(run / "ckpt" / "last.pt"),
-                           "--out", str(out), "--with-head"], check=False, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    method, _ = export.load_method(run / "ckpt" / "last.pt")
-    return method, out
+                 "--steps", "1", "--data.img_size=32", "--model.depth=1", f"--model.pool={pool}"]) == 0
+    return run / "ckpt" / "last.pt"
 
 
-def test_timm_loads_the_export_strictly_and_reproduces_the_features(trained):
-    method, out = trained
-    meta = json.loads(out.with_suffix(".json").read_text())
-    assert meta["timm_name"] == "vit_tiny_patch16_224" and meta["method"] == "path" and meta["step"] == 2
-    assert meta["timm_kwargs"] == {"img_size": 32, "patch_size": 8, "depth": 4}
-    # The call from the docs, as a user writes it.
-    model = timm.create_model(meta["timm_name"], pretrained=True, num_classes=0,
-                              pretrained_cfg_overlay={"file": str(out)}, **meta["timm_kwargs"]).eval()
-    saved = load_file(str(out))
-    got = model.state_dict()
-    assert set(saved) == set(got)  # nothing missing, nothing unexpected
-    assert all(torch.equal(saved[k], got[k]) for k in saved)
-    # And with num_classes=0 in the overlay too, timm's own strict load accepts it.
-    export.create_from_export(out, strict_overlay=True)
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory, demo_shards) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("export")
+    return {pool: _train(tmp, demo_shards, pool) for pool in ("mean", "cls")}
 
-    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+@pytest.fixture(scope="module")
+def exported(ckpts, tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("exported")
+    return {pool: export.export(ckpt, tmp / f"backbone-{pool}") for pool, ckpt in ckpts.items()}
+
+
+def _images(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("pool", ["mean", "cls"])
+def test_timm_local_dir_gives_the_trained_features(ckpts, exported, pool):
+    method, _ = export.load_method(ckpts[pool])
+    enc = method.encoder
+    model = timm.create_model(f"local-dir:{exported[pool]}", pretrained=True).eval()  # the user's call
+    x = _images()
     with torch.no_grad():
-        expected = method.encoder.forward_features(x)
-        torch.testing.assert_close(model.forward_features(x), expected, rtol=0, atol=1e-6)
-        torch.testing.assert_close(model(x), model.forward_head(expected, pre_logits=True), rtol=0, atol=1e-6)
-    assert not torch.equal(expected, timm.create_model(meta["timm_name"], num_classes=0,
-                                                       **meta["timm_kwargs"]).eval().forward_features(x))
+        tokens = enc.forward_features(x)  # (B, prefix + N, D)
+        want = tokens[:, enc.backbone.num_prefix_tokens:].mean(1) if pool == "mean" else tokens[:, 0]
+        got = model(x)  # (B, D)
+        assert got.shape == want.shape == (3, enc.embed_dim)
+        assert (got - want).abs().max() <= 1e-5
+        # The split head on top gives what the SSL loss and the equivariant objective saw.
+        head, d_inv = export.load_split_head(exported[pool])
+        z, split = head(got), enc(x)
+    assert d_inv == enc.d_inv
+    assert (z[:, :d_inv] - split.z_inv).abs().max() <= 1e-5
+    assert (z[:, d_inv:] - split.z_eq_pooled).abs().max() <= 1e-5
 
 
-def test_the_head_file_reproduces_the_split(trained):
-    method, out = trained
-    meta = json.loads(out.with_suffix(".json").read_text())["head"]
-    head = load_file(str(out.with_name(meta["file"])))
-    assert head["weight"].shape == (meta["d_patch"], method.encoder.embed_dim)
-    assert (meta["d_inv"], meta["d_eq"]) == (method.encoder.d_inv, method.encoder.d_eq)
-    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        tokens = method.encoder.forward_features(x)[:, method.encoder.backbone.num_prefix_tokens:]
-        z = tokens @ head["weight"].T + head["bias"]  # (B, N, d_patch)
-        split = method.encoder(x)
-    torch.testing.assert_close(z[..., meta["d_inv"]:], split.z_eq, rtol=0, atol=1e-5)
-    torch.testing.assert_close(z[..., :meta["d_inv"]].mean(1), split.z_inv, rtol=0, atol=1e-5)
+def test_resolve_data_config_gives_the_trained_transform(ckpts, exported):
+    trained = export._read_checkpoint(ckpts["mean"])["config"]["data"]
+    model = timm.create_model(f"local-dir:{exported['mean']}", pretrained=True)
+    cfg = timm.data.resolve_data_config(model=model)
+    assert cfg["input_size"] == (3, 32, 32)  # not the architecture's 224
+    assert tuple(cfg["mean"]) == tuple(trained["mean"]) and tuple(cfg["std"]) == tuple(trained["std"])
+    assert (cfg["interpolation"], cfg["crop_pct"]) == ("bilinear", 1.0)
+    meta = json.loads((exported["mean"] / "config.json").read_text())["eqrecon"]
+    assert (meta["method"], meta["step"], meta["head"]["file"]) == ("path", 1, "split_head.safetensors")
 
 
-def test_strict_loading_would_catch_a_stray_key(trained, tmp_path):
-    _, out = trained
-    bad = tmp_path / "bad.safetensors"
-    save_file({**load_file(str(out)), "decoder.junk": torch.zeros(1)}, str(bad))
-    bad.with_suffix(".json").write_text(out.with_suffix(".json").read_text())
-    with pytest.raises(RuntimeError, match="decoder.junk"):
-        export.create_from_export(bad, strict_overlay=True)
+@pytest.mark.parametrize("change", ["extra", "missing"])
+def test_loading_is_strict(exported, tmp_path, change):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text((exported["mean"] / "config.json").read_text())
+    state = load_file(str(exported["mean"] / "model.safetensors"))
+    if change == "extra":
+        state["decoder.junk"] = torch.zeros(1)
+    else:
+        del state["blocks.0.mlp.fc2.bias"]
+    save_file(state, str(bad / "model.safetensors"))
+    key = "decoder.junk" if change == "extra" else "blocks.0.mlp.fc2.bias"
+    with pytest.raises(RuntimeError, match=key):  # timm alone refuses it
+        timm.create_model(f"local-dir:{bad}", pretrained=True)
+    with pytest.raises(export.ExportError, match=f"weights do not match config.json .*{key}"):
+        export.load_export(bad)
 
 
-def test_export_errors_are_one_line(tmp_path, capsys):
-    assert export.main(["--ckpt", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b.safetensors")]) == 2
+def test_another_img_size_resamples_the_position_embedding(ckpts, tmp_path, capsys):
+    assert export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b48"), "--img-size", "48"]) == 0
+    model = export.load_export(tmp_path / "b48")
+    assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 48, 48)
+    assert model(_images(2, 48)).shape == (2, 192)
+    assert export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b30"), "--img-size", "30"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no such checkpoint" in err
+    assert err.count("\n") == 1 and "--img-size 30: must be a positive multiple of the patch size 8" in err
+
+
+def _one_line(capsys, *args: str) -> str:
+    assert export.main(list(args)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
+    path = tmp_path / f"{kind}.pt"
+    if kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(4096))
+    elif kind == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "foreign":
+        torch.save({"state_dict": {"w": torch.zeros(2)}}, path)
+    return path
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("missing", "no such checkpoint"),
+    ("empty", "the file is empty"),
+    ("garbage", "not a readable torch checkpoint"),
+    ("truncated", "not a readable torch checkpoint"),
+    ("foreign", "not an eqrecon training checkpoint"),
+])
+def test_a_bad_checkpoint_is_one_line(ckpts, tmp_path, capsys, kind, words):
+    ckpt = _bad_checkpoint(tmp_path, kind, ckpts["mean"].resolve())
+    err = _one_line(capsys, "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
+    assert words in err and str(ckpt) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unwritable_destination_is_one_line(ckpts, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("x")
+    err = _one_line(capsys, "--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "a-file" / "backbone"))
+    assert "cannot write the export" in err and "a-file" in err
+    err = _one_line(capsys, "--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "backbone.safetensors"))
+    assert "an export is a folder now" in err
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_destination_is_one_line(ckpts, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        err = _one_line(capsys, "--ckpt", str(ckpts["mean"]), "--out", str(locked / "backbone"))
+    finally:
+        locked.chmod(0o755)
+    assert "cannot write the export" in err and "Permission denied" in err
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "split_head.safetensors", "config.json"])
+def test_a_damaged_export_file_is_an_export_error(exported, tmp_path, name):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in exported["mean"].iterdir():
+        data = f.read_bytes()
+        (copy / f.name).write_bytes(data[: len(data) // 2] if f.name == name else data)
+    with pytest.raises(export.ExportError, match="damaged"):
+        export.load_export(copy)
+        export.load_split_head(copy)
+
+
+def test_the_script_runs_from_anywhere(ckpts, tmp_path):
+    out = tmp_path / "backbone"
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), "--ckpt", str(ckpts["cls"]),
+                           "--out", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert f'timm.create_model("local-dir:{out}", pretrained=True)' in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "split_head.safetensors"]
