@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -31,10 +33,13 @@ import multiprocessing
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import tarfile
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,11 +57,18 @@ VAL_CSV = "LOC_val_solution.csv"
 PROGRESS = ".convert-progress.jsonl"
 PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
+LOCK = ".convert.lock"  # flock'ed by the running converter; holds its pid, host and start time
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
 
 
 class _Skip(Exception):
     """An input file that cannot become a sample; the message is the recorded reason."""
+
+
+class Interrupted(ConvertError):
+    """Ctrl-C: finished shards are kept and a re-run resumes; the command exits 130 like a shell."""
+
+    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -70,32 +82,112 @@ class Item:
 # ---------------------------------------------------------------------------------------- discovery
 
 
-def _scan(folder: str, prefix: str = "") -> list[str]:
-    """Paths (relative to folder, posix) of all files below it, sorted, hidden entries left out."""
-    found = []  # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found += _scan(entry.path, f"{prefix}{entry.name}/")
-        elif entry.is_file():
-            found.append(prefix + entry.name)
-    return found
+def _printable(rel: str) -> str:
+    """rel with the bytes of a non-UTF-8 name (surrogate-escaped by Python) shown as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir surrogate-escapes bytes that are not UTF-8
+        return False
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    """Visible entries of folder, sorted by name."""
+    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+
+
+def _scan(folder: str, real: str, exclude: str, prefix: str = "",
+          ancestors: frozenset[str] = frozenset()) -> tuple[list[str], list[tuple[str, str]]]:
+    """-> (paths of the regular files below folder, [(path, reason)] of the entries that cannot be
+    files), paths relative to folder, posix, sorted. real is folder's resolved path. Hidden entries
+    and converter outputs (see _is_output) are left out."""
+    found, problems = [], []  # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
+    ancestors |= {real}
+    try:
+        entries = _entries(folder)
+    except OSError as e:
+        return [], [(prefix.rstrip("/"), f"unreadable folder: {e.strerror}")]
+    for entry in entries:
+        rel = prefix + entry.name
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()  # d_type, no system call unless a symlink
+        except OSError:  # ELOOP, a symlink to itself: _not_a_file says so
+            is_dir = is_file = False
+        if not _utf8(entry.name):
+            what = "folder" if is_dir else "file"
+            problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
+        elif is_dir:
+            sub = os.path.realpath(entry.path) if entry.is_symlink() else f"{real}/{entry.name}"
+            if _is_output(entry.path, sub, exclude):
+                continue
+            if sub in ancestors:  # the only way to a loop: hard links to folders do not exist
+                problems.append((rel, f"symlink loop: leads back to {sub}"))
+                continue
+            files, bad = _scan(entry.path, sub, exclude, f"{rel}/", ancestors)
+            found += files
+            problems += bad
+        elif is_file:
+            found.append(rel)
+        else:
+            problems.append((rel, _not_a_file(entry)))
+    return found, problems
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a folder nor a regular file (after following symlinks) is skipped."""
+    if not entry.is_symlink():
+        return "not a regular file (a socket, pipe or device)"
+    target = os.readlink(entry.path)
+    try:
+        os.stat(entry.path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symlink loop: {target!r} never reaches a file"
+        if e.errno == errno.ENOENT:
+            return f"dangling symlink: its target {target!r} does not exist"
+        return f"unreadable symlink to {target!r}: {e.strerror}"
+    return f"symlink to {target!r}, which is not a regular file"
+
+
+def _class_dirs(folder: Path, exclude: str) -> list[str]:
+    try:
+        entries = _entries(str(folder))
+    except OSError as e:
+        raise ConvertError(f"cannot read {str(folder)!r}: {e.strerror}") from None
+    return [e.name for e in entries
+            if _is_dir(e) and _utf8(e.name) and not _is_output(e.path, os.path.realpath(e.path), exclude)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: a symlink to itself is no folder
+        return False
+
+
+def _is_output(folder: str, real: str, exclude: str) -> bool:
+    """Is folder this run's --out (resolved: exclude) or another converter's output (it holds a lock
+    file)? Neither is source data: as a class it would shift every later label by one."""
+    return real == exclude or os.path.exists(os.path.join(folder, LOCK))
 
 
 def _read_val_csv(path: Path) -> dict[str, str]:
     """LOC_val_solution.csv: `ImageId,PredictionString` with the wnid as first token of the string."""
     labels = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                labels[row["ImageId"]] = row["PredictionString"].split()[0]
-            except (KeyError, IndexError, AttributeError):
-                raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    for row in rows:
+        try:
+            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+        except (KeyError, IndexError, AttributeError):
+            raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
     return labels
 
 
@@ -105,13 +197,16 @@ def _tar_safe_key(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
 
 
-def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
-    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files)."""
+def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
+    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files).
+
+    exclude: resolved path of a folder to leave out, the converter's own --out when it lies in src."""
     if not src.is_dir():
         raise ConvertError(f"--src {str(src)!r} is not a folder")
-    split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    split_dirs = {s: src / s for s in SPLITS
+                  if (src / s).is_dir() and not _is_output(str(src / s), os.path.realpath(src / s), exclude)}
     if not split_dirs:  # any folder of class folders
-        if not _class_dirs(src):
+        if not _class_dirs(src, exclude):
             raise ConvertError(f"{str(src)!r} has no train/ or val/ folder and no class folders")
         split_dirs = {"train": src}
     wanted = [s for s in SPLITS if split in (s, "all") and s in split_dirs]
@@ -121,9 +216,9 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
     csv_path = src / VAL_CSV
     val_labels = _read_val_csv(csv_path) if csv_path.is_file() else None
     if "train" in split_dirs:
-        classes = _class_dirs(split_dirs["train"])
-    elif _class_dirs(split_dirs["val"]):
-        classes = _class_dirs(split_dirs["val"])
+        classes = _class_dirs(split_dirs["train"], exclude)
+    elif _class_dirs(split_dirs["val"], exclude):
+        classes = _class_dirs(split_dirs["val"], exclude)
     else:
         classes = sorted(set(val_labels.values())) if val_labels else []
     if not classes:
@@ -134,7 +229,9 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
     for s in wanted:
         root, seen, found = split_dirs[s], set(), []
         prefix = "" if root == src else f"{s}/"
-        for rel_split in _scan(str(root)):
+        files, problems = _scan(str(root), os.path.realpath(root), exclude)
+        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in problems]
+        for rel_split in files:
             rel = prefix + rel_split
             stem, ext = os.path.splitext(rel_split)
             if ext.lower() not in IMAGE_EXTS:
@@ -144,7 +241,8 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
                 if val_labels is None:
                     raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
                 wnid = val_labels.get(stem)
-                reason = f"no label: {stem!r} is not in {VAL_CSV}"
+                reason = (f"no label: {stem!r} is not in {VAL_CSV}" if wnid is None else
+                          f"unknown class: {VAL_CSV} labels it {wnid!r}, which is not a train class")
             else:
                 wnid = rel_split.split("/", 1)[0]
                 reason = f"unknown class: folder {wnid!r} is not a train class"
@@ -289,12 +387,41 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
               "plan": plan, "skipped": skipped, "reencoded": reencoded}
     if samples:  # a shard whose every file was skipped is recorded but not written
         tar, idx = out / name, (out / name).with_suffix(".idx")
-        members = _write_tar(tar.with_name(name + ".tmp"), samples)
-        idx.with_name(idx.name + ".tmp").write_text(_index_lines(members))
-        os.replace(idx.with_name(idx.name + ".tmp"), idx)
-        os.replace(tar.with_name(name + ".tmp"), tar)  # the .tar appearing marks the shard complete
+        tar_tmp, idx_tmp = tar.with_name(name + ".tmp"), idx.with_name(idx.name + ".tmp")
+        try:
+            members = _write_tar(tar_tmp, samples)
+            idx_tmp.write_text(_index_lines(members))
+            os.replace(idx_tmp, idx)
+            os.replace(tar_tmp, tar)  # the .tar appearing marks the shard complete
+        except OSError as e:
+            error = output_error(e, tar_tmp)
+            if error is None:
+                raise
+            for tmp in (tar_tmp, idx_tmp):  # give a full disk its space back
+                tmp.unlink(missing_ok=True)
+            raise error from None
         record.update(bytes=tar.stat().st_size, sha256=_sha256(tar))
     return record
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: a file-size limit (ulimit -f)
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def output_error(e: OSError, path: str | Path) -> ConvertError | None:
+    """The one-line error for an OS error writing path (None: not the user's to fix, keep the traceback).
+
+    Raised in worker processes too: a ConvertError pickles back to the parent as itself."""
+    if e.errno in _DISK_FULL:
+        hint = "free some space (or raise the file-size limit) or choose another --out, then re-run to resume"
+    elif e.errno in _NOT_WRITABLE:
+        hint = "the output folder is not writable: choose another --out"
+    elif e.errno in _NOT_A_FOLDER:
+        hint = "--out and the folders above it must be folders, not files"
+    else:
+        return None
+    return ConvertError(f"cannot write {e.filename or path}: {e.strerror}; {hint}")
 
 
 # ---------------------------------------------------------------------------------------- verifying
@@ -418,10 +545,54 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
     return samples == [(it.key, it.label) for it in items if it.rel not in kept]
 
 
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _pool(workers: int):
+    """A pool whose workers ignore Ctrl-C: the parent alone handles it and terminates them. A worker
+    that died of KeyboardInterrupt printed a traceback, and one that died holding the task queue's
+    lock made the parent's terminate() wait forever. SIGINT stays blocked while the workers are
+    forked, so none can receive it before its initializer has run."""
     # fork: the workers need nothing but this module and the plan, and start instantly
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    return ctx.Pool(workers)
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        return ctx.Pool(workers, initializer=_ignore_sigint)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+@contextmanager
+def _lock(out: Path):
+    """Hold an exclusive lock on out for the whole conversion: two converters into one folder delete
+    each other's unfinished shards and leave a dataset.json that fails --verify. The lock file
+    stays (removing it would let a third converter lock a new file while a second holds the old)."""
+    with open(os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "a process that is starting"
+            raise ConvertError(f"{out} is being written by another converter ({holder}); "
+                               "wait for it to finish or choose another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        yield
+
+
+@contextmanager
+def _writing(out: Path):
+    """OS errors writing below out -> one ConvertError line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        where, folder = Path(os.path.realpath(e.filename or out)), Path(os.path.realpath(out))
+        inside = where.is_relative_to(folder) or folder.is_relative_to(where)  # or a folder above out
+        if not inside or (error := output_error(e, out)) is None:
+            raise
+        raise error from None
 
 
 def _rewrite(path: Path, text: str) -> None:
@@ -460,10 +631,28 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ConvertError(f"--workers must be >= 1, not {workers}")
-    classes, items, pre_skipped, ignored = discover(src, split)
+    if not src.is_dir():
+        raise ConvertError(f"--src {str(src)!r} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {str(out)!r} is a file, not a folder")
+    if os.path.realpath(out) == str(src):
+        raise ConvertError(f"--out {str(out)!r} is --src itself: choose a new folder (it may lie inside --src)")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with _lock(out):
+            try:
+                return _convert(src, out, split, shard_size, workers, seed, strict, quiet)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted: finished shards are kept; re-run the same command to resume") from None
+
+
+def _convert(src: Path, out: Path, split: str, shard_size: int, workers: int, seed: int, strict: bool,
+             quiet: bool) -> dict:
+    """convert() once out exists and is locked."""
+    # out inside src (--src D --out D/wds) must not become a class, nor its shards images
+    classes, items, pre_skipped, ignored = discover(src, split, exclude=os.path.realpath(out))
     if strict and pre_skipped:
         raise ConvertError(_strict_message(pre_skipped))
-    out.mkdir(parents=True, exist_ok=True)
     old = next((m for m in map(_load_json, (out / "dataset.json", out / PREVIOUS))
                 if m and m.get("format") == FORMAT), {})
     known = _known_records(out, old, classes)
@@ -502,8 +691,11 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
             log.flush()
         try:
             _run(tasks, min(workers, max(len(tasks), 1)), todo, quiet, on_done)
-        except KeyboardInterrupt:
-            raise ConvertError("interrupted: finished shards are kept; re-run the same command to resume") from None
+        except ConvertError:  # a full disk: the other workers' unfinished shards give their space back
+            for f in out.iterdir():
+                if SHARD_RE.match(f.name) and f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+            raise
     rate = todo / max(time.perf_counter() - t0, 1e-9)
 
     ordered = [records[name] for s in plans for name, _, _ in plans[s]]
@@ -585,10 +777,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--src and --out are required (or --verify DIR)")
         convert(args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.strict)
         return 0
+    except KeyboardInterrupt:  # outside convert(): --verify, or before the conversion started
+        print("error: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
     except UserError as e:
         print(one_line(e), file=sys.stderr)
-        return 1
+        return e.exit_code if isinstance(e, Interrupted) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Done (or reported): a Ctrl-C now would only kill the interpreter's shutdown with SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)
