@@ -13,11 +13,19 @@ folder, without extension, made tar-safe. Every image is fully decoded once: bas
 JPEGs are stored byte for byte, everything else decodable (CMYK, PNG named .JPEG, palette, 16-bit) is
 re-encoded as a baseline JPEG, and undecodable/truncated/empty files are skipped and recorded.
 
+Nothing is lost silently: every entry that is not converted is listed in dataset.json's `skipped`
+with its reason (a file name that is not UTF-8, a dangling symlink, a symlink loop, a pipe, an
+unreadable file or folder, an unknown class, an undecodable image); non-image files are `ignored`.
+--out may lie inside --src: it is never read as source, nor is any folder holding a converter's
+lock file (an earlier output).
+
 Which sample goes into which shard depends only on the seed and the sorted file list, and shard bytes
 are deterministic, so a re-run after an interrupt keeps the shards that verify (plan hash + sha256 +
 tar/index agreement) and rewrites the others: the result is the same dataset. Shards are written as
 `*.tar.tmp` and renamed when complete; finished shards are logged to `.convert-progress.jsonl` until
-`dataset.json` is written at the end.
+`dataset.json` is written at the end. One converter at a time writes into a folder (an flock on
+`.convert.lock`, which names the holder); Ctrl-C stops it with one line and exit status 130, and an
+output folder that is read-only, a file or full is one `error:` line naming the path.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import signal
 import socket
 import sys
 import tarfile
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -378,7 +387,7 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
             skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": str(e)})
             continue
         except OSError as e:
-            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e}"})
+            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e.strerror or e}"})
             continue
         if note:
             reencoded.append({"path": it.rel, "was": note})
@@ -545,23 +554,44 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
     return samples == [(it.key, it.label) for it in items if it.rel not in kept]
 
 
+@contextmanager
+def _sigint_held_back():
+    """Hold Ctrl-C back while pool workers are forked or terminated, and raise it afterwards.
+    Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
+    multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
+    run goes on) or leaves their locks held."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # signals go to the main thread only; and a caller's own handler is left alone
+        return
+    came = []
+    signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if came:
+        raise KeyboardInterrupt
+
+
 def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+@contextmanager
 def _pool(workers: int):
     """A pool whose workers ignore Ctrl-C: the parent alone handles it and terminates them. A worker
     that died of KeyboardInterrupt printed a traceback, and one that died holding the task queue's
-    lock made the parent's terminate() wait forever. SIGINT stays blocked while the workers are
-    forked, so none can receive it before its initializer has run."""
+    lock made the parent's terminate() wait forever."""
     # fork: the workers need nothing but this module and the plan, and start instantly
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    with _sigint_held_back():
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
     try:
-        return ctx.Pool(workers, initializer=_ignore_sigint)
+        yield pool
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        with _sigint_held_back():
+            pool.terminate()
 
 
 @contextmanager

@@ -168,7 +168,7 @@ def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
         "cat/self.jpg": "symlink loop",
         "cat/loop": "symlink loop: leads back to",
         "cat/pipe.jpg": "not a regular file",
-        "coffee/locked.jpg": "unreadable: ",
+        "coffee/locked.jpg": "unreadable: Permission denied",
         "rocket/closed": "unreadable folder: Permission denied",
     }
     assert set(got) == set(want), got
