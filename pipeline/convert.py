@@ -628,8 +628,12 @@ def _writing(out: Path):
 def _rewrite(path: Path, text: str) -> None:
     """Replace path's content atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
 
 
 def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:

@@ -116,12 +116,14 @@ def wait_for_lock(out: Path, pid: int, timeout: float = 60) -> None:
 
 
 def test_second_converter_into_the_same_out_exits_at_once_naming_the_holder(tmp_path):
-    src, out = class_folders(tmp_path / "src"), tmp_path / "out"
+    every_class = sorted(p.name for p in (PHOTOS / "train").iterdir())
+    src, out = class_folders(tmp_path / "src", every_class, per_class=8), tmp_path / "out"  # ~1 s of work
     first = subprocess.Popen([*CLI, "--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1"],
                              cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lock(out, first.pid)
         os.kill(first.pid, signal.SIGSTOP)  # the holder is mid-conversion for as long as this test needs
+        assert first.poll() is None, "the first converter finished before it could be paused"
         t0 = time.monotonic()
         second = run_cli("--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1")
         line = one_error_line(second, str(out), f"pid {first.pid} on {socket.gethostname()}", "started")
