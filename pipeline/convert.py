@@ -15,7 +15,8 @@ re-encoded as a baseline JPEG, and undecodable/truncated/empty files are skipped
 
 Nothing is lost silently: every entry that is not converted is listed in dataset.json's `skipped`
 with its reason (a file name that is not UTF-8, a dangling symlink, a symlink loop, a pipe, an
-unreadable file or folder, an unknown class, an undecodable image); non-image files are `ignored`.
+unreadable file or folder, an unknown class, an undecodable image); non-image files and hidden
+entries (not entered) are listed under `ignored`.
 --out may lie inside --src: it is never read as source, nor is any folder holding a converter's
 lock file (an earlier output).
 
@@ -49,7 +50,7 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -105,21 +106,29 @@ def _utf8(name: str) -> bool:
 
 
 def _entries(folder: str) -> list[os.DirEntry]:
-    """Visible entries of folder, sorted by name."""
-    return sorted((e for e in os.scandir(folder) if not e.name.startswith(".")), key=lambda e: e.name)
+    return sorted(os.scandir(folder), key=lambda e: e.name)
 
 
-def _scan(folder: str, real: str, exclude: str, prefix: str = "",
-          ancestors: frozenset[str] = frozenset()) -> tuple[list[str], list[tuple[str, str]]]:
-    """-> (paths of the regular files below folder, [(path, reason)] of the entries that cannot be
-    files), paths relative to folder, posix, sorted. real is folder's resolved path. Hidden entries
-    and converter outputs (see _is_output) are left out."""
-    found, problems = [], []  # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
+@dataclass
+class _Listing:
+    """What a scan found below a folder, paths relative to it (posix, in name order)."""
+
+    files: list[str] = field(default_factory=list)  # regular files, symlinks to them included
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of what cannot be read
+    hidden: list[str] = field(default_factory=list)  # dot-entries, not entered ("train/.git/")
+
+
+def _scan(folder: str, real: str, exclude: str, found: _Listing, prefix: str = "",
+          ancestors: frozenset[str] = frozenset()) -> _Listing:
+    """List folder's tree into found. real is folder's resolved path; converter outputs (see
+    _is_output) are left out."""
+    # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
     ancestors |= {real}
     try:
         entries = _entries(folder)
     except OSError as e:
-        return [], [(prefix.rstrip("/"), f"unreadable folder: {e.strerror}")]
+        found.problems.append((prefix.rstrip("/"), f"unreadable folder: {e.strerror}"))
+        return found
     for entry in entries:
         rel = prefix + entry.name
         try:
@@ -128,22 +137,22 @@ def _scan(folder: str, real: str, exclude: str, prefix: str = "",
             is_dir = is_file = False
         if not _utf8(entry.name):
             what = "folder" if is_dir else "file"
-            problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
+            found.problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
+        elif entry.name.startswith("."):  # .DS_Store, ._x.JPEG (macOS resource forks), .git
+            found.hidden.append(rel + "/" * is_dir)
         elif is_dir:
             sub = os.path.realpath(entry.path) if entry.is_symlink() else f"{real}/{entry.name}"
             if _is_output(entry.path, sub, exclude):
                 continue
             if sub in ancestors:  # the only way to a loop: hard links to folders do not exist
-                problems.append((rel, f"symlink loop: leads back to {sub}"))
+                found.problems.append((rel, f"symlink loop: leads back to {sub}"))
                 continue
-            files, bad = _scan(entry.path, sub, exclude, f"{rel}/", ancestors)
-            found += files
-            problems += bad
+            _scan(entry.path, sub, exclude, found, f"{rel}/", ancestors)
         elif is_file:
-            found.append(rel)
+            found.files.append(rel)
         else:
-            problems.append((rel, _not_a_file(entry)))
-    return found, problems
+            found.problems.append((rel, _not_a_file(entry)))
+    return found
 
 
 def _not_a_file(entry: os.DirEntry) -> str:
@@ -167,8 +176,8 @@ def _class_dirs(folder: Path, exclude: str) -> list[str]:
         entries = _entries(str(folder))
     except OSError as e:
         raise ConvertError(f"cannot read {str(folder)!r}: {e.strerror}") from None
-    return [e.name for e in entries
-            if _is_dir(e) and _utf8(e.name) and not _is_output(e.path, os.path.realpath(e.path), exclude)]
+    return [e.name for e in entries if _is_dir(e) and _utf8(e.name) and not e.name.startswith(".")
+            and not _is_output(e.path, os.path.realpath(e.path), exclude)]
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -238,9 +247,10 @@ def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[
     for s in wanted:
         root, seen, found = split_dirs[s], set(), []
         prefix = "" if root == src else f"{s}/"
-        files, problems = _scan(str(root), os.path.realpath(root), exclude)
-        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in problems]
-        for rel_split in files:
+        listing = _scan(str(root), os.path.realpath(root), exclude, _Listing())
+        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in listing.problems]
+        ignored += [prefix + rel for rel in listing.hidden]
+        for rel_split in listing.files:
             rel = prefix + rel_split
             stem, ext = os.path.splitext(rel_split)
             if ext.lower() not in IMAGE_EXTS:

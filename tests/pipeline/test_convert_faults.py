@@ -149,6 +149,9 @@ def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
     os.symlink("self.jpg", cat / "self.jpg")
     os.symlink("..", cat / "loop")  # a folder that leads back to its parent
     os.mkfifo(cat / "pipe.jpg")  # reading it would block forever
+    shutil.copy(PHOTOS / "train/cat/cat_train_06.jpg", cat / "._cat_train_00.jpg")  # hidden: listed, not converted
+    (src / "coffee" / ".cache").mkdir()
+    shutil.copy(PHOTOS / "train/cat/cat_train_07.jpg", src / "coffee" / ".cache" / "x.jpg")
     (src / "coffee" / "locked.jpg").write_bytes((PHOTOS / "train/coffee/coffee_train_05.jpg").read_bytes())
     (src / "coffee" / "locked.jpg").chmod(0)
     (src / "rocket" / "closed").mkdir()
@@ -178,6 +181,7 @@ def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
         assert got[path].startswith(reason), (path, got[path])
         assert f"skipped {path}: {reason}" in proc.stdout  # the summary names each one too
     assert meta["classes"] == ["cat", "coffee", "rocket"] and meta["splits"]["train"]["count"] == 12
+    assert meta["ignored"] == ["cat/._cat_train_00.jpg", "coffee/.cache/"]
     assert meta["splits"]["train"]["skipped"] == len(want)
 
 
