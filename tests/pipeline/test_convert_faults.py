@@ -93,6 +93,17 @@ def test_out_inside_src_is_neither_a_class_nor_images(tmp_path, monkeypatch):
     assert not [x for x in resumed["skipped"] + resumed["ignored"] if "wds" in str(x)]  # nor src/wds, an older output
 
 
+def test_out_inside_the_train_folder_of_an_imagenet_layout(tmp_path):
+    src = tmp_path / "imagenet"
+    class_folders(src / "train", per_class=2)
+    class_folders(src / "val", per_class=1)
+    out = src / "train" / "wds"
+    for _ in range(2):  # the second run finds the first one's output in train/ and must leave it alone
+        meta = cv.convert(src, out, shard_size=4, workers=1, quiet=True)
+        assert meta["classes"] == ["cat", "coffee", "rocket"] and not meta["skipped"] and not meta["ignored"]
+        assert {s: v["count"] for s, v in meta["splits"].items()} == {"train": 6, "val": 3}
+
+
 def test_out_that_is_src_is_refused(tmp_path):
     src = class_folders(tmp_path / "src", per_class=1)
     one_error_line(run_cli("--src", str(src), "--out", str(src)), str(src), "is --src itself")
