@@ -2,11 +2,10 @@
 
     python -m bench.convert [--images 600] [--workers 1,2]
 
-ImageNet's average training image is about 500x375 px and 110 KB. The demo photos are smaller, so
-each synthetic image is a random crop of one, resized to 500x375 (a quarter portrait 375x500), with
-mild sensor-like noise so its JPEG size (quality 95) lands near ImageNet's. The converter then runs
-end to end (scan, full decode, tar + index + sha256) with 1 and more workers; the baseline is the
-bare PIL decode of the same files in one process, the floor any converter that decodes pays.
+The images are bench.synthetic's ImageNet-sized JPEGs (ImageNet's common shapes, ~110 KB, made from
+the demo photos). The converter runs end to end (scan, full decode, tar + index + sha256) with 1 and
+more workers; the baseline is the bare PIL decode of the same files in one process, the floor any
+converter that decodes pays.
 Writes bench/results/convert-cpu.json.
 """
 
@@ -15,44 +14,18 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import random
 import resource
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 from bench._provenance import write_result
+from bench.synthetic import make_imagenet_like
 from pipeline.convert import convert
-from pipeline.demo import PHOTOS
 
 IMAGENET_IMAGES = 1_281_167 + 50_000  # train + val
-
-
-def make_imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0) -> float:
-    """Write n ImageNet-sized JPEGs as root/train/<class>/*.JPEG -> mean file size in bytes."""
-    rng = random.Random(seed)
-    noise = np.random.default_rng(seed)
-    photos = sorted(PHOTOS.rglob("*.jpg"))
-    sizes = []
-    for i in range(n):
-        with Image.open(rng.choice(photos)) as im:
-            src = im.convert("RGB")
-        w, h = (375, 500) if rng.random() < 0.25 else (500, 375)
-        cw = rng.randint(src.width * 2 // 3, src.width)
-        ch = min(src.height, round(cw * h / w))
-        x, y = rng.randint(0, src.width - cw), rng.randint(0, src.height - ch)
-        img = np.asarray(src.crop((x, y, x + cw, y + ch)).resize((w, h), Image.BICUBIC), dtype=np.float32)
-        img = np.clip(img + noise.normal(0, 11, img.shape), 0, 255).astype(np.uint8)  # (h, w, 3)
-        folder = root / "train" / f"n{i % classes:08d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="JPEG", quality=95)
-        (folder / f"img_{i:06d}.JPEG").write_bytes(buf.getvalue())
-        sizes.append(len(buf.getvalue()))
-    return float(np.mean(sizes))
 
 
 def cpu_seconds() -> float:
@@ -79,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "src"
-        mean_bytes = make_imagenet_like(src, args.images)
+        source = make_imagenet_like(src, args.images)
         decode_only(src)  # warm-up: page cache and libjpeg
         rows = [{"what": "pil_decode", "workers": 1, "images_per_s": decode_only(src)}]
         for w in (int(x) for x in args.workers.split(",")):
@@ -97,12 +70,11 @@ def main() -> None:
         "pil_decode_images_per_s": rows[0]["images_per_s"],
         "convert_vs_decode_only": one["images_per_s"] / rows[0]["images_per_s"],
         "imagenet_hours_one_core": IMAGENET_IMAGES / one["images_per_cpu_s"] / 3600,
-        "mean_jpeg_kb": mean_bytes / 1000,
+        "mean_jpeg_kb": source["mean_jpeg_kb"],
     }
     for r in rows[2:]:
         summary[f"convert_images_per_s.workers_{r['workers']}_wall"] = r["images_per_s"]
-    config = {"images": args.images, "size": "500x375 (25% 375x500)", "jpeg_quality": 95,
-              "shard_size": args.shard_size, "cores": os.cpu_count()}
+    config = {**source, "shard_size": args.shard_size, "cores": os.cpu_count()}
     print(summary, "->", write_result("convert", config, rows, summary, device="cpu"))
 
 

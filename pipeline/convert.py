@@ -13,17 +13,28 @@ folder, without extension, made tar-safe. Every image is fully decoded once: bas
 JPEGs are stored byte for byte, everything else decodable (CMYK, PNG named .JPEG, palette, 16-bit) is
 re-encoded as a baseline JPEG, and undecodable/truncated/empty files are skipped and recorded.
 
+Nothing is lost silently: every entry that is not converted is listed in dataset.json's `skipped`
+with its reason (a file name that is not UTF-8, a dangling symlink, a symlink loop, a pipe, an
+unreadable file or folder, an unknown class, an undecodable image); non-image files and hidden
+entries (not entered) are listed under `ignored`.
+--out may lie inside --src: it is never read as source, nor is any folder holding a converter's
+lock file (an earlier output).
+
 Which sample goes into which shard depends only on the seed and the sorted file list, and shard bytes
 are deterministic, so a re-run after an interrupt keeps the shards that verify (plan hash + sha256 +
 tar/index agreement) and rewrites the others: the result is the same dataset. Shards are written as
 `*.tar.tmp` and renamed when complete; finished shards are logged to `.convert-progress.jsonl` until
-`dataset.json` is written at the end.
+`dataset.json` is written at the end. One converter at a time writes into a folder (an flock on
+`.convert.lock`, which names the holder); Ctrl-C stops it with one line and exit status 130, and an
+output folder that is read-only, a file or full is one `error:` line naming the path.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -31,11 +42,15 @@ import multiprocessing
 import os
 import random
 import re
+import signal
+import socket
 import sys
 import tarfile
+import threading
 import time
 import warnings
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,11 +67,18 @@ VAL_CSV = "LOC_val_solution.csv"
 PROGRESS = ".convert-progress.jsonl"
 PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
+LOCK = ".convert.lock"  # flock'ed by the running converter; holds its pid, host and start time
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
 
 
 class _Skip(Exception):
     """An input file that cannot become a sample; the message is the recorded reason."""
+
+
+class Interrupted(ConvertError):
+    """Ctrl-C: finished shards are kept and a re-run resumes; the command exits 130 like a shell."""
+
+    exit_code = 130
 
 
 @dataclass(frozen=True)
@@ -70,32 +92,120 @@ class Item:
 # ---------------------------------------------------------------------------------------- discovery
 
 
-def _scan(folder: str, prefix: str = "") -> list[str]:
-    """Paths (relative to folder, posix) of all files below it, sorted, hidden entries left out."""
-    found = []  # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if entry.name.startswith("."):
-            continue
-        if entry.is_dir():
-            found += _scan(entry.path, f"{prefix}{entry.name}/")
-        elif entry.is_file():
-            found.append(prefix + entry.name)
+def _printable(rel: str) -> str:
+    """rel with the bytes of a non-UTF-8 name (surrogate-escaped by Python) shown as \\xNN."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # os.scandir surrogate-escapes bytes that are not UTF-8
+        return False
+
+
+def _entries(folder: str) -> list[os.DirEntry]:
+    return sorted(os.scandir(folder), key=lambda e: e.name)
+
+
+@dataclass
+class _Listing:
+    """What a scan found below a folder, paths relative to it (posix, in name order)."""
+
+    files: list[str] = field(default_factory=list)  # regular files, symlinks to them included
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of what cannot be read
+    hidden: list[str] = field(default_factory=list)  # dot-entries, not entered ("train/.git/")
+
+
+def _scan(folder: str, real: str, exclude: str, found: _Listing, prefix: str = "",
+          ancestors: frozenset[str] = frozenset()) -> _Listing:
+    """List folder's tree into found. real is folder's resolved path; converter outputs (see
+    _is_output) are left out."""
+    # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
+    ancestors |= {real}
+    try:
+        entries = _entries(folder)
+    except OSError as e:
+        found.problems.append((prefix.rstrip("/"), f"unreadable folder: {e.strerror}"))
+        return found
+    for entry in entries:
+        rel = prefix + entry.name
+        try:
+            is_dir, is_file = entry.is_dir(), entry.is_file()  # d_type, no system call unless a symlink
+        except OSError:  # ELOOP, a symlink to itself: _not_a_file says so
+            is_dir = is_file = False
+        if not _utf8(entry.name):
+            what = "folder" if is_dir else "file"
+            found.problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
+        elif entry.name.startswith("."):  # .DS_Store, ._x.JPEG (macOS resource forks), .git
+            found.hidden.append(rel + "/" * is_dir)
+        elif is_dir:
+            sub = os.path.realpath(entry.path) if entry.is_symlink() else f"{real}/{entry.name}"
+            if _is_output(entry.path, sub, exclude):
+                continue
+            if sub in ancestors:  # the only way to a loop: hard links to folders do not exist
+                found.problems.append((rel, f"symlink loop: leads back to {sub}"))
+                continue
+            _scan(entry.path, sub, exclude, found, f"{rel}/", ancestors)
+        elif is_file:
+            found.files.append(rel)
+        else:
+            found.problems.append((rel, _not_a_file(entry)))
     return found
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+def _not_a_file(entry: os.DirEntry) -> str:
+    """Why an entry that is neither a folder nor a regular file (after following symlinks) is skipped."""
+    if not entry.is_symlink():
+        return "not a regular file (a socket, pipe or device)"
+    target = os.readlink(entry.path)
+    try:
+        os.stat(entry.path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return f"symlink loop: {target!r} never reaches a file"
+        if e.errno == errno.ENOENT:
+            return f"dangling symlink: its target {target!r} does not exist"
+        return f"unreadable symlink to {target!r}: {e.strerror}"
+    return f"symlink to {target!r}, which is not a regular file"
+
+
+def _class_dirs(folder: Path, exclude: str) -> list[str]:
+    try:
+        entries = _entries(str(folder))
+    except OSError as e:
+        raise ConvertError(f"cannot read {str(folder)!r}: {e.strerror}") from None
+    return [e.name for e in entries if _is_dir(e) and _utf8(e.name) and not e.name.startswith(".")
+            and not _is_output(e.path, os.path.realpath(e.path), exclude)]
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # ELOOP: a symlink to itself is no folder
+        return False
+
+
+def _is_output(folder: str, real: str, exclude: str) -> bool:
+    """Is folder this run's --out (resolved: exclude) or another converter's output (it holds a lock
+    file)? Neither is source data: as a class it would shift every later label by one."""
+    return real == exclude or os.path.exists(os.path.join(folder, LOCK))
 
 
 def _read_val_csv(path: Path) -> dict[str, str]:
     """LOC_val_solution.csv: `ImageId,PredictionString` with the wnid as first token of the string."""
     labels = {}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            try:
-                labels[row["ImageId"]] = row["PredictionString"].split()[0]
-            except (KeyError, IndexError, AttributeError):
-                raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+    for row in rows:
+        try:
+            labels[row["ImageId"]] = row["PredictionString"].split()[0]
+        except (KeyError, IndexError, AttributeError):
+            raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
     return labels
 
 
@@ -105,13 +215,16 @@ def _tar_safe_key(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
 
 
-def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
-    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files)."""
+def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
+    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files).
+
+    exclude: resolved path of a folder to leave out, the converter's own --out when it lies in src."""
     if not src.is_dir():
         raise ConvertError(f"--src {str(src)!r} is not a folder")
-    split_dirs = {s: src / s for s in SPLITS if (src / s).is_dir()}
+    split_dirs = {s: src / s for s in SPLITS
+                  if (src / s).is_dir() and not _is_output(str(src / s), os.path.realpath(src / s), exclude)}
     if not split_dirs:  # any folder of class folders
-        if not _class_dirs(src):
+        if not _class_dirs(src, exclude):
             raise ConvertError(f"{str(src)!r} has no train/ or val/ folder and no class folders")
         split_dirs = {"train": src}
     wanted = [s for s in SPLITS if split in (s, "all") and s in split_dirs]
@@ -121,9 +234,9 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
     csv_path = src / VAL_CSV
     val_labels = _read_val_csv(csv_path) if csv_path.is_file() else None
     if "train" in split_dirs:
-        classes = _class_dirs(split_dirs["train"])
-    elif _class_dirs(split_dirs["val"]):
-        classes = _class_dirs(split_dirs["val"])
+        classes = _class_dirs(split_dirs["train"], exclude)
+    elif _class_dirs(split_dirs["val"], exclude):
+        classes = _class_dirs(split_dirs["val"], exclude)
     else:
         classes = sorted(set(val_labels.values())) if val_labels else []
     if not classes:
@@ -134,7 +247,10 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
     for s in wanted:
         root, seen, found = split_dirs[s], set(), []
         prefix = "" if root == src else f"{s}/"
-        for rel_split in _scan(str(root)):
+        listing = _scan(str(root), os.path.realpath(root), exclude, _Listing())
+        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in listing.problems]
+        ignored += [prefix + rel for rel in listing.hidden]
+        for rel_split in listing.files:
             rel = prefix + rel_split
             stem, ext = os.path.splitext(rel_split)
             if ext.lower() not in IMAGE_EXTS:
@@ -144,7 +260,8 @@ def discover(src: Path, split: str) -> tuple[list[str], dict[str, list[Item]], l
                 if val_labels is None:
                     raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
                 wnid = val_labels.get(stem)
-                reason = f"no label: {stem!r} is not in {VAL_CSV}"
+                reason = (f"no label: {stem!r} is not in {VAL_CSV}" if wnid is None else
+                          f"unknown class: {VAL_CSV} labels it {wnid!r}, which is not a train class")
             else:
                 wnid = rel_split.split("/", 1)[0]
                 reason = f"unknown class: folder {wnid!r} is not a train class"
@@ -280,7 +397,7 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
             skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": str(e)})
             continue
         except OSError as e:
-            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e}"})
+            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e.strerror or e}"})
             continue
         if note:
             reencoded.append({"path": it.rel, "was": note})
@@ -289,12 +406,41 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
               "plan": plan, "skipped": skipped, "reencoded": reencoded}
     if samples:  # a shard whose every file was skipped is recorded but not written
         tar, idx = out / name, (out / name).with_suffix(".idx")
-        members = _write_tar(tar.with_name(name + ".tmp"), samples)
-        idx.with_name(idx.name + ".tmp").write_text(_index_lines(members))
-        os.replace(idx.with_name(idx.name + ".tmp"), idx)
-        os.replace(tar.with_name(name + ".tmp"), tar)  # the .tar appearing marks the shard complete
+        tar_tmp, idx_tmp = tar.with_name(name + ".tmp"), idx.with_name(idx.name + ".tmp")
+        try:
+            members = _write_tar(tar_tmp, samples)
+            idx_tmp.write_text(_index_lines(members))
+            os.replace(idx_tmp, idx)
+            os.replace(tar_tmp, tar)  # the .tar appearing marks the shard complete
+        except OSError as e:
+            error = output_error(e, tar_tmp)
+            if error is None:
+                raise
+            for tmp in (tar_tmp, idx_tmp):  # give a full disk its space back
+                tmp.unlink(missing_ok=True)
+            raise error from None
         record.update(bytes=tar.stat().st_size, sha256=_sha256(tar))
     return record
+
+
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}  # EFBIG: a file-size limit (ulimit -f)
+_NOT_WRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+_NOT_A_FOLDER = {errno.ENOTDIR, errno.EEXIST, errno.EISDIR}
+
+
+def output_error(e: OSError, path: str | Path) -> ConvertError | None:
+    """The one-line error for an OS error writing path (None: not the user's to fix, keep the traceback).
+
+    Raised in worker processes too: a ConvertError pickles back to the parent as itself."""
+    if e.errno in _DISK_FULL:
+        hint = "free some space (or raise the file-size limit) or choose another --out, then re-run to resume"
+    elif e.errno in _NOT_WRITABLE:
+        hint = "the output folder is not writable: choose another --out"
+    elif e.errno in _NOT_A_FOLDER:
+        hint = "--out and the folders above it must be folders, not files"
+    else:
+        return None
+    return ConvertError(f"cannot write {e.filename or path}: {e.strerror}; {hint}")
 
 
 # ---------------------------------------------------------------------------------------- verifying
@@ -418,17 +564,86 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
     return samples == [(it.key, it.label) for it in items if it.rel not in kept]
 
 
+@contextmanager
+def _sigint_held_back():
+    """Hold Ctrl-C back while pool workers are forked or terminated, and raise it afterwards.
+    Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
+    multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
+    run goes on) or leaves their locks held."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield  # signals go to the main thread only; and a caller's own handler is left alone
+        return
+    came = []
+    signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if came:
+        raise KeyboardInterrupt
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
 def _pool(workers: int):
+    """A pool whose workers ignore Ctrl-C: the parent alone handles it and terminates them. A worker
+    that died of KeyboardInterrupt printed a traceback, and one that died holding the task queue's
+    lock made the parent's terminate() wait forever."""
     # fork: the workers need nothing but this module and the plan, and start instantly
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    return ctx.Pool(workers)
+    with _sigint_held_back():
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
+    try:
+        yield pool
+    finally:
+        with _sigint_held_back():
+            pool.terminate()
+
+
+@contextmanager
+def _lock(out: Path):
+    """Hold an exclusive lock on out for the whole conversion: two converters into one folder delete
+    each other's unfinished shards and leave a dataset.json that fails --verify. The lock file
+    stays (removing it would let a third converter lock a new file while a second holds the old)."""
+    with open(os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "a process that is starting"
+            raise ConvertError(f"{out} is being written by another converter ({holder}); "
+                               "wait for it to finish or choose another --out") from None
+        f.truncate(0)
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        yield
+
+
+@contextmanager
+def _writing(out: Path):
+    """OS errors writing below out -> one ConvertError line naming the path."""
+    try:
+        yield
+    except OSError as e:
+        where, folder = Path(os.path.realpath(e.filename or out)), Path(os.path.realpath(out))
+        inside = where.is_relative_to(folder) or folder.is_relative_to(where)  # or a folder above out
+        if not inside or (error := output_error(e, out)) is None:
+            raise
+        raise error from None
 
 
 def _rewrite(path: Path, text: str) -> None:
     """Replace path's content atomically."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk gets its space back
+        raise
 
 
 def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
@@ -460,10 +675,28 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
     workers = workers or os.cpu_count() or 1
     if workers < 1:
         raise ConvertError(f"--workers must be >= 1, not {workers}")
-    classes, items, pre_skipped, ignored = discover(src, split)
+    if not src.is_dir():
+        raise ConvertError(f"--src {str(src)!r} is not a folder")
+    if out.exists() and not out.is_dir():
+        raise ConvertError(f"--out {str(out)!r} is a file, not a folder")
+    if os.path.realpath(out) == str(src):
+        raise ConvertError(f"--out {str(out)!r} is --src itself: choose a new folder (it may lie inside --src)")
+    with _writing(out):
+        out.mkdir(parents=True, exist_ok=True)
+        with _lock(out):
+            try:
+                return _convert(src, out, split, shard_size, workers, seed, strict, quiet)
+            except KeyboardInterrupt:
+                raise Interrupted("interrupted: finished shards are kept; re-run the same command to resume") from None
+
+
+def _convert(src: Path, out: Path, split: str, shard_size: int, workers: int, seed: int, strict: bool,
+             quiet: bool) -> dict:
+    """convert() once out exists and is locked."""
+    # out inside src (--src D --out D/wds) must not become a class, nor its shards images
+    classes, items, pre_skipped, ignored = discover(src, split, exclude=os.path.realpath(out))
     if strict and pre_skipped:
         raise ConvertError(_strict_message(pre_skipped))
-    out.mkdir(parents=True, exist_ok=True)
     old = next((m for m in map(_load_json, (out / "dataset.json", out / PREVIOUS))
                 if m and m.get("format") == FORMAT), {})
     known = _known_records(out, old, classes)
@@ -502,8 +735,11 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
             log.flush()
         try:
             _run(tasks, min(workers, max(len(tasks), 1)), todo, quiet, on_done)
-        except KeyboardInterrupt:
-            raise ConvertError("interrupted: finished shards are kept; re-run the same command to resume") from None
+        except ConvertError:  # a full disk: the other workers' unfinished shards give their space back
+            for f in out.iterdir():
+                if SHARD_RE.match(f.name) and f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+            raise
     rate = todo / max(time.perf_counter() - t0, 1e-9)
 
     ordered = [records[name] for s in plans for name, _, _ in plans[s]]
@@ -585,10 +821,16 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--src and --out are required (or --verify DIR)")
         convert(args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.strict)
         return 0
+    except KeyboardInterrupt:  # outside convert(): --verify, or before the conversion started
+        print("error: interrupted", file=sys.stderr)
+        return Interrupted.exit_code
     except UserError as e:
         print(one_line(e), file=sys.stderr)
-        return 1
+        return e.exit_code if isinstance(e, Interrupted) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Done (or reported): a Ctrl-C now would only kill the interpreter's shutdown with SIGINT.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    sys.exit(status)

@@ -343,3 +343,23 @@ def test_cli_end_to_end(tree, tmp_path):
                                "--workers", "2"], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and "skipped train/n01484850/empty.JPEG: empty file" in ok.stdout
+
+
+def test_bench_synthetic_jpegs_are_imagenet_sized_and_convert_as_they_are(tmp_path):
+    """bench.synthetic, the benches' one generator: ImageNet's shapes and file sizes, the same files
+    whatever the worker count, and baseline JPEGs the converter stores byte for byte."""
+    from bench.synthetic import IMAGENET_SIZES, make_imagenet_like
+
+    info = make_imagenet_like(tmp_path / "a", 8, classes=3, workers=1)
+    make_imagenet_like(tmp_path / "b", 8, classes=3, workers=2)
+    files = sorted((tmp_path / "a").rglob("*.JPEG"))
+    assert len(files) == 8 and len({f.parent.name for f in files}) == 3
+    assert [f.read_bytes() for f in files] == [(tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+                                               for f in files]
+    assert len({f.read_bytes() for f in files}) == 8
+    for f in files:
+        with Image.open(f) as im:
+            assert im.size in IMAGENET_SIZES and im.mode == "RGB"
+    assert 60 < info["mean_jpeg_kb"] < 200, info  # ImageNet's mean is ~110 KB
+    meta = cv.convert(tmp_path / "a", tmp_path / "out", shard_size=4, workers=1, quiet=True)
+    assert meta["splits"]["train"]["count"] == 8 and not meta["skipped"] and not meta["reencoded"]
