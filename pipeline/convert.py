@@ -32,7 +32,6 @@ output folder that is read-only, a file or full is one `error:` line naming the 
 from __future__ import annotations
 
 import argparse
-import csv
 import errno
 import fcntl
 import hashlib
@@ -50,24 +49,20 @@ import threading
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
 
 FORMAT = "eqrecon-shards/1"
-SPLITS = ("train", "val")
-IMAGE_EXTS = {".jpeg", ".jpg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 JPEG_QUALITY = 95
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs per shard
-VAL_CSV = "LOC_val_solution.csv"
 PROGRESS = ".convert-progress.jsonl"
 PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
-LOCK = ".convert.lock"  # flock'ed by the running converter; holds its pid, host and start time
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
 
 
@@ -79,206 +74,6 @@ class Interrupted(ConvertError):
     """Ctrl-C: finished shards are kept and a re-run resumes; the command exits 130 like a shell."""
 
     exit_code = 130
-
-
-@dataclass(frozen=True)
-class Item:
-    split: str
-    rel: str  # path relative to SRC, posix, for messages and dataset.json
-    key: str  # tar-safe, unique within the split
-    label: int
-
-
-# ---------------------------------------------------------------------------------------- discovery
-
-
-def _printable(rel: str) -> str:
-    """rel with the bytes of a non-UTF-8 name (surrogate-escaped by Python) shown as \\xNN."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-
-
-def _utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-        return True
-    except UnicodeEncodeError:  # os.scandir surrogate-escapes bytes that are not UTF-8
-        return False
-
-
-def _entries(folder: str) -> list[os.DirEntry]:
-    return sorted(os.scandir(folder), key=lambda e: e.name)
-
-
-@dataclass
-class _Listing:
-    """What a scan found below a folder, paths relative to it (posix, in name order)."""
-
-    files: list[str] = field(default_factory=list)  # regular files, symlinks to them included
-    problems: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) of what cannot be read
-    hidden: list[str] = field(default_factory=list)  # dot-entries, not entered ("train/.git/")
-
-
-def _scan(folder: str, real: str, exclude: str, found: _Listing, prefix: str = "",
-          ancestors: frozenset[str] = frozenset()) -> _Listing:
-    """List folder's tree into found. real is folder's resolved path; converter outputs (see
-    _is_output) are left out."""
-    # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
-    ancestors |= {real}
-    try:
-        entries = _entries(folder)
-    except OSError as e:
-        found.problems.append((prefix.rstrip("/"), f"unreadable folder: {e.strerror}"))
-        return found
-    for entry in entries:
-        rel = prefix + entry.name
-        try:
-            is_dir, is_file = entry.is_dir(), entry.is_file()  # d_type, no system call unless a symlink
-        except OSError:  # ELOOP, a symlink to itself: _not_a_file says so
-            is_dir = is_file = False
-        if not _utf8(entry.name):
-            what = "folder" if is_dir else "file"
-            found.problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
-        elif entry.name.startswith("."):  # .DS_Store, ._x.JPEG (macOS resource forks), .git
-            found.hidden.append(rel + "/" * is_dir)
-        elif is_dir:
-            sub = os.path.realpath(entry.path) if entry.is_symlink() else f"{real}/{entry.name}"
-            if _is_output(entry.path, sub, exclude):
-                continue
-            if sub in ancestors:  # the only way to a loop: hard links to folders do not exist
-                found.problems.append((rel, f"symlink loop: leads back to {sub}"))
-                continue
-            _scan(entry.path, sub, exclude, found, f"{rel}/", ancestors)
-        elif is_file:
-            found.files.append(rel)
-        else:
-            found.problems.append((rel, _not_a_file(entry)))
-    return found
-
-
-def _not_a_file(entry: os.DirEntry) -> str:
-    """Why an entry that is neither a folder nor a regular file (after following symlinks) is skipped."""
-    if not entry.is_symlink():
-        return "not a regular file (a socket, pipe or device)"
-    target = os.readlink(entry.path)
-    try:
-        os.stat(entry.path)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            return f"symlink loop: {target!r} never reaches a file"
-        if e.errno == errno.ENOENT:
-            return f"dangling symlink: its target {target!r} does not exist"
-        return f"unreadable symlink to {target!r}: {e.strerror}"
-    return f"symlink to {target!r}, which is not a regular file"
-
-
-def _class_dirs(folder: Path, exclude: str) -> list[str]:
-    try:
-        entries = _entries(str(folder))
-    except OSError as e:
-        raise ConvertError(f"cannot read {str(folder)!r}: {e.strerror}") from None
-    return [e.name for e in entries if _is_dir(e) and _utf8(e.name) and not e.name.startswith(".")
-            and not _is_output(e.path, os.path.realpath(e.path), exclude)]
-
-
-def _is_dir(entry: os.DirEntry) -> bool:
-    try:
-        return entry.is_dir()
-    except OSError:  # ELOOP: a symlink to itself is no folder
-        return False
-
-
-def _is_output(folder: str, real: str, exclude: str) -> bool:
-    """Is folder this run's --out (resolved: exclude) or another converter's output (it holds a lock
-    file)? Neither is source data: as a class it would shift every later label by one."""
-    return real == exclude or os.path.exists(os.path.join(folder, LOCK))
-
-
-def _read_val_csv(path: Path) -> dict[str, str]:
-    """LOC_val_solution.csv: `ImageId,PredictionString` with the wnid as first token of the string."""
-    labels = {}
-    try:
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConvertError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
-    for row in rows:
-        try:
-            labels[row["ImageId"]] = row["PredictionString"].split()[0]
-        except (KeyError, IndexError, AttributeError):
-            raise ConvertError(f"{path}: expected columns ImageId,PredictionString, got row {row}") from None
-    return labels
-
-
-def _tar_safe_key(stem: str) -> str:
-    # DALI's index and webdataset both cut the key at the first dot of the last path component, and
-    # DALI's index is space-separated: keep only characters that survive both.
-    return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
-
-
-def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
-    """-> (classes, items per split, skipped-before-decoding records, ignored non-image files).
-
-    exclude: resolved path of a folder to leave out, the converter's own --out when it lies in src."""
-    if not src.is_dir():
-        raise ConvertError(f"--src {str(src)!r} is not a folder")
-    split_dirs = {s: src / s for s in SPLITS
-                  if (src / s).is_dir() and not _is_output(str(src / s), os.path.realpath(src / s), exclude)}
-    if not split_dirs:  # any folder of class folders
-        if not _class_dirs(src, exclude):
-            raise ConvertError(f"{str(src)!r} has no train/ or val/ folder and no class folders")
-        split_dirs = {"train": src}
-    wanted = [s for s in SPLITS if split in (s, "all") and s in split_dirs]
-    if not wanted:
-        raise ConvertError(f"{str(src)!r} has no {split}/ folder (found: {', '.join(split_dirs)})")
-
-    csv_path = src / VAL_CSV
-    val_labels = _read_val_csv(csv_path) if csv_path.is_file() else None
-    if "train" in split_dirs:
-        classes = _class_dirs(split_dirs["train"], exclude)
-    elif _class_dirs(split_dirs["val"], exclude):
-        classes = _class_dirs(split_dirs["val"], exclude)
-    else:
-        classes = sorted(set(val_labels.values())) if val_labels else []
-    if not classes:
-        raise ConvertError(f"no class folders in {str(split_dirs.get('train', src))!r}")
-    index = {c: i for i, c in enumerate(classes)}
-
-    items, skipped, ignored = {}, [], []
-    for s in wanted:
-        root, seen, found = split_dirs[s], set(), []
-        prefix = "" if root == src else f"{s}/"
-        listing = _scan(str(root), os.path.realpath(root), exclude, _Listing())
-        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in listing.problems]
-        ignored += [prefix + rel for rel in listing.hidden]
-        for rel_split in listing.files:
-            rel = prefix + rel_split
-            stem, ext = os.path.splitext(rel_split)
-            if ext.lower() not in IMAGE_EXTS:
-                ignored.append(rel)
-                continue
-            if "/" not in rel_split:  # flat val: label from the CSV
-                if val_labels is None:
-                    raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
-                wnid = val_labels.get(stem)
-                reason = (f"no label: {stem!r} is not in {VAL_CSV}" if wnid is None else
-                          f"unknown class: {VAL_CSV} labels it {wnid!r}, which is not a train class")
-            else:
-                wnid = rel_split.split("/", 1)[0]
-                reason = f"unknown class: folder {wnid!r} is not a train class"
-            if wnid not in index:
-                skipped.append({"split": s, "path": rel, "shard": None, "reason": reason})
-                continue
-            key = base = _tar_safe_key(stem)
-            n = 0
-            while key in seen:  # e.g. a.JPEG and a.png, or names differing only in unsafe characters
-                n += 1
-                key = f"{base}_{n}"
-            seen.add(key)
-            found.append(Item(s, rel, key, index[wnid]))
-        items[s] = found
-    if not any(items.values()):
-        raise ConvertError(f"no images found under {str(src)!r} for split {split!r}")
-    return classes, items, skipped, ignored
 
 
 # ------------------------------------------------------------------------------------------ planning
