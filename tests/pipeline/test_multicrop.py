@@ -1,0 +1,227 @@
+"""Multi-crop (pipeline/multicrop.py, pipeline/dali_multicrop.py) on the demo photos: the sampling
+rule's ranges and determinism, the reference renderer's semantics, the path acting on global crop 2
+only, the collated batch training a DINO-family method, and DALI vs reference parity of the local
+crops with the tolerances of test_dali's whole-sample parity."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import torchvision.transforms.v2.functional as F
+
+from pipeline.batch import Batch, DataConfig
+from pipeline.demo import PHOTOS
+from pipeline.errors import ConfigError
+from pipeline.multicrop import (
+    GREY,
+    LOCAL_DIM,
+    MULTICROP,
+    MultiCropConfig,
+    collate_multicrop,
+    global_data_config,
+    multicrop_sample,
+    render_local_crops,
+    sample_local_params,
+    sample_masks,
+    sample_multicrop,
+    with_multicrop,
+)
+from pipeline.path import CROP1, CROP2, IDX, PathConfig
+from pipeline.reference import decode, normalize, sample_theta_for
+
+# 32 px global crops and 16 px local crops at patch 8 keep every test a few seconds on a CPU.
+SMALL = MultiCropConfig(n_local=4, global_size=32, local_size=16, patch_size=8)
+
+
+def photos(n: int = 8) -> list[tuple[str, torch.Tensor]]:
+    """n (key, decoded photo) pairs of different sizes, one per class (the camera class is greyscale)."""
+    files = sorted(PHOTOS.glob("train/*/*_00.jpg"))[:n]
+    return [(f.stem, decode(f.read_bytes(), f.name)) for f in files]
+
+
+def denorm(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
+    return x * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
+
+
+def box_stats(boxes: torch.Tensor, hw: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, 4) fractional boxes -> area fractions and aspect ratios (w/h in pixels)."""
+    H, W = hw
+    return boxes[:, 2] * boxes[:, 3], (boxes[:, 3] * W) / (boxes[:, 2] * H)
+
+
+# ----------------------------------------------------------------------------------- sampling rule
+
+
+@pytest.mark.parametrize("recipe", ["ibot", "dinov2", "dino"])
+def test_local_params_respect_the_recipe(recipe):
+    mc = dataclasses.replace(MULTICROP[recipe], n_local=2000)
+    hw = (375, 500)
+    p = sample_local_params(mc, hw, torch.Generator().manual_seed(0)).double()
+    assert p.shape == (2000, LOCAL_DIM) and LOCAL_DIM == 19
+    area, ratio = box_stats(p[:, CROP1], hw)
+    y0, x0, h, w = p[:, CROP1].unbind(1)
+    assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
+    lo, hi = mc.local_scale
+    # integer pixel boxes: the area fraction may miss the range by the rounding of h and w (< 1 px each)
+    slack = 1 / 375 + 1 / 500
+    assert area.min() >= lo - slack and area.max() <= hi + slack, (area.min(), area.max())
+    assert area.max() > hi - 0.02 and area.min() < lo + 0.02  # the whole range is used
+    assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
+    assert p[:, :IDX["ty_px"] + 1].abs().max() == 0  # local crops are never rotated or translated
+    assert torch.equal(p[:, CROP2], torch.tensor([[0.0, 0, 1, 1]]).double().expand(2000, 4))
+    jittered = p[:, IDX["brightness"]:IDX["hue"] + 1].ne(0).any(1)
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert p[:, IDX[name]].abs().max() <= getattr(mc, name) + 1e-6
+        assert p[jittered, IDX[name]].abs().max() > 0.9 * getattr(mc, name)
+    sigma = p[:, IDX["blur_sigma"]]
+    blurred = sigma > 0
+    assert sigma[blurred].min() >= 0.1 and sigma.max() <= 2.0
+    # the probabilities: 2000 draws put each rate within ±0.04 of its p (> 4 standard deviations)
+    for rate, want in [(jittered, 0.8), (blurred, 0.5), (p[:, IDX["flip1"]] > 0.5, 0.5), (p[:, GREY] > 0.5, 0.2)]:
+        assert abs(rate.double().mean() - want) < 0.04, (rate.double().mean(), want)
+    assert set(p[:, GREY].tolist()) | set(p[:, IDX["flip1"]].tolist()) <= {0.0, 1.0}
+
+
+@pytest.mark.parametrize("recipe", ["ibot", "dinov2"])
+def test_global_crops_are_view1_and_view2_at_the_global_scale(recipe):
+    mc = MULTICROP[recipe]
+    data = global_data_config(DataConfig(img_size=64), mc)
+    assert data.img_size == 224 and data.aug.crop_scale == mc.global_scale
+    assert data.aug.rot_deg == PathConfig().rot_deg  # the path itself is untouched
+    hw = (300, 400)
+    areas = []
+    for i in range(150):
+        theta = sample_multicrop(f"k{i}", hw, data, mc, epoch=0).theta
+        # θ is the reference loader's own draw for that sample: wiring multi-crop in leaves it unchanged
+        assert torch.equal(theta, sample_theta_for(f"k{i}", hw, data, 0))
+        areas += box_stats(torch.stack([theta[CROP1], theta[CROP2]]).double(), hw)[0].tolist()
+    lo, hi = mc.global_scale
+    assert min(areas) >= lo - 0.01 and max(areas) <= hi + 1e-6 and min(areas) < lo + 0.05
+
+
+def test_same_seed_epoch_key_same_crops_and_masks():
+    data = global_data_config(DataConfig(), MULTICROP["ibot"])
+    mc = MULTICROP["ibot"]
+    a = sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=3)
+    b = sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=3)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    for other in [sample_multicrop("n01440764/x_2", (480, 640), data, mc, epoch=3),
+                  sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=4),
+                  sample_multicrop("n01440764/x_1", (480, 640), dataclasses.replace(data, seed=1), mc, epoch=3)]:
+        assert not torch.equal(a.local, other.local) and not torch.equal(a.theta, other.theta)
+    # the local crops have a generator of their own: not a copy of θ's draws
+    assert not torch.equal(a.local[0, :8], a.theta[:8])
+
+
+def test_masks_per_global_crop():
+    mc = MULTICROP["ibot"]
+    masks = torch.stack([sample_masks(mc, 0, 0, f"k{i}") for i in range(64)])  # (64, 2, N)
+    assert masks.shape == (64, 2, (224 // 16) ** 2) and masks.dtype == torch.bool
+    ratio = masks.double().mean(-1).flatten()
+    # iBOT's recipe: about half the crops unmasked, the others masked up to half their patches
+    assert 0.3 < (ratio == 0).double().mean() < 0.7 and ratio.max() <= 0.5 and ratio.max() > 0.3
+    assert torch.equal(masks[5], sample_masks(mc, 0, 0, "k5"))
+    assert not sample_multicrop("k", (64, 64), DataConfig(), dataclasses.replace(mc, masks=False), 0).masks
+
+
+def test_bad_config_is_one_config_error_naming_the_field():
+    for field, value, match in [("n_local", -1, "multicrop.n_local"), ("local_scale", (0.3, 0.2), "local_scale"),
+                                ("global_size", 100, "multiple of the patch size"), ("grey_p", 1.5, "grey_p"),
+                                ("blur_sigma", (0.0, 2.0), "blur_sigma"), ("saturation", 1.0, "saturation")]:
+        with pytest.raises(ConfigError, match=match):
+            global_data_config(DataConfig(), dataclasses.replace(MULTICROP["ibot"], **{field: value}))
+
+
+# --------------------------------------------------------------------------------- reference render
+
+
+def identity_params(n: int) -> torch.Tensor:
+    """Local params for whole-image crops with no flip, jitter, greyscale or blur."""
+    p = torch.zeros(n, LOCAL_DIM)
+    p[:, CROP1] = p[:, CROP2] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    return p
+
+
+def test_render_local_crops_semantics():
+    data = DataConfig()
+    _, img = photos(1)[0]  # the astronaut: a colour photo
+    p = identity_params(4)
+    p[1, IDX["flip1"]] = 1
+    p[2, GREY] = 1
+    p[3, IDX["blur_sigma"]] = 1.5
+    out = render_local_crops(img, p, SMALL, data)
+    assert out.shape == (4, 3, 16, 16) and out.dtype == torch.float32
+    plain = F.resize(F.to_dtype(img, torch.float32, scale=True), [16, 16], antialias=True).clamp(0, 1)
+    torch.testing.assert_close(out[0], normalize(plain, data), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[1], out[0].flip(-1), rtol=0, atol=1e-5)
+    grey = denorm(out[2], data)
+    assert (grey - grey[:1]).abs().max() < 1e-5 and (denorm(out[0], data).std(0)).max() > 0.01
+    assert (out[3] - out[0]).abs().mean() > 0.01  # blurred
+    assert out[3].std() < out[0].std()
+    px = denorm(render_local_crops(img, sample_local_params(SMALL, tuple(img.shape[-2:]),
+                                                            torch.Generator().manual_seed(0)), SMALL, data), data)
+    assert px.min() >= -1e-5 and px.max() <= 1 + 1e-5
+    assert render_local_crops(img, torch.zeros(0, LOCAL_DIM), SMALL, data).shape == (0, 3, 16, 16)
+    with pytest.raises(ValueError, match="params must be"):
+        render_local_crops(img, torch.zeros(4, 18), SMALL, data)
+
+
+def test_the_path_acts_on_global_crop_2_only():
+    """Switching the path's rotation on changes view 2 and its targets only: view 1, the local crops and
+    the masks are the same pixels, so the local crops are never rotated by θ."""
+    rotated = global_data_config(DataConfig(aug=PathConfig(transforms=("rotation",), rot_deg=45.0)), SMALL)
+    plain = global_data_config(DataConfig(aug=PathConfig(transforms=())), SMALL)
+    for key, img in photos(3):
+        a = multicrop_sample(img, key, rotated, SMALL, epoch=0)
+        b = multicrop_sample(img, key, plain, SMALL, epoch=0)
+        assert a[3][IDX["rot_deg"]].abs() > 1 and b[3][IDX["rot_deg"]] == 0
+        for i in (0, 4, 5):  # view1, local, masks
+            assert torch.equal(a[i], b[i]), i
+        assert (a[1] - b[1]).abs().mean() > 0.05  # view2 rotated
+        assert (a[2] - b[2]).abs().mean() > 0.02  # its targets too
+        assert a[4].shape == (SMALL.n_local, 3, 16, 16) and a[5].shape == (2, 16)
+
+
+# ---------------------------------------------------------------------------------------- collate
+
+
+def rendered_batch(data: DataConfig, mc: MultiCropConfig, n: int = 4) -> Batch:
+    samples = [multicrop_sample(img, key, data, mc, epoch=0) for key, img in photos(n)]
+    views1, views2, targets, thetas, local, masks = zip(*samples)
+    batch = Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
+                  torch.full((n,), -1))
+    return collate_multicrop(batch, list(zip(local, masks)))
+
+
+def test_collate_adds_local_and_masks_as_the_families_expect():
+    data = global_data_config(DataConfig(), SMALL)
+    batch = rendered_batch(data, SMALL)
+    assert batch.local.shape == (4, SMALL.n_local, 3, 16, 16) and batch.masks.shape == (4, 2, 16)
+    assert batch.view1.shape == (4, 3, 32, 32) and len(batch) == 4
+    moved = batch.to("cpu")
+    assert torch.equal(moved.local, batch.local) and torch.equal(moved.masks, batch.masks)
+    no_masks = with_multicrop(batch, batch.local, None)
+    assert no_masks.masks is None
+    with pytest.raises(ValueError, match="expected \\(B=4, L, 3, h, w\\)"):
+        with_multicrop(batch, batch.local[0], None)
+    with pytest.raises(ValueError, match="expected bool \\(B=4, 2, N\\)"):
+        with_multicrop(batch, None, batch.masks.float())
+
+
+def test_a_rendered_multicrop_batch_trains_ibot_with_path(one_thread):
+    from model.families import DinoConfig, DinoFamily
+    from train.config import load_config
+
+    cfg = load_config("demo", ["--data.img_size=32", "--model.depth=2", "--model.expander=64,64"])
+    assert cfg.model.patch_size == SMALL.patch_size
+    data = global_data_config(cfg.data, SMALL)
+    torch.manual_seed(0)
+    method = DinoFamily(cfg.model, data, DinoConfig(family="ibot", out_dim=64, hidden_dim=32, bottleneck_dim=16))
+    out = method(rendered_batch(data, SMALL))
+    assert {"loss/inv.dino", "loss/inv.ibot", "loss/eq"} <= out.keys()
+    assert torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert method.mask_token.grad is not None
