@@ -11,7 +11,11 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
+# the parity tolerances and devices of the views' parity tests, so that the local crops meet the same bar
+from test_dali import DEVICES, G_ATOL, VIEW_MAX, VIEW_MEAN
+
 from pipeline.batch import Batch, DataConfig
+from pipeline.dali_multicrop import batch_masks, build_local_pipeline, render_local_batch
 from pipeline.demo import PHOTOS
 from pipeline.errors import ConfigError
 from pipeline.multicrop import (
@@ -225,3 +229,98 @@ def test_a_rendered_multicrop_batch_trains_ibot_with_path(one_thread):
     assert torch.isfinite(out["loss"])
     out["loss"].backward()
     assert method.mask_token.grad is not None
+
+
+# ----------------------------------------------------------------------------------- DALI parity
+
+
+def device_id(device: str) -> int | None:
+    return 0 if device == "gpu" else None
+
+
+def max_mean(dali: torch.Tensor, ref: torch.Tensor, data: DataConfig) -> tuple[float, float]:
+    """Max and mean |Δ| in [0, 1] pixels between (..., 3, h, w) crops."""
+    d = (denorm(dali, data) - denorm(ref, data)).abs()
+    return float(d.max()), float(d.mean())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("step", ["jitter", "grey", "blur", "all"])
+def test_photometric_parity_on_identical_pixels(step, device):
+    """Colour jitter, greyscale and blur alone: the photos are pre-sized to the local size and the box is
+    the whole image, so both pipelines start from the same pixels (test_dali's g-parity bar)."""
+    # each step always on, the others off ("all": the recipe's probabilities)
+    only = {"jitter": (1, 0, 0), "grey": (0, 1, 0), "blur": (0, 0, 1)}.get(step)
+    data, mc = DataConfig(), dataclasses.replace(SMALL, local_size=24)
+    if only:
+        mc = dataclasses.replace(mc, jitter_p=only[0], grey_p=only[1], blur_p=only[2])
+    images = [F.resize(img, [24, 24], antialias=True) for _, img in photos()]
+    params = [sample_local_params(mc, (24, 24), torch.Generator().manual_seed(i)) for i in range(len(images))]
+    for p in params:
+        p[:, CROP1] = torch.tensor([0.0, 0.0, 1.0, 1.0])
+    _, dali = render_local_batch(images, mc, data, params, device, device_id(device))
+    ref = torch.stack([render_local_crops(img, p, mc, data) for img, p in zip(images, params)])
+    mx, mean = max_mean(dali, ref, data)
+    assert dali.shape == ref.shape == (8, 4, 3, 24, 24)
+    assert mx <= G_ATOL, f"{step}: max |Δ| {mx:.2e} (mean {mean:.2e}) > {G_ATOL}"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_local_crop_parity_with_boxes_and_flips(device):
+    """The whole local crop from the same decoded photos and parameters (random boxes, flips, jitter,
+    greyscale, blur), against the reference: test_dali's whole-sample bar (DALI's antialiased
+    downscaling differs slightly from torchvision's)."""
+    data, mc = DataConfig(), dataclasses.replace(SMALL, local_size=40)
+    keyed = photos()
+    images = [img for _, img in keyed]
+    params = [sample_multicrop(key, tuple(img.shape[-2:]), data, mc, 0).local for key, img in keyed]
+    params[0][:, IDX["flip1"]] = 1.0  # flips and greyscale are exercised whatever the draws
+    params[1][:, GREY] = 1.0
+    _, dali = render_local_batch(images, mc, data, params, device, device_id(device))
+    ref = torch.stack([render_local_crops(img, p, mc, data) for img, p in zip(images, params)])
+    assert dali.shape == ref.shape == (8, 4, 3, 40, 40)
+    mx, mean = max_mean(dali, ref, data)
+    assert mean <= VIEW_MEAN and mx <= VIEW_MAX, f"local crops: max |Δ| {mx:.3f}, mean {mean:.2e}"
+
+
+def test_dali_draws_the_local_params_by_the_same_rule():
+    """The graph's own draws (what the loader uses): the recipe's ranges and rates, and the reference
+    renders those parameters into the crops DALI rendered."""
+    data, mc = DataConfig(), dataclasses.replace(MULTICROP["ibot"], n_local=12, local_size=16)
+    keyed = photos()
+    hwc = [img.permute(1, 2, 0).contiguous().numpy() for _, img in keyed]
+    pipe = build_local_pipeline(lambda: hwc, len(hwc), mc, data, seed=0)
+    pipe.build()
+    runs = [pipe.run() for _ in range(3)]
+    params = torch.stack([torch.from_numpy(r[0].as_array()) for r in runs])  # (3, B, L, LOCAL_DIM)
+    local = torch.from_numpy(runs[0][1].as_array())  # (B, L, 3, h, w)
+    p = params.flatten(0, 2).double()  # 288 draws
+    assert params.shape == (3, 8, 12, LOCAL_DIM)
+    assert not torch.equal(params[0], params[1])  # every batch draws afresh
+    hw = torch.tensor([img.shape[-2:] for _, img in keyed]).double().repeat_interleave(12, 0).repeat(3, 1)
+    area, ratio = box_stats(p[:, CROP1], (1, 1))
+    ratio = ratio * hw[:, 1] / hw[:, 0]
+    slack = 2 / hw.min()
+    assert area.min() >= mc.local_scale[0] - slack and area.max() <= mc.local_scale[1] + slack
+    assert ratio.min() >= 3 / 4 - 0.03 and ratio.max() <= 4 / 3 + 0.03
+    assert p[:, :IDX["ty_px"] + 1].abs().max() == 0
+    assert torch.equal(p[:, CROP2], torch.tensor([[0.0, 0, 1, 1]]).double().expand(len(p), 4))
+    for name in ("brightness", "contrast", "saturation", "hue"):
+        assert p[:, IDX[name]].abs().max() <= getattr(mc, name) + 1e-6
+    sigma = p[:, IDX["blur_sigma"]]
+    assert sigma[sigma > 0].min() >= 0.1 and sigma.max() <= 2.0
+    jittered = p[:, IDX["brightness"]:IDX["hue"] + 1].ne(0).any(1)
+    for rate, want in [(jittered, 0.8), (sigma > 0, 0.5), (p[:, IDX["flip1"]] > 0.5, 0.5), (p[:, GREY] > 0.5, 0.2)]:
+        assert abs(rate.double().mean() - want) < 0.1, (rate.double().mean(), want)
+    ref = torch.stack([render_local_crops(img, q, mc, data) for (_, img), q in zip(keyed, params[0])])
+    mx, mean = max_mean(local, ref, data)
+    assert mean <= VIEW_MEAN and mx <= VIEW_MAX, f"in-graph params: max |Δ| {mx:.3f}, mean {mean:.2e}"
+
+
+def test_dali_batch_masks():
+    masks = batch_masks(MULTICROP["ibot"], 0, 1, 0, 5, 16)
+    assert masks.shape == (16, 2, 196) and masks.dtype == torch.bool
+    assert torch.equal(masks, batch_masks(MULTICROP["ibot"], 0, 1, 0, 5, 16))
+    assert not torch.equal(masks, batch_masks(MULTICROP["ibot"], 0, 1, 0, 6, 16))
+    assert not torch.equal(masks, batch_masks(MULTICROP["ibot"], 0, 1, 1, 5, 16))  # another rank
+    assert batch_masks(MULTICROP["dino"], 0, 1, 0, 5, 16) is None
