@@ -106,9 +106,10 @@ def validate(mc: MultiCropConfig) -> None:
     for name in ("global_size", "local_size", "patch_size"):
         if getattr(mc, name) < 1:
             raise ConfigError(f"multicrop.{name} must be >= 1, got {getattr(mc, name)}")
-    if mc.masks and mc.global_size % mc.patch_size:
-        raise ConfigError(f"multicrop.global_size={mc.global_size} is not a multiple of the patch size "
-                          f"{mc.patch_size}: iBOT's masks need whole patches")
+    for name in ("global_size", "local_size"):  # the encoder cuts every crop into whole patches
+        if getattr(mc, name) % mc.patch_size:
+            raise ConfigError(f"multicrop.{name}={getattr(mc, name)} is not a multiple of the patch size "
+                              f"multicrop.patch_size={mc.patch_size} (model.patch_size)")
     for name in ("global_scale", "local_scale"):
         lo, hi = getattr(mc, name)
         if not 0 < lo <= hi <= 1:
@@ -167,6 +168,7 @@ def sample_local_params(mc: MultiCropConfig, src_hw: tuple[int, int], gen: torch
     params[:, IDX["blur_sigma"]] = coin(mc.blur_p) * uniform(*mc.blur_sigma)  # 0: no blur
     params[:, IDX["flip1"]] = coin(mc.flip_p)
     params[:, GREY] = coin(mc.grey_p)
+    # the box last: its number of draws varies (up to 10 tries), which must not shift the draws above
     params[:, CROP1] = sample_crop(local_crop_config(mc), torch.tensor([src_hw] * L, dtype=torch.float64), gen)
     params[:, CROP2] = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # unused: the whole image
     return params.float()
@@ -258,8 +260,7 @@ def with_multicrop(batch: Batch, local: torch.Tensor | None, masks: torch.Tensor
     return MultiCropBatch(**fields, local=local, masks=masks)
 
 
-def collate_multicrop(batch: Batch, samples: list[MultiCropParams | tuple[torch.Tensor, torch.Tensor | None]]
-                      ) -> Batch:
+def collate_multicrop(batch: Batch, samples: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Batch:
     """`with_multicrop` from per-sample (local (L, 3, h, w), masks (2, N) or None) pairs, in batch order."""
     local = torch.stack([s[0] for s in samples])
     masks = None if samples[0][1] is None else torch.stack([s[1] for s in samples])

@@ -133,7 +133,8 @@ def test_masks_per_global_crop():
 
 def test_bad_config_is_one_config_error_naming_the_field():
     for field, value, match in [("n_local", -1, "multicrop.n_local"), ("local_scale", (0.3, 0.2), "local_scale"),
-                                ("global_size", 100, "multiple of the patch size"), ("grey_p", 1.5, "grey_p"),
+                                ("global_size", 100, "global_size=100 is not a multiple"),
+                                ("local_size", 90, "local_size=90 is not a multiple"), ("grey_p", 1.5, "grey_p"),
                                 ("blur_sigma", (0.0, 2.0), "blur_sigma"), ("saturation", 1.0, "saturation")]:
         with pytest.raises(ConfigError, match=match):
             global_data_config(DataConfig(), dataclasses.replace(MULTICROP["ibot"], **{field: value}))
@@ -324,3 +325,15 @@ def test_dali_batch_masks():
     assert not torch.equal(masks, batch_masks(MULTICROP["ibot"], 0, 1, 0, 6, 16))
     assert not torch.equal(masks, batch_masks(MULTICROP["ibot"], 0, 1, 1, 5, 16))  # another rank
     assert batch_masks(MULTICROP["dino"], 0, 1, 0, 5, 16) is None
+
+
+def test_dali_draws_follow_the_pipeline_seed():
+    data, mc = DataConfig(), dataclasses.replace(SMALL, n_local=2)
+    images = [img for _, img in photos(2)]
+    a, crops_a = render_local_batch(images, mc, data, seed=5)
+    b, crops_b = render_local_batch(images, mc, data, seed=5)
+    c, _ = render_local_batch(images, mc, data, seed=6)
+    assert torch.equal(a, b) and torch.equal(crops_a, crops_b)
+    assert not torch.equal(a, c)
+    with pytest.raises(ValueError, match="need 2 params of shape \\(2, 19\\)"):
+        render_local_batch(images, mc, data, [a[0, :1], a[1]])
