@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 import torchvision.transforms.v2.functional as F
@@ -15,7 +16,10 @@ import torchvision.transforms.v2.functional as F
 from test_dali import DEVICES, G_ATOL, VIEW_MAX, VIEW_MEAN
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.dali_multicrop import batch_masks, build_local_pipeline, render_local_batch
+from pipeline.dali import sample_theta as dali_theta
+from pipeline.dali import shard_files
+from pipeline.dali_multicrop import batch_masks, build_local_pipeline, local_crops, render_local_batch
+from pipeline.dali_multicrop import sample_local_params as sample_local_params_graph
 from pipeline.demo import PHOTOS
 from pipeline.errors import ConfigError
 from pipeline.multicrop import (
@@ -337,3 +341,39 @@ def test_dali_draws_follow_the_pipeline_seed():
     assert not torch.equal(a, c)
     with pytest.raises(ValueError, match="need 2 params of shape \\(2, 19\\)"):
         render_local_batch(images, mc, data, [a[0, :1], a[1]])
+
+
+def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
+    """The wiring the DALI loader needs: local crops from the reader's decoded image, beside the views'
+    θ; a pipeline restored from a checkpoint continues with the same crops."""
+    from nvidia.dali import Pipeline, fn, types
+
+    data, mc = DataConfig(), dataclasses.replace(SMALL, n_local=2)
+    files = shard_files(demo_shards, "train")[0]
+
+    def pipeline(checkpoint=None):
+        pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, seed=3, enable_checkpointing=True,
+                        checkpoint=checkpoint, prefetch_queue_depth=1)
+        with pipe:
+            jpg = fn.readers.webdataset(paths=[str(f) for f in files], ext=["jpg"], random_shuffle=True,
+                                        index_paths=[str(f.with_suffix(".idx")) for f in files], initial_fill=8)
+            shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
+            img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB, adjust_orientation=False)
+            theta = dali_theta(shape[0], shape[1], data.aug)
+            params = sample_local_params_graph(shape[0], shape[1], mc)
+            pipe.set_outputs(theta, params, local_crops(img, params, shape[0], shape[1], mc, data, "cpu"))
+        pipe.build()
+        return pipe
+
+    def arrays(outs):
+        return [torch.from_numpy(np.array(o.as_array())) for o in outs]
+
+    pipe = pipeline()
+    first = arrays(pipe.run())
+    assert first[2].shape == (4, 2, 3, 16, 16) and first[1].shape == (4, 2, LOCAL_DIM)
+    cpt = pipe.checkpoint()
+    second = arrays(pipe.run())
+    resumed = arrays(pipeline(cpt).run())
+    for want, got in zip(second, resumed):
+        assert torch.equal(want, got)
+    assert not torch.equal(first[1], second[1])
