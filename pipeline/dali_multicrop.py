@@ -90,7 +90,7 @@ def sample_local_params(H, W, mc: MultiCropConfig):
     return fn.stack(*rows)
 
 
-def greyscale(x, flag, dev: str):
+def greyscale(x, flag):
     """torchvision's rgb_to_grayscale (3 channels) where flag > 0.5, else the identity; HWC."""
     fn, types = _fn()
     flag = fn.cast(flag > 0.5, dtype=types.FLOAT)  # the reference's rule for the flag
@@ -112,7 +112,7 @@ def local_crops(img, params, H, W, mc: MultiCropConfig, data: DataConfig, dev: s
         p = params[i]
         x = crop_resize(img, p, H, W, 1, size, dev)  # the local box and flip are p's crop1 and flip1
         x = apply_g(x, p, 1.0, size, colour, dev)
-        x = greyscale(x, p[GREY], dev)
+        x = greyscale(x, p[GREY])
         x = apply_g(x, p, 1.0, size, blur, dev)
         crops.append(fn.crop_mirror_normalize(x, **norm))
     return fn.stack(*crops)
