@@ -291,7 +291,7 @@ def test_local_crop_parity_with_boxes_and_flips(device):
 def test_dali_draws_the_local_params_by_the_same_rule():
     """The graph's own draws (what the loader uses): the recipe's ranges and rates, and the reference
     renders those parameters into the crops DALI rendered."""
-    data, mc = DataConfig(), dataclasses.replace(MULTICROP["ibot"], n_local=12, local_size=16)
+    data, mc = DataConfig(), dataclasses.replace(MULTICROP["ibot"], n_local=8, local_size=16)
     keyed = photos()
     hwc = [img.permute(1, 2, 0).contiguous().numpy() for _, img in keyed]
     pipe = build_local_pipeline(lambda: hwc, len(hwc), mc, data, seed=0)
@@ -299,10 +299,10 @@ def test_dali_draws_the_local_params_by_the_same_rule():
     runs = [pipe.run() for _ in range(3)]
     params = torch.stack([torch.from_numpy(r[0].as_array()) for r in runs])  # (3, B, L, LOCAL_DIM)
     local = torch.from_numpy(runs[0][1].as_array())  # (B, L, 3, h, w)
-    p = params.flatten(0, 2).double()  # 288 draws
-    assert params.shape == (3, 8, 12, LOCAL_DIM)
+    p = params.flatten(0, 2).double()  # 192 draws
+    assert params.shape == (3, 8, 8, LOCAL_DIM)
     assert not torch.equal(params[0], params[1])  # every batch draws afresh
-    hw = torch.tensor([img.shape[-2:] for _, img in keyed]).double().repeat_interleave(12, 0).repeat(3, 1)
+    hw = torch.tensor([img.shape[-2:] for _, img in keyed]).double().repeat_interleave(8, 0).repeat(3, 1)
     area, ratio = box_stats(p[:, CROP1], (1, 1))
     ratio = ratio * hw[:, 1] / hw[:, 0]
     slack = 2 / hw.min()
