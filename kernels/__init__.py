@@ -10,7 +10,13 @@ of a Triton path only, so this package imports without it.
 
 from kernels._backend import choices, use_triton
 from kernels.cross_attention import cross_attention, cross_attention_ref, self_attention
-from kernels.recon_loss import image_patches, recon_loss, recon_loss_linear, recon_loss_linear_ref, recon_loss_ref
+from kernels.recon_loss import (
+    image_patches,
+    recon_loss,
+    recon_loss_linear,
+    recon_loss_linear_ref,
+    recon_loss_ref,
+)
 
 __all__ = [
     "choices",

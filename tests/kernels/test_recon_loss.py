@@ -115,7 +115,7 @@ def _images(b, k, c, grid, patch, dtype, seed=5):
 def test_image_targets_are_read_in_place(interpreted_kernels, shape, target_dtype, norm_pix):
     # targets given as images (B, K, C, Ht, Wt): the kernel reads patches through the image strides;
     # the result must equal the loss against the patchified copy, loss and gradient
-    b, k, c, grid, patch = shape
+    grid = shape[3]
     images = _images(*shape, target_dtype)
     patches = image_patches(images, grid)  # (B, K, grid², patch²·C)
     pred, _ = _data(tuple(patches.shape), torch.float32)
