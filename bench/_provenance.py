@@ -7,6 +7,7 @@ comes back from a cluster node when the source tree does not).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,8 @@ import torch
 
 from train.provenance import device_name, device_slug, git_sha, provenance  # noqa: F401 (re-exported)
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# EQRECON_RESULTS_DIR moves it (bench/gpu_check.sh --dry-run: CPU figures must not overwrite the tree's)
+RESULTS_DIR = Path(os.environ.get("EQRECON_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 def write_result(
