@@ -121,6 +121,8 @@ def pick(op: str, key: tuple, make_candidates: Callable[[], dict[str, Callable[[
     if requested != "auto" or not all(t.is_cuda for t in tensors):
         return "triton" if use_triton(*tensors) else "ref"
     without_triton = triton_import_error() is not None
+    if torch.compiler.is_compiling() and key not in _choices:
+        return "ref" if without_triton else "triton"  # no timing inside a torch.compile trace
     if without_triton and key not in _choices:
         use_triton(*tensors)  # the one warning about the missing triton
     return auto_choice(op, key, make_candidates, without_triton)

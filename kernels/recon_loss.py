@@ -135,7 +135,7 @@ def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
 def _add_fp32_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """acc (fp32) += a @ b with an fp32 product (CUDA's fp32-output matmul for 16-bit a, b)."""
     if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        acc += torch.mm(a, b, out_dtype=torch.float32)  # fp32 accumulation inside the GEMM too
     else:
         acc.addmm_(a.float(), b.float())
 
