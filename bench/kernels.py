@@ -213,7 +213,14 @@ def _bench_recon(kernels, shape, dtype, target_dtype, norm_pix, device, reps, ce
     target = torch.randn(shape, generator=g).to(device, target_dtype)
     n, es, et = pred.numel(), pred.element_size(), target.element_size()
     passes = {"fwd": (n * (es + et), 0), "bwd": (n * es, 0), "fwd+bwd": (n * (2 * es + et), 0)}
-    impls = {"triton": kernels.recon_loss, "eager": kernels.recon_loss_ref}
+    b, k, n, p = shape
+    grid, patch = math.isqrt(n), math.isqrt(p // 3)
+    images = torch.randn(b, k, 3, grid * patch, grid * patch, generator=g).to(device, target_dtype)
+
+    def from_images(pred, _target, norm_pix):  # the targets as the pipeline delivers them, read in place
+        return kernels.recon_loss(pred, images, norm_pix)
+
+    impls = {"triton": kernels.recon_loss, "triton-image-targets": from_images, "eager": kernels.recon_loss_ref}
     if compile_refs:
         impls["compile"] = torch.compile(kernels.recon_loss_ref)
     return _measure("recon", impls, _leaves(pred), (target, norm_pix), lambda out: torch.ones_like(out),

@@ -159,7 +159,8 @@ def _configs(pairs) -> list:
 # ptxas -v and none spills registers (tests/kernels/test_sm90_compile.py checks each one the gpu tests
 # can try, and bounds their total compile time). fp32 gets one small config: its IEEE dots cannot use
 # the 16-bit tensor cores, larger blocks spilled up to 33 KB per thread and took minutes to compile,
-# and fp32 is a parity mode, not a training mode.
+# and fp32 is a parity mode, not a training mode. The 16-bit D=128 backward has one config: wgmma needs
+# 64-row blocks, and every 64×64 candidate spilled there (16 to 724 B), so it runs 16×32 on mma.sync.
 FWD_CONFIGS = {
     "16bit": _configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 128, 8, 2)]),
     "16bit_d128": _configs([(128, 64, 8, 2), (64, 64, 4, 2)]),

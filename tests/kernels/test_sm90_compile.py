@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 SMEM_LIMIT = 232448  # bytes of shared memory one block may opt into on H100/H200
-GPU_SET_COMPILE_BUDGET_S = 300  # the whole gpu test set's configs, compiled one after another
+GPU_SET_COMPILE_BUDGET_S = 300  # CPU seconds for the whole gpu test set's configs, compiled one after another
 
 
 def _compile(tmp_path, *flags: str) -> dict:
@@ -37,7 +37,10 @@ def _check_rows(rows: list[dict]) -> None:
         where = f"{r['kernel']} {r['dtype']} {r['constexprs']} warps={r['num_warps']} stages={r['num_stages']}"
         assert r["shared"] <= SMEM_LIMIT, f"{where}: {r['shared']} B of shared memory"
         assert r["spill_stores"] == 0, f"{where}: spills {r['spill_stores']} B per thread (ptxas -v)"
-        if r["kernel"] in ("_xattn_fwd", "_xattn_bwd") and r["dtype"] != "fp32":
+        # 16-bit dots are wgmma, except the D=128 backward: wgmma needs 64-row blocks, and every 64×64
+        # candidate there spilled (16 to 724 B), so it runs spill-free 16×32 blocks on mma.sync instead
+        d128_bwd = r["kernel"] == "_xattn_bwd" and r["constexprs"]["HEAD_D"] == 128
+        if r["kernel"] in ("_xattn_fwd", "_xattn_bwd") and r["dtype"] != "fp32" and not d128_bwd:
             assert r["wgmma"], f"{where}: no wgmma in the sm_90 PTX"
 
 

@@ -7,7 +7,7 @@ import json
 
 import torch
 
-from bench import step
+from bench import _provenance, step
 
 
 def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
@@ -35,8 +35,11 @@ def test_defaults_per_device():
     assert sources == ["synthetic", "loader"] and over == ["--data.batch_size=64", "--data.dir=/shards"]
 
 
-def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(tmp_path, demo_shards, one_thread):
-    # the CPU defaults (synthetic + the demo shards at the preset's own batch), shrunk to one step
+def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(tmp_path, demo_shards, one_thread,
+                                                                       monkeypatch):
+    # the CPU defaults (synthetic + the demo shards at the preset's own batch), shrunk to one step;
+    # bench/results of the tree is left alone (its CPU figures are made on purpose)
+    monkeypatch.setattr(_provenance, "RESULTS_DIR", tmp_path / "results")
     argv = ["--presets", "demo-vicreg", "--steps", "1", "--warmup", "1", "--data.img_size=32",
             f"--data.dir={demo_shards}", "--out", str(tmp_path)]
     assert step.main(argv) == 0
@@ -45,3 +48,4 @@ def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(tmp_path, 
     assert [r["source"] for r in per_preset["rows"]] == ["synthetic", "loader"]
     assert per_preset["rows"] == whole["rows"] and whole["summary"]["samples_per_s.vicreg"] > 0
     assert per_preset["git_sha"] == whole["git_sha"] and "kernel_choices" in whole["config"]
+    assert (tmp_path / "results" / "step-cpu.json").read_text() == (tmp_path / "step-cpu.json").read_text()
