@@ -30,7 +30,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 PARTS=(env wheels parity kernels step pipeline gpu fp32)
 # per-part caps (seconds) before --part-budget; the deadline cuts them further
-declare -A CAP=([env]=40 [wheels]=90 [parity]=120 [kernels]=120 [step]=120 [pipeline]=120 [gpu]=150 [fp32]=600)
+declare -A CAP=([env]=40 [wheels]=90 [parity]=120 [kernels]=120 [step]=150 [pipeline]=120 [gpu]=150 [fp32]=600)
 MIN_PART_S=${MIN_PART_S:-10}
 GRACE_S=5  # SIGTERM first; SIGKILL this long after
 
