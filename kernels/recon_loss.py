@@ -166,7 +166,8 @@ class _ReconLossLinear(torch.autograd.Function):
         r = h2.shape[0]
         pred_shape = (*hidden.shape[:-1], p)
         geometry = _image_geometry(torch.empty(pred_shape, device="meta"), target, "recon_loss_linear")
-        t2 = target if geometry is not None else _as_rows(target)  # images, or (R, P) rows
+        # images as (B·K, C, Ht, Wt) (a view when contiguous), or the patches as (R, P) rows
+        t2 = target.flatten(0, 1) if geometry is not None else _as_rows(target)
         w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
         numel = r * p
         grad_h = torch.empty_like(h2) if need_h else None
@@ -183,7 +184,7 @@ class _ReconLossLinear(torch.autograd.Function):
             hc = h2[start : start + chunk]
             pc = torch.addmm(b, hc, w.t())  # (rows, P) in hidden's dtype
             if geometry is not None:
-                images = t2.flatten(0, 1)[start // n_patches : (start + hc.shape[0]) // n_patches]
+                images = t2[start // n_patches : (start + hc.shape[0]) // n_patches]
                 tc = images[None]  # (1, images in chunk, C, Ht, Wt): a view, K folded into the batch
                 chunk_geometry = (images.shape[0], geometry[1], geometry[2])
             else:
