@@ -1,14 +1,18 @@
 """Benchmark the Triton kernels against their strongest baselines, in one process.
 
-    python -m bench.kernels                 # CUDA: bf16, the vits16 decoder shapes, per-GPU batch 256
-    python -m bench.kernels --device cpu    # CPU: small shapes, Triton via its interpreter (proves it runs)
+    python -m bench.kernels [--preset vits16-path] [--out DIR]   # CUDA: bf16, per-GPU batch 256
+    python -m bench.kernels --device cpu --preset demo --batch 1    # CPU: Triton in its interpreter
 
-Cross-attention (q (B, 3, 196, 64), k/v (B, 3, 392, 64): view-2 queries on both views' tokens) against
-every SDPA backend that accepts the shapes, the eager reference and `torch.compile` of it; the
-pixel-MSE loss (B, K=2, N=196, P=768) and its fused pixel-head variant (hidden C=192) against eager
-and compiled references. Forward, backward (fwd+bwd − fwd) and fwd+bwd: median time, GB/s over the
-fewest bytes each pass must move, fraction of the measured roofline, peak memory (CUDA). Writes
-bench/results/kernels-<device>.json (DESIGN §3) and prints a markdown table.
+The shapes are the preset's decoder at training time (`decoder_shapes`): for vits16-path's
+xattn-path decoder (width 192 = 3 heads × 64, 14×14 tokens, K = 2 path steps) the cross-attention
+block's packed K·196 = 392 queries × 392 keys (both views' tokens) and the self-attention blocks'
+196 × 196 per (image, step). Cross-attention runs Triton against every SDPA backend that accepts
+the shapes, the eager reference and `torch.compile` of it; self-attention is SDPA's (what the decoder
+calls), timed against Triton for the record; the pixel-MSE loss (B, K, N, P) and its fused pixel-head
+variant against eager and compiled references. Forward, backward (fwd+bwd − fwd) and fwd+bwd: median
+time, GB/s over the fewest bytes each pass must move, fraction of the measured roofline, peak memory
+(CUDA). Writes bench/results/kernels-<device>.json (docs/DESIGN.md; also into --out) and prints a
+markdown table.
 """
 
 from __future__ import annotations
@@ -35,7 +39,29 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions (CUDA uses do_bench)")
+    p.add_argument("--preset", default="vits16-path", help="the training preset whose decoder shapes are timed")
+    p.add_argument("--out", default=None, help="folder to write the result JSON into as well")
     return p.parse_args(argv)
+
+
+def decoder_shapes(preset: str, batch: int) -> dict:
+    """The kernels' shapes when `preset` trains at per-GPU `batch` (its xattn or xattn-path decoder).
+
+    -> {"xattn": (B, H, Nq, Nk, D), "self_attn": (B·K, H, N, N, D), "recon": (B, K, N, P), "width": C}
+    """
+    from train.config import load_config
+
+    cfg = load_config(preset, [])
+    m, d = cfg.model, cfg.data
+    if m.decoder not in ("xattn", "xattn-path"):
+        raise SystemExit(f"bench.kernels: preset {preset!r} has decoder {m.decoder!r}; pick one with xattn or xattn-path")
+    grid = d.img_size // m.patch_size
+    n, k = grid * grid, (d.aug.k if m.decoder == "xattn-path" else 1)
+    heads, head_d = m.dec_heads, m.dec_width // m.dec_heads
+    n_k = 2 * n if m.decoder == "xattn-path" else n  # xattn-path: K/V = both views' tokens
+    patch = d.out_target_size // grid
+    return {"xattn": (batch, heads, k * n, n_k, head_d), "self_attn": (batch * k, heads, n, n, head_d),
+            "recon": (batch, k, n, patch * patch * 3), "width": m.dec_width}
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -156,7 +182,7 @@ def _sdpa(backend):
     return run
 
 
-def _bench_xattn(kernels, shape, dtype, device, reps, ceil, compile_refs) -> list[dict]:
+def _bench_xattn(kernels, shape, dtype, device, reps, ceil, compile_refs, op="xattn") -> list[dict]:
     from torch.nn.attention import SDPBackend
 
     b, h, n_q, n_k, d = shape
@@ -178,7 +204,7 @@ def _bench_xattn(kernels, shape, dtype, device, reps, ceil, compile_refs) -> lis
     impls["eager"] = kernels.cross_attention_ref
     if compile_refs:
         impls["compile"] = torch.compile(kernels.cross_attention_ref)
-    return _measure("xattn", impls, inputs, (), lambda out: torch.randn_like(out), passes, device, reps, ceil)
+    return _measure(op, impls, inputs, (), lambda out: torch.randn_like(out), passes, device, reps, ceil)
 
 
 def _bench_recon(kernels, shape, dtype, target_dtype, norm_pix, device, reps, ceil, compile_refs) -> list[dict]:
@@ -187,7 +213,14 @@ def _bench_recon(kernels, shape, dtype, target_dtype, norm_pix, device, reps, ce
     target = torch.randn(shape, generator=g).to(device, target_dtype)
     n, es, et = pred.numel(), pred.element_size(), target.element_size()
     passes = {"fwd": (n * (es + et), 0), "bwd": (n * es, 0), "fwd+bwd": (n * (2 * es + et), 0)}
-    impls = {"triton": kernels.recon_loss, "eager": kernels.recon_loss_ref}
+    b, k, n, p = shape
+    grid, patch = math.isqrt(n), math.isqrt(p // 3)
+    images = torch.randn(b, k, 3, grid * patch, grid * patch, generator=g).to(device, target_dtype)
+
+    def from_images(pred, _target, norm_pix):  # the targets as the pipeline delivers them, read in place
+        return kernels.recon_loss(pred, images, norm_pix)
+
+    impls = {"triton": kernels.recon_loss, "triton-image-targets": from_images, "eager": kernels.recon_loss_ref}
     if compile_refs:
         impls["compile"] = torch.compile(kernels.recon_loss_ref)
     return _measure("recon", impls, _leaves(pred), (target, norm_pix), lambda out: torch.ones_like(out),
@@ -239,13 +272,14 @@ def _ratio(a, b):
 
 def _summary(rows: list[dict]) -> dict:
     out: dict = {}
-    tri = _time(rows, "xattn", "triton")
-    sdpa = [r for r in rows if r["op"] == "xattn" and r["impl"].startswith("sdpa-") and r["pass"] == "fwd+bwd"
-            and r.get("ms") is not None]
-    best = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
-    out["xattn_speedup_vs_sdpa"] = _ratio(best and best["ms"], tri and tri["ms"])
-    out["xattn_best_sdpa_backend"] = best and best["impl"]
-    out["xattn_roofline_fraction"] = tri and tri["roofline_fraction"]
+    for op in ("xattn", "self_attn"):
+        tri = _time(rows, op, "triton")
+        sdpa = [r for r in rows if r["op"] == op and r["impl"].startswith("sdpa-") and r["pass"] == "fwd+bwd"
+                and r.get("ms") is not None]
+        best = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
+        out[f"{op}_speedup_vs_sdpa"] = _ratio(best and best["ms"], tri and tri["ms"])
+        out[f"{op}_best_sdpa_backend"] = best and best["impl"]
+        out[f"{op}_roofline_fraction"] = tri and tri["roofline_fraction"]
     for op, impl, prefix in (("recon", "triton", "recon"), ("recon_linear", "triton-fused", "recon_linear")):
         mine = _time(rows, op, impl)
         eager, comp = _time(rows, op, "eager"), _time(rows, op, "compile")
@@ -294,14 +328,14 @@ def main(argv=None) -> None:
     dtype = DTYPES[args.dtype or ("bf16" if on_gpu else "fp32")]
     target_dtype = DTYPES[args.target_dtype]
     batch = args.batch or (256 if on_gpu else 2)
-    xattn_shape = (batch, 3, 196, 392, 64)  # vits16 decoder: width 192 = 3 heads × 64; K/V = both views
-    recon_shape = (batch, 2, 196, 768)  # K = 2 path steps, 14×14 patches of 16×16×3 pixels
-    width = 192
+    shapes = decoder_shapes(args.preset, batch)
+    xattn_shape, self_shape, recon_shape, width = shapes["xattn"], shapes["self_attn"], shapes["recon"], shapes["width"]
     torch.manual_seed(0)
     ceil = _ceilings(device, dtype, args.reps)
     compile_refs = not args.no_compile
 
     rows = _bench_xattn(kernels, xattn_shape, dtype, device, args.reps, ceil, compile_refs)
+    rows += _bench_xattn(kernels, self_shape, dtype, device, args.reps, ceil, compile_refs, op="self_attn")
     rows += _bench_recon(kernels, recon_shape, dtype, target_dtype, args.norm_pix, device, args.reps, ceil,
                          compile_refs)
     rows += _bench_recon_linear(kernels, recon_shape, width, dtype, target_dtype, args.norm_pix, device,
@@ -310,7 +344,8 @@ def main(argv=None) -> None:
     config = {
         "device": args.device, "dtype": str(dtype).removeprefix("torch."),
         "target_dtype": str(target_dtype).removeprefix("torch."), "norm_pix": args.norm_pix,
-        "xattn_shape_B_H_Nq_Nk_D": list(xattn_shape), "recon_shape_B_K_N_P": list(recon_shape),
+        "preset": args.preset, "batch": batch, "xattn_shape_B_H_Nq_Nk_D": list(xattn_shape),
+        "self_attn_shape_BK_H_N_N_D": list(self_shape), "recon_shape_B_K_N_P": list(recon_shape),
         "recon_linear_width": width, "triton_interpreter": not on_gpu,
         "timing": "triton.testing.do_bench median (warmup 25 ms, rep 100 ms)" if on_gpu
         else f"median of {args.reps} perf_counter runs after one warm-up",
@@ -321,7 +356,7 @@ def main(argv=None) -> None:
         "note": None if on_gpu else "CPU run: Triton kernels in the interpreter; proves the bench runs, "
                                      "not a performance figure",
     }  # fmt: skip
-    path = write_result("kernels", config, rows, summary, device=device)
+    path = write_result("kernels", config, rows, summary, device=device, out=args.out)
     print(_table(rows))
     print({k: v for k, v in summary.items()})
     print(f"wrote {path}")

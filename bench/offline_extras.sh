@@ -1,20 +1,26 @@
 #!/usr/bin/env bash
-# Offline install of the GPU data-pipeline extras (NVIDIA DALI and its codec libraries, webdataset)
-# for machines without internet access, e.g. air-gapped GPU clusters.
+# Offline install of the GPU data-pipeline extras (NVIDIA DALI, everything it imports, webdataset)
+# for machines without internet access, e.g. air-gapped GPU clusters. The list is
+# bench/offline_extras.txt (pinned; see there).
 #
-#   bench/offline_extras.sh pack [DIR]            on a machine with internet access: download the
-#                                                 CPython 3.12 manylinux x86-64 wheels and split them
-#                                                 into parts DIR/p1, DIR/p2, ... of at most 60 MiB
-#                                                 (default DIR: .dev, which git ignores)
-#   bench/offline_extras.sh install DIR TARGET    on the offline machine: join the parts, unpack the
-#                                                 wheels into TARGET and print the PYTHONPATH line
+#   bench/offline_extras.sh pack [DIR]            on a machine with internet access: pip-download the
+#                                                 CPython 3.12 manylinux x86-64 wheels of the list and
+#                                                 cut them into parts DIR/p1, DIR/p2, ... of at most
+#                                                 60 MiB, with DIR/MANIFEST (the wheels) and
+#                                                 DIR/SHA256SUMS (every part and every wheel)
+#   bench/offline_extras.sh install DIR TARGET    on the offline machine: check the parts' checksums,
+#                                                 join them, check every wheel's checksum and that
+#                                                 every listed package has its wheel, install into
+#                                                 TARGET, and check that `import nvidia.dali` works
 #
-# Copy DIR (the parts and MANIFEST) to the offline machine by any means. The wheels are installed with
-# --no-deps: torch, numpy and the CUDA runtime must already be there. Versions can be pinned with
-# environment variables, e.g. DALI_VERSION=2.4.0 bench/offline_extras.sh pack, and PYTHON names the
-# interpreter whose pip is used (default python3).
+# WHEELHOUSE=FOLDER bench/offline_extras.sh pack DIR packs the wheels already in FOLDER (the output of
+# an earlier `pip download`) instead of downloading. Copy DIR to the offline machine by any means. The wheels are installed with --no-deps: torch, numpy
+# and the CUDA runtime must already be there (the list's "provided" line). PYTHON names the
+# interpreter whose pip is used (default python3); PY_VERSION the target's Python (default 3.12).
 set -euo pipefail
 
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LIST=${LIST:-$HERE/offline_extras.txt}
 PYTHON=${PYTHON:-python3}
 PART_SIZE=${PART_SIZE:-60m}  # at most 60 MiB per part
 PY_VERSION=${PY_VERSION:-3.12}
@@ -22,55 +28,48 @@ PY_VERSION=${PY_VERSION:-3.12}
 PLATFORMS=(manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64
            manylinux_2_34_x86_64 manylinux_2_31_x86_64 manylinux_2_24_x86_64 manylinux1_x86_64)
 
-pin() {  # name [version] -> name or name==version
-    if [[ -n "${2:-}" ]]; then echo "$1==$2"; else echo "$1"; fi
+usage() {
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
 }
 
-# PACKAGES="name[==version] ..." replaces the default list below (e.g. to pack a different CUDA build)
-WHEELS=(
-    "$(pin nvidia-dali-cuda130 "${DALI_VERSION:-}")"
-    # DALI's own dependencies (image codecs, nvJPEG, nvCOMP)
-    "$(pin nvidia-nvimgcodec-cu13 "${NVIMGCODEC_VERSION:-}")"
-    "$(pin nvidia-nvjpeg "${NVJPEG_VERSION:-}")"
-    "$(pin nvidia-libnvcomp-cu13 "${NVCOMP_VERSION:-}")"
-    "$(pin nvidia-nvjpeg2k-cu13 "${NVJPEG2K_VERSION:-}")"
-    "$(pin nvidia-nvtiff-cu13 "${NVTIFF_VERSION:-}")"
-    # the reference pipeline's shard reader
-    "$(pin webdataset "${WEBDATASET_VERSION:-}")"
-    "$(pin braceexpand "${BRACEEXPAND_VERSION:-}")"
-)
+requirements() {  # the list's requirement lines
+    grep -vE '^\s*(#|$)' "$LIST"
+}
 
-if [[ -n "${PACKAGES:-}" ]]; then
-    read -r -a WHEELS <<< "$PACKAGES"
-fi
-
-usage() {
-    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
-    exit 2
+normalise() {  # distribution or wheel-file name -> PEP 503 name (lower case, runs of -_. as -)
+    tr 'A-Z' 'a-z' | sed -E 's/[-_.]+/-/g'
 }
 
 pack() {
     local dir=${1:-.dev}
     local wheels
     wheels=$(mktemp -d)
-    local platform_args=()
-    for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
-    echo "downloading ${#WHEELS[@]} wheels for CPython $PY_VERSION (manylinux x86-64) ..."
-    "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
-        --python-version "$PY_VERSION" "${platform_args[@]}" -d "$wheels" "${WHEELS[@]}"
+    if [[ -n "${WHEELHOUSE:-}" ]]; then
+        cp "$WHEELHOUSE"/*.whl "$wheels"/
+    else
+        local platform_args=()
+        for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
+        mapfile -t reqs < <(requirements)
+        echo "downloading ${#reqs[@]} wheels for CPython $PY_VERSION (manylinux x86-64) ..."
+        "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --implementation cp \
+            --python-version "$PY_VERSION" "${platform_args[@]}" -d "$wheels" "${reqs[@]}"
+    fi
     mkdir -p "$dir"
-    rm -f "$dir"/p[0-9]* "$dir/MANIFEST"
+    rm -f "$dir"/p[0-9]* "$dir/MANIFEST" "$dir/SHA256SUMS"
     (cd "$wheels" && ls -1 -- *.whl) > "$dir/MANIFEST"
-    # one archive of all wheels, cut into numbered parts that any transfer channel can carry
+    (cd "$wheels" && sha256sum -- *.whl) > "$dir/WHEELS.sha256"
+    # one archive of all wheels (and their checksums), cut into numbered parts any channel can carry
+    cp "$dir/WHEELS.sha256" "$wheels/"
     tar -C "$wheels" -cf - . | split -b "$PART_SIZE" -d -a 3 - "$dir/p.tmp."
     local i=1
     for part in "$dir"/p.tmp.*; do
         mv "$part" "$dir/p$i"
         i=$((i + 1))
     done
-    (cd "$dir" && sha256sum p[0-9]* > SHA256SUMS)
+    (cd "$dir" && sha256sum p[0-9]* > SHA256SUMS && cat WHEELS.sha256 >> SHA256SUMS && rm WHEELS.sha256)
     rm -rf "$wheels"
-    echo "wrote $((i - 1)) part(s) to $dir (wheels listed in $dir/MANIFEST):"
+    echo "wrote $((i - 1)) part(s) to $dir (wheels listed in $dir/MANIFEST, checksums in $dir/SHA256SUMS):"
     ls -l "$dir"/p[0-9]*
 }
 
@@ -84,16 +83,36 @@ install() {
         echo "error: no parts p1, p2, ... in $dir; run '$0 pack' first" >&2
         exit 1
     fi
-    if [[ -f "$dir/SHA256SUMS" ]]; then
-        (cd "$dir" && sha256sum --quiet -c SHA256SUMS) || { echo "error: a part in $dir is damaged" >&2; exit 1; }
-    fi
+    [[ -f "$dir/SHA256SUMS" ]] || { echo "error: $dir/SHA256SUMS is missing; re-run '$0 pack'" >&2; exit 1; }
+    local bad
+    bad=$(cd "$dir" && grep -E ' p[0-9]+$' SHA256SUMS | sha256sum -c 2>/dev/null | grep -v ': OK$' || true)
+    [[ -z "$bad" ]] || { echo "error: damaged or missing part(s) in $dir: ${bad//$'\n'/, }" >&2; exit 1; }
     local wheels
     wheels=$(mktemp -d)
     # shellcheck disable=SC2086  # $parts is a list of plain file names
     (cd "$dir" && cat $parts) | tar -C "$wheels" -xf -
+    bad=$(cd "$wheels" && sha256sum -c WHEELS.sha256 2>/dev/null | grep -v ': OK$' || true)
+    [[ -z "$bad" ]] || { echo "error: damaged wheel(s) after joining the parts: ${bad//$'\n'/, }" >&2; exit 1; }
+    local missing=() have
+    have=$(cd "$wheels" && ls -1 -- *.whl | sed -E 's/-[0-9].*$//' | normalise)
+    while read -r req; do
+        local name
+        name=$(echo "$req" | sed -E 's/[=<>!~ ;\[].*$//' | normalise)
+        grep -qx "$name" <<< "$have" || missing+=("$req")
+    done < <(requirements)
+    if ((${#missing[@]})); then
+        echo "error: the parts in $dir lack wheels for: ${missing[*]} (re-run '$0 pack' with the current list)" >&2
+        exit 1
+    fi
     "$PYTHON" -m pip install --quiet --no-index --no-deps --no-compile --upgrade --target "$target" "$wheels"/*.whl
-    echo "installed $(ls -1 "$wheels"/*.whl | wc -l) wheels into $target; use them with:"
+    echo "installed $(ls -1 "$wheels"/*.whl | wc -l) wheels into $target"
     rm -rf "$wheels"
+    local err
+    if ! err=$(PYTHONPATH="$target${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -c "import nvidia.dali, webdataset" 2>&1); then
+        echo "error: 'import nvidia.dali' fails after the install: $(echo "$err" | tail -1)" >&2
+        exit 1
+    fi
+    echo "import nvidia.dali works; use the packages with:"
     echo "export PYTHONPATH=$(cd "$target" && pwd)\${PYTHONPATH:+:\$PYTHONPATH}"
 }
 

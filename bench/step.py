@@ -1,7 +1,7 @@
 """Training-step throughput per method: samples/s, the step's time split, MFU and peak memory.
 
     python -m bench.step [--presets demo,demo-vicreg,...] [--device auto|cpu|cuda] [--steps N]
-        [--warmup N] [--sources synthetic,loader] [--data DIR] [--section.field=value ...]
+        [--warmup N] [--sources synthetic,loader] [--data DIR] [--out DIR] [--section.field=value ...]
 
 Each preset is one method. Its step is `train.loop.train_step` (the trainer's own step: forward,
 backward, grad clipping, optimizer, schedule; bf16 autocast on CUDA) fed two ways:
@@ -15,10 +15,16 @@ FLOPs per step are counted once with torch's FlopCounterMode (forward + backward
 step / synthetic step time / peak, where peak is the GPU's dense bf16 datasheet figure, or on a CPU
 the fp32 matmul throughput measured in this process (the JSON names which). Peak memory is
 torch.cuda.max_memory_allocated on CUDA, and on a CPU the process's peak RSS (VmHWM, reset per
-method; it includes the libraries, ~1 GB). Default presets: vits16-* on CUDA at batch 256 (one GPU's
-share of the paper's 2048 on 8), demo-* on a CPU.
+method; it includes the libraries, ~1 GB).
 
-Summary (DESIGN §3): samples_per_s.<method> and mfu.<method> from synthetic batches,
+Defaults, chosen so that a bare `python -m bench.step` measures something real on either device:
+on CUDA the vits16-* presets at batch 256 (one GPU's share of the paper's 2048 on 8) on synthetic
+batches only (the loader source needs a real dataset, --data: the 64 demo photos cannot fill a
+batch of 256); on a CPU the demo-* presets at their own batch, synthetic and over the demo shards.
+
+Each preset's result is written as soon as it is measured, to bench/results/step-<preset>-<device>.json
+(and --out DIR), so a run cut short keeps what finished; the whole run then goes to step-<device>.json.
+Summary (docs/DESIGN.md): samples_per_s.<method> and mfu.<method> from synthetic batches,
 loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger of the two).
 """
 
@@ -36,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+import kernels
 from bench._provenance import write_result
 from model import build_method
 from pipeline import build_loader, resolve_data_dir
@@ -178,32 +185,64 @@ def bench_preset(preset: str, overrides: list[str], sources: list[str], device: 
     return rows
 
 
-def main(argv: list[str]) -> int:
+def resolve_defaults(args, overrides: list[str], cuda: bool) -> tuple[list[str], list[str], int, int, list[str]]:
+    """(presets, sources, steps, warmup, overrides) after the device's defaults (see the docstring)."""
+    presets = args.presets.split(",") if args.presets else list(GPU_PRESETS if cuda else CPU_PRESETS)
+    steps, warmup = args.steps or (20 if cuda else 5), args.warmup or (5 if cuda else 2)
+    sources = (args.sources or ("synthetic" if cuda and not args.data else "synthetic,loader")).split(",")
+    overrides = list(overrides)
+    if args.data:
+        overrides.append(f"--data.dir={args.data}")
+    if cuda and not any(o.startswith("--data.batch_size") for o in overrides):
+        overrides.insert(0, "--data.batch_size=256")  # one GPU's share of the paper's 2048 on 8 GPUs
+    return presets, sources, steps, warmup, overrides
+
+
+def parse(argv: list[str]):
+    """(args, overrides): the bench's own flags, and --section.field=value overrides for the presets."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", default="", help="comma list (default: vits16-* on CUDA, demo-* on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--steps", type=int, default=0, help="timed steps per source (default: 20 GPU, 5 CPU)")
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 5 GPU, 2 CPU)")
-    parser.add_argument("--sources", default="synthetic,loader")
+    parser.add_argument("--sources", default="", help="synthetic,loader (default: synthetic on CUDA unless --data "
+                        "is given; both on a CPU)")
     parser.add_argument("--data", default="", help="shard folder for the loader (default: the demo photos)")
-    args, overrides = parser.parse_known_args(argv)
+    parser.add_argument("--out", default=None, help="folder to write the result JSONs into as well")
+    return parser.parse_known_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA GPU is visible", file=sys.stderr)
         return 2
     cuda = args.device != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    presets = args.presets.split(",") if args.presets else list(GPU_PRESETS if cuda else CPU_PRESETS)
-    steps, warmup = args.steps or (20 if cuda else 5), args.warmup or (5 if cuda else 2)
-    sources = args.sources.split(",")
-    if args.data:
-        overrides.append(f"--data.dir={args.data}")
-    if cuda and not any(o.startswith("--data.batch_size") for o in overrides):
-        overrides.insert(0, "--data.batch_size=256")  # one GPU's share of the paper's 2048 on 8 GPUs
+    presets, sources, steps, warmup, overrides = resolve_defaults(args, overrides, cuda)
+    for source in sources:
+        if source not in ("synthetic", "loader"):
+            print(f"error: --sources: unknown source {source!r}; choose from synthetic, loader", file=sys.stderr)
+            return 2
     set_cpu_threads(load_config(presets[0], overrides), device)  # the peak with the threads the steps get
     peak, peak_source = peak_flops(device)
+    config = {"presets": presets, "overrides": overrides, "sources": sources, "steps": steps, "warmup": warmup,
+              "peak_flops": peak, "peak_flops_source": peak_source, "torch_threads": torch.get_num_threads()}
     rows = []
     for preset in presets:
-        rows += bench_preset(preset, overrides, sources, device, warmup, steps, peak)
+        preset_rows = bench_preset(preset, overrides, sources, device, warmup, steps, peak)
+        rows += preset_rows
+        done = {**config, "presets": [preset], "resolved": {preset: to_dict(load_config(preset, overrides))}}
+        print(f"wrote {write_result(f'step-{preset}', done, preset_rows, summarise(preset_rows), device, args.out)}")
+    config.update(load_average_at_end=os.getloadavg(), kernel_choices=kernels.choices(),
+                  resolved={p: to_dict(load_config(p, overrides)) for p in presets})
+    path = write_result("step", config, rows, summarise(rows), device=device, out=args.out)
+    print(f"wrote {path}")
+    return 0
+
+
+def summarise(rows: list[dict]) -> dict:
+    """samples_per_s / mfu / loader_samples_per_s / peak_mem_gb per method (docs/DESIGN.md)."""
     summary = {}
     for row in rows:
         m = row["method"]
@@ -212,13 +251,7 @@ def main(argv: list[str]) -> int:
         else:
             summary[f"loader_samples_per_s.{m}"] = row["samples_per_s"]
         summary[f"peak_mem_gb.{m}"] = max(summary.get(f"peak_mem_gb.{m}", 0.0), row["peak_mem_gb"])
-    config = {"presets": presets, "overrides": overrides, "sources": sources, "steps": steps, "warmup": warmup,
-              "peak_flops": peak, "peak_flops_source": peak_source, "torch_threads": torch.get_num_threads(),
-              "load_average_at_end": os.getloadavg(), "resolved": {p: to_dict(load_config(p, overrides))
-                                                                   for p in presets}}
-    path = write_result("step", config, rows, summary, device=device)
-    print(f"wrote {path}")
-    return 0
+    return summary
 
 
 if __name__ == "__main__":

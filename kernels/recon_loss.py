@@ -1,33 +1,35 @@
 """Pixel-MSE reconstruction loss, fused: loss and d(loss)/d(pred) in one pass over pred and target.
 
-recon_loss(pred, target, norm_pix) with pred and target (B, K, N, P) (any leading dims; P = patch
-pixels × 3) -> fp32 scalar
+recon_loss(pred, target, norm_pix) with pred (B, K, N, P) (any leading dims; P = patch pixels × 3)
+and target either the same (B, K, N, P) patches or the images themselves (B, K, C, Ht, Wt), N = g²
+patches of p×p on a g×g grid, P = p·p·C in (row, col, channel) order (MAE's) -> fp32 scalar
     L = mean over all B·K·N·P elements of (pred − t)²,   dL/dpred = 2 (pred − t) / numel,
     t = target, or with norm_pix t = (target − μ) / sqrt(σ² + 1e-6) per patch (μ, σ² over P).
 σ² is the biased variance (divided by P, not P − 1): MAE uses the unbiased one, but the biased one is
 what a one-pass kernel computes and is defined for P = 1; at P = 768 they differ by 0.07%.
+Targets may be fp32, bf16 or fp16 (read and normalised in fp32 registers either way).
 
-One program reads BLOCK_R whole patches (rows of P, padded to a power of two), normalises the
-target in registers, writes its partial sum of squares (summed afterwards, deterministically) and
-the gradient in pred's dtype; backward only scales that stored gradient by grad_output, in place.
-No fp32 copies of pred or target are made; non-contiguous inputs are made contiguous first.
+The kernel (kernels/_recon_triton.py) reads whole patches (rows of P, padded to a power of two),
+from images through their strides when given images, so no patchified copy of the targets exists;
+it normalises the target in registers, sums squares per program (added afterwards in a fixed order)
+and writes the gradient in pred's dtype. Backward returns that stored gradient, scaled by
+grad_output in place unless grad_output is 1 (reading that 0-dim value is one host sync per step).
 
 recon_loss_linear(hidden, weight, bias, target, norm_pix) is the same loss of pred = hidden Wᵀ + b
 (hidden (B, K, N, C), weight (P, C), bias (P,)) that never materialises pred: rows are processed in
 chunks (as fused linear-cross-entropy kernels do), each chunk's pred is overwritten by its gradient
-in place by the same kernel, and the gradients for hidden, weight and bias are accumulated in the
-forward pass. The linear runs in hidden's dtype (as under autocast); weight/bias grads accumulate
-in fp32. Limits: P ≤ 16384 on the Triton path.
+in place by the same kernel, which also sums the bias gradient; the gradients for hidden, weight and
+bias are accumulated in the forward pass. The linear runs in hidden's dtype (as under autocast); the
+weight gradient accumulates in fp32 (fp32 matmul outputs on CUDA), the bias gradient too.
+Limits: P ≤ 16384 on the Triton path.
 """
 
 from __future__ import annotations
 
-import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from kernels import _backend
 
@@ -35,62 +37,19 @@ NORM_PIX_EPS = 1e-6
 MAX_P = 16384
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
-# ---------------------------------------------------------------------------------------------
-# Triton kernel (a plain function; `_backend.kernel_for` compiles or interprets it)
-# ---------------------------------------------------------------------------------------------
+
+def _triton():
+    from kernels import _recon_triton  # triton is imported here, on the Triton path only
+
+    return _recon_triton
 
 
-def _recon_fwd(
-    PRED, TARGET, GRAD, PARTIAL,
-    R, P, inv_p, grad_scale, eps,
-    NORM_PIX: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.arange(0, BLOCK_P)
-    mask = (rows < R)[:, None] & (cols < P)[None, :]
-    offs = rows.to(tl.int64)[:, None] * P + cols[None, :]  # (BLOCK_R, BLOCK_P), rows contiguous
-
-    t = tl.load(TARGET + offs, mask=mask, other=0.0).to(tl.float32)
-    if NORM_PIX:
-        mean = tl.sum(t, 1) * inv_p
-        centred = tl.where(mask, t - mean[:, None], 0.0)
-        var = tl.sum(centred * centred, 1) * inv_p  # biased: divided by P
-        t = centred / tl.sqrt(var + eps)[:, None]
-    x = tl.load(PRED + offs, mask=mask, other=0.0).to(tl.float32)
-    diff = tl.where(mask, x - t, 0.0)
-    tl.store(PARTIAL + pid, tl.sum(tl.sum(diff * diff, 1), 0))
-    if WRITE_GRAD:
-        # GRAD may alias PRED (recon_loss_linear): each element is read above before it is written
-        tl.store(GRAD + offs, (diff * grad_scale).to(GRAD.dtype.element_ty), mask=mask)
-
-
-# ---------------------------------------------------------------------------------------------
-# Launchers
-# ---------------------------------------------------------------------------------------------
-
-def _blocks(p: int) -> tuple[int, int, int]:
-    """(BLOCK_R, BLOCK_P, num_warps): about 4096 elements per program, whole rows."""
-    block_p = triton.next_power_of_2(p)
-    block_r = max(1, min(64, 4096 // block_p))
-    return block_r, block_p, 4 if block_r * block_p <= 4096 else 8
-
-
-def _sum_sq_and_grad(pred2, target2, grad2, norm_pix: bool, grad_scale: float) -> torch.Tensor:
-    """Σ(pred − t)² (fp32 0-dim) over (R, P) rows; writes grad_scale·(pred − t) into grad2 if given."""
-    r, p = pred2.shape
-    block_r, block_p, warps = _blocks(p)
-    n_prog = triton.cdiv(r, block_r)
-    partial = torch.empty(n_prog, device=pred2.device, dtype=torch.float32)
-    kernel = _backend.kernel_for(_recon_fwd)
-    with torch.cuda.device(pred2.device) if pred2.is_cuda else contextlib.nullcontext():
-        kernel[(n_prog,)](
-            pred2, target2, grad2 if grad2 is not None else pred2, partial,
-            r, p, 1.0 / p, grad_scale, NORM_PIX_EPS,
-            NORM_PIX=norm_pix, WRITE_GRAD=grad2 is not None, BLOCK_R=block_r, BLOCK_P=block_p,
-            num_warps=warps,
-        )  # fmt: skip
-    return partial.sum()
+def image_patches(images: torch.Tensor, grid: int) -> torch.Tensor:
+    """(B, K, C, H, W) -> (B, K, grid², p·p·C), p = H / grid: the patch layout of `recon_loss` (a copy)."""
+    b, k, c, h, _ = images.shape
+    p = h // grid
+    x = images.reshape(b, k, c, grid, p, grid, p)
+    return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, k, grid * grid, p * p * c)
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -98,8 +57,23 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(-1, t.shape[-1])
 
 
+def _image_geometry(pred: torch.Tensor, target: torch.Tensor, who: str) -> tuple[int, int, int] | None:
+    """(K, grid, patch) when target is images (B, K, C, Ht, Wt) for pred (B, K, N, P); None for patches."""
+    if target.dim() != 5 or pred.dim() != 4:
+        return None
+    (b, k, n, p), (bt, kt, c, h, w) = pred.shape, target.shape
+    grid = math.isqrt(n)
+    patch = h // grid if grid else 0
+    if (b, k) != (bt, kt) or grid * grid != n or h != w or patch * grid != h or patch * patch * c != p:
+        raise ValueError(
+            f"{who}: target images {tuple(target.shape)} do not cut into the patches of pred {tuple(pred.shape)} "
+            f"(want (B, K, C, g·p, g·p) with N = g² and P = p·p·C)"
+        )
+    return k, grid, patch
+
+
 def _check_pair(pred: torch.Tensor, target: torch.Tensor, who: str = "recon_loss") -> None:
-    if pred.shape != target.shape:
+    if _image_geometry(pred, target, who) is None and pred.shape != target.shape:
         raise ValueError(f"{who}: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     if pred.dim() < 2 or pred.numel() == 0:
         raise ValueError(f"{who}: expected non-empty (B, K, N, P) tensors, got shape {tuple(pred.shape)}")
@@ -122,7 +96,10 @@ def _check_linear(hidden, weight, bias, target) -> None:
             f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(bias.shape)}"
         )
     p, c = weight.shape
-    if hidden.shape[-1] != c or bias.shape[0] != p or target.shape != (*hidden.shape[:-1], p):
+    fits = target.shape == (*hidden.shape[:-1], p)
+    if hidden.dim() == 4 and target.dim() == 5:  # images: checked against the prediction's shape
+        fits = _image_geometry(torch.empty((*hidden.shape[:-1], p), device="meta"), target, "recon_loss_linear")
+    if hidden.shape[-1] != c or bias.shape[0] != p or not fits:
         raise ValueError(
             f"recon_loss_linear: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, bias "
             f"{tuple(bias.shape)} and target {tuple(target.shape)} do not fit: hidden[..., C] @ weight(P, C)ᵀ "
@@ -141,20 +118,43 @@ def _check_linear(hidden, weight, bias, target) -> None:
 # Autograd
 # ---------------------------------------------------------------------------------------------
 
+def _target_rows(pred: torch.Tensor, target: torch.Tensor, who: str):
+    """(target as the kernel reads it, image geometry or None): images stay images, patches become rows."""
+    geometry = _image_geometry(pred, target, who)
+    return (target, geometry) if geometry is not None else (_as_rows(target), None)
+
+
+def _scaled(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    # in place (a second backward through the same graph then fails autograd's version check);
+    # skipped when grad_output is 1, the usual `loss.backward()`, which saves a pass over grad
+    if bool(grad_loss == 1):
+        return grad
+    return grad.mul_(grad_loss.to(grad.dtype))
+
+
+def _add_fp32_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b with an fp32 product (CUDA's fp32-output matmul for 16-bit a, b)."""
+    if acc.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
+        acc += torch.mm(a, b, out_dtype=torch.float32)  # fp32 accumulation inside the GEMM too
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 class _ReconLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pred, target, norm_pix: bool):
-        pred2, target2 = _as_rows(pred), _as_rows(target)
+        pred2 = _as_rows(pred)
+        target2, geometry = _target_rows(pred, target, "recon_loss")
         grad = torch.empty_like(pred2) if ctx.needs_input_grad[0] else None
-        loss = _sum_sq_and_grad(pred2, target2, grad, norm_pix, 2.0 / pred.numel()) / pred.numel()
+        total, _ = _triton().sum_sq_and_grad(pred2, target2, geometry, grad, norm_pix, NORM_PIX_EPS,
+                                             2.0 / pred.numel())
         ctx.save_for_backward(grad.view(pred.shape) if grad is not None else None)
-        return loss
+        return total / pred.numel()
 
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        # scaled in place: a second backward through the same graph fails autograd's version check
-        return grad.mul_(grad_loss.to(grad.dtype)) if grad is not None else None, None, None
+        return _scaled(grad, grad_loss) if grad is not None else None, None, None
 
 
 class _ReconLossLinear(torch.autograd.Function):
@@ -162,29 +162,43 @@ class _ReconLossLinear(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, target, norm_pix: bool):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         p, c = weight.shape
-        h2, t2 = _as_rows(hidden), _as_rows(target)  # (R, C), (R, P)
+        h2 = _as_rows(hidden)  # (R, C)
         r = h2.shape[0]
+        pred_shape = (*hidden.shape[:-1], p)
+        geometry = _image_geometry(torch.empty(pred_shape, device="meta"), target, "recon_loss_linear")
+        # images as (B·K, C, Ht, Wt) (a view when contiguous), or the patches as (R, P) rows
+        t2 = target.flatten(0, 1) if geometry is not None else _as_rows(target)
         w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
         numel = r * p
         grad_h = torch.empty_like(h2) if need_h else None
         grad_w = torch.zeros((p, c), device=hidden.device, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros((p,), device=hidden.device, dtype=torch.float32) if need_b else None
         write_grad = need_h or need_w or need_b
-        # chunks of rows so that one chunk's pred is about the size of hidden (P/C chunks)
-        chunk = triton.cdiv(r, max(1, triton.cdiv(p, c)))
+        # chunks of rows so that one chunk's pred is about the size of hidden (P/C chunks); with image
+        # targets a chunk is whole (b, k) images, since the kernel addresses them by (b, k, patch)
+        n_patches = pred_shape[-2] if geometry is not None else 1
+        chunk = max(1, -(-r // max(1, -(-p // c))))
+        chunk = -(-chunk // n_patches) * n_patches
         total = torch.zeros((), device=hidden.device, dtype=torch.float32)
         for start in range(0, r, chunk):
             hc = h2[start : start + chunk]
             pc = torch.addmm(b, hc, w.t())  # (rows, P) in hidden's dtype
-            total += _sum_sq_and_grad(pc, t2[start : start + chunk], pc if write_grad else None, norm_pix,
-                                      2.0 / numel)  # fmt: skip
+            if geometry is not None:
+                images = t2[start // n_patches : (start + hc.shape[0]) // n_patches]
+                tc = images[None]  # (1, images in chunk, C, Ht, Wt): a view, K folded into the batch
+                chunk_geometry = (images.shape[0], geometry[1], geometry[2])
+            else:
+                tc, chunk_geometry = t2[start : start + chunk], None
+            part, bias_part = _triton().sum_sq_and_grad(pc, tc, chunk_geometry, pc if write_grad else None,
+                                                        norm_pix, NORM_PIX_EPS, 2.0 / numel, bias_grad=need_b)
+            total += part
             # pc now holds dL/dpred for these rows
             if need_h:
                 torch.mm(pc, w, out=grad_h[start : start + chunk])
             if need_w:
-                grad_w += torch.mm(pc.t(), hc).float()
+                _add_fp32_product(grad_w, pc.t(), hc)
             if need_b:
-                grad_b += pc.sum(0, dtype=torch.float32)
+                grad_b += bias_part
         ctx.save_for_backward(
             grad_h.view(hidden.shape) if need_h else None,
             grad_w if need_w else None,
@@ -198,7 +212,7 @@ class _ReconLossLinear(torch.autograd.Function):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.param_dtypes
         if grad_h is not None:
-            grad_h = grad_h.mul_(grad_loss.to(grad_h.dtype))
+            grad_h = _scaled(grad_h, grad_loss)
         if grad_w is not None:
             grad_w = (grad_w * grad_loss).to(w_dtype)
         if grad_b is not None:
@@ -210,17 +224,56 @@ class _ReconLossLinear(torch.autograd.Function):
 # Public functions and references
 # ---------------------------------------------------------------------------------------------
 
+_compiled_refs: dict = {}
+
+
+def _compiled(fn):
+    """torch.compile of a reference, made once (auto mode's third candidate on CUDA)."""
+    if fn not in _compiled_refs:
+        _compiled_refs[fn] = torch.compile(fn)
+    return _compiled_refs[fn]
+
+
+def _choose(op: str, triton_fn, ref, args: tuple, n_leaves: int) -> str:
+    """'triton', 'ref' or 'compile' for this call (see `_backend.pick`); args = leaves + (target, norm_pix)."""
+    tensors = args[: n_leaves + 1]
+    key = (op, *(str(t.dtype).removeprefix("torch.") for t in tensors),
+           "/".join("x".join(map(str, t.shape)) for t in tensors), "norm_pix" if args[-1] else "plain")
+
+    def candidates():
+        leaves = [t.detach().clone().requires_grad_() for t in args[:n_leaves]]
+        rest = args[n_leaves:]
+
+        def fwd_bwd(fn):
+            def run():
+                with torch.enable_grad():
+                    torch.autograd.grad(fn(*leaves, *rest), leaves)
+
+            return run
+
+        return {"triton": fwd_bwd(triton_fn), "ref": fwd_bwd(ref), "compile": fwd_bwd(_compiled(ref))}
+
+    return _backend.pick(op, key, candidates, *tensors)
+
+
 def recon_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
-    """Mean squared error over all elements (fp32 scalar); Triton or reference per EQRECON_KERNELS."""
+    """Mean squared error over all elements (fp32 scalar); the path per EQRECON_KERNELS.
+
+    target: (B, K, N, P) patches like pred, or (B, K, C, Ht, Wt) images (read in place on the Triton path).
+    """
     _check_pair(pred, target)
-    if _backend.use_triton(pred, target):
+    args = (pred, target, bool(norm_pix))
+    chosen = _choose("recon", _ReconLoss.apply, recon_loss_ref, args, 1)
+    if chosen == "triton":
         _check_p(pred.shape[-1], "recon_loss")
-        return _ReconLoss.apply(pred, target, bool(norm_pix))
-    return recon_loss_ref(pred, target, norm_pix)
+        return _ReconLoss.apply(*args)
+    return (_compiled(recon_loss_ref) if chosen == "compile" else recon_loss_ref)(*args)
 
 
 def recon_loss_ref(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
-    """Plain PyTorch pixel MSE in fp32."""
+    """Plain PyTorch pixel MSE in fp32 (image targets are cut into patches first)."""
+    if _image_geometry(pred, target, "recon_loss") is not None:
+        target = image_patches(target, math.isqrt(pred.shape[2]))
     t = target.float()
     if norm_pix:
         mean = t.mean(dim=-1, keepdim=True)
@@ -234,10 +287,12 @@ def recon_loss_linear(
 ) -> torch.Tensor:
     """recon_loss(hidden @ weightᵀ + bias, target, norm_pix) without materialising the prediction."""
     _check_linear(hidden, weight, bias, target)
-    if _backend.use_triton(hidden, weight, bias, target):
+    args = (hidden, weight, bias, target, bool(norm_pix))
+    chosen = _choose("recon_linear", _ReconLossLinear.apply, recon_loss_linear_ref, args, 3)
+    if chosen == "triton":
         _check_p(weight.shape[0], "recon_loss_linear")
-        return _ReconLossLinear.apply(hidden, weight, bias, target, bool(norm_pix))
-    return recon_loss_linear_ref(hidden, weight, bias, target, norm_pix)
+        return _ReconLossLinear.apply(*args)
+    return (_compiled(recon_loss_linear_ref) if chosen == "compile" else recon_loss_linear_ref)(*args)
 
 
 def recon_loss_linear_ref(

@@ -6,7 +6,8 @@ import pytest
 import torch
 from kernel_parity import assert_parity, needs_cuda
 
-from kernels import cross_attention, cross_attention_ref
+import kernels
+from kernels import _backend, cross_attention, cross_attention_ref, self_attention
 from kernels.cross_attention import _CrossAttention
 
 
@@ -111,17 +112,53 @@ def test_mixed_dtypes_fail_clearly():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape", [(8, 3, 196, 392, 64), (4, 3, 197, 50, 128), (16, 6, 392, 196, 32),
-                                   (3, 3, 1, 197, 64)], ids=lambda s: "x".join(map(str, s)))
+# vits16-path's decoder: the packed K·196 queries × 392 keys of the cross block, 196 × 196 self-attention;
+# then odd shapes and the other head dims
+@pytest.mark.parametrize("shape", [(8, 3, 392, 392, 64), (16, 3, 196, 196, 64), (8, 3, 196, 392, 64),
+                                   (4, 3, 197, 50, 128), (16, 6, 392, 196, 32), (3, 3, 1, 197, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 def test_parity_gpu(compiled_kernels, shape, dtype):
     _check(*_inputs(*shape, dtype, device="cuda"), dtype)
 
 
 @pytest.mark.gpu
 @needs_cuda
-def test_autograd_function_is_deterministic_gpu(compiled_kernels):
+def test_backward_is_reproducible_gpu(compiled_kernels):
+    # dK, dV accumulate in registers (bitwise reproducible); dQ sums key blocks with fp32 atomics, so
+    # only its last bits may differ between runs: within the parity bound of each other
     q, k, v, dout = _inputs(4, 3, 196, 392, 64, torch.bfloat16, device="cuda")
     first = _grads(lambda *a: _CrossAttention.apply(*a[:3], 0.125), q, k, v, dout)
     second = _grads(lambda *a: _CrossAttention.apply(*a[:3], 0.125), q, k, v, dout)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
+        if name == "dq":
+            assert (a.float() - b.float()).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps * a.abs().max()
+        else:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_auto_mode_times_once_and_records_gpu(monkeypatch):
+    monkeypatch.setenv("EQRECON_KERNELS", "auto")
+    monkeypatch.setattr(_backend, "_choices", {})
+    q, k, v, dout = _inputs(2, 3, 392, 392, 64, torch.bfloat16, device="cuda")
+    got = _grads(cross_attention, q, k, v, dout)
+    exact = _grads(cross_attention_ref, q.double(), k.double(), v.double(), dout.double())
+    lowp = _grads(cross_attention_ref, q, k, v, dout)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, lowp):
+        assert_parity(f"auto {name}", a, e, t, torch.bfloat16)
+    (record,) = kernels.choices().values()
+    assert record["chosen"] in record["ms"] and record["ms"]["triton"] is not None, record
+
+
+@pytest.mark.parametrize("mode", ["auto", "ref"])
+def test_self_attention_is_sdpa_or_the_reference(monkeypatch, mode):
+    # the decoder's self-attention blocks: SDPA (the reference under ref), forward and gradients
+    monkeypatch.setenv("EQRECON_KERNELS", mode)
+    q, k, v, dout = _inputs(1, 3, 197, 197, 32, torch.float32)
+    got = _grads(self_attention, q, k, v, dout)
+    exact = _grads(cross_attention_ref, q.double(), k.double(), v.double(), dout.double())
+    lowp = _grads(cross_attention_ref, q, k, v, dout)
+    for name, a, e, t in zip(("out", "dq", "dk", "dv"), got, exact, lowp):
+        assert_parity(f"self {name}", a, e, t, torch.float32)
+    assert ("ScaledDotProduct" in type(got[0].grad_fn).__name__) == (mode == "auto")
