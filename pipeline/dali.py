@@ -465,31 +465,36 @@ class DaliLoader:
                              f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size")
         self.epoch = 0
         self._position = 0  # batches of self.epoch already handed out
-        self._checkpoint: str | None = None  # DALI state after those batches
+        self._checkpoint: tuple[int, str] | None = None  # (position, DALI's state after that many batches)
         self._iterator = None
-        self._restored = False
+        self._positioned = False  # set_epoch / load_state_dict chose where the next iteration starts
 
     def __len__(self) -> int:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch, unless the loader is positioned inside it (a resume)."""
-        if epoch != self.epoch or self._position >= self.batches:
+        """Make `epoch` the one the next iteration reads: another epoch starts at its first batch, the
+        current one keeps its position (a running, resumed or finished epoch is never rewound)."""
+        if epoch != self.epoch:
             self.epoch, self._position, self._checkpoint = epoch, 0, None
-        self._restored = False
+        self._positioned = True
 
     def _settings(self) -> dict:
         return {"loader": "dali", "seed": self.cfg.seed, "split": self.cfg.split,
                 "batch_size": self.cfg.batch_size, "world_size": self.world_size}
 
     def state_dict(self) -> dict:
-        """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them}."""
+        """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them};
+        read-only apart from caching that checkpoint."""
         if self._iterator is not None and 0 < self._position < self.batches:
             cpt = self._iterator.checkpoints()[0]
             # DALI serialises to bytes; base64 text keeps the state JSON- and torch.save-friendly
-            self._checkpoint = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
-        return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": self._checkpoint,
-                **self._settings()}
+            text = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
+            self._checkpoint = (self._position, text)
+        # a checkpoint cached at another position (the iteration has moved on or was closed) is dropped:
+        # the resumed epoch is then replayed up to the position instead
+        cpt = self._checkpoint[1] if self._checkpoint and self._checkpoint[0] == self._position else None
+        return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": cpt, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, value in self._settings().items():
@@ -500,8 +505,9 @@ class DaliLoader:
             raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
         self.epoch, self._position = int(state["epoch"]), int(state["batch"])
         # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
-        self._checkpoint = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
-        self._restored = True  # a state saved after an epoch's last batch resumes into its empty remainder
+        cpt = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
+        self._checkpoint = (self._position, cpt) if cpt else None
+        self._positioned = True  # a state saved after an epoch's last batch resumes into its empty remainder
 
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
@@ -535,14 +541,15 @@ class DaliLoader:
             raise self._failure(e) from None
 
     def __iter__(self):
-        if self._position >= self.batches:
-            if self._restored:
-                self._restored = False
-                return
-            # iterated again without set_epoch: the next epoch, as a plain `for` loop over epochs expects
+        """The rest of the current epoch. An epoch that an earlier iteration finished is followed by the
+        next one (a plain loop over epochs); one restored as finished yields nothing (its empty rest)."""
+        if self._position >= self.batches and not self._positioned:
             self.epoch, self._position, self._checkpoint = self.epoch + 1, 0, None
-        self._restored = False
-        resume = base64.b64decode(self._checkpoint) if self._position > 0 and self._checkpoint else None
+        self._positioned = False
+        if self._position >= self.batches:
+            return
+        saved = self._checkpoint[1] if self._checkpoint and self._checkpoint[0] == self._position else None
+        resume = base64.b64decode(saved) if self._position > 0 and saved else None
         skip = self._position if self._position > 0 and resume is None else 0
         start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position
         self._iterator = self._build(resume)

@@ -342,27 +342,26 @@ class ReferenceLoader:
         self.streams, self.length = streams, length
         self.per_rank_batch = cfg.batch_size // world_size
         self.counts = [sum(c for _, c in st) // self.per_rank_batch for st in streams]
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position = 0, 0  # batches of self.epoch handed out
+        self._positioned = False  # set_epoch / load_state_dict chose the position the next iteration starts at
 
     def __len__(self) -> int:
         return self.length
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch, unless the loader is already positioned inside it (resume)."""
-        self._roll()
+        """Make `epoch` the one the next iteration reads: another epoch starts at its first batch, the
+        current one keeps its position (a running, resumed or finished epoch is never rewound)."""
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
-
-    def _roll(self) -> None:
-        if self.position >= self.length:  # a finished epoch is the start of the next one
-            self.epoch, self.position = self.epoch + 1, 0
+        self._positioned = True
 
     def _settings(self) -> dict:
         return {"loader": "reference", "seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
                 "world_size": self.world_size, "workers": len(self.streams)}
 
     def state_dict(self) -> dict:
-        self._roll()
+        """{epoch, batch (handed out in that epoch, up to len(self))}: read-only, so a checkpoint taken on
+        an epoch's last batch neither ends the running iteration nor skips or replays an epoch."""
         return {"epoch": self.epoch, "batch": self.position, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -381,9 +380,16 @@ class ReferenceLoader:
         if not 0 <= state["batch"] <= self.length:
             raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
         self.epoch, self.position = state["epoch"], state["batch"]
+        self._positioned = True
 
     def __iter__(self) -> Iterator[Batch]:
-        self._roll()
+        """The rest of the current epoch. An epoch that an earlier iteration finished is followed by the
+        next one (a plain loop over epochs); one restored as finished yields nothing (its empty rest)."""
+        if self.position >= self.length and not self._positioned:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._positioned = False
+        if self.position >= self.length:
+            return
         # Streams render only the batches inside the epoch length; cutting the round-robin order at
         # `length` is the round-robin over those quotas, so the DataLoader still yields `order`.
         order = interleave(self.counts)[: self.length]

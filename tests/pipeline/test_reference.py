@@ -205,7 +205,7 @@ def test_resume_continues_exactly_where_the_run_stopped(three_shards):
         resumed.load_state_dict({**state, "batch": position})
         resumed.set_epoch(0)  # what a trainer calls at the top of the epoch: keeps the position
         assert _same(_epoch(resumed), full[position:]), position
-        assert resumed.state_dict()["epoch"] == 1 and resumed.state_dict()["batch"] == 0
+        assert (resumed.state_dict()["epoch"], resumed.state_dict()["batch"]) == (0, 6)  # finished, not rolled on
     with pytest.raises(ValueError, match="workers"):
         build_reference_loader(_cfg(three_shards, workers=1), three_shards).load_state_dict(state)
     # a DALI loader's state: its batch count is kept (the epoch ends on time), the order is ours
