@@ -48,12 +48,14 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
         from pipeline.demo import ensure_demo_shards
 
         return ensure_demo_shards()
+    from pipeline.errors import DataError
+
     path = Path(cfg.dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {str(path)!r} does not exist; convert images first with "
-                                f"`python -m pipeline.convert --src IMAGENET --out {path}`")
+        raise DataError(f"data folder {str(path)!r} does not exist; convert images first with "
+                        f"`python -m pipeline.convert --src IMAGENET --out {path}`")
     if not (path / "dataset.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
+        raise DataError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
     return path
 
 

@@ -20,11 +20,11 @@ operators: brightness and saturation as per-pixel linear maps, contrast around t
 exact HSV rotation (the closed form f(n) = V - C·clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6).
 
 Epochs: every epoch builds a fresh pipeline seeded by (seed, epoch, rank), whose reader reads the
-rank's contiguous sample range (rotating with the epoch) and shuffles within `shuffle_buffer`. Every rank
-yields the same number of full batches, floor(floor(N / world) / local batch); the remainder is dropped.
-The position inside an epoch is kept with DALI's pipeline checkpointing (base64 text in `state_dict`),
-so a resumed run continues with the next batch, neither replaying nor skipping one; a state from
-another loader (no DALI checkpoint) replays the epoch up to its position instead.
+rank's contiguous sample range of `pipeline.shards` (its part `rank_part` as the reader's shard_id) and
+shuffles within `shuffle_buffer`; every rank yields `shards.epoch_length` full batches, as the
+reference loader does. The position inside an epoch is kept with DALI's pipeline checkpointing
+(base64 text in `state_dict`), so a resumed run continues with the next batch, neither replaying nor
+skipping one; a state from another loader (no DALI checkpoint) replays the epoch up to its position.
 
 Bad data is reported before it is read where possible: every shard and index listed in dataset.json
 must exist and agree, and a sample that lacks its .jpg or .cls (which the reader skips) is an error, not
@@ -35,7 +35,6 @@ dataset.json.
 from __future__ import annotations
 
 import base64
-import json
 import math
 from pathlib import Path
 
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.errors import ShardError
+from pipeline.errors import ConfigError, ShardError
 from pipeline.path import (
     BLUR_MIN_SIGMA,
     CROP1,
@@ -56,69 +55,22 @@ from pipeline.path import (
     path_steps,
     validate,
 )
+from pipeline.shards import (
+    CLS_BYTES,
+    Shard,
+    epoch_length,
+    parse_labels,
+    pieces,
+    rank_part,
+    rank_range,
+    split_shards,
+    verify_shard,
+)
 
 READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
 CROP_TRIES = 10  # torchvision RandomResizedCrop
-CLS_BYTES = 16  # the ASCII class index is padded to this many bytes to batch it
 OUTPUTS = ("view1", "view2", "targets", "theta", "label")
-
-
-# ------------------------------------------------------------------------------------------- shards
-
-
-def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int], list[str | None]]:
-    """The split's shards with their sample counts, checked up front -> (tar paths, counts, sha256s).
-
-    Each shard listed in dataset.json must exist with its .idx beside it, and the index must fit the tar
-    (a truncated tar is caught here, not halfway through an epoch). Errors name the shard.
-    """
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{meta_path}: missing or unreadable ({e}); is {str(data_dir)!r} a folder "
-                                "written by pipeline.convert?") from None
-    records = [s for s in meta.get("shards", []) if s.get("split") == split]
-    if not records:
-        raise ShardError(f"{meta_path}: no shards for split {split!r} (splits: {', '.join(meta.get('splits', {}))})")
-    tars, counts, shas = [], [], []
-    for rec in records:
-        tar = data_dir / rec["name"]
-        idx = tar.with_suffix(".idx")
-        if not tar.is_file():
-            raise FileNotFoundError(f"shard {tar} is missing (listed in {meta_path})")
-        if not idx.is_file():
-            raise FileNotFoundError(f"index {idx} of shard {tar.name} is missing; re-run pipeline.convert")
-        counts.append(_check_index(tar, idx, rec.get("count")))
-        tars.append(tar)
-        shas.append(rec.get("sha256"))
-    return tars, counts, shas
-
-
-def _check_index(tar: Path, idx: Path, expected: int | None) -> int:
-    """Sample count from a wds2idx v1.2 index, after checking it against the tar's size."""
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[1].isdigit() or len(lines) - 1 != int(head[1]):
-        raise ShardError(f"{idx}: not a valid DALI webdataset index (expected 'v1.2 <samples>' and one line "
-                         "per sample); re-run pipeline.convert")
-    n = int(head[1])
-    if expected is not None and n != expected:
-        raise ShardError(f"{idx}: indexes {n} samples, dataset.json says {expected} for {tar.name}")
-    fields = lines[-1].split() if n else []
-    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
-    size = tar.stat().st_size
-    if end > size:
-        raise ShardError(f"shard {tar} is truncated: {size} bytes, its index needs {end}; re-run pipeline.convert")
-    return n
-
-
-def epoch_batches(counts: list[int], world_size: int, local_batch: int) -> int:
-    """Full batches per rank and epoch, the same on every rank (DALI splits N samples into contiguous
-    ranges of floor or ceil N/world; the smallest range decides)."""
-    return sum(counts) // world_size // local_batch
 
 
 # ------------------------------------------------------------------------------------- graph pieces
@@ -390,16 +342,6 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
     return pipe, names
 
 
-def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
-    """(B, CLS_BYTES) uint8 ASCII, zero-padded -> (B,) int64; -1 where no leading digits."""
-    d = cls_bytes.long() - ord("0")
-    leading = torch.cumprod(((d >= 0) & (d <= 9)).long(), dim=1)  # 1 while still in the leading digits
-    n = leading.sum(dim=1, keepdim=True)
-    power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
-    value = (d * leading * 10 ** power).sum(dim=1)
-    return torch.where(n[:, 0] > 0, value, torch.full_like(value, -1))
-
-
 def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
     view1 = out["view1"]
     targets = out.get("targets")
@@ -410,14 +352,6 @@ def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
     return batch.to(device)
 
 
-def rank_shards(counts: list[int], shard_id: int, num_shards: int) -> list[int]:
-    """Indices of the tars that DALI's contiguous sample range [N·i/n, N·(i+1)/n) of `shard_id` touches."""
-    n = sum(counts)
-    lo, hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-    starts = np.cumsum([0] + counts[:-1])
-    return [i for i, (s, c) in enumerate(zip(starts, counts)) if s < hi and s + c > lo]
-
-
 def _dali_reason(err: Exception) -> str:
     """The operator's own complaint from a DALI error (the line after 'encountered:')."""
     lines = [ln.strip() for ln in str(err).splitlines()]
@@ -425,20 +359,20 @@ def _dali_reason(err: Exception) -> str:
     return next((ln for ln in after if ln), "unknown error")[:300]
 
 
-def _shard_error(err: Exception, files: list[Path], shas: list[str | None]) -> ShardError:
+def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
     """A DALI failure while reading -> one line naming the shard.
 
     DALI's decode errors do not say which sample failed, so the shards this rank reads are checked
     against dataset.json (sha256, tar/index agreement) to find the damaged one; this runs only on failure.
     """
-    from pipeline.convert import read_shard
-
     reason = _dali_reason(err)
-    for tar, sha in zip(files, shas):
+    for shard in shards:
         try:
-            read_shard(tar, sha256=sha)
+            verify_shard(shard.path, sha256=shard.sha256)
         except ShardError as bad:
-            return ShardError(f"shard {tar} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert to rewrite it")
+            return ShardError(f"shard {shard.path} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert "
+                              "to rewrite it")
+    files = [s.path for s in shards]
     where = f"{files[0].parent}/{{{files[0].name} .. {files[-1].name}}}"
     return ShardError(f"DALI failed while reading {where}, which all match dataset.json: {reason}")
 
@@ -456,12 +390,12 @@ class DaliLoader:
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.dali_device == "gpu" else None
         self.local_batch = cfg.batch_size // world_size
-        self.files, self.counts, self.shas = shard_files(data_dir, cfg.split)
-        counts = self.counts
-        self.samples = sum(counts)
-        self.batches = epoch_batches(counts, world_size, self.local_batch)
+        self.shards = split_shards(data_dir, cfg.split, indexed=True)
+        self.files = [s.path for s in self.shards]
+        self.samples = sum(s.count for s in self.shards)
+        self.batches = epoch_length(self.samples, world_size, self.local_batch)
         if self.batches == 0:
-            raise ValueError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
+            raise ConfigError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
                              f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size")
         self.epoch = 0
         self._position = 0  # batches of self.epoch already handed out
@@ -499,10 +433,10 @@ class DaliLoader:
     def load_state_dict(self, state: dict) -> None:
         for name, value in self._settings().items():
             if name != "loader" and state.get(name) != value:
-                raise ValueError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
+                raise ConfigError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
                                  "the position is only meaningful with the same data settings")
         if not 0 <= int(state["batch"]) <= self.batches:
-            raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
+            raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
         self.epoch, self._position = int(state["epoch"]), int(state["batch"])
         # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
         cpt = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
@@ -512,20 +446,17 @@ class DaliLoader:
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
 
-    def _shard_id(self) -> int:
-        # the rank's sample range rotates with the epoch, as DALI's own readers do between epochs
-        return (self.rank + self.epoch) % self.world_size
-
     def _failure(self, err: Exception) -> ShardError:
-        mine = rank_shards(self.counts, self._shard_id(), self.world_size)
-        return _shard_error(err, [self.files[i] for i in mine], [self.shas[i] for i in mine])
+        lo, hi = rank_range(self.samples, self.rank, self.world_size, self.epoch)
+        return _shard_error(err, [shard for shard, _, _ in pieces(self.shards, lo, hi)])
 
     def _build(self, checkpoint: str | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe, names = build_pipeline(
             self.cfg, self.local_batch, self.dali_device, self.device_id, seed=self._seed(), files=self.files,
-            shard_id=self._shard_id(), num_shards=self.world_size, checkpoint=checkpoint)
+            shard_id=rank_part(self.rank, self.world_size, self.epoch), num_shards=self.world_size,
+            checkpoint=checkpoint)
         try:
             pipe.build()
         except RuntimeError as e:
