@@ -58,6 +58,8 @@ from pipeline.path import (
 from pipeline.shards import (
     CLS_BYTES,
     Shard,
+    check_index,
+    check_sizes,
     epoch_length,
     parse_labels,
     pieces,
@@ -319,7 +321,9 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
                 paths=[str(f) for f in files], index_paths=[str(f.with_suffix(".idx")) for f in files],
                 ext=["jpg", "cls"], missing_component_behavior="skip", random_shuffle=shuffle,
                 initial_fill=max(1, cfg.shuffle_buffer), shard_id=shard_id, num_shards=num_shards,
-                name=READER)
+                # read(), not mmap: a shard truncated under a running reader is then a read error DALI
+                # reports, where a mapped page past the new end would kill the process with SIGBUS
+                dont_use_mmap=True, name=READER)
             # EXIF orientation is ignored, as PIL and torchvision.io do by default
             shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -390,7 +394,8 @@ class DaliLoader:
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.dali_device == "gpu" else None
         self.local_batch = cfg.batch_size // world_size
-        self.shards = split_shards(data_dir, cfg.split, indexed=True)
+        self.shards = split_shards(data_dir, cfg.split)
+        self.needed = [check_index(s) for s in self.shards]  # tar sizes, re-checked before every epoch
         self.files = [s.path for s in self.shards]
         self.samples = sum(s.count for s in self.shards)
         self.batches = epoch_length(self.samples, world_size, self.local_batch)
@@ -447,6 +452,10 @@ class DaliLoader:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
 
     def _failure(self, err: Exception) -> ShardError:
+        try:  # a shard cut short while the reader ran: say so rather than "corrupt"
+            check_sizes(self.shards, self.needed)
+        except ShardError as e:
+            return e
         lo, hi = rank_range(self.samples, self.rank, self.world_size, self.epoch)
         return _shard_error(err, [shard for shard, _, _ in pieces(self.shards, lo, hi)])
 
@@ -479,6 +488,7 @@ class DaliLoader:
         self._positioned = False
         if self._position >= self.batches:
             return
+        check_sizes(self.shards, self.needed)
         saved = self._checkpoint[1] if self._checkpoint and self._checkpoint[0] == self._position else None
         resume = base64.b64decode(saved) if self._position > 0 and saved else None
         skip = self._position if self._position > 0 and resume is None else 0

@@ -90,9 +90,9 @@ def split_shards(data_dir: str | Path, split: str, indexed: bool = False) -> lis
     return shards
 
 
-def check_index(shard: Shard) -> None:
+def check_index(shard: Shard) -> int:
     """The DALI index must exist, count the shard's samples and fit inside the tar (a truncated tar is
-    caught here, before a reader maps it)."""
+    caught here, before a reader opens it) -> the tar size the index needs."""
     try:
         lines = shard.index.read_text().splitlines()
     except FileNotFoundError:
@@ -108,19 +108,21 @@ def check_index(shard: Shard) -> None:
         raise ShardError(f"{shard.index}: indexes {n} samples, {META} says {shard.count} for {shard.path.name}")
     fields = lines[-1].split() if n else []
     end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
-    size = shard.path.stat().st_size
-    if end > size:
-        raise ShardError(f"shard {shard.path} is truncated: {size} bytes, its index needs {end}; "
-                         "re-run pipeline.convert")
+    check_sizes([shard], [end])
+    return end
 
 
-def check_sizes(shards: list[Shard]) -> None:
-    """Every tar still exists and is as long as its index needs: run before each epoch, so a shard
-    damaged while a run goes on is a named error rather than a read past its end."""
-    for shard in shards:
-        if not shard.path.is_file():
-            raise ShardError(f"shard {shard.path} has disappeared during the run; re-run pipeline.convert")
-        check_index(shard)
+def check_sizes(shards: list[Shard], needed: list[int]) -> None:
+    """Every tar exists and is at least as long as its index needs (`check_index`'s result): cheap (one
+    stat per tar), so a loader runs it before each epoch and a shard damaged during a run is named."""
+    for shard, end in zip(shards, needed):
+        try:
+            size = shard.path.stat().st_size
+        except FileNotFoundError:
+            raise ShardError(f"shard {shard.path} is missing; re-run pipeline.convert into {shard.path.parent}") from None
+        if end > size:
+            raise ShardError(f"shard {shard.path} is truncated: {size} bytes, its index needs {end}; "
+                             "re-run pipeline.convert")
 
 
 # ---------------------------------------------------------------------------------- samples and labels
