@@ -534,5 +534,9 @@ def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfi
 
 def build_dali_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
                       device: torch.device | str = "cpu") -> DaliLoader:
-    """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise."""
+    """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise; a
+    ConfigError naming the install command when DALI does not import."""
+    from pipeline import choose_loader
+
+    choose_loader("dali", rank)
     return DaliLoader(cfg, data_dir, rank, world_size, device)
