@@ -1,4 +1,4 @@
-"""The `Batch` every loader yields and the `DataConfig` every loader reads (DESIGN §3)."""
+"""The `Batch` every loader yields and the `DataConfig` every loader reads (docs/DESIGN.md, "Contracts")."""
 
 from __future__ import annotations
 

@@ -44,14 +44,20 @@ import torch
 from pipeline.batch import Batch, DataConfig
 from pipeline.errors import ConfigError, ShardError
 from pipeline.path import (
-    BLUR_MIN_SIGMA,
     CROP1,
     CROP2,
+    CROP_TRIES,
     G_DIM,
+    G_FIELDS,
     IDX,
     THETA_DIM,
     PathConfig,
     active_families,
+    affine_entries,
+    blur_kernel_size,
+    crop_box_pixels,
+    effective_sigma,
+    g_ranges,
     path_steps,
     validate,
 )
@@ -71,7 +77,6 @@ from pipeline.shards import (
 
 READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-CROP_TRIES = 10  # torchvision RandomResizedCrop
 OUTPUTS = ("view1", "view2", "targets", "theta", "label")
 
 
@@ -143,18 +148,7 @@ def sample_crop(H, W, cfg: PathConfig):
 def sample_theta(H, W, cfg: PathConfig):
     """θ per sample (THETA_DIM,) float32 in the `path.THETA_FIELDS` layout; inactive families at 0."""
     fn, _, types = _fn()
-    fam = active_families(cfg)
-    lo, hi = np.zeros(G_DIM), np.zeros(G_DIM)
-    if "rotation" in fam:
-        lo[IDX["rot_deg"]], hi[IDX["rot_deg"]] = -cfg.rot_deg, cfg.rot_deg
-    if "translation" in fam:
-        for name in ("tx_px", "ty_px"):
-            lo[IDX[name]], hi[IDX[name]] = -cfg.translate_px, cfg.translate_px
-    if "color" in fam:
-        for name in ("brightness", "contrast", "saturation", "hue"):
-            lo[IDX[name]], hi[IDX[name]] = -getattr(cfg, name), getattr(cfg, name)
-    if "blur" in fam:
-        lo[IDX["blur_sigma"]], hi[IDX["blur_sigma"]] = cfg.blur_sigma
+    lo, hi = (np.asarray(v) for v in g_ranges(cfg))  # (G,) each, inactive families at [0, 0]
     g = fn.random.uniform(range=[0.0, 1.0], shape=[G_DIM]) * _const(hi - lo) + _const(lo)
     flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[2]), dtype=types.FLOAT)
     parts = [g]
@@ -173,11 +167,8 @@ def crop_resize(img, theta, H, W, which: int, size: int, dev: str):
     """
     fn, dmath, types = _fn()
     box, flip = (CROP1, IDX["flip1"]) if which == 1 else (CROP2, IDX["flip2"])
-    # the same clamping as reference.crop_box_pixels, so any θ gives a non-empty box inside the image
-    y0 = dmath.min(_round(theta[box.start] * H), H - 1.0)
-    x0 = dmath.min(_round(theta[box.start + 1] * W), W - 1.0)
-    h = dmath.max(dmath.min(_round(theta[box.start + 2] * H), H - y0), 1.0)
-    w = dmath.max(dmath.min(_round(theta[box.start + 3] * W), W - x0), 1.0)
+    # path's clamp, run on graph nodes: any θ gives a non-empty box inside the image
+    y0, x0, h, w = crop_box_pixels([theta[box.start + i] for i in range(4)], (H, W), _round, dmath.min, dmath.max)
     crop = fn.slice(img, start=fn.cast(fn.stack(y0, x0), dtype=types.INT32),
                     shape=fn.cast(fn.stack(h, w), dtype=types.INT32), axes=[0, 1])
     out = fn.resize(crop, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
@@ -239,21 +230,15 @@ def shift_hue(x, h, dev: str):
 def blur(x, sigma_t, size: int, cfg: PathConfig):
     """Gaussian blur with σ_t (θ units, defined at ref_size) scaled to `size`; σ_t < 0.1 is identity."""
     fn, dmath, types = _fn()
-    on = _as_float(sigma_t >= BLUR_MIN_SIGMA)
-    sigma = on * sigma_t * (size / cfg.ref_size)
-    window = fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32)  # path.blur_kernel_size; 1 = identity
+    sigma = effective_sigma(sigma_t, size, cfg.ref_size, _as_float)
+    window = fn.cast(blur_kernel_size(sigma, dmath.ceil), dtype=types.INT32)  # 1 = identity
     return fn.gaussian_blur(x, sigma=sigma, window_size=window)
 
 
 def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
     """Rotation about the centre and translation: `path.affine_matrix` built from per-sample scalars."""
     fn, dmath, types = _fn()
-    phi = rot_deg * (math.pi / 180.0)
-    cos, sin = dmath.cos(phi), dmath.sin(phi)
-    centre = size / 2.0
-    qx = -centre - tx * (size / cfg.ref_size)
-    qy = -centre - ty * (size / cfg.ref_size)
-    m = fn.stack(cos, -sin, cos * qx - sin * qy + centre, sin, cos, sin * qx + cos * qy + centre)
+    m = fn.stack(*affine_entries(rot_deg, tx, ty, (size, size), cfg.ref_size, dmath.cos, dmath.sin))
     return fn.warp_affine(x, matrix=fn.reshape(m, shape=[2, 3]), size=[size, size], inverse_map=True,
                           fill_value=cfg.fill, interp_type=types.INTERP_LINEAR)
 
@@ -261,8 +246,7 @@ def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
 def apply_g(u, theta, t: float, size: int, cfg: PathConfig, dev: str):
     """g_{t·θ}(u): colour -> blur -> affine, each family only when active. u: HWC [0, 1] at size×size."""
     fam = active_families(cfg)
-    g = {name: theta[IDX[name]] * t for name in ("rot_deg", "tx_px", "ty_px", "brightness", "contrast",
-                                                   "saturation", "hue", "blur_sigma")}
+    g = {name: theta[IDX[name]] * t for name in G_FIELDS}
     x = u
     if "color" in fam:
         x = adjust_color(x, 1.0 + g["brightness"], 1.0 + g["contrast"], 1.0 + g["saturation"], g["hue"], dev)

@@ -49,6 +49,7 @@ from pipeline.path import (
     PathConfig,
     affine_matrix,
     blur_kernel_size,
+    crop_box_pixels,
     effective_sigma,
     path_thetas,
     sample_theta,
@@ -71,14 +72,6 @@ def decode(jpg: bytes, key: str = "?") -> torch.Tensor:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"sample {key!r}: undecodable image ({str(e).splitlines()[0]})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
-
-
-def crop_box_pixels(box: Sequence[float] | torch.Tensor, hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Fractional (y0, x0, h, w) -> integer (top, left, height, width) inside an (H, W) image."""
-    H, W = hw
-    y0, x0, h, w = (float(v) for v in box)
-    top, left = min(round(y0 * H), H - 1), min(round(x0 * W), W - 1)
-    return top, left, max(1, min(round(h * H), H - top)), max(1, min(round(w * W), W - left))
 
 
 def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bool | float | torch.Tensor,
