@@ -3,8 +3,10 @@
 `build_loader(cfg, rank, world_size)` is the one entry point; data.loader picks the backend (`auto`,
 the default: DALI when it is installed, else the PyTorch reference loader with one warning). It returns a `Loader`: iterating it
 yields one epoch of `Batch`es on the rank's device; `len()` is the number of batches per epoch on
-this rank; `set_epoch(e)` reseeds shuffling and augmentation; `state_dict()` / `load_state_dict()`
-save and restore the position inside the epoch so a resumed run neither replays nor skips data.
+this rank (`pipeline.shards`' rule, the same for every backend); `set_epoch(e)` makes e the epoch
+the next iteration reads (another epoch starts at its first batch, the current one keeps its position);
+`state_dict()` (read-only) / `load_state_dict()` save and restore the position inside the epoch so a
+resumed run neither replays nor skips data, also across backends.
 """
 
 from __future__ import annotations

@@ -352,6 +352,7 @@ class ReferenceLoader:
         """Continue at (epoch, batch). A state saved by the DALI loader means the same position (both
         loaders follow pipeline.shards: same ranges, same epoch length); the rest of the epoch is this
         loader's batches from there."""
+        prior = (self.epoch, self.position) if self._positioned else None
         foreign = state.get("loader", "reference") != "reference"
         if foreign:
             warnings.warn(f"resuming the reference loader from a {state.get('loader')} loader state: batch "
@@ -365,6 +366,10 @@ class ReferenceLoader:
         if not 0 <= state["batch"] <= self.length:
             raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
         self.epoch, self.position = state["epoch"], state["batch"]
+        if prior == (state["epoch"] - 1, 0) and state["batch"] == 0:
+            # Written before state_dict became read-only: a checkpoint on epoch e's last batch stored
+            # (e + 1, 0). The trainer's set_epoch(e) just before says which: it is the end of epoch e.
+            self.epoch, self.position = prior[0], self.length
         self._positioned = True
 
     def __iter__(self) -> Iterator[Batch]:

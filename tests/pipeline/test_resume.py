@@ -40,14 +40,17 @@ def drive(loader, total: int, epoch: int = 0, state: dict | None = None) -> tupl
     while len(thetas) < total:
         if not resumed:
             loader.set_epoch(epoch)
-        resumed = False
+        yielded, may_be_empty, resumed = 0, resumed, False  # only a resumed epoch may have nothing left
         for batch in loader:
             thetas.append(batch.theta)
             states.append(json.loads(json.dumps(loader.state_dict())))  # what a checkpoint file keeps
+            yielded += 1
             if len(thetas) == total:
                 break
         else:
             epoch += 1
+        if yielded == 0 and not may_be_empty:
+            raise AssertionError(f"the loader yielded no batch in epoch {epoch - 1}")
     return thetas, states
 
 
@@ -86,3 +89,14 @@ def test_state_dict_does_not_move_the_loader(demo_shards, loader, workers):
     assert list(ld) == []
     assert len(list(ld)) == len(ld)  # ... and a plain loop over epochs moves on to the next one
     assert ld.state_dict()["epoch"] == 1
+
+
+def test_a_state_written_before_the_fix_resumes_at_the_end_of_its_epoch(demo_shards):
+    # the reference loader used to store a checkpoint on epoch 0's last batch as (1, 0), with the
+    # trainer's epoch 0; the trainer then replayed epoch 1 and found the next one empty
+    cfg = _cfg(demo_shards, "reference", 0)
+    length = len(_build(cfg, 0, 1))
+    straight, states = drive(_build(cfg, 0, 1), 3 * length)
+    old = {**states[length - 1], "epoch": 1, "batch": 0}
+    rest, _ = drive(_build(cfg, 0, 1), 2 * length, epoch=0, state=old)
+    assert all(torch.equal(a, b) for a, b in zip(rest, straight[length:], strict=True))
