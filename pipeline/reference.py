@@ -17,10 +17,12 @@ Randomness. θ (crop boxes, flips, g) for a sample depends only on (seed, epoch,
 augmented the same way whatever the rank or worker count. Batch composition depends on the worker
 count (the range is split by worker); with the same seed and settings the batches are identical.
 
-Resume. `state_dict()` holds (epoch, batch position). A resumed iteration makes each stream skip the
-samples it had already handed out (tar reading only, nothing decoded) and rotates the worker roles
-so the round-robin continues with the stream that was next: the rest of the epoch is the same as in
-an uninterrupted run.
+Resume. `state_dict()` holds (epoch, batches handed out) and changes nothing, so it may be taken on
+any batch, an epoch's last included; `set_epoch` never rewinds the epoch the loader is in. A resumed
+iteration makes each stream skip the samples it had already handed out (tar reading only, nothing
+decoded) and rotates the worker roles so the round-robin continues with the stream that was next: the
+rest of the epoch is the same as in an uninterrupted run. A DALI state resumes here too (same rule,
+same length), with this loader's batches from its position on.
 """
 
 from __future__ import annotations
