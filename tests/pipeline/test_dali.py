@@ -21,7 +21,7 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
-from pipeline import build_loader
+from pipeline import build_loader, dali_available
 from pipeline.batch import DataConfig
 from pipeline.dali import DaliLoader, build_dali_loader, render_batch
 from pipeline.demo import PHOTOS
@@ -35,6 +35,9 @@ VIEW_MEAN, VIEW_MAX = 2e-3, 0.1
 FAMILIES = [("color",), ("blur",), ("rotation",), ("translation",), ("rotation", "translation", "color", "blur")]
 DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+pytestmark = NEEDS_DALI
 
 
 def small_cfg(data: Path | str = "", **aug) -> DataConfig:

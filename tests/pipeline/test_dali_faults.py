@@ -13,10 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import dali_available
 from pipeline.batch import DataConfig
 from pipeline.dali import build_dali_loader
 from pipeline.errors import ShardError
 from pipeline.path import PathConfig
+
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+pytestmark = NEEDS_DALI
 
 
 def _cfg(data_dir: Path) -> DataConfig:

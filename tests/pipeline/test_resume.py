@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from pipeline import dali_available
 from pipeline.batch import DataConfig
 from pipeline.dali import build_dali_loader
 from pipeline.path import PathConfig
@@ -17,6 +18,8 @@ from pipeline.reference import build_reference_loader
 
 EPOCHS = 2
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny images: intra-op threads only add contention
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+DALI = pytest.param("dali", 1, marks=NEEDS_DALI)
 
 
 def _cfg(data_dir, loader: str, workers: int) -> DataConfig:
@@ -55,7 +58,7 @@ def drive(loader, total: int, epoch: int = 0, state: dict | None = None) -> tupl
 
 
 @pytest.mark.parametrize("world", [1, 2])
-@pytest.mark.parametrize("loader, workers", [("reference", 0), ("reference", 2), ("dali", 1)])
+@pytest.mark.parametrize("loader, workers", [("reference", 0), ("reference", 2), DALI])
 def test_a_checkpoint_at_every_position_resumes_into_the_straight_run(demo_shards, loader, workers, world):
     if loader == "reference" and workers and world == 2:
         pytest.skip("worker roles on one rank are covered by world=1; two ranks × two workers only add time")
@@ -77,7 +80,7 @@ def test_a_checkpoint_at_every_position_resumes_into_the_straight_run(demo_shard
                 assert torch.equal(got, want), f"rank {rank}: resumed after batch {done}, batch {done + i} differs"
 
 
-@pytest.mark.parametrize("loader, workers", [("reference", 0), ("dali", 1)])
+@pytest.mark.parametrize("loader, workers", [("reference", 0), DALI])
 def test_state_dict_does_not_move_the_loader(demo_shards, loader, workers):
     ld = _build(_cfg(demo_shards, loader, workers), 0, 1)
     it = iter(ld)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline import dali_available
 from pipeline.batch import DataConfig
 from pipeline.dali import build_dali_loader
 from pipeline.errors import DataError, ShardError
@@ -30,6 +31,7 @@ from pipeline.shards import (
 )
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 
 
 def _cfg(data_dir, loader: str, **kw) -> DataConfig:
@@ -66,6 +68,7 @@ def test_pieces_cut_a_range_at_tar_boundaries():
     assert pieces(shards, 8, 8) == []
 
 
+@NEEDS_DALI
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 5, 7])
 @pytest.mark.parametrize("batch, workers", [(8, 0), (14, 1), (20, 3)])
 def test_dali_and_reference_have_the_same_epoch_length(demo_shards, world, batch, workers):
@@ -86,6 +89,7 @@ def test_dali_and_reference_have_the_same_epoch_length(demo_shards, world, batch
             assert sum(z - a for p in parts for _, a, z in p) == hi - lo  # the whole range, nothing twice
 
 
+@NEEDS_DALI
 def test_both_loaders_read_the_same_samples_per_rank_and_epoch(demo_shards):
     # 2 ranks, batch 8 each: a rank's range (32 samples) is exactly its 4 batches, so the labels agree
     for epoch in (0, 1):
@@ -99,6 +103,7 @@ def test_both_loaders_read_the_same_samples_per_rank_and_epoch(demo_shards):
             assert labels[0] == labels[1] and sum(labels[0].values()) == 32, (epoch, rank)
 
 
+@NEEDS_DALI
 def test_a_dali_state_resumes_into_the_reference_loader(demo_shards):
     cfg = _cfg(demo_shards, "reference")
     straight = [b.theta for b in build_reference_loader(cfg, demo_shards, 1, 2)]

@@ -10,11 +10,15 @@ import pytest
 import torch
 from scipy.stats import ks_2samp
 
+from pipeline import dali_available
 from pipeline.path import IDX, THETA_FIELDS, PathConfig, active_families, g_ranges, sample_theta
 
 N = 3000
 SRC_HW = (240, 400)  # a landscape source: crops of every scale fit, tall ratios sometimes do not
 P_MIN = 1e-3
+
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+pytestmark = NEEDS_DALI
 
 
 def dali_thetas(cfg: PathConfig, n: int = N, batch: int = 1000, seed: int = 3) -> np.ndarray:
