@@ -27,8 +27,9 @@ reference loader does. The position inside an epoch is kept with DALI's pipeline
 skipping one; a state from another loader (no DALI checkpoint) replays the epoch up to its position.
 
 Bad data is reported before it is read where possible: every shard and index listed in dataset.json
-must exist and agree, and a sample that lacks its .jpg or .cls (which the reader skips) is an error, not
-a silent loss. A decoding failure is traced to the damaged shard by checking this rank's shards against
+must exist and agree, each tar's size is checked again before every epoch, and a sample that lacks its
+.jpg or .cls (which the reader skips) is an error, not a silent loss. Shards are read, not memory-mapped,
+so a shard damaged under a running reader is an error too, never SIGBUS. A decoding failure is traced to the damaged shard by checking this rank's shards against
 dataset.json.
 """
 
