@@ -187,11 +187,10 @@ METHODS: dict[str, type[Method]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn
 
 
 def theta_scale(aug: PathConfig) -> torch.Tensor:
-    """Half-ranges of θ's g entries (G,), so that θ_g / scale is of order 1; 1 where a range is 0."""
-    scale = torch.tensor([aug.rot_deg, aug.translate_px, aug.translate_px, aug.brightness, aug.contrast,
-                          aug.saturation, aug.hue, aug.blur_sigma[1]], dtype=torch.float32)
-    assert scale.numel() == G_DIM, "theta_scale is out of date with pipeline.path.THETA_FIELDS"
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+    """Half-ranges of θ's g entries (G,), so that θ_g / scale is of order 1: pipeline.path's table."""
+    from pipeline.path import theta_scale as path_theta_scale  # the one owner of the θ ranges
+
+    return path_theta_scale(aug)
 
 
 def build_method(cfg: ModelConfig, data: DataConfig) -> Method:

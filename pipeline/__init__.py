@@ -1,13 +1,17 @@
 """Data: ImageNet-style folders -> webdataset shards -> `Batch` (views, path targets, θ, label).
 
-`build_loader(cfg, rank, world_size)` is the one entry point. It returns a `Loader`: iterating it
+`build_loader(cfg, rank, world_size)` is the one entry point; data.loader picks the backend (`auto`,
+the default: DALI when it is installed, else the PyTorch reference loader with one warning). It returns a `Loader`: iterating it
 yields one epoch of `Batch`es on the rank's device; `len()` is the number of batches per epoch on
-this rank; `set_epoch(e)` reseeds shuffling and augmentation; `state_dict()` / `load_state_dict()`
-save and restore the position inside the epoch so a resumed run neither replays nor skips data.
+this rank (`pipeline.shards`' rule, the same for every backend); `set_epoch(e)` makes e the epoch
+the next iteration reads (another epoch starts at its first batch, the current one keeps its position);
+`state_dict()` (read-only) / `load_state_dict()` save and restore the position inside the epoch so a
+resumed run neither replays nor skips data, also across backends.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -19,7 +23,8 @@ if TYPE_CHECKING:  # torch is imported lazily so `python -m pipeline.convert` st
 
 __all__ = ["Batch", "DataConfig", "Loader", "PathConfig", "build_loader", "resolve_data_dir"]
 
-LOADERS = ("dali", "reference")
+LOADERS = ("auto", "dali", "reference")
+DALI_INSTALL = "pip install 'eqrecon[dali]'"
 
 
 def __getattr__(name: str):
@@ -48,30 +53,60 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
         from pipeline.demo import ensure_demo_shards
 
         return ensure_demo_shards()
+    from pipeline.errors import DataError
+
     path = Path(cfg.dir).expanduser()
     if not path.is_dir():
-        raise FileNotFoundError(f"data folder {str(path)!r} does not exist; convert images first with "
-                                f"`python -m pipeline.convert --src IMAGENET --out {path}`")
+        raise DataError(f"data folder {str(path)!r} does not exist; convert images first with "
+                        f"`python -m pipeline.convert --src IMAGENET --out {path}`")
     if not (path / "dataset.json").is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
+        raise DataError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
     return path
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI imports here (it is an optional extra: `pip install 'eqrecon[dali]'`)."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_loader(name: str, rank: int = 0) -> str:
+    """data.loader -> the loader that runs: `auto` is DALI when it imports, else the reference loader
+    with one warning (on rank 0); `dali` without DALI is a ConfigError naming the install command."""
+    from pipeline.errors import ConfigError
+
+    if name not in LOADERS:
+        raise ConfigError(f"unknown data.loader {name!r}; choose from {', '.join(LOADERS)}")
+    if name == "reference" or dali_available():
+        return "reference" if name == "reference" else "dali"
+    if name == "dali":
+        raise ConfigError(f"data.loader=dali needs NVIDIA DALI, which does not import here: {DALI_INSTALL} "
+                          "(or use --data.loader=reference)")
+    if rank == 0:
+        warnings.warn(f"NVIDIA DALI is not installed: data.loader=auto uses the PyTorch reference loader "
+                      f"(slower; {DALI_INSTALL} for the DALI pipeline)", stacklevel=3)
+    return "reference"
 
 
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
                  device: torch.device | str | None = None) -> Loader:
-    """Build the configured loader for this rank. device: where batches land (default: cuda:<local rank>
-    when CUDA is available, else cpu)."""
+    """Build the configured loader for this rank (`choose_loader`). device: where batches land
+    (default: cuda:<local rank> when CUDA is available, else cpu)."""
     import torch
 
-    if cfg.loader not in LOADERS:
-        raise ValueError(f"unknown data.loader {cfg.loader!r}; choose from {', '.join(LOADERS)}")
+    from pipeline.errors import ConfigError
+
+    loader = choose_loader(cfg.loader, rank)
     if cfg.batch_size % world_size:
-        raise ValueError(f"data.batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
+        raise ConfigError(f"data.batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     data_dir = resolve_data_dir(cfg)
-    if cfg.loader == "dali":
+    if loader == "dali":
         from pipeline.dali import build_dali_loader
 
         return build_dali_loader(cfg, data_dir, rank, world_size, device)

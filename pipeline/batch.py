@@ -1,4 +1,4 @@
-"""The `Batch` every loader yields and the `DataConfig` every loader reads (DESIGN §3)."""
+"""The `Batch` every loader yields and the `DataConfig` every loader reads (docs/DESIGN.md, "Contracts")."""
 
 from __future__ import annotations
 
@@ -18,11 +18,16 @@ class DataConfig:
 
     dir: str = ""  # shard folder made by pipeline.convert; "" = the embedded demo photos (converted once)
     split: str = "train"
-    loader: str = "dali"  # dali (GPU pipeline on CUDA, CPU pipeline otherwise) | reference (PyTorch)
+    # auto (DALI when installed, else reference) | dali (GPU pipeline on CUDA, CPU pipeline otherwise) |
+    # reference (PyTorch, the parity oracle)
+    loader: str = "auto"
     img_size: int = 224  # view resolution
     target_size: int = 0  # resolution of the K intermediate targets; 0 = img_size
     batch_size: int = 256  # global batch, split evenly across ranks
-    workers: int = 4  # DataLoader workers (reference) or CPU threads (DALI)
+    # CPU parallelism of whichever loader runs: the reference loader's DataLoader worker processes (0 =
+    # in the training process; each worker reads its own part of the rank's samples) or DALI's CPU
+    # threads (at least 1; the GPU pipeline decodes with nvJPEG whatever the value)
+    workers: int = 4
     shuffle_buffer: int = 2048  # samples held for shuffling (shards are already shuffled when written)
     seed: int = 0
     mean: tuple[float, float, float] = IMAGENET_MEAN

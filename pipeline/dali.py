@@ -20,22 +20,22 @@ operators: brightness and saturation as per-pixel linear maps, contrast around t
 exact HSV rotation (the closed form f(n) = V - C·clamp(min(k, 4-k), 0, 1), k = (n + 6h) mod 6).
 
 Epochs: every epoch builds a fresh pipeline seeded by (seed, epoch, rank), whose reader reads the
-rank's contiguous sample range (rotating with the epoch) and shuffles within `shuffle_buffer`. Every rank
-yields the same number of full batches, floor(floor(N / world) / local batch); the remainder is dropped.
-The position inside an epoch is kept with DALI's pipeline checkpointing (base64 text in `state_dict`),
-so a resumed run continues with the next batch, neither replaying nor skipping one; a state from
-another loader (no DALI checkpoint) replays the epoch up to its position instead.
+rank's contiguous sample range of `pipeline.shards` (its part `rank_part` as the reader's shard_id) and
+shuffles within `shuffle_buffer`; every rank yields `shards.epoch_length` full batches, as the
+reference loader does. The position inside an epoch is kept with DALI's pipeline checkpointing
+(base64 text in `state_dict`), so a resumed run continues with the next batch, neither replaying nor
+skipping one; a state from another loader (no DALI checkpoint) replays the epoch up to its position.
 
 Bad data is reported before it is read where possible: every shard and index listed in dataset.json
-must exist and agree, and a sample that lacks its .jpg or .cls (which the reader skips) is an error, not
-a silent loss. A decoding failure is traced to the damaged shard by checking this rank's shards against
+must exist and agree, each tar's size is checked again before every epoch, and a sample that lacks its
+.jpg or .cls (which the reader skips) is an error, not a silent loss. Shards are read, not memory-mapped,
+so a shard damaged under a running reader is an error too, never SIGBUS. A decoding failure is traced to the damaged shard by checking this rank's shards against
 dataset.json.
 """
 
 from __future__ import annotations
 
 import base64
-import json
 import math
 from pathlib import Path
 
@@ -43,82 +43,42 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.errors import ShardError
+from pipeline.errors import ConfigError, ShardError
 from pipeline.path import (
-    BLUR_MIN_SIGMA,
     CROP1,
     CROP2,
+    CROP_TRIES,
     G_DIM,
+    G_FIELDS,
     IDX,
     THETA_DIM,
     PathConfig,
     active_families,
+    affine_entries,
+    blur_kernel_size,
+    crop_box_pixels,
+    effective_sigma,
+    g_ranges,
     path_steps,
     validate,
+)
+from pipeline.shards import (
+    CLS_BYTES,
+    Shard,
+    check_index,
+    check_sizes,
+    epoch_length,
+    parse_labels,
+    pieces,
+    rank_part,
+    rank_range,
+    split_shards,
+    verify_shard,
 )
 
 READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-CROP_TRIES = 10  # torchvision RandomResizedCrop
-CLS_BYTES = 16  # the ASCII class index is padded to this many bytes to batch it
 OUTPUTS = ("view1", "view2", "targets", "theta", "label")
-
-
-# ------------------------------------------------------------------------------------------- shards
-
-
-def shard_files(data_dir: str | Path, split: str) -> tuple[list[Path], list[int], list[str | None]]:
-    """The split's shards with their sample counts, checked up front -> (tar paths, counts, sha256s).
-
-    Each shard listed in dataset.json must exist with its .idx beside it, and the index must fit the tar
-    (a truncated tar is caught here, not halfway through an epoch). Errors name the shard.
-    """
-    data_dir = Path(data_dir)
-    meta_path = data_dir / "dataset.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as e:
-        raise FileNotFoundError(f"{meta_path}: missing or unreadable ({e}); is {str(data_dir)!r} a folder "
-                                "written by pipeline.convert?") from None
-    records = [s for s in meta.get("shards", []) if s.get("split") == split]
-    if not records:
-        raise ShardError(f"{meta_path}: no shards for split {split!r} (splits: {', '.join(meta.get('splits', {}))})")
-    tars, counts, shas = [], [], []
-    for rec in records:
-        tar = data_dir / rec["name"]
-        idx = tar.with_suffix(".idx")
-        if not tar.is_file():
-            raise FileNotFoundError(f"shard {tar} is missing (listed in {meta_path})")
-        if not idx.is_file():
-            raise FileNotFoundError(f"index {idx} of shard {tar.name} is missing; re-run pipeline.convert")
-        counts.append(_check_index(tar, idx, rec.get("count")))
-        tars.append(tar)
-        shas.append(rec.get("sha256"))
-    return tars, counts, shas
-
-
-def _check_index(tar: Path, idx: Path, expected: int | None) -> int:
-    """Sample count from a wds2idx v1.2 index, after checking it against the tar's size."""
-    lines = idx.read_text().splitlines()
-    head = lines[0].split() if lines else []
-    if len(head) != 2 or not head[1].isdigit() or len(lines) - 1 != int(head[1]):
-        raise ShardError(f"{idx}: not a valid DALI webdataset index (expected 'v1.2 <samples>' and one line "
-                         "per sample); re-run pipeline.convert")
-    n = int(head[1])
-    if expected is not None and n != expected:
-        raise ShardError(f"{idx}: indexes {n} samples, dataset.json says {expected} for {tar.name}")
-    fields = lines[-1].split() if n else []
-    end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
-    size = tar.stat().st_size
-    if end > size:
-        raise ShardError(f"shard {tar} is truncated: {size} bytes, its index needs {end}; re-run pipeline.convert")
-    return n
-
-
-def epoch_batches(counts: list[int], world_size: int, local_batch: int) -> int:
-    """Full batches per rank and epoch, the same on every rank (DALI splits N samples into contiguous
-    ranges of floor or ceil N/world; the smallest range decides)."""
-    return sum(counts) // world_size // local_batch
 
 
 # ------------------------------------------------------------------------------------- graph pieces
@@ -189,18 +149,7 @@ def sample_crop(H, W, cfg: PathConfig):
 def sample_theta(H, W, cfg: PathConfig):
     """θ per sample (THETA_DIM,) float32 in the `path.THETA_FIELDS` layout; inactive families at 0."""
     fn, _, types = _fn()
-    fam = active_families(cfg)
-    lo, hi = np.zeros(G_DIM), np.zeros(G_DIM)
-    if "rotation" in fam:
-        lo[IDX["rot_deg"]], hi[IDX["rot_deg"]] = -cfg.rot_deg, cfg.rot_deg
-    if "translation" in fam:
-        for name in ("tx_px", "ty_px"):
-            lo[IDX[name]], hi[IDX[name]] = -cfg.translate_px, cfg.translate_px
-    if "color" in fam:
-        for name in ("brightness", "contrast", "saturation", "hue"):
-            lo[IDX[name]], hi[IDX[name]] = -getattr(cfg, name), getattr(cfg, name)
-    if "blur" in fam:
-        lo[IDX["blur_sigma"]], hi[IDX["blur_sigma"]] = cfg.blur_sigma
+    lo, hi = (np.asarray(v) for v in g_ranges(cfg))  # (G,) each, inactive families at [0, 0]
     g = fn.random.uniform(range=[0.0, 1.0], shape=[G_DIM]) * _const(hi - lo) + _const(lo)
     flips = fn.cast(fn.random.coin_flip(probability=cfg.flip_p, shape=[2]), dtype=types.FLOAT)
     parts = [g]
@@ -219,11 +168,8 @@ def crop_resize(img, theta, H, W, which: int, size: int, dev: str):
     """
     fn, dmath, types = _fn()
     box, flip = (CROP1, IDX["flip1"]) if which == 1 else (CROP2, IDX["flip2"])
-    # the same clamping as reference.crop_box_pixels, so any θ gives a non-empty box inside the image
-    y0 = dmath.min(_round(theta[box.start] * H), H - 1.0)
-    x0 = dmath.min(_round(theta[box.start + 1] * W), W - 1.0)
-    h = dmath.max(dmath.min(_round(theta[box.start + 2] * H), H - y0), 1.0)
-    w = dmath.max(dmath.min(_round(theta[box.start + 3] * W), W - x0), 1.0)
+    # path's clamp, run on graph nodes: any θ gives a non-empty box inside the image
+    y0, x0, h, w = crop_box_pixels([theta[box.start + i] for i in range(4)], (H, W), _round, dmath.min, dmath.max)
     crop = fn.slice(img, start=fn.cast(fn.stack(y0, x0), dtype=types.INT32),
                     shape=fn.cast(fn.stack(h, w), dtype=types.INT32), axes=[0, 1])
     out = fn.resize(crop, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
@@ -285,21 +231,15 @@ def shift_hue(x, h, dev: str):
 def blur(x, sigma_t, size: int, cfg: PathConfig):
     """Gaussian blur with σ_t (θ units, defined at ref_size) scaled to `size`; σ_t < 0.1 is identity."""
     fn, dmath, types = _fn()
-    on = _as_float(sigma_t >= BLUR_MIN_SIGMA)
-    sigma = on * sigma_t * (size / cfg.ref_size)
-    window = fn.cast(2.0 * dmath.ceil(3.0 * sigma) + 1.0, dtype=types.INT32)  # path.blur_kernel_size; 1 = identity
+    sigma = effective_sigma(sigma_t, size, cfg.ref_size, _as_float)
+    window = fn.cast(blur_kernel_size(sigma, dmath.ceil), dtype=types.INT32)  # 1 = identity
     return fn.gaussian_blur(x, sigma=sigma, window_size=window)
 
 
 def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
     """Rotation about the centre and translation: `path.affine_matrix` built from per-sample scalars."""
     fn, dmath, types = _fn()
-    phi = rot_deg * (math.pi / 180.0)
-    cos, sin = dmath.cos(phi), dmath.sin(phi)
-    centre = size / 2.0
-    qx = -centre - tx * (size / cfg.ref_size)
-    qy = -centre - ty * (size / cfg.ref_size)
-    m = fn.stack(cos, -sin, cos * qx - sin * qy + centre, sin, cos, sin * qx + cos * qy + centre)
+    m = fn.stack(*affine_entries(rot_deg, tx, ty, (size, size), cfg.ref_size, dmath.cos, dmath.sin))
     return fn.warp_affine(x, matrix=fn.reshape(m, shape=[2, 3]), size=[size, size], inverse_map=True,
                           fill_value=cfg.fill, interp_type=types.INTERP_LINEAR)
 
@@ -307,8 +247,7 @@ def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
 def apply_g(u, theta, t: float, size: int, cfg: PathConfig, dev: str):
     """g_{t·θ}(u): colour -> blur -> affine, each family only when active. u: HWC [0, 1] at size×size."""
     fam = active_families(cfg)
-    g = {name: theta[IDX[name]] * t for name in ("rot_deg", "tx_px", "ty_px", "brightness", "contrast",
-                                                   "saturation", "hue", "blur_sigma")}
+    g = {name: theta[IDX[name]] * t for name in G_FIELDS}
     x = u
     if "color" in fam:
         x = adjust_color(x, 1.0 + g["brightness"], 1.0 + g["contrast"], 1.0 + g["saturation"], g["hue"], dev)
@@ -367,7 +306,9 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
                 paths=[str(f) for f in files], index_paths=[str(f.with_suffix(".idx")) for f in files],
                 ext=["jpg", "cls"], missing_component_behavior="skip", random_shuffle=shuffle,
                 initial_fill=max(1, cfg.shuffle_buffer), shard_id=shard_id, num_shards=num_shards,
-                name=READER)
+                # read(), not mmap: a shard truncated under a running reader is then a read error DALI
+                # reports, where a mapped page past the new end would kill the process with SIGBUS
+                dont_use_mmap=True, name=READER)
             # EXIF orientation is ignored, as PIL and torchvision.io do by default
             shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
             img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
@@ -390,16 +331,6 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
     return pipe, names
 
 
-def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
-    """(B, CLS_BYTES) uint8 ASCII, zero-padded -> (B,) int64; -1 where no leading digits."""
-    d = cls_bytes.long() - ord("0")
-    leading = torch.cumprod(((d >= 0) & (d <= 9)).long(), dim=1)  # 1 while still in the leading digits
-    n = leading.sum(dim=1, keepdim=True)
-    power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
-    value = (d * leading * 10 ** power).sum(dim=1)
-    return torch.where(n[:, 0] > 0, value, torch.full_like(value, -1))
-
-
 def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
     view1 = out["view1"]
     targets = out.get("targets")
@@ -410,14 +341,6 @@ def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
     return batch.to(device)
 
 
-def rank_shards(counts: list[int], shard_id: int, num_shards: int) -> list[int]:
-    """Indices of the tars that DALI's contiguous sample range [N·i/n, N·(i+1)/n) of `shard_id` touches."""
-    n = sum(counts)
-    lo, hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
-    starts = np.cumsum([0] + counts[:-1])
-    return [i for i, (s, c) in enumerate(zip(starts, counts)) if s < hi and s + c > lo]
-
-
 def _dali_reason(err: Exception) -> str:
     """The operator's own complaint from a DALI error (the line after 'encountered:')."""
     lines = [ln.strip() for ln in str(err).splitlines()]
@@ -425,20 +348,20 @@ def _dali_reason(err: Exception) -> str:
     return next((ln for ln in after if ln), "unknown error")[:300]
 
 
-def _shard_error(err: Exception, files: list[Path], shas: list[str | None]) -> ShardError:
+def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
     """A DALI failure while reading -> one line naming the shard.
 
     DALI's decode errors do not say which sample failed, so the shards this rank reads are checked
     against dataset.json (sha256, tar/index agreement) to find the damaged one; this runs only on failure.
     """
-    from pipeline.convert import read_shard
-
     reason = _dali_reason(err)
-    for tar, sha in zip(files, shas):
+    for shard in shards:
         try:
-            read_shard(tar, sha256=sha)
+            verify_shard(shard.path, sha256=shard.sha256)
         except ShardError as bad:
-            return ShardError(f"shard {tar} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert to rewrite it")
+            return ShardError(f"shard {shard.path} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert "
+                              "to rewrite it")
+    files = [s.path for s in shards]
     where = f"{files[0].parent}/{{{files[0].name} .. {files[-1].name}}}"
     return ShardError(f"DALI failed while reading {where}, which all match dataset.json: {reason}")
 
@@ -456,70 +379,78 @@ class DaliLoader:
         self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
             if self.dali_device == "gpu" else None
         self.local_batch = cfg.batch_size // world_size
-        self.files, self.counts, self.shas = shard_files(data_dir, cfg.split)
-        counts = self.counts
-        self.samples = sum(counts)
-        self.batches = epoch_batches(counts, world_size, self.local_batch)
+        self.shards = split_shards(data_dir, cfg.split)
+        self.needed = [check_index(s) for s in self.shards]  # tar sizes, re-checked before every epoch
+        self.files = [s.path for s in self.shards]
+        self.samples = sum(s.count for s in self.shards)
+        self.batches = epoch_length(self.samples, world_size, self.local_batch)
         if self.batches == 0:
-            raise ValueError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
+            raise ConfigError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
                              f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size")
         self.epoch = 0
         self._position = 0  # batches of self.epoch already handed out
-        self._checkpoint: str | None = None  # DALI state after those batches
+        self._checkpoint: tuple[int, str] | None = None  # (position, DALI's state after that many batches)
         self._iterator = None
-        self._restored = False
+        self._positioned = False  # set_epoch / load_state_dict chose where the next iteration starts
 
     def __len__(self) -> int:
         return self.batches
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch, unless the loader is positioned inside it (a resume)."""
-        if epoch != self.epoch or self._position >= self.batches:
+        """Make `epoch` the one the next iteration reads: another epoch starts at its first batch, the
+        current one keeps its position (a running, resumed or finished epoch is never rewound)."""
+        if epoch != self.epoch:
             self.epoch, self._position, self._checkpoint = epoch, 0, None
-        self._restored = False
+        self._positioned = True
 
     def _settings(self) -> dict:
         return {"loader": "dali", "seed": self.cfg.seed, "split": self.cfg.split,
                 "batch_size": self.cfg.batch_size, "world_size": self.world_size}
 
     def state_dict(self) -> dict:
-        """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them}."""
+        """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them};
+        read-only apart from caching that checkpoint."""
         if self._iterator is not None and 0 < self._position < self.batches:
             cpt = self._iterator.checkpoints()[0]
             # DALI serialises to bytes; base64 text keeps the state JSON- and torch.save-friendly
-            self._checkpoint = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
-        return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": self._checkpoint,
-                **self._settings()}
+            text = base64.b64encode(cpt if isinstance(cpt, bytes) else cpt.encode()).decode("ascii")
+            self._checkpoint = (self._position, text)
+        # a checkpoint cached at another position (the iteration has moved on or was closed) is dropped:
+        # the resumed epoch is then replayed up to the position instead
+        cpt = self._checkpoint[1] if self._checkpoint and self._checkpoint[0] == self._position else None
+        return {"epoch": self.epoch, "batch": self._position, "dali_checkpoint": cpt, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
         for name, value in self._settings().items():
             if name != "loader" and state.get(name) != value:
-                raise ValueError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
+                raise ConfigError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
                                  "the position is only meaningful with the same data settings")
         if not 0 <= int(state["batch"]) <= self.batches:
-            raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
+            raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
         self.epoch, self._position = int(state["epoch"]), int(state["batch"])
         # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
-        self._checkpoint = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
-        self._restored = True  # a state saved after an epoch's last batch resumes into its empty remainder
+        cpt = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
+        self._checkpoint = (self._position, cpt) if cpt else None
+        self._positioned = True  # a state saved after an epoch's last batch resumes into its empty remainder
 
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
 
-    def _shard_id(self) -> int:
-        # the rank's sample range rotates with the epoch, as DALI's own readers do between epochs
-        return (self.rank + self.epoch) % self.world_size
-
     def _failure(self, err: Exception) -> ShardError:
-        mine = rank_shards(self.counts, self._shard_id(), self.world_size)
-        return _shard_error(err, [self.files[i] for i in mine], [self.shas[i] for i in mine])
+        try:  # a shard cut short while the reader ran: say so rather than "corrupt"
+            check_sizes(self.shards, self.needed)
+        except ShardError as e:
+            return e
+        lo, hi = rank_range(self.samples, self.rank, self.world_size, self.epoch)
+        return _shard_error(err, [shard for shard, _, _ in pieces(self.shards, lo, hi)])
 
     def _build(self, checkpoint: str | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe, names = build_pipeline(
             self.cfg, self.local_batch, self.dali_device, self.device_id, seed=self._seed(), files=self.files,
-            shard_id=self._shard_id(), num_shards=self.world_size, checkpoint=checkpoint)
+            shard_id=rank_part(self.rank, self.world_size, self.epoch), num_shards=self.world_size,
+            checkpoint=checkpoint)
         try:
             pipe.build()
         except RuntimeError as e:
@@ -535,14 +466,16 @@ class DaliLoader:
             raise self._failure(e) from None
 
     def __iter__(self):
-        if self._position >= self.batches:
-            if self._restored:
-                self._restored = False
-                return
-            # iterated again without set_epoch: the next epoch, as a plain `for` loop over epochs expects
+        """The rest of the current epoch. An epoch that an earlier iteration finished is followed by the
+        next one (a plain loop over epochs); one restored as finished yields nothing (its empty rest)."""
+        if self._position >= self.batches and not self._positioned:
             self.epoch, self._position, self._checkpoint = self.epoch + 1, 0, None
-        self._restored = False
-        resume = base64.b64decode(self._checkpoint) if self._position > 0 and self._checkpoint else None
+        self._positioned = False
+        if self._position >= self.batches:
+            return
+        check_sizes(self.shards, self.needed)
+        saved = self._checkpoint[1] if self._checkpoint and self._checkpoint[0] == self._position else None
+        resume = base64.b64decode(saved) if self._position > 0 and saved else None
         skip = self._position if self._position > 0 and resume is None else 0
         start = self._position - skip  # without a DALI checkpoint, replay the epoch up to the position
         self._iterator = self._build(resume)
@@ -586,5 +519,9 @@ def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfi
 
 def build_dali_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
                       device: torch.device | str = "cpu") -> DaliLoader:
-    """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise."""
+    """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise; a
+    ConfigError naming the install command when DALI does not import."""
+    from pipeline import choose_loader
+
+    choose_loader("dali", rank)
     return DaliLoader(cfg, data_dir, rank, world_size, device)

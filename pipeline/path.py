@@ -1,7 +1,10 @@
 """Augmentation-path semantics: which transformations are active, their ranges, θ sampling and layout.
 
 This module is the single definition that the PyTorch reference pipeline, the DALI pipeline and the
-probes all follow (DESIGN §3).
+probes all follow (docs/DESIGN.md, "Contracts"). It owns the tables (`G_FIELDS`: each g field's family
+and range; `theta_scale`; `FAMILY_FIELDS`) and the formulas (the random-resized-crop rule, the box
+clamp, the blur gate, the affine matrix), written so the DALI graph evaluates the same code on its
+graph nodes.
 
 A sample is built as
     view1 = A1(I)                     A = random resized crop (+ horizontal flip), resized to img_size
@@ -42,33 +45,46 @@ generator seeded by (seed, epoch, sample key), by the DALI graph in-graph.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
+# The g part of θ, in layout order: field -> (family, its sampling range [lo, hi] from the config).
+# Adding a family means a row here, a PathConfig range, and its operator in the DALI graph
+# (`pipeline.dali.apply_g`) and the reference renderer (`pipeline.reference.apply_g`).
+G_FIELDS: dict[str, tuple[str, Callable[[PathConfig], tuple[float, float]]]] = {
+    "rot_deg": ("rotation", lambda c: (-c.rot_deg, c.rot_deg)),
+    "tx_px": ("translation", lambda c: (-c.translate_px, c.translate_px)),
+    "ty_px": ("translation", lambda c: (-c.translate_px, c.translate_px)),
+    "brightness": ("color", lambda c: (-c.brightness, c.brightness)),
+    "contrast": ("color", lambda c: (-c.contrast, c.contrast)),
+    "saturation": ("color", lambda c: (-c.saturation, c.saturation)),
+    "hue": ("color", lambda c: (-c.hue, c.hue)),
+    "blur_sigma": ("blur", lambda c: (c.blur_sigma[0], c.blur_sigma[1])),
+}
 THETA_FIELDS = (
-    "rot_deg", "tx_px", "ty_px", "brightness", "contrast", "saturation", "hue", "blur_sigma",
+    *G_FIELDS,
     "crop1_y0", "crop1_x0", "crop1_h", "crop1_w", "flip1",
     "crop2_y0", "crop2_x0", "crop2_h", "crop2_w", "flip2",
 )
 THETA_DIM = len(THETA_FIELDS)  # P = 18
-G_DIM = 8  # the interpolated part: rotation, translation, colour, blur
+G_DIM = len(G_FIELDS)  # the interpolated part: rotation, translation, colour, blur
 IDX = {name: i for i, name in enumerate(THETA_FIELDS)}
-CROP1 = slice(8, 12)
-CROP2 = slice(13, 17)
+CROP1 = slice(IDX["crop1_y0"], IDX["crop1_w"] + 1)
+CROP2 = slice(IDX["crop2_y0"], IDX["crop2_w"] + 1)
 
-# Transformation families a config may activate; "se2" is shorthand for rotation + translation.
-FAMILIES = ("rotation", "translation", "color", "blur")
+# Transformation families a config may activate (the g families, in layout order); "se2" is
+# shorthand for rotation + translation.
+FAMILIES = tuple(dict.fromkeys(family for family, _ in G_FIELDS.values()))
 ALIASES = {"se2": ("rotation", "translation"), "all": FAMILIES}
 # θ entries each family controls (used by probes to regress one family at a time).
 FAMILY_FIELDS = {
-    "rotation": ("rot_deg",),
-    "translation": ("tx_px", "ty_px"),
-    "color": ("brightness", "contrast", "saturation", "hue"),
-    "blur": ("blur_sigma",),
+    **{fam: tuple(name for name, (f, _) in G_FIELDS.items() if f == fam) for fam in FAMILIES},
     "crop": ("crop2_y0", "crop2_x0", "crop2_h", "crop2_w"),
     "flip": ("flip2",),
 }
+CROP_TRIES = 10  # torchvision's RandomResizedCrop draws this many (scale, ratio) pairs before its fallback
 BLUR_MIN_SIGMA = 0.1  # σ below this is identity (no blur)
 
 
@@ -127,6 +143,25 @@ def validate(cfg: PathConfig) -> None:
         raise ValueError("path.brightness/contrast/saturation must be < 1 (factor 1 + δ must stay positive)")
 
 
+def g_ranges(cfg: PathConfig) -> tuple[list[float], list[float]]:
+    """Sampling ranges of the g fields (G,) each: inactive families at [0, 0], i.e. identity."""
+    fam = active_families(cfg)
+    lo, hi = [], []
+    for family, bounds in G_FIELDS.values():
+        a, b = bounds(cfg) if family in fam else (0.0, 0.0)
+        lo.append(float(a))
+        hi.append(float(b))
+    return lo, hi
+
+
+def theta_scale(cfg: PathConfig) -> torch.Tensor:
+    """How far each g field reaches, (G,) float32: max |lo|, |hi| of its configured range whether or not
+    its family is active, 1 where that is 0, so that θ_g / scale is of order 1 (the SIE hypernetwork)."""
+    scale = torch.tensor([max(abs(a), abs(b)) for _, bounds in G_FIELDS.values() for a, b in [bounds(cfg)]],
+                         dtype=torch.float32)
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
 def _uniform(gen: torch.Generator, n: int, lo: float, hi: float) -> torch.Tensor:
     return torch.rand(n, generator=gen, dtype=torch.float64) * (hi - lo) + lo
 
@@ -145,7 +180,7 @@ def sample_crop(cfg: PathConfig, src_hw: torch.Tensor, gen: torch.Generator) -> 
         H, W = float(src_hw[i, 0]), float(src_hw[i, 1])
         area = H * W
         box = None
-        for _ in range(10):
+        for _ in range(CROP_TRIES):
             s = float(_uniform(gen, 1, *cfg.crop_scale))
             r = math.exp(float(_uniform(gen, 1, log_lo, log_hi)))
             w = round(math.sqrt(area * s * r))
@@ -177,28 +212,13 @@ def sample_theta(cfg: PathConfig, src_hw: torch.Tensor, gen: torch.Generator) ->
     n = src_hw.shape[0]
     fam = active_families(cfg)
     theta = torch.zeros(n, THETA_DIM, dtype=torch.float64)
-    # Draw every family's numbers even when inactive, so switching one family off does not change the
-    # others' values for the same seed.
-    rot = _uniform(gen, n, -cfg.rot_deg, cfg.rot_deg)
-    tx = _uniform(gen, n, -cfg.translate_px, cfg.translate_px)
-    ty = _uniform(gen, n, -cfg.translate_px, cfg.translate_px)
-    col = torch.stack([
-        _uniform(gen, n, -cfg.brightness, cfg.brightness),
-        _uniform(gen, n, -cfg.contrast, cfg.contrast),
-        _uniform(gen, n, -cfg.saturation, cfg.saturation),
-        _uniform(gen, n, -cfg.hue, cfg.hue),
-    ], dim=1)
-    sigma = _uniform(gen, n, *cfg.blur_sigma)
+    # Draw every field's numbers even when its family is inactive, so switching one family off does
+    # not change the others' values for the same seed.
+    for i, (family, bounds) in enumerate(G_FIELDS.values()):
+        values = _uniform(gen, n, *bounds(cfg))
+        if family in fam:
+            theta[:, i] = values
     flips = torch.rand(n, 2, generator=gen, dtype=torch.float64) < cfg.flip_p
-    if "rotation" in fam:
-        theta[:, IDX["rot_deg"]] = rot
-    if "translation" in fam:
-        theta[:, IDX["tx_px"]] = tx
-        theta[:, IDX["ty_px"]] = ty
-    if "color" in fam:
-        theta[:, IDX["brightness"]:IDX["hue"] + 1] = col
-    if "blur" in fam:
-        theta[:, IDX["blur_sigma"]] = sigma
     theta[:, CROP1] = sample_crop(cfg, src_hw, gen)
     theta[:, IDX["flip1"]] = flips[:, 0].double()
     theta[:, CROP2] = sample_crop(cfg, src_hw, gen)
@@ -224,19 +244,50 @@ def path_thetas(theta: torch.Tensor, k: int) -> torch.Tensor:
     return interpolate(theta[:, None, :].expand(-1, k, -1), t[None, :, None])
 
 
-def effective_sigma(sigma: float | torch.Tensor, out_size: int, ref_size: int):
+# The formulas below are written with arithmetic only, plus the few functions passed in (round, min,
+# max, ceil, cos, sin, a bool -> float cast), so the same code runs on Python floats, torch tensors and
+# DALI graph nodes: the DALI graph calls them with its own operators rather than keeping a copy.
+
+
+def crop_box_pixels(box, hw, rnd: Callable = round, minimum: Callable = min, maximum: Callable = max):
+    """Fractional (y0, x0, h, w) -> integer (top, left, height, width) inside an (H, W) image: rounded,
+    then clamped so any box is non-empty and inside the image."""
+    H, W = hw
+    if rnd is round:  # Python scalars (the reference); a tensor's elements become floats
+        box = [float(v) for v in box]
+    y0, x0, h, w = box
+    top, left = minimum(rnd(y0 * H), H - 1), minimum(rnd(x0 * W), W - 1)
+    return top, left, maximum(minimum(rnd(h * H), H - top), 1), maximum(minimum(rnd(w * W), W - left), 1)
+
+
+def effective_sigma(sigma, out_size: int, ref_size: int, as_float: Callable | None = None):
     """Blur σ in output pixels: σ is defined at ref_size and scaled to out_size; 0 (no blur) where the
     θ value σ itself is below BLUR_MIN_SIGMA. The identity test is on θ, not on the scaled σ, so whether
     a sample is blurred does not depend on the resolution it is rendered at."""
-    scaled = sigma * (out_size / ref_size)
-    if isinstance(sigma, torch.Tensor):
-        return torch.where(sigma < BLUR_MIN_SIGMA, torch.zeros_like(scaled), scaled)
-    return 0.0 if sigma < BLUR_MIN_SIGMA else scaled
+    on = sigma >= BLUR_MIN_SIGMA
+    if as_float is not None:
+        on = as_float(on)
+    else:
+        on = on.to(sigma.dtype) if isinstance(sigma, torch.Tensor) else float(on)
+    return on * sigma * (out_size / ref_size)
 
 
-def blur_kernel_size(sigma_px: float) -> int:
+def blur_kernel_size(sigma_px, ceil: Callable = math.ceil):
     """Odd Gaussian kernel length 2·ceil(3σ)+1 for σ in output pixels (1 = identity for σ = 0)."""
-    return 2 * math.ceil(3 * sigma_px) + 1
+    return 2 * ceil(3 * sigma_px) + 1
+
+
+def affine_entries(rot_deg, tx, ty, size_hw: tuple[int, int], ref_size: int, cos: Callable = math.cos,
+                   sin: Callable = math.sin) -> tuple:
+    """The six entries (m00, m01, m02, m10, m11, m12) of `affine_matrix` from g's rotation and translation."""
+    H, W = size_hw
+    phi = rot_deg * (math.pi / 180.0)
+    c, s = cos(phi), sin(phi)
+    cx, cy = W / 2.0, H / 2.0
+    # Counter-clockwise on screen with y down: forward R = [[cos, sin], [-sin, cos]]; inverse R^T.
+    # p = R^T (q - c - t) + c
+    qx, qy = -cx - tx * (W / ref_size), -cy - ty * (H / ref_size)
+    return c, -s, c * qx - s * qy + cx, s, c, s * qx + c * qy + cy
 
 
 def affine_matrix(theta_g: torch.Tensor, size_hw: tuple[int, int], ref_size: int) -> torch.Tensor:
@@ -248,17 +299,6 @@ def affine_matrix(theta_g: torch.Tensor, size_hw: tuple[int, int], ref_size: int
     returned matrix M gives p = M @ [x_out, y_out, 1], the form DALI's warp_affine (inverse_map=True)
     and grid_sample consume.
     """
-    H, W = size_hw
-    phi = torch.deg2rad(theta_g[..., IDX["rot_deg"]].double())
-    tx = theta_g[..., IDX["tx_px"]].double() * (W / ref_size)
-    ty = theta_g[..., IDX["ty_px"]].double() * (H / ref_size)
-    cos, sin = torch.cos(phi), torch.sin(phi)
-    cx, cy = W / 2.0, H / 2.0
-    # Counter-clockwise on screen with y down: forward R = [[cos, sin], [-sin, cos]]; inverse R^T.
-    # p = R^T (q - c - t) + c
-    qx, qy = -cx - tx, -cy - ty
-    m = torch.stack([
-        torch.stack([cos, -sin, cos * qx - sin * qy + cx], dim=-1),
-        torch.stack([sin, cos, sin * qx + cos * qy + cy], dim=-1),
-    ], dim=-2)
-    return m.float()
+    rot, tx, ty = (theta_g[..., IDX[name]].double() for name in ("rot_deg", "tx_px", "ty_px"))
+    m = affine_entries(rot, tx, ty, size_hw, ref_size, torch.cos, torch.sin)
+    return torch.stack(m, dim=-1).unflatten(-1, (2, 3)).float()

@@ -4,37 +4,32 @@ The pure functions (`decode`, `crop_resize`, `apply_g`, `make_views`) are the or
 pipeline is tested against and what the probes use to render (x, g_θ(x)) pairs; they run on CPU or
 CUDA tensors. `build_reference_loader` wraps them in a webdataset + DataLoader loader.
 
-Sharding. The split's shards (dataset.json order) go round-robin to ranks, then each rank's shards
-round-robin to its DataLoader workers ("streams"), fixed for the whole run. Every epoch a stream
-shuffles its shard order and passes its samples through a shuffle buffer (seeded by seed, epoch,
-rank, stream; data.shuffle_buffer samples in all, split over the streams) and cuts them into batches
-of b = batch_size // world_size, dropping its last partial batch. The DataLoader interleaves the
-streams round-robin, skipping exhausted ones (`interleave`). workers=0 is one stream in-process.
-
-Epoch length. Stream s holds n_s samples (from dataset.json's per-shard counts) and yields
-floor(n_s / b) batches; the epoch length is the minimum over ranks of the sum over the rank's
-streams (`epoch_length`), so every rank yields the same number of batches and DDP never waits on a
-rank that ran dry; a rank with more data stops early (streams render only the batches they hand
-out). The length depends on world_size and workers, not on the epoch. There must be at least
-world_size × max(workers, 1) shards, and every rank must fill at least one batch.
+Sharding. `pipeline.shards` gives this rank its contiguous sample range of the epoch and the epoch
+length L, the rule the DALI loader follows too. The rank's L batches are dealt to its DataLoader
+workers ("streams", workers=0 is one stream in-process) as evenly as possible, and each stream reads
+the consecutive part of the range that holds its batches (the last one also the range's remainder).
+Every epoch a stream shuffles the order of its tar pieces and passes the samples through a shuffle
+buffer (seeded by seed, epoch, rank, stream; data.shuffle_buffer samples in all, split over the
+streams) and cuts them into batches of b = batch_size // world_size. The DataLoader interleaves the
+streams round-robin (`interleave`).
 
 Randomness. θ (crop boxes, flips, g) for a sample depends only on (seed, epoch, key), so a sample is
 augmented the same way whatever the rank or worker count. Batch composition depends on the worker
-count (shards are split by worker); with the same seed and settings the batches are identical.
+count (the range is split by worker); with the same seed and settings the batches are identical.
 
-Resume. `state_dict()` holds (epoch, batch position). A resumed iteration makes each stream skip the
-samples it had already handed out (tar reading only, nothing decoded) and rotates the worker roles
-so the round-robin continues with the stream that was next: the rest of the epoch is the same as in
-an uninterrupted run.
+Resume. `state_dict()` holds (epoch, batches handed out) and changes nothing, so it may be taken on
+any batch, an epoch's last included; `set_epoch` never rewinds the epoch the loader is in. A resumed
+iteration makes each stream skip the samples it had already handed out (tar reading only, nothing
+decoded) and rotates the worker roles so the round-robin continues with the stream that was next: the
+rest of the epoch is the same as in an uninterrupted run. A DALI state resumes here too (same rule,
+same length), with this loader's batches from its position on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
 import random
-import tarfile
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -45,10 +40,9 @@ import torch.nn.functional as nnf
 import torchvision.transforms.v2.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.errors import DataError
+from pipeline.errors import ConfigError, DataError
 from pipeline.path import (
     CROP1,
     CROP2,
@@ -57,11 +51,14 @@ from pipeline.path import (
     PathConfig,
     affine_matrix,
     blur_kernel_size,
+    crop_box_pixels,
     effective_sigma,
     path_thetas,
     sample_theta,
     validate,
 )
+from pipeline.shards import Shard, epoch_length, parse_label, pieces, rank_range, read_shard
+from pipeline.shards import split_shards as shards_of_split
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: one sample's pixels
@@ -77,14 +74,6 @@ def decode(jpg: bytes, key: str = "?") -> torch.Tensor:
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise DataError(f"sample {key!r}: undecodable image ({str(e).splitlines()[0]})") from None
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
-
-
-def crop_box_pixels(box: Sequence[float] | torch.Tensor, hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Fractional (y0, x0, h, w) -> integer (top, left, height, width) inside an (H, W) image."""
-    H, W = hw
-    y0, x0, h, w = (float(v) for v in box)
-    top, left = min(round(y0 * H), H - 1), min(round(x0 * W), W - 1)
-    return top, left, max(1, min(round(h * H), H - top)), max(1, min(round(w * W), W - left))
 
 
 def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bool | float | torch.Tensor,
@@ -238,37 +227,13 @@ def render_sample(sample: dict, cfg: DataConfig, epoch: int
     key = sample["__key__"]
     img = decode(sample.get("jpg", b""), key)
     theta = sample_theta_for(key, tuple(img.shape[-2:]), cfg, epoch)
-    label = -1
-    if "cls" in sample:
-        try:
-            label = int(sample["cls"].decode("ascii").strip())
-        except (UnicodeDecodeError, ValueError):
-            raise DataError(f"sample {key!r} in {sample.get('__url__', '?')}: cls "
-                            f"{sample['cls'][:20]!r} is not an integer") from None
+    where = f"sample {key!r} in {sample.get('__url__', '?')}"
+    label = parse_label(sample["cls"], where) if "cls" in sample else -1
     return (*make_views(img, theta, cfg), theta, label)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Reading shards
-
-
-def read_shard(path: Path, expected: int) -> Iterator[dict]:
-    """Samples {__key__, __url__, jpg, cls, ...} of one tar, checked against its dataset.json count."""
-    n = 0
-    try:
-        with open(path, "rb") as f:
-            for sample in group_by_keys(tar_file_expander([{"url": str(path), "stream": f}])):
-                n += 1
-                yield sample
-    except FileNotFoundError:
-        raise DataError(f"shard {path} is missing: re-run pipeline.convert into {path.parent}") from None
-    except (tarfile.TarError, OSError, ValueError) as e:
-        reason = str(e.args[0] if e.args else e).split(" @ ")[0]  # webdataset appends " @ <stream>"
-        raise DataError(f"shard {path} is corrupt ({reason}); check the folder with "
-                        f"`python -m pipeline.convert --verify {path.parent}`") from None
-    if n != expected:
-        raise DataError(f"shard {path} holds {n} samples but dataset.json says {expected}; check it with "
-                        f"`python -m pipeline.convert --verify {path.parent}`")
+# The loader
 
 
 def _shuffled(samples: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
@@ -296,29 +261,51 @@ def interleave(counts: Sequence[int]) -> list[int]:
     return order
 
 
+Piece = tuple[Shard, int, int]  # samples start..stop-1 of one tar
+
+
+def plan_streams(shards: list[Shard], rank: int, world_size: int, epoch: int, per_rank_batch: int,
+                 streams: int) -> tuple[list[list[Piece]], list[int]]:
+    """This rank's epoch as (the tar pieces each stream reads, the batches each stream yields).
+
+    Stream s yields L // streams batches, one more for the first L % streams, and reads the consecutive
+    samples that hold them; the last stream also reads the rest of the rank's range.
+    """
+    total = sum(s.count for s in shards)
+    lo, hi = rank_range(total, rank, world_size, epoch)
+    length = epoch_length(total, world_size, per_rank_batch)
+    quota = [length // streams + (s < length % streams) for s in range(streams)]
+    parts, start = [], lo
+    for s, q in enumerate(quota):
+        stop = hi if s == streams - 1 else start + q * per_rank_batch
+        parts.append(pieces(shards, start, stop))
+        start = stop
+    return parts, quota
+
+
 class _RankStreams(IterableDataset):
     """This rank's streams for one (partial) epoch; DataLoader worker w plays stream (w + rotate) % W."""
 
-    def __init__(self, cfg: DataConfig, streams: list[list[tuple[Path, int]]], per_rank_batch: int, rank: int,
+    def __init__(self, cfg: DataConfig, parts: list[list[Piece]], per_rank_batch: int, rank: int,
                  epoch: int, quota: list[int], skip: list[int], rotate: int):
-        self.cfg, self.streams, self.per_rank_batch = cfg, streams, per_rank_batch
+        self.cfg, self.parts, self.per_rank_batch = cfg, parts, per_rank_batch
         self.rank, self.epoch, self.quota, self.skip, self.rotate = rank, epoch, quota, skip, rotate
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        assert n_workers == len(self.streams), "one DataLoader worker per stream"
-        yield from self._stream((worker + self.rotate) % len(self.streams))
+        assert n_workers == len(self.parts), "one DataLoader worker per stream"
+        yield from self._stream((worker + self.rotate) % len(self.parts))
 
     def _stream(self, s: int) -> Iterator[Batch]:
         b, cfg = self.per_rank_batch, self.cfg
         rng = random.Random(_seed("shuffle", cfg.seed, self.epoch, self.rank, s))
-        shards = list(self.streams[s])
-        rng.shuffle(shards)
-        samples = (x for path, count in shards for x in read_shard(path, count))
-        samples = _shuffled(samples, max(1, cfg.shuffle_buffer // len(self.streams)), rng)
+        parts = list(self.parts[s])
+        rng.shuffle(parts)
+        samples = (x for shard, start, stop in parts for x in read_shard(shard.path, shard.count, start, stop))
+        samples = _shuffled(samples, max(1, cfg.shuffle_buffer // len(self.parts)), rng)
         for i in range(self.quota[s]):
-            chunk = [next(samples) for _ in range(b)]
+            chunk = [next(samples) for _ in range(b)]  # the plan holds quota·b samples: never exhausted
             if i < self.skip[s]:
                 continue  # handed out before the resume point: read, never decoded
             views1, views2, targets, thetas, labels = zip(*(render_sample(x, cfg, self.epoch) for x in chunk))
@@ -328,46 +315,46 @@ class _RankStreams(IterableDataset):
 
 def _clean(e: DataError) -> str:
     # A DataLoader worker's exception comes back with the worker traceback in its message; keep the
-    # last line, which is ours ("pipeline.reference.DataError: shard ... is corrupt ...").
+    # last line, which is ours ("pipeline.errors.ShardError: shard ... is corrupt ...").
     last = str(e).strip().splitlines()[-1]
-    return last.split("DataError: ", 1)[-1]
+    return last.split("Error: ", 1)[-1] if last.startswith("pipeline.errors.") else last
 
 
 class ReferenceLoader:
     """`pipeline.Loader` over webdataset shards; see the module docstring for sharding and resume."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device,
-                 streams: list[list[tuple[Path, int]]], length: int):
+    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, shards: list[Shard]):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
-        self.streams, self.length = streams, length
+        self.shards, self.streams = shards, max(1, cfg.workers)
         self.per_rank_batch = cfg.batch_size // world_size
-        self.counts = [sum(c for _, c in st) // self.per_rank_batch for st in streams]
-        self.epoch, self.position = 0, 0
+        self.length = epoch_length(sum(s.count for s in shards), world_size, self.per_rank_batch)
+        self.epoch, self.position = 0, 0  # batches of self.epoch handed out
+        self._positioned = False  # set_epoch / load_state_dict chose the position the next iteration starts at
 
     def __len__(self) -> int:
         return self.length
 
     def set_epoch(self, epoch: int) -> None:
-        """Start `epoch` from its first batch, unless the loader is already positioned inside it (resume)."""
-        self._roll()
+        """Make `epoch` the one the next iteration reads: another epoch starts at its first batch, the
+        current one keeps its position (a running, resumed or finished epoch is never rewound)."""
         if epoch != self.epoch:
             self.epoch, self.position = epoch, 0
-
-    def _roll(self) -> None:
-        if self.position >= self.length:  # a finished epoch is the start of the next one
-            self.epoch, self.position = self.epoch + 1, 0
+        self._positioned = True
 
     def _settings(self) -> dict:
         return {"loader": "reference", "seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
-                "world_size": self.world_size, "workers": len(self.streams)}
+                "world_size": self.world_size, "workers": self.streams}
 
     def state_dict(self) -> dict:
-        self._roll()
+        """{epoch, batch (handed out in that epoch, up to len(self))}: read-only, so a checkpoint taken on
+        an epoch's last batch neither ends the running iteration nor skips or replays an epoch."""
         return {"epoch": self.epoch, "batch": self.position, **self._settings()}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue at (epoch, batch). A state saved by another loader (DALI) keeps its batch count, so
-        the epoch still ends at the same step, but the remaining samples are this loader's."""
+        """Continue at (epoch, batch). A state saved by the DALI loader means the same position (both
+        loaders follow pipeline.shards: same ranges, same epoch length); the rest of the epoch is this
+        loader's batches from there."""
+        prior = (self.epoch, self.position) if self._positioned else None
         foreign = state.get("loader", "reference") != "reference"
         if foreign:
             warnings.warn(f"resuming the reference loader from a {state.get('loader')} loader state: batch "
@@ -376,22 +363,31 @@ class ReferenceLoader:
             if name == "loader" or (foreign and name == "workers"):
                 continue
             if state.get(name) != value:
-                raise ValueError(f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
-                                 f"now {value!r}; the position is only meaningful with the same data settings")
+                raise ConfigError(f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
+                                  f"now {value!r}; the position is only meaningful with the same data settings")
         if not 0 <= state["batch"] <= self.length:
-            raise ValueError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
+            raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
         self.epoch, self.position = state["epoch"], state["batch"]
+        if prior == (state["epoch"] - 1, 0) and state["batch"] == 0:
+            # Written before state_dict became read-only: a checkpoint on epoch e's last batch stored
+            # (e + 1, 0). The trainer's set_epoch(e) just before says which: it is the end of epoch e.
+            self.epoch, self.position = prior[0], self.length
+        self._positioned = True
 
     def __iter__(self) -> Iterator[Batch]:
-        self._roll()
-        # Streams render only the batches inside the epoch length; cutting the round-robin order at
-        # `length` is the round-robin over those quotas, so the DataLoader still yields `order`.
-        order = interleave(self.counts)[: self.length]
-        quota = [order.count(s) for s in range(len(self.streams))]
-        skip = [order[: self.position].count(s) for s in range(len(self.streams))]
-        rotate = order[self.position] if self.position < self.length else 0
-        dataset = _RankStreams(self.cfg, self.streams, self.per_rank_batch, self.rank, self.epoch, quota, skip,
-                               rotate)
+        """The rest of the current epoch. An epoch that an earlier iteration finished is followed by the
+        next one (a plain loop over epochs); one restored as finished yields nothing (its empty rest)."""
+        if self.position >= self.length and not self._positioned:
+            self.epoch, self.position = self.epoch + 1, 0
+        self._positioned = False
+        if self.position >= self.length:
+            return
+        parts, quota = plan_streams(self.shards, self.rank, self.world_size, self.epoch, self.per_rank_batch,
+                                    self.streams)
+        order = interleave(quota)
+        skip = [order[: self.position].count(s) for s in range(self.streams)]
+        dataset = _RankStreams(self.cfg, parts, self.per_rank_batch, self.rank, self.epoch, quota, skip,
+                               rotate=order[self.position])
         workers = max(0, self.cfg.workers)
         loader = DataLoader(dataset, batch_size=None, num_workers=workers,
                             pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
@@ -401,20 +397,21 @@ class ReferenceLoader:
                 try:
                     batch = next(it)
                 except DataError as e:
-                    error = _clean(e)
+                    error = type(e)(_clean(e))  # a worker's error comes back as its class, message wrapped
                     # the worker's traceback is a reference cycle holding `it`: stop the workers now,
                     # not whenever the garbage collector gets to it
                     getattr(it, "_shutdown_workers", lambda: None)()
                     break
                 except StopIteration:
-                    error = f"rank {self.rank}: streams ended after {self.position} of {self.length} batches"
+                    error = DataError(f"rank {self.rank}: streams ended after {self.position} of {self.length} "
+                                      "batches")
                     break
                 self.position += 1
                 yield batch.to(self.device)
         finally:
             del it  # shuts the workers down, also when the consumer stops early
         if error:
-            raise DataError(error)
+            raise error
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -422,32 +419,9 @@ class ReferenceLoader:
 
 
 def split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
-    """The split's non-empty shards listed in dataset.json, as (tar path, sample count); the tars must exist."""
-    try:
-        meta = json.loads((data_dir / "dataset.json").read_text())
-        records = meta["shards"]
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{data_dir / 'dataset.json'} is unreadable ({e}); re-run pipeline.convert") from None
-    shards = [(data_dir / r["name"], int(r["count"])) for r in records if r["split"] == split and r["count"] > 0]
-    if not shards:
-        have = sorted({r["split"] for r in records})
-        raise DataError(f"{data_dir} has no {split!r} shards (splits present: {', '.join(have) or 'none'})")
-    for path, _ in shards:
-        if not path.is_file():
-            raise FileNotFoundError(f"shard {path} listed in dataset.json is missing; re-run pipeline.convert "
-                                    f"into {data_dir} to rewrite it")
-    return shards
-
-
-def assign_streams(shards: list, world_size: int, workers: int) -> list[list[list]]:
-    """shards -> [rank][stream] lists: round-robin to ranks, then to streams; no shard in two places."""
-    per_rank = [shards[r::world_size] for r in range(world_size)]
-    return [[mine[w::workers] for w in range(workers)] for mine in per_rank]
-
-
-def epoch_length(streams_by_rank: list[list[list[tuple[Path, int]]]], per_rank_batch: int) -> int:
-    """Batches per epoch on every rank: min over ranks of sum over streams of floor(samples / batch)."""
-    return min(sum(sum(c for _, c in st) // per_rank_batch for st in streams) for streams in streams_by_rank)
+    """Deprecated (train/probe.py's import until it moves to `pipeline.shards.split_shards`): the split's
+    shards as (tar path, sample count)."""
+    return [(s.path, s.count) for s in shards_of_split(data_dir, split)]
 
 
 def build_reference_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
@@ -455,38 +429,31 @@ def build_reference_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0,
     """The PyTorch loader for `rank` of `world_size` over cfg.split's shards in data_dir."""
     validate(cfg.aug)
     if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world_size {world_size}")
+        raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     per_rank_batch = cfg.batch_size // world_size
     if per_rank_batch < 1:
-        raise ValueError(f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks")
+        raise ConfigError(f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks")
     data_dir = Path(data_dir)
-    shards = split_shards(data_dir, cfg.split)
-    workers = max(1, cfg.workers)
-    if len(shards) < world_size * workers:
-        raise ValueError(f"{data_dir} has {len(shards)} {cfg.split} shards, fewer than {world_size} ranks × "
-                         f"{workers} workers: lower data.workers or convert with a smaller --shard-size")
-    by_rank = assign_streams(shards, world_size, workers)
-    length = epoch_length(by_rank, per_rank_batch)
-    if length == 0:
-        smallest = min(sum(c for _, c in st) for streams in by_rank for st in streams)
-        raise ValueError(f"{data_dir}: a worker stream of {smallest} {cfg.split} samples cannot fill one batch of "
-                         f"{per_rank_batch} per rank; lower data.batch_size or data.workers")
-    return ReferenceLoader(cfg, rank, world_size, torch.device(device), by_rank[rank], length)
+    shards = shards_of_split(data_dir, cfg.split)
+    total = sum(s.count for s in shards)
+    if epoch_length(total, world_size, per_rank_batch) == 0:
+        raise ConfigError(f"{data_dir}: {total} {cfg.split} samples over {world_size} rank(s) cannot fill one batch "
+                          f"of {per_rank_batch} per rank; lower data.batch_size")
+    return ReferenceLoader(cfg, rank, world_size, torch.device(device), shards)
 
 
 __all__ = [
     "DataError",
     "ReferenceLoader",
     "apply_g",
-    "assign_streams",
     "build_reference_loader",
     "crop_box_pixels",
     "crop_resize",
     "decode",
-    "epoch_length",
     "interleave",
     "make_views",
     "normalize",
+    "plan_streams",
     "read_shard",
     "render_sample",
     "sample_generator",

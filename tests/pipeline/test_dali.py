@@ -21,19 +21,23 @@ import pytest
 import torch
 import torchvision.transforms.v2.functional as F
 
-from pipeline import build_loader
+from pipeline import build_loader, dali_available
 from pipeline.batch import DataConfig
-from pipeline.convert import ShardError, read_shard
-from pipeline.dali import DaliLoader, build_dali_loader, parse_labels, render_batch
+from pipeline.dali import DaliLoader, build_dali_loader, render_batch
 from pipeline.demo import PHOTOS
+from pipeline.errors import ShardError
 from pipeline.path import IDX, THETA_DIM, PathConfig, affine_matrix, path_steps, sample_theta
 from pipeline.reference import ReferenceLoader, decode, make_views
+from pipeline.shards import parse_labels, verify_shard
 
 G_ATOL = 5e-4
 VIEW_MEAN, VIEW_MAX = 2e-3, 0.1
 FAMILIES = [("color",), ("blur",), ("rotation",), ("translation",), ("rotation", "translation", "color", "blur")]
 DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+
+NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
+pytestmark = NEEDS_DALI
 
 
 def small_cfg(data: Path | str = "", **aug) -> DataConfig:
@@ -102,7 +106,7 @@ def test_batch_shapes_dtypes_ranges_and_labels(demo_shards):
         labels += batch.label.tolist()
     # one epoch on one rank reads every sample once: the labels are exactly the dataset's
     meta = json.loads((demo_shards / "dataset.json").read_text())
-    want = [c for s in meta["shards"] if s["split"] == "train" for _, c in read_shard(demo_shards / s["name"])]
+    want = [c for s in meta["shards"] if s["split"] == "train" for _, c in verify_shard(demo_shards / s["name"])]
     assert sorted(labels) == sorted(want)
 
 
@@ -210,11 +214,11 @@ def shard_copy(demo_shards, tmp_path) -> Path:
 
 def test_missing_shard_or_index_is_named(shard_copy):
     (shard_copy / "train-000003.tar").unlink()
-    with pytest.raises(FileNotFoundError, match="train-000003.tar"):
+    with pytest.raises(ShardError, match="train-000003.tar"):
         build_dali_loader(small_cfg(shard_copy), shard_copy)
     shutil.copy(shard_copy / "train-000002.tar", shard_copy / "train-000003.tar")
     (shard_copy / "train-000005.idx").unlink()
-    with pytest.raises(FileNotFoundError, match="train-000005.idx"):
+    with pytest.raises(ShardError, match="train-000005.idx"):
         build_dali_loader(small_cfg(shard_copy), shard_copy)
 
 

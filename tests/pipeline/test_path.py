@@ -14,19 +14,25 @@ from pipeline.demo import PHOTOS
 from pipeline.path import (
     CROP1,
     CROP2,
+    FAMILIES,
     FAMILY_FIELDS,
     G_DIM,
+    G_FIELDS,
     IDX,
     THETA_DIM,
+    THETA_FIELDS,
     PathConfig,
     active_families,
     affine_matrix,
     blur_kernel_size,
+    crop_box_pixels,
     effective_sigma,
+    g_ranges,
     interpolate,
     path_steps,
     path_thetas,
     sample_theta,
+    theta_scale,
 )
 from pipeline.reference import apply_g, crop_resize, make_views, normalize, warp_affine
 
@@ -239,3 +245,18 @@ def test_g_on_cuda_matches_cpu():
     th = _theta(3, cfg, seed=2)
     assert torch.allclose(apply_g(x.cuda(), th.cuda(), cfg).cpu(), apply_g(x, th, cfg), atol=2e-3)
     assert math.isfinite(float(apply_g(x.cuda(), th, cfg).sum()))
+
+
+def test_g_ranges_and_theta_scale_come_from_one_table():
+    cfg = PathConfig(rot_deg=30.0, translate_px=0.0, blur_sigma=(0.5, 3.0), hue=0.05)
+    # the SIE hypernetwork's input scale: each field's half-range, 1 where it is 0 (translation here)
+    assert theta_scale(cfg).tolist() == pytest.approx([30, 1, 1, 0.4, 0.4, 0.4, 0.05, 3.0])
+    lo, hi = g_ranges(PathConfig(transforms=("blur", "rotation")))
+    assert lo == [-45.0] + [0.0] * 6 + [0.1] and hi == [45.0] + [0.0] * 6 + [2.0]  # inactive: identity
+    assert list(G_FIELDS) == list(THETA_FIELDS[:G_DIM])
+    assert FAMILY_FIELDS["translation"] == ("tx_px", "ty_px") and FAMILIES == ("rotation", "translation", "color", "blur")
+
+
+def test_crop_box_pixels_clamps_any_box_inside_the_image():
+    assert crop_box_pixels([0.25, 0.5, 0.5, 0.25], (100, 80)) == (25, 40, 50, 20)
+    assert crop_box_pixels([0.999, 1.2, 0.9, 0.0], (10, 10)) == (9, 9, 1, 1)  # past the edge: 1 px inside
