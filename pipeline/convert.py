@@ -56,6 +56,7 @@ from PIL import Image
 
 from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
+from pipeline.shards import index_text, verify_shard
 
 FORMAT = "eqrecon-shards/1"
 JPEG_QUALITY = 95
@@ -139,25 +140,6 @@ def encode_image(data: bytes) -> tuple[bytes, str | None]:
 # ------------------------------------------------------------------------------------ shard writing
 
 
-def _index_lines(members: list[tuple[str, int, int]]) -> str:
-    """DALI's webdataset index (wds2idx v1.2): `v1.2 <samples>`, then one line per sample listing
-    `<ext> <data offset> <size> <member name>` for each of its members in tar order."""
-    samples: list[list[str]] = []
-    last = None
-    for name, offset, size in members:
-        key, ext = _split_member(name)
-        if key != last:
-            samples.append([])
-            last = key
-        samples[-1].append(f"{ext} {offset} {size} {name}")
-    return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
-
-
-def _split_member(name: str) -> tuple[str, str]:
-    dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
-
-
 def _write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> list[tuple[str, int, int]]:
     """Write samples (key, jpeg, label) -> [(member name, data offset, size)]."""
     members = []
@@ -204,7 +186,7 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
         tar_tmp, idx_tmp = tar.with_name(name + ".tmp"), idx.with_name(idx.name + ".tmp")
         try:
             members = _write_tar(tar_tmp, samples)
-            idx_tmp.write_text(_index_lines(members))
+            idx_tmp.write_text(index_text(members))
             os.replace(idx_tmp, idx)
             os.replace(tar_tmp, tar)  # the .tar appearing marks the shard complete
         except OSError as e:
@@ -241,49 +223,6 @@ def output_error(e: OSError, path: str | Path) -> ConvertError | None:
 # ---------------------------------------------------------------------------------------- verifying
 
 
-def read_shard(tar_path: Path, n_classes: int | None = None, sha256: str | None = None) -> list[tuple[str, int]]:
-    """Check one shard against its .idx (and sha256 when given) -> [(key, label)] in tar order."""
-    name = tar_path.name
-    try:
-        data = tar_path.read_bytes()
-        idx_text = tar_path.with_suffix(".idx").read_text()
-    except OSError as e:
-        raise ShardError(f"{name}: cannot read shard or its index: {e.strerror}: {e.filename}") from None
-    if sha256 and hashlib.sha256(data).hexdigest() != sha256:
-        raise ShardError(f"{name}: content differs from dataset.json (sha256 mismatch): the shard is corrupted")
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
-            infos = tar.getmembers()
-    except tarfile.TarError as e:
-        raise ShardError(f"{name}: not a valid tar archive: {e}") from None
-    members, samples = [], []
-    for info in infos:
-        end = info.offset_data + info.size
-        if not info.isfile() or end > len(data):
-            raise ShardError(f"{name}: member {info.name!r} is {'truncated' if info.isfile() else 'not a file'}")
-        members.append((info.name, info.offset_data, info.size))
-        key, ext = _split_member(info.name)
-        if ext == "jpg":
-            if info.size == 0:
-                raise ShardError(f"{name}: {info.name!r} is empty")
-            samples.append([key, None])
-        elif ext == "cls" and samples and samples[-1][0] == key and samples[-1][1] is None:
-            text = data[info.offset_data:end].decode("ascii", "replace")
-            if not text.isdigit() or (n_classes is not None and int(text) >= n_classes):
-                raise ShardError(f"{name}: {info.name!r} holds {text!r}, not a class index < {n_classes}")
-            samples[-1][1] = int(text)
-        else:
-            raise ShardError(f"{name}: unexpected member {info.name!r} (want <key>.jpg then <key>.cls)")
-    if samples and samples[-1][1] is None:
-        raise ShardError(f"{name}: sample {samples[-1][0]!r} has no .cls")
-    tail = max((o + (-(-s // 512) * 512) for _, o, s in members), default=0)
-    if data[tail:tail + 1024] != bytes(1024):
-        raise ShardError(f"{name}: tar has no end-of-archive marker (truncated?)")
-    if idx_text != _index_lines(members):
-        raise ShardError(f"{name}: index {tar_path.with_suffix('.idx').name} disagrees with the tar")
-    return [(k, c) for k, c in samples]
-
-
 def _load_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -304,7 +243,7 @@ def verify(out: str | Path) -> None:
             raise ShardError(f"{f.name}: shard file not listed in dataset.json")
     counts = dict.fromkeys(meta["splits"], 0)
     for rec in meta["shards"]:
-        samples = read_shard(out / rec["name"], len(meta["classes"]), rec["sha256"])
+        samples = verify_shard(out / rec["name"], len(meta["classes"]), rec["sha256"])
         if len(samples) != rec["count"]:
             raise ShardError(f"{rec['name']}: holds {len(samples)} samples, dataset.json says {rec['count']}")
         counts[rec["split"]] += len(samples)
@@ -352,7 +291,7 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
     if rec["count"] == 0:
         return not (out / rec["name"]).exists()
     try:
-        samples = read_shard(out / rec["name"], n_classes, rec["sha256"])
+        samples = verify_shard(out / rec["name"], n_classes, rec["sha256"])
     except ShardError:
         return False
     kept = {s["path"] for s in rec["skipped"]}

@@ -17,6 +17,7 @@ from PIL import Image
 
 from pipeline import convert as cv
 from pipeline.demo import PHOTOS
+from pipeline.shards import verify_shard
 
 WNIDS = {"n01440764": "astronaut", "n01443537": "cat", "n01484850": "coffee"}  # class folder -> demo class
 ODD_WNID = "n01484850"  # the oddities live in this class folder
@@ -297,7 +298,7 @@ def test_verify_names_the_first_bad_shard(converted, tmp_path, damage, capsys):
     assert victim in capsys.readouterr().err
     if damage in ("truncate", "index"):  # the structural checks alone (no sha256) catch these too
         with pytest.raises(cv.ShardError, match=victim):
-            cv.read_shard(path)
+            verify_shard(path)
 
 
 def test_verify_passes_on_a_good_conversion(converted, capsys):
