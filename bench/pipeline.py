@@ -27,63 +27,31 @@ machine's CPU utilisation over it (from /proc/stat, all cores), and for CUDA the
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-from multiprocessing import Pool
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from bench._provenance import write_result
+from bench.synthetic import make_imagenet_like
 from pipeline.batch import DataConfig
 from pipeline.convert import convert
-from pipeline.demo import PHOTOS
 from pipeline.path import PathConfig
 
 PIPELINES = ("dali_gpu", "dali_cpu", "reference")
-IMAGENET_SIZES = ((500, 375), (375, 500), (500, 333), (500, 400))  # (W, H), the common ImageNet shapes
 CLASSES = 8
 
 
-def _synthetic_image(task: tuple[int, str, Path]) -> int:
-    i, photo, out = task
-    rng = random.Random(i)
-    with Image.open(photo) as im:
-        im = im.convert("RGB")
-        w, h = rng.choice(IMAGENET_SIZES)
-        # a random crop of the photo (so no two files are the same), scaled to ImageNet size
-        cw, ch = rng.randint(im.width // 2, im.width), rng.randint(im.height // 2, im.height)
-        x0, y0 = rng.randint(0, im.width - cw), rng.randint(0, im.height - ch)
-        im = im.crop((x0, y0, x0 + cw, y0 + ch)).resize((w, h), Image.BICUBIC)
-    px = np.asarray(im, dtype=np.float32)
-    px += np.random.default_rng(i).normal(0, 10.0, px.shape)  # upscaled photos are too smooth otherwise
-    buf = io.BytesIO()
-    Image.fromarray(px.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
-    path = out / f"c{i % CLASSES}" / f"img_{i:06d}.JPEG"
-    path.write_bytes(buf.getvalue())
-    return len(buf.getvalue())
-
-
 def synthetic_shards(root: Path, n: int, shard_size: int, workers: int) -> tuple[Path, dict]:
-    """n ImageNet-sized JPEGs made from the demo photos -> converted shards folder, description."""
-    src = root / "images" / "train"
-    for c in range(CLASSES):
-        (src / f"c{c}").mkdir(parents=True, exist_ok=True)
-    photos = sorted(PHOTOS.glob("train/*/*.jpg"))
-    with Pool(workers) as pool:
-        sizes = pool.map(_synthetic_image, [(i, photos[i % len(photos)], src) for i in range(n)])
+    """n ImageNet-sized JPEGs made from the demo photos (bench/synthetic.py) -> converted shards, description."""
+    info = make_imagenet_like(root / "images", n, classes=CLASSES, workers=workers)
     out = root / "shards"
     convert(root / "images", out, split="train", shard_size=shard_size, workers=workers, quiet=True)
-    return out, {"synthetic": True, "images": n, "sizes_wh": IMAGENET_SIZES, "jpeg_quality": 90,
-                 "mean_jpeg_kb": round(sum(sizes) / n / 1024, 1),
-                 "made_from": "pipeline/demo_photos (random crops, resized, noise σ=10 grey levels)"}
+    return out, info
 
 
 class CpuClock:
