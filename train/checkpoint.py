@@ -89,7 +89,7 @@ def save(ckpt_dir: Path, state: dict, step: int, keep: int) -> Path:
         # Through a Python file object: torch.save on a path reports a full disk as an opaque
         # "enforce fail" RuntimeError, on a file object as the OSError it is.
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            _save_reporting_os_errors(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -107,6 +107,17 @@ def save(ckpt_dir: Path, state: dict, step: int, keep: int) -> Path:
                               "free space or make the run folder writable, then resume from "
                               f"{ckpt_dir / 'last.pt'}") from None
     return path
+
+
+def _save_reporting_os_errors(state: dict, f) -> None:
+    """torch.save, with a failed write reported as the OSError it is: when a write fails mid-file,
+    torch's zip writer raises an "enforce fail" RuntimeError on closing, which hides the OSError."""
+    try:
+        torch.save(state, f)
+    except RuntimeError as err:
+        if isinstance(err.__context__, OSError):
+            raise err.__context__ from None
+        raise
 
 
 # --- reading --------------------------------------------------------------------------------------
