@@ -77,3 +77,38 @@ def test_saved_config_with_an_unknown_key_is_rejected():
     saved["run"]["colour"] = "red"
     with pytest.raises(ConfigError, match="RunConfig.colour"):
         from_dict(saved)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.depth=-1"], ["--model.depth=-1 must be >= 0"]),
+    (["--data.img_size=60"], ["--data.img_size=60 is not divisible by --model.patch_size=8"]),
+    (["--model.d_inv=128"], ["--model.d_inv=128 must be in (0, --model.d_patch=128)"]),
+    (["--data.aug.k=-1"], ["--data.aug.k=-1 must be >= 0"]),
+    (["--optim.base_lr=0"], ["--optim.base_lr=0.0 must be positive"]),
+    (["--optim.base_lr=nan"], ["--optim.base_lr=nan must be positive"]),
+    (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
+    (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
+    (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
+    (["--model.dec_heads=5"], ["model.dec_width=96 is not divisible by model.dec_heads=5"]),
+    (["--data.aug.transforms=zoom"], ["unknown transformation 'zoom'"]),
+    (["--run.keep_ckpts=0"], ["--run.keep_ckpts=0 must be positive"]),
+])
+def test_impossible_values_are_config_errors_naming_the_key(args, words):
+    with pytest.raises(ConfigError) as err:
+        load_config("demo", args)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_split_rules_do_not_apply_to_vicreg():
+    assert load_config("demo-vicreg", ["--model.d_inv=128"]).model.d_inv == 128
+
+
+def test_tensorboard_without_the_package_names_the_extra():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install eqrecon\[tb\]"):
+            load_config("demo", ["--run.tensorboard=true"])
+    else:
+        assert load_config("demo", ["--run.tensorboard=true"]).run.tensorboard is True
