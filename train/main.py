@@ -125,7 +125,9 @@ def main(argv: list[str]) -> int:
         print(f"preempted: {where}{stop}", file=sys.stderr, flush=True)
         code = stop.exit_code
     except UserError as err:
-        print(one_line(err).replace("error: ", f"error: {where}", 1), file=sys.stderr, flush=True)
+        # Under torchrun another rank's progress bar may hold the terminal's line: start a new one.
+        lead = "\n" if world > 1 else ""
+        print(lead + one_line(err).replace("error: ", f"error: {where}", 1), file=sys.stderr, flush=True)
         if world > 1:
             # Leave now: a clean shutdown would wait for loader workers and for peers that sit in a
             # collective; the closed connections end their collectives, torchrun stops the rest.
