@@ -319,9 +319,10 @@ class RunLog:
     def image(self, step: int, png: Path) -> None:
         """The recon grid just written, as a TensorBoard image."""
         if self.tb is not None and png.exists():
-            from torchvision.io import read_image
+            from PIL import Image
 
-            self.tb.add_image("recon", read_image(str(png))[:3], step)  # (3, H, W) uint8
+            with Image.open(png) as image:
+                self.tb.add_image("recon", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         self.bar.close()
