@@ -283,19 +283,23 @@ class RunLog:
 
     def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
         self.env, self.batch, self.tb = env, cfg.data.batch_size, None
-        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
         if env.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
             prov = provenance(env.device)
             meta = {"git_sha": prov["git_sha"], "device": str(env.device), "device_name": prov["device"],
                     "versions": prov["versions"], "kernels": kernel_path(env.device),
                     "world_size": env.world_size, "config": to_dict(cfg)}
-            (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            except OSError as err:
+                raise ConfigError(f"cannot write the run folder {run_dir}: {err.strerror or err}; "
+                                  "pass a writable --out DIR") from None
             self.metrics = run_dir / "metrics.jsonl"
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
 
     def step(self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float,
              write: bool) -> None:
@@ -428,7 +432,7 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                                        clip_grad=cfg.optim.clip_grad, amp=amp)
                     step, yielded = step + 1, yielded + 1
                     t_step = time.perf_counter() - t0
-                    preempted = preemption.agreed(env)
+                    preempted = preemption.agreed(env) and step < stop  # at the last step: just finish
                     log.step(step, epoch, lr, terms, t_step, t_data,
                              write=step % cfg.run.log_every == 0 or step == stop or preempted)
                     if step % cfg.run.ckpt_every == 0 or step == stop or preempted:
