@@ -268,7 +268,7 @@ def check(cfg: Config) -> None:
                 "model.patch_size": cfg.model.patch_size, "optim.epochs": cfg.optim.epochs,
                 "optim.base_lr": cfg.optim.base_lr, "run.log_every": cfg.run.log_every,
                 "run.ckpt_every": cfg.run.ckpt_every, "run.recon_every": cfg.run.recon_every,
-                "run.keep_ckpts": cfg.run.keep_ckpts}
+                "run.keep_ckpts": cfg.run.keep_ckpts, "model.sie_hidden": cfg.model.sie_hidden}
     for key, value in positive.items():
         if not value > 0:  # also catches nan
             raise ConfigError(f"--{key}={value} must be positive")
@@ -293,6 +293,17 @@ def check(cfg: Config) -> None:
     if cfg.model.method != "vicreg" and not 0 < cfg.model.d_inv < cfg.model.d_patch:
         raise ConfigError(f"--model.d_inv={cfg.model.d_inv} must be in (0, --model.d_patch={cfg.model.d_patch}) "
                           f"for the split method {cfg.model.method}, so that z_eq keeps d_patch - d_inv channels")
+    if cfg.model.method == "path":
+        if cfg.model.decoder not in ("conv", "xattn-path"):
+            raise ConfigError(f"--model.decoder={cfg.model.decoder} is not a path decoder; choose conv or xattn-path "
+                              "(the xattn method uses the xattn decoder)")
+        if cfg.data.aug.k < 1:
+            raise ConfigError(f"--data.aug.k={cfg.data.aug.k}: the path method reconstructs K >= 1 intermediate images")
+    import timm
+
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError(f"--model.backbone={cfg.model.backbone} is not a timm model name "
+                          "(e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)")
     if cfg.run.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)

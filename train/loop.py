@@ -338,7 +338,10 @@ def kernel_path(device: torch.device) -> str:
     """Which kernels this run's decoder uses on `device`: "triton" or "ref" (kernels._backend decides)."""
     from kernels import _backend
 
-    return "triton" if _backend.use_triton(torch.empty(0, device=device)) else "ref"
+    try:
+        return "triton" if _backend.use_triton(torch.empty(0, device=device)) else "ref"
+    except ValueError as err:  # kernels._backend reports a bad EQRECON_KERNELS as a ValueError today
+        raise ConfigError(str(err)) from None
 
 
 # --- preemption -----------------------------------------------------------------------------------

@@ -195,3 +195,19 @@ def test_a_read_only_run_folder_is_one_line(stopped_run, tmp_path, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "cannot write the checkpoint" in errors[0]
     assert checkpoint.read(run / "ckpt" / "last.pt")["step"] == 4
+
+
+def test_resume_with_another_number_of_ranks_says_how_many(stopped_run, tmp_path, capsys):
+    run = copy_run(stopped_run, tmp_path / "run")
+    state = torch.load(run / "ckpt" / "last.pt", weights_only=True)
+    state["world_size"] = 2
+    torch.save(state, run / "ckpt" / "step-000004.pt")
+    assert main(["--resume", str(run / "ckpt" / "last.pt")]) == 2
+    assert "written by 2 ranks but this run has 1: resume with --nproc_per_node=2" in error_line(capsys)
+
+
+def test_a_bad_kernel_switch_is_one_line(stopped_run, tmp_path, monkeypatch, capsys):
+    run = copy_run(stopped_run, tmp_path / "run")
+    monkeypatch.setenv("EQRECON_KERNELS", "cuda-graphs")
+    assert main(["--resume", str(run / "ckpt" / "last.pt")]) == 2
+    assert "EQRECON_KERNELS='cuda-graphs'" in error_line(capsys)
