@@ -62,7 +62,7 @@ def parse_config(argv: list[str]) -> Config:
     resume = args.resume
     if resume == "auto":
         resume = _newest_checkpoint(_fresh(args, overrides))
-    cfg = _resumed(resume, args, overrides) if resume else _fresh(args, overrides)
+    cfg = _resumed(resume, args, overrides, auto=args.resume == "auto") if resume else _fresh(args, overrides)
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         raise SystemExit(0)
@@ -87,9 +87,10 @@ def _newest_checkpoint(cfg: Config) -> str:
     return str(found[0])
 
 
-def _resumed(path: str, args: argparse.Namespace, overrides: list[str]) -> Config:
-    """The checkpoint's config as the base; the run folder is the original run's unless --out is given."""
-    if args.config:
+def _resumed(path: str, args: argparse.Namespace, overrides: list[str], auto: bool = False) -> Config:
+    """The checkpoint's config as the base; the run folder is the original run's unless --out is given.
+    With --resume auto, --config names the run's first base and is not an error (one requeue command)."""
+    if args.config and not auto:
         raise ConfigError(f"--config {args.config} and --resume {path}: a resumed run keeps its checkpoint's "
                           "config (override single keys instead)")
     state = checkpoint.read(path)

@@ -192,3 +192,22 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, words, 
         assert word in err, err
     assert main(["--config", str(path), "--preset", "demo"]) == 2
     assert "pass one of them" in capsys.readouterr().err
+
+
+def test_resume_auto_with_config_is_one_command_for_start_and_requeue(tmp_path, demo_shards):
+    """The same command line starts the run and, once a checkpoint exists, continues it."""
+    import json
+
+    from train.cli import parse_config
+    from train.main import main
+
+    base = tmp_path / "base.json"
+    cfg = parse_config(["--preset", "demo", "--data.img_size=32", "--data.batch_size=32", "--optim.epochs=2"])
+    base.write_text(json.dumps(__import__("train.config", fromlist=["to_dict"]).to_dict(cfg)))
+    command = ["--config", str(base), "--resume", "auto", "--out", str(tmp_path / "run"), "--device", "cpu",
+               "--data", str(demo_shards)]
+    assert main([*command, "--steps", "1"]) == 0
+    resumed = parse_config(command)
+    assert resumed.run.resume.endswith("step-000001.pt") and resumed.run.out == str(tmp_path / "run")
+    assert main(command) == 0
+    assert torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)["step"] == 4

@@ -91,7 +91,7 @@ def torchrun(*args: str) -> subprocess.Popen:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto_matches(tmp_path, demo_shards):
-    common = [*SMALL, "--data", str(demo_shards)]
+    common = [*SMALL, "--data", str(demo_shards), "--optim.epochs=4"]  # 8 steps
     run, straight = tmp_path / "run", tmp_path / "straight"
     agent = torchrun(*common, "--out", str(run))
 
@@ -105,7 +105,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto
     assert agent.returncode != 0 and re.search(r"exitcode\s*:\s*75", err), err[-3000:]
     assert "preempted: [rank 1] stopped by signal SIGTERM" in err and "preempted: [rank 0]" in err
     state = checkpoint.read(run / "ckpt" / "last.pt")
-    assert 1 <= state["step"] < 20 and len(state["loader"]) == 2
+    assert 1 <= state["step"] < 8 and len(state["loader"]) == 2
     assert state["loader"][0]["batch"] == state["loader"][1]["batch"]  # both ranks stopped at one step
 
     for args in (["--out", str(run), "--resume", "auto"], ["--out", str(straight)]):
@@ -113,6 +113,6 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     a, b = last_weights(straight), last_weights(run)
-    assert a["step"] == b["step"] == 20
+    assert a["step"] == b["step"] == 8
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
