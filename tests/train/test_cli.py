@@ -211,3 +211,19 @@ def test_resume_auto_with_config_is_one_command_for_start_and_requeue(tmp_path, 
     assert resumed.run.resume.endswith("step-000001.pt") and resumed.run.out == str(tmp_path / "run")
     assert main(command) == 0
     assert torch.load(tmp_path / "run" / "ckpt" / "last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_truncated_shard_under_the_default_loader_is_one_line(tmp_path, demo_shards, capsys):
+    """DALI's ShardError is a UserError: one line naming the shard, as under the reference loader."""
+    import shutil
+
+    from train.main import main
+
+    data = tmp_path / "shards"
+    shutil.copytree(demo_shards, data)
+    shard = min(data.glob("train-*.tar"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert main(["--preset", "demo", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "run"),
+                 "--steps", "1", "--data.img_size=32", "--data.loader=dali"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(shard) in err and "truncated" in err, err
