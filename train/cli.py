@@ -162,8 +162,7 @@ def help_text(preset: str | None = None) -> str:
     values of `preset` when one is given), every preset."""
     base = load_config(preset) if preset else Config()
     shown = f"the values of preset {preset}" if preset else "the dataclass defaults; a preset changes some"
-    presets = [f"  {name:<16} {(inspect.getdoc(fn) or '').splitlines()[0] if inspect.getdoc(fn) else ''}"
-               for name, fn in PRESETS.items()]
+    presets = [f"  {name:<16} {(inspect.getdoc(fn) or '(no docstring)').splitlines()[0]}" for name, fn in PRESETS.items()]
     flags = [
         "  --preset NAME             base config: a named preset (default demo; listed below)",
         "  --config FILE             base config: a JSON/YAML file (--print-config output or a run's config.json)",
@@ -173,8 +172,9 @@ def help_text(preset: str | None = None) -> str:
         *(f"  --{flag} VALUE{'':<{18 - len(flag)}}same as --{key}" for flag, key in SHORT_FLAGS.items()),
         "  -h, --help                this text",
     ]
+    usage = __doc__.split("\n\n")[1].rstrip()  # the module docstring's command synopsis
     return "\n".join([
-        "usage:", __doc__.split("\n\n")[1].rstrip(),
+        "usage:", usage,
         "", "flags:", *flags, "",
         f"config fields (--section.field=VALUE or --section.field VALUE; tuples comma-separated; {shown}):",
         *fields_help(base), "", "presets:", *presets, "",
