@@ -399,5 +399,6 @@ def load_file(path: str | Path) -> Config:
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "preset" not in data:
         data = data["config"]  # a run folder's config.json
     cfg = from_dict(data, where=f"--config {path}")
+    cfg.run.resume = ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
     check(cfg)
     return cfg

@@ -173,6 +173,10 @@ def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
     assert "git_sha" in saved and saved["world_size"] == 1
     assert parse_config(["--config", str(tmp_path / "config.json")]) == cfg
 
+    cfg.run.resume = str(tmp_path / "ckpt" / "step-000004.pt")  # what a resumed run's config.json holds
+    RunLog(tmp_path, cfg, Env(), 0, 1).close()
+    assert parse_config(["--config", str(tmp_path / "config.json")]).run.resume == ""  # repeats, not resumes
+
 
 @pytest.mark.parametrize("content, words", [
     ('{"preset": "demo", "model": {"lamda": 2}}', ["unknown key model.lamda", "lam"]),
