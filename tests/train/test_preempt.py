@@ -116,3 +116,17 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto
     assert a["step"] == b["step"] == 8
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_torchrun_agent_reaches_the_workers_and_they_checkpoint(tmp_path, demo_shards):
+    """What a cluster does: it signals the launcher, which forwards SIGTERM to its workers and gives
+    them 30 s before SIGKILL. (torchrun's agent does not forward SIGUSR1: that signal kills it.)"""
+    run = tmp_path / "run"
+    agent = torchrun(*SMALL, "--data", str(demo_shards), "--out", str(run))
+    when_training(run, lambda: agent.send_signal(signal.SIGTERM))
+    _, err = agent.communicate(timeout=600)
+    assert agent.returncode != 0  # the agent re-raises the signal it got
+    assert "preempted: [rank 0] stopped by signal SIGTERM" in err, err[-3000:]
+    assert "preempted: [rank 1] stopped by signal SIGTERM" in err
+    assert 1 <= checkpoint.read(run / "ckpt" / "last.pt")["step"] < 20
