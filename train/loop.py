@@ -13,6 +13,8 @@ optimizer step and is what `bench/step.py` times. Rank 0 writes the run folder:
 
 SIGTERM or SIGUSR1 (a cluster's preemption notice) on any rank: every rank finishes the same step,
 the checkpoint is written, and train() raises Preempted; the process exits with PREEMPTED_EXIT.
+torchrun's agent forwards SIGTERM to its workers (and kills them 30 s later); SIGUSR1 kills the agent
+itself, so under torchrun it must be sent to the workers only.
 """
 
 from __future__ import annotations
