@@ -31,6 +31,7 @@ from train.config import (
     Config,
     ConfigError,
     apply_overrides,
+    check_model,
     from_dict,
     load_config,
     load_file,
@@ -63,6 +64,7 @@ def parse_config(argv: list[str]) -> Config:
     if resume == "auto":
         resume = _newest_checkpoint(_fresh(args, overrides))
     cfg = _resumed(resume, args, overrides, auto=args.resume == "auto") if resume else _fresh(args, overrides)
+    check_model(cfg)  # an impossible model is refused here, before any data or process group exists
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=2))
         raise SystemExit(0)

@@ -249,18 +249,17 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 
 def check(cfg: Config) -> None:
-    """Reject values the trainer cannot act on, naming the key (and the choices), before anything starts.
+    """Reject field values the trainer cannot act on, naming the key (and the choices).
 
-    The model's and the path's own size rules (model/encoder.py, model/decoders.py, pipeline/path.py)
-    are run here too, so an impossible model is refused at parse time, not after the data is built."""
-    from model.methods import METHODS
+    The model's buildability (method, sizes, decoder, backbone) is check_model's: the CLI runs both
+    before anything starts, while load_config alone still gives a config the model's own build-time
+    errors can be tested with."""
     from pipeline import LOADERS
 
     choices = {"run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
                "run.amp": (cfg.run.amp, ("bf16", "off")),
                "optim.name": (cfg.optim.name, OPTIMIZERS),
-               "data.loader": (cfg.data.loader, LOADERS),
-               "model.method": (cfg.model.method, tuple(METHODS))}
+               "data.loader": (cfg.data.loader, LOADERS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"--{key}={value} is not one of {', '.join(allowed)}")
@@ -287,6 +286,23 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
+    if cfg.run.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
+        except ImportError:
+            raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
+                              "pip install eqrecon[tb] (or pip install tensorboard)") from None
+
+
+def check_model(cfg: Config) -> None:
+    """ConfigError, naming the key, for a model that cannot be built from cfg: the method, the
+    size rules (img_size / patch_size, the d_inv split), the path decoder and K, the timm backbone."""
+    import timm
+
+    from model.methods import METHODS
+
+    if cfg.model.method not in METHODS:
+        raise ConfigError(f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}")
     if cfg.data.img_size % cfg.model.patch_size:
         raise ConfigError(f"--data.img_size={cfg.data.img_size} is not divisible by "
                           f"--model.patch_size={cfg.model.patch_size}")
@@ -299,17 +315,9 @@ def check(cfg: Config) -> None:
                               "(the xattn method uses the xattn decoder)")
         if cfg.data.aug.k < 1:
             raise ConfigError(f"--data.aug.k={cfg.data.aug.k}: the path method reconstructs K >= 1 intermediate images")
-    import timm
-
     if not timm.is_model(cfg.model.backbone):
         raise ConfigError(f"--model.backbone={cfg.model.backbone} is not a timm model name "
                           "(e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)")
-    if cfg.run.tensorboard:
-        try:
-            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
-        except ImportError:
-            raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
-                              "pip install eqrecon[tb] (or pip install tensorboard)") from None
     _check_model_rules(cfg)
 
 

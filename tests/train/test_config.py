@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.config import PRESETS, ConfigError, from_dict, load_config, to_dict
+from train.config import PRESETS, ConfigError, check_model, from_dict, load_config, to_dict
 
 PAPER = ("vits16-vicreg", "vits16-sie", "vits16-xattn", "vits16-path")
 
@@ -99,13 +99,28 @@ def test_saved_config_with_an_unknown_key_is_rejected():
 ])
 def test_impossible_values_are_config_errors_naming_the_key(args, words):
     with pytest.raises(ConfigError) as err:
-        load_config("demo", args)
+        check_model(load_config("demo", args))  # what the CLI runs
     for word in words:
         assert word in str(err.value)
 
 
 def test_split_rules_do_not_apply_to_vicreg():
-    assert load_config("demo-vicreg", ["--model.d_inv=128"]).model.d_inv == 128
+    cfg = load_config("demo-vicreg", ["--model.d_inv=128"])
+    check_model(cfg)
+    assert cfg.model.d_inv == 128
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    check_model(load_config(name))
+
+
+def test_the_command_line_runs_the_model_checks(capsys):
+    from train.main import main
+
+    assert main(["--model.depth=-1"]) == 2 and "--model.depth=-1 must be >= 0" in capsys.readouterr().err
+    assert main(["--data.img_size=60"]) == 2
+    assert "--data.img_size=60 is not divisible by --model.patch_size=8" in capsys.readouterr().err
 
 
 def test_tensorboard_without_the_package_names_the_extra():
