@@ -10,9 +10,11 @@ one-line error. `to_dict(cfg)` is what a run saves as config.json.
 from __future__ import annotations
 
 import dataclasses
+import json
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig
@@ -39,15 +41,16 @@ class OptimConfig:
 class RunConfig:
     out: str = ""  # the run folder (config.json, metrics.jsonl, ckpt/, recon.png); "" = runs/<preset>
     device: str = "auto"  # auto | cpu | cuda
-    seed: int = 0
+    seed: int = 0  # model init and per-rank RNG streams (data.seed seeds the augmentation)
     steps: int = 0  # stop after this step without changing the schedule; 0 = run the whole schedule
-    resume: str = ""  # checkpoint to continue from
+    resume: str = ""  # checkpoint to continue from; auto = the newest valid one in the run folder
     amp: str = "bf16"  # bf16 autocast on CUDA | off (CPU always runs fp32)
-    log_every: int = 10
-    ckpt_every: int = 500
+    log_every: int = 10  # a metrics.jsonl row every N steps (and at the last step)
+    ckpt_every: int = 500  # ckpt/step-NNNNNN.pt every N steps (and at the last step, and on preemption)
     recon_every: int = 200  # reconstruction grid PNG every N steps (and at the end)
     keep_ckpts: int = 2  # step checkpoints kept besides ckpt/last.pt
     threads: int = 0  # torch CPU threads per rank; 0 = auto (on a CPU device: cores per rank minus data workers)
+    tensorboard: bool = False  # also write the scalars and the recon grid to RUN/tensorboard (pip install eqrecon[tb])
 
 
 @dataclass
@@ -107,12 +110,14 @@ def _only_views(cfg: Config) -> None:
 
 @preset("demo")
 def _demo(cfg: Config) -> None:
+    """The default: embedded photos, tiny ViT at 64 px, `path` with the xattn-path decoder, 300 steps on a CPU."""
     _demo_base(cfg)
     cfg.model.method, cfg.model.decoder = "path", "xattn-path"
 
 
 @preset("demo-vicreg")
 def _demo_vicreg(cfg: Config) -> None:
+    """The demo setting with VICReg only (no equivariant part)."""
     _demo_base(cfg)
     cfg.model.method = "vicreg"
     _only_views(cfg)
@@ -120,6 +125,7 @@ def _demo_vicreg(cfg: Config) -> None:
 
 @preset("demo-sie")
 def _demo_sie(cfg: Config) -> None:
+    """The demo setting with SIE (a hypernetwork predicts z_eq of view 2 from view 1 and θ)."""
     _demo_base(cfg)
     cfg.model.method = "sie"
     _only_views(cfg)
@@ -127,6 +133,7 @@ def _demo_sie(cfg: Config) -> None:
 
 @preset("demo-xattn")
 def _demo_xattn(cfg: Config) -> None:
+    """The demo setting with the cross-attention decoder reconstructing view 2."""
     _demo_base(cfg)
     cfg.model.method, cfg.model.decoder = "xattn", "xattn"
     _only_views(cfg)
@@ -134,6 +141,7 @@ def _demo_xattn(cfg: Config) -> None:
 
 @preset("vits16-vicreg")
 def _vits16_vicreg(cfg: Config) -> None:
+    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with VICReg."""
     _vits16_base(cfg)
     cfg.model.method = "vicreg"
     _only_views(cfg)
@@ -141,6 +149,7 @@ def _vits16_vicreg(cfg: Config) -> None:
 
 @preset("vits16-sie")
 def _vits16_sie(cfg: Config) -> None:
+    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with SIE."""
     _vits16_base(cfg)
     cfg.model.method = "sie"
     _only_views(cfg)
@@ -148,6 +157,7 @@ def _vits16_sie(cfg: Config) -> None:
 
 @preset("vits16-xattn")
 def _vits16_xattn(cfg: Config) -> None:
+    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with xattn."""
     _vits16_base(cfg)
     cfg.model.method, cfg.model.decoder = "xattn", "xattn"
     _only_views(cfg)
@@ -155,6 +165,7 @@ def _vits16_xattn(cfg: Config) -> None:
 
 @preset("vits16-path")
 def _vits16_path(cfg: Config) -> None:
+    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with path, K = 2."""
     _vits16_base(cfg)
     cfg.model.method, cfg.model.decoder = "path", "xattn-path"
 
@@ -238,43 +249,164 @@ def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Conf
 
 
 def check(cfg: Config) -> None:
-    """Reject values the trainer cannot act on, naming the key and the choices."""
+    """Reject field values the trainer cannot act on, naming the key (and the choices).
+
+    The model's buildability (method, sizes, decoder, backbone) is check_model's: the CLI runs both
+    before anything starts, while load_config alone still gives a config the model's own build-time
+    errors can be tested with."""
+    from pipeline import LOADERS
+
     choices = {"run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
                "run.amp": (cfg.run.amp, ("bf16", "off")),
-               "optim.name": (cfg.optim.name, OPTIMIZERS)}
+               "optim.name": (cfg.optim.name, OPTIMIZERS),
+               "data.loader": (cfg.data.loader, LOADERS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"--{key}={value} is not one of {', '.join(allowed)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "optim.epochs": cfg.optim.epochs,
-                "run.log_every": cfg.run.log_every, "run.ckpt_every": cfg.run.ckpt_every,
-                "run.recon_every": cfg.run.recon_every}
+    positive = {"data.batch_size": cfg.data.batch_size, "data.img_size": cfg.data.img_size,
+                "model.patch_size": cfg.model.patch_size, "optim.epochs": cfg.optim.epochs,
+                "optim.base_lr": cfg.optim.base_lr, "run.log_every": cfg.run.log_every,
+                "run.ckpt_every": cfg.run.ckpt_every, "run.recon_every": cfg.run.recon_every,
+                "run.keep_ckpts": cfg.run.keep_ckpts, "model.sie_hidden": cfg.model.sie_hidden}
     for key, value in positive.items():
-        if value <= 0:
+        if not value > 0:  # also catches nan
             raise ConfigError(f"--{key}={value} must be positive")
-    if cfg.run.steps < 0:
-        raise ConfigError(f"--run.steps={cfg.run.steps} must be >= 0 (0 = the whole schedule)")
+    at_least_zero = {"run.steps": (cfg.run.steps, "0 = the whole schedule"),
+                     "run.threads": (cfg.run.threads, "0 = auto"),
+                     "model.depth": (cfg.model.depth, "0 = the timm model's depth"),
+                     "data.aug.k": (cfg.data.aug.k, "0 = no intermediate targets"),
+                     "data.target_size": (cfg.data.target_size, "0 = data.img_size"),
+                     "data.workers": (cfg.data.workers, "0 = in the main process"),
+                     "optim.min_lr": (cfg.optim.min_lr, "the cosine floor"),
+                     "optim.weight_decay": (cfg.optim.weight_decay, "0 = off"),
+                     "optim.warmup_epochs": (cfg.optim.warmup_epochs, "0 = no warm-up"),
+                     "optim.clip_grad": (cfg.optim.clip_grad, "0 = off")}
+    for key, (value, meaning) in at_least_zero.items():
+        if not value >= 0:
+            raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
+    if not all(0 <= b < 1 for b in cfg.optim.betas):
+        raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
+    if cfg.run.tensorboard:
+        try:
+            import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
+        except ImportError:
+            raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
+                              "pip install eqrecon[tb] (or pip install tensorboard)") from None
+
+
+def check_model(cfg: Config) -> None:
+    """ConfigError, naming the key, for a model that cannot be built from cfg: the method, the
+    size rules (img_size / patch_size, the d_inv split), the path decoder and K, the timm backbone."""
+    import timm
+
+    from model.methods import METHODS
+
+    if cfg.model.method not in METHODS:
+        raise ConfigError(f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}")
+    if cfg.data.img_size % cfg.model.patch_size:
+        raise ConfigError(f"--data.img_size={cfg.data.img_size} is not divisible by "
+                          f"--model.patch_size={cfg.model.patch_size}")
+    if cfg.model.method != "vicreg" and not 0 < cfg.model.d_inv < cfg.model.d_patch:
+        raise ConfigError(f"--model.d_inv={cfg.model.d_inv} must be in (0, --model.d_patch={cfg.model.d_patch}) "
+                          f"for the split method {cfg.model.method}, so that z_eq keeps d_patch - d_inv channels")
+    if cfg.model.method == "path":
+        if cfg.model.decoder not in ("conv", "xattn-path"):
+            raise ConfigError(f"--model.decoder={cfg.model.decoder} is not a path decoder; choose conv or xattn-path "
+                              "(the xattn method uses the xattn decoder)")
+        if cfg.data.aug.k < 1:
+            raise ConfigError(f"--data.aug.k={cfg.data.aug.k}: the path method reconstructs K >= 1 intermediate images")
+    if not timm.is_model(cfg.model.backbone):
+        raise ConfigError(f"--model.backbone={cfg.model.backbone} is not a timm model name "
+                          "(e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)")
+    _check_model_rules(cfg)
+
+
+def _check_model_rules(cfg: Config) -> None:
+    """The size rules the model and path modules own, as ConfigErrors. They raise ValueError today;
+    a ConfigError they may raise instead passes through unchanged."""
+    from model.decoders import check_decoder_config
+    from model.encoder import check_encoder_config
+    from pipeline.path import validate
+
+    decoder = {"xattn": "xattn", "path": cfg.model.decoder}.get(cfg.model.method)
+    try:
+        validate(cfg.data.aug)
+        check_encoder_config(cfg.model, cfg.data.img_size, all_invariant=cfg.model.method == "vicreg")
+        if decoder in ("conv", "xattn", "xattn-path"):
+            grid = cfg.data.img_size // cfg.model.patch_size
+            check_decoder_config(decoder, cfg.model, grid, cfg.data.out_target_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(d: dict) -> Config:
-    """Rebuild a Config saved with to_dict (used when resuming)."""
+def from_dict(d: dict, where: str = "saved config") -> Config:
+    """Rebuild a Config saved with to_dict (a checkpoint's, a config.json's, a --config file's);
+    an unknown key or a value of the wrong type is a ConfigError naming the dotted key."""
 
-    def build(cls: type, values: dict) -> Any:
+    def build(cls: type, values: Any, prefix: str) -> Any:
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
         types = _field_types(cls)
         kwargs = {}
         for name, value in values.items():
+            key = prefix + name
             if name not in types:
-                raise ConfigError(f"saved config has unknown key {cls.__name__}.{name}")
+                raise ConfigError(f"{where} has unknown key {key} ({cls.__name__}.{name}; fields: "
+                                  f"{', '.join(sorted(types))})")
             tp = types[name]
             if dataclasses.is_dataclass(tp):
-                kwargs[name] = build(tp, value)
-            elif typing.get_origin(tp) is tuple:
-                kwargs[name] = tuple(value)
+                kwargs[name] = build(tp, value, key + ".")
             else:
-                kwargs[name] = value
+                kwargs[name] = _typed(value, tp, key, where)
         return cls(**kwargs)
 
-    return build(Config, d)
+    return build(Config, d, "")
+
+
+def _typed(value: Any, tp: Any, key: str, where: str) -> Any:
+    """A leaf value from JSON/YAML checked against its field type (ints are accepted as floats)."""
+    if typing.get_origin(tp) is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {key}={value!r} must be a list")
+        inner = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(inner) != len(value):
+            raise ConfigError(f"{where}: {key}={value!r} must have {len(inner)} items")
+        return tuple(_typed(v, t, key, where) for v, t in zip(value, inner))
+    ok = isinstance(value, bool) if tp is bool else (
+        isinstance(value, tp) and not isinstance(value, bool) or (tp is float and type(value) is int))
+    if not ok:
+        raise ConfigError(f"{where}: {key}={value!r} is not a {getattr(tp, '__name__', tp)}")
+    return float(value) if tp is float else value
+
+
+def load_file(path: str | Path) -> Config:
+    """A config saved as JSON or YAML: `--print-config` output, or a run's config.json (whose tree
+    sits under "config" beside its provenance keys). Checked like a command-line config."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--config {path}: not valid JSON ({err}); YAML files end in .yaml") from None
+    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "preset" not in data:
+        data = data["config"]  # a run folder's config.json
+    cfg = from_dict(data, where=f"--config {path}")
+    cfg.run.resume = ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
+    check(cfg)
+    return cfg

@@ -4,10 +4,17 @@
 step 0 or from `cfg.run.resume`, and stops after `cfg.run.steps` if set. `train_step` is one
 optimizer step and is what `bench/step.py` times. Rank 0 writes the run folder:
 
-    config.json    resolved config, git SHA, world size
+    config.json    resolved config; provenance: git SHA, device and its name, library versions,
+                   which kernel path ran ("triton" | "ref"), world size
     metrics.jsonl  every `run.log_every` steps: step, epoch, lr, every loss term, grad norm, times, images/s
-    ckpt/          step-NNNNNN.pt (atomic) and last.pt -> the newest one
+    ckpt/          step-NNNNNN.pt and last.pt -> the newest one (train/checkpoint.py)
     recon.png      view 1 | view 2 | targets | predictions (also recon/step-NNNNNN.png)
+    tensorboard/   the same scalars and the recon grid, with run.tensorboard=true
+
+SIGTERM or SIGUSR1 (a cluster's preemption notice) on any rank: every rank finishes the same step,
+the checkpoint is written, and train() raises Preempted; the process exits with PREEMPTED_EXIT.
+torchrun's agent forwards SIGTERM to its workers (and kills them 30 s later); SIGUSR1 kills the agent
+itself, so under torchrun it must be sent to the workers only.
 """
 
 from __future__ import annotations
@@ -16,6 +23,8 @@ import json
 import math
 import os
 import random
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,9 +36,10 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from pipeline.errors import TrainingError
-from train.config import Config, ConfigError, OptimConfig, to_dict
-from train.provenance import git_sha
+from pipeline.errors import CheckpointError, ConfigError, TrainingError
+from train import checkpoint
+from train.config import Config, OptimConfig, to_dict
+from train.provenance import git_sha, provenance
 
 
 class NonFiniteLoss(TrainingError):
@@ -178,21 +188,6 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -210,41 +205,44 @@ def gather(obj, env: Env) -> list:
 
 def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, scheduler, loader,
                     step: int, epoch: int, env: Env) -> Path | None:
-    """Collective (every rank calls it); rank 0 writes ckpt/step-NNNNNN.pt atomically, points
-    ckpt/last.pt at it and prunes old ones to run.keep_ckpts."""
-    rngs, positions = gather(rng_state(), env), gather(loader.state_dict(), env)
-    if not env.main:
-        return None
-    method = unwrap(model)
-    state = {"model": method.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
-             "loader": positions, "world_size": env.world_size, "config": to_dict(cfg), "git_sha": git_sha()}
-    ckpt_dir = run_dir / "ckpt"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step-{step:06d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    link = ckpt_dir / "last.pt.tmp"
-    link.unlink(missing_ok=True)
-    link.symlink_to(path.name)
-    os.replace(link, ckpt_dir / "last.pt")
-    for old in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, cfg.run.keep_ckpts)]:
-        old.unlink()
+    """Collective (every rank calls it); rank 0 writes ckpt/step-NNNNNN.pt (train/checkpoint.py).
+
+    Rank 0's outcome is broadcast, so a write that fails (full disk) stops every rank at this step
+    with rank 0's error instead of leaving the others waiting in the next step's collective."""
+    rngs, positions = gather(checkpoint.rng_state(), env), gather(loader.state_dict(), env)
+    path, error = None, None
+    if env.main:
+        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
+                 "loader": positions, "world_size": env.world_size, "config": to_dict(cfg),
+                 "run_dir": str(run_dir.resolve()), "git_sha": git_sha()}
+        try:
+            path = checkpoint.save(run_dir / "ckpt", state, step, cfg.run.keep_ckpts)
+        except CheckpointError as err:
+            error = err
+    if env.world_size > 1:
+        box = [str(error) if error else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] and error is None:
+            raise CheckpointError(f"rank 0 could not save the checkpoint: {box[0]}")
+    if error is not None:
+        raise error
     return path
 
 
-def load_checkpoint(path: str | Path, model: nn.Module, optimizer, scheduler, loader, env: Env) -> tuple[int, int]:
-    """Restore everything save_checkpoint wrote; returns (step, epoch)."""
-    # Our own file: it holds RNG states (numpy objects), so it is not weights_only.
-    state = torch.load(path, map_location=env.device, weights_only=False)
+def restore(state: dict, path: str | Path, model: nn.Module, optimizer, scheduler, loader,
+            env: Env) -> tuple[int, int]:
+    """Put a checkpoint read by checkpoint.read back into place; returns (step, epoch).
+    Everything is checked (ranks, architecture) before anything is changed."""
     if state["world_size"] != env.world_size:
-        raise ConfigError(f"{path} was written by {state['world_size']} ranks but this run has "
-                          f"{env.world_size}: resume with --nproc_per_node={state['world_size']}")
-    unwrap(model).load_state_dict(state["model"])
+        raise CheckpointError(f"--resume {path} was written by {state['world_size']} ranks but this run has "
+                              f"{env.world_size}: resume with --nproc_per_node={state['world_size']}")
+    method = unwrap(model)
+    checkpoint.check_architecture(state, method, path)
+    method.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"][env.rank])
+    checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
     loader.load_state_dict(state["loader"][env.rank])
     return state["step"], state["epoch"]
@@ -282,17 +280,28 @@ def save_recon_grid(method: nn.Module, batch, mean, std, path: Path, rows: int =
 
 
 class RunLog:
-    """Rank 0's progress bar, metrics.jsonl and config.json; a no-op on other ranks."""
+    """Rank 0's progress bar, metrics.jsonl, config.json and (run.tensorboard) TensorBoard events;
+    a no-op on other ranks."""
 
     def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
-        self.env, self.batch = env, cfg.data.batch_size
-        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
+        self.env, self.batch, self.tb = env, cfg.data.batch_size, None
         if env.main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            meta = {"git_sha": git_sha(), "world_size": env.world_size, "device": str(env.device),
-                    "config": to_dict(cfg)}
-            (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            prov = provenance(env.device)
+            meta = {"git_sha": prov["git_sha"], "device": str(env.device), "device_name": prov["device"],
+                    "versions": prov["versions"], "kernels": kernel_path(env.device),
+                    "world_size": env.world_size, "config": to_dict(cfg)}
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
+            except OSError as err:
+                raise ConfigError(f"cannot write the run folder {run_dir}: {err.strerror or err}; "
+                                  "pass a writable --out DIR") from None
             self.metrics = run_dir / "metrics.jsonl"
+            if cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
 
     def step(self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float,
              write: bool) -> None:
@@ -308,22 +317,91 @@ class RunLog:
                    "data_time_s": data_s, "images_per_s": ips}
             with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
                 f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for name, value in row.items():
+                    if name != "step":
+                        self.tb.add_scalar(name, value, step)
+
+    def image(self, step: int, png: Path) -> None:
+        """The recon grid just written, as a TensorBoard image."""
+        if self.tb is not None and png.exists():
+            from PIL import Image
+
+            with Image.open(png) as image:
+                self.tb.add_image("recon", np.asarray(image.convert("RGB")), step, dataformats="HWC")
 
     def close(self) -> None:
         self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def kernel_path(device: torch.device) -> str:
+    """Which kernels this run's decoder uses on `device`: "triton" or "ref" (kernels._backend decides)."""
+    from kernels import _backend
+
+    try:
+        return "triton" if _backend.use_triton(torch.empty(0, device=device)) else "ref"
+    except ValueError as err:  # kernels._backend reports a bad EQRECON_KERNELS as a ValueError today
+        raise ConfigError(str(err)) from None
+
+
+# --- preemption -----------------------------------------------------------------------------------
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: "try again"; what a requeue script tests for (see README)
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: the run saved a checkpoint at `step` and should be resumed."""
+
+    exit_code = PREEMPTED_EXIT
+
+
+class PreemptionFlag:
+    """Catches SIGTERM and SIGUSR1 while training; `agreed(env)` is True on every rank at the same
+    step once any rank caught one (a MAX all-reduce), so all ranks checkpoint the same step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.caught: int | None = None
+        self.previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python installs handlers there only
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self._catch)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _catch(self, signum, frame) -> None:
+        self.caught = signum
+
+    def agreed(self, env: Env) -> bool:
+        if env.world_size == 1:
+            return self.caught is not None
+        flag = torch.tensor([0 if self.caught is None else 1], device=env.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one int per step; the step itself syncs anyway
+        return bool(flag.item())
 
 
 # --- the loop -------------------------------------------------------------------------------------
 
 
 def run_dir_of(cfg: Config) -> Path:
-    if cfg.run.resume:
-        return Path(cfg.run.resume).resolve().parent.parent  # RUN/ckpt/last.pt -> RUN
+    """The run folder: run.out (train/cli.py sets it to the original run's folder on --resume)."""
     return Path(cfg.run.out or f"runs/{cfg.preset}")
 
 
-def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env) -> Path:
-    """Run (or continue) the configured schedule; returns the run folder."""
+def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
+          resume_state: dict | None = None) -> Path:
+    """Run (or continue) the configured schedule; returns the run folder.
+
+    Resumes from cfg.run.resume (resume_state: that file already read by checkpoint.read). Raises
+    Preempted after checkpointing when SIGTERM/SIGUSR1 arrived on any rank."""
     method, run_dir = unwrap(model), run_dir_of(cfg)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -333,46 +411,55 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env)
     stop = min(total, cfg.run.steps) if cfg.run.steps else total
     step, epoch, resumed = 0, 0, bool(cfg.run.resume)
     if resumed:
-        step, epoch = load_checkpoint(cfg.run.resume, model, optimizer, scheduler, loader, env)
+        state = resume_state if resume_state is not None else checkpoint.read(cfg.run.resume)
+        step, epoch = restore(state, cfg.run.resume, model, optimizer, scheduler, loader, env)
+        del state, resume_state
     else:
-        if env.main and (run_dir / "ckpt" / "last.pt").exists():
+        if (run_dir / "ckpt" / "last.pt").exists():
             raise ConfigError(f"{run_dir} already holds a run; continue it with --resume "
-                              f"{run_dir / 'ckpt' / 'last.pt'} or pass a new --out")
+                              f"{run_dir / 'ckpt' / 'last.pt'} (or --resume auto) or pass a new --out")
         seed_all(cfg.run.seed * 1000 + env.rank)  # per-rank streams (drop-path etc.); init was shared
     amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
     log = RunLog(run_dir, cfg, env, step, stop)
     model.train()
-    try:
-        while step < stop:
-            if not resumed:
-                loader.set_epoch(epoch)
-            # A checkpoint taken on an epoch's last batch resumes into an empty remainder of it.
-            yielded, may_be_empty, resumed = 0, resumed, False
-            it, t0 = iter(loader), time.perf_counter()
-            for batch in it:
-                t_data = time.perf_counter() - t0
-                lr = optimizer.param_groups[0]["lr"]
-                terms = train_step(model, batch, optimizer, scheduler, step=step,
-                                   clip_grad=cfg.optim.clip_grad, amp=amp)
-                step, yielded = step + 1, yielded + 1
-                t_step = time.perf_counter() - t0
-                log.step(step, epoch, lr, terms, t_step, t_data,
-                         write=step % cfg.run.log_every == 0 or step == stop)
-                if step % cfg.run.ckpt_every == 0 or step == stop:
-                    save_checkpoint(run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env)
-                if env.main and (step % cfg.run.recon_every == 0 or step == stop):
-                    save_recon_grid(method, batch, cfg.data.mean, cfg.data.std,
-                                    run_dir / "recon" / f"step-{step:06d}.png")
-                    _copy(run_dir / "recon" / f"step-{step:06d}.png", run_dir / "recon.png")
-                if step >= stop:
-                    break
-                t0 = time.perf_counter()
-            else:
-                epoch += 1
-            if yielded == 0 and not may_be_empty:
-                raise RuntimeError(f"the loader yielded no batch in epoch {epoch - 1}")
-    finally:
-        log.close()
+    with PreemptionFlag() as preemption:
+        try:
+            while step < stop:
+                if not resumed:
+                    loader.set_epoch(epoch)
+                # A checkpoint taken on an epoch's last batch resumes into an empty remainder of it.
+                yielded, may_be_empty, resumed = 0, resumed, False
+                it, t0 = iter(loader), time.perf_counter()
+                for batch in it:
+                    t_data = time.perf_counter() - t0
+                    lr = optimizer.param_groups[0]["lr"]
+                    terms = train_step(model, batch, optimizer, scheduler, step=step,
+                                       clip_grad=cfg.optim.clip_grad, amp=amp)
+                    step, yielded = step + 1, yielded + 1
+                    t_step = time.perf_counter() - t0
+                    preempted = preemption.agreed(env) and step < stop  # at the last step: just finish
+                    log.step(step, epoch, lr, terms, t_step, t_data,
+                             write=step % cfg.run.log_every == 0 or step == stop or preempted)
+                    if step % cfg.run.ckpt_every == 0 or step == stop or preempted:
+                        saved = save_checkpoint(run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env)
+                    if preempted:
+                        raise Preempted(f"stopped by signal {signal.Signals(preemption.caught or 15).name} "
+                                        f"after step {step}; saved {saved or run_dir / 'ckpt'}; continue with "
+                                        f"--resume {run_dir / 'ckpt' / 'last.pt'} (or --out {run_dir} --resume auto)")
+                    if env.main and (step % cfg.run.recon_every == 0 or step == stop):
+                        png = run_dir / "recon" / f"step-{step:06d}.png"
+                        save_recon_grid(method, batch, cfg.data.mean, cfg.data.std, png)
+                        _copy(png, run_dir / "recon.png")
+                        log.image(step, png)
+                    if step >= stop:
+                        break
+                    t0 = time.perf_counter()
+                else:
+                    epoch += 1
+                if yielded == 0 and not may_be_empty:
+                    raise RuntimeError(f"the loader yielded no batch in epoch {epoch - 1}")
+        finally:
+            log.close()
     return run_dir
 
 

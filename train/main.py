@@ -1,19 +1,20 @@
 """Train one method on one process, several, or several nodes.
 
     torchrun --standalone --nproc_per_node=N train/main.py --preset demo [--data DIR] [--out DIR]
-        [--device auto|cpu|cuda] [--steps N] [--resume RUN/ckpt/last.pt] [--section.field=value ...]
+        [--device auto|cpu|cuda] [--steps N] [--resume RUN/ckpt/last.pt|auto] [--section.field=value ...]
 
-Also runs as `python train/main.py ...` (one process, no process group). The short flags are
-aliases of config keys (--data = --data.dir, --out = --run.out, --device = --run.device,
---steps = --run.steps, --resume = --run.resume). With --resume the saved config is the base and the
-command line overrides it, so `--resume RUN/ckpt/last.pt` alone finishes the run.
+Also runs as `python train/main.py ...` (one process, no process group). `--help` lists every config
+field and preset (train/cli.py). A user-fixable problem on any rank is one `error: [rank R] ...` line
+from that rank and the job ends at once; exit codes: 0 done, 1 the run failed, 2 usage or data
+error, 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; rerun with --resume auto).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+import threading
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train/main.py` from anywhere
@@ -21,32 +22,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python train
 import torch
 import torch.distributed as dist
 
-from pipeline.errors import UserError
-from train.config import Config, ConfigError, apply_overrides, from_dict, load_config
-from train.loop import Env, NonFiniteLoss, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
+from pipeline.errors import ConfigError, DataError, UserError, one_line
+from train.cli import parse_config
+from train.config import Config
+from train.loop import Env, Preempted, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
 
-SHORT_FLAGS = {"data": "data.dir", "out": "run.out", "device": "run.device", "steps": "run.steps",
-               "resume": "run.resume"}
-
-
-def parse_config(argv: list[str]) -> Config:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="named preset (default: demo)")
-    for flag, key in SHORT_FLAGS.items():
-        parser.add_argument(f"--{flag}", default=None, help=f"same as --{key}")
-    args, overrides = parser.parse_known_args(argv)
-    overrides += [f"--{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
-                  if getattr(args, flag) is not None]
-    if not args.resume:
-        return load_config(args.preset or "demo", overrides)
-    if not Path(args.resume).is_file():
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint")
-    cfg = from_dict(torch.load(args.resume, map_location="cpu", mmap=True, weights_only=False)["config"])
-    if args.preset and args.preset != cfg.preset:
-        raise ConfigError(f"--preset {args.preset} does not match the checkpoint's preset {cfg.preset}")
-    cfg.run.steps = 0  # the saved stop step does not carry over; pass --steps again to stop early
-    return apply_overrides(cfg, overrides)
+__all__ = ["build", "init_distributed", "main", "parse_config", "resolve_data"]
 
 
 def init_distributed(choice: str, preset: str = "") -> Env:
@@ -71,6 +52,22 @@ def init_distributed(choice: str, preset: str = "") -> Env:
     return Env(rank=rank, world_size=world, device=device)
 
 
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Under torchrun, exit when the agent that started this worker dies (kill -9 gives it no chance
+    to stop its workers, which would otherwise train on, orphaned). A polling thread: portable, and
+    unlike PR_SET_PDEATHSIG not tied to the lifetime of the agent's launching thread."""
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print(f"error: [rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {parent}) died; stopping",
+              file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=poll, name="eqrecon-parent-watchdog", daemon=True).start()
+
+
 def resolve_data(cfg: Config, env: Env) -> None:
     """Rank 0 finds (or, for the demo, converts) the shards first; the others then use its path."""
     from pipeline import resolve_data_dir
@@ -79,14 +76,14 @@ def resolve_data(cfg: Config, env: Env) -> None:
     if env.main:
         try:
             cfg.data.dir = str(resolve_data_dir(cfg.data))
-        except FileNotFoundError as err:
+        except (FileNotFoundError, DataError) as err:  # pipeline's missing-folder error is a FileNotFoundError
             error = str(err)
     if env.world_size > 1:
         box = [error, cfg.data.dir]
         dist.broadcast_object_list(box, src=0)
         error, cfg.data.dir = box
     if error:
-        raise FileNotFoundError(error)
+        raise DataError(error)
 
 
 def build(cfg: Config, env: Env):
@@ -94,6 +91,9 @@ def build(cfg: Config, env: Env):
     from model import build_method
     from pipeline import build_loader
 
+    if cfg.data.batch_size % env.world_size:
+        raise ConfigError(f"--data.batch_size={cfg.data.batch_size} is not divisible by the {env.world_size} "
+                          "ranks (it is the global batch)")
     loader = build_loader(cfg.data, env.rank, env.world_size, env.device)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg.model, cfg.data).to(env.device)
@@ -110,7 +110,10 @@ def build(cfg: Config, env: Env):
 
 
 def main(argv: list[str]) -> int:
-    env = None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        watch_parent()
     try:
         cfg = parse_config(argv)
         env = init_distributed(cfg.run.device, cfg.preset)
@@ -118,19 +121,27 @@ def main(argv: list[str]) -> int:
         resolve_data(cfg, env)
         model, optimizer, scheduler, loader = build(cfg, env)
         run_dir = train(cfg, model, optimizer, scheduler, loader, env)
+    except Preempted as stop:
+        print(f"preempted: {where}{stop}", file=sys.stderr, flush=True)
+        code = stop.exit_code
+    except UserError as err:
+        # Under torchrun another rank's progress bar may hold the terminal's line: start a new one.
+        lead = "\n" if world > 1 else ""
+        print(lead + one_line(err).replace("error: ", f"error: {where}", 1), file=sys.stderr, flush=True)
+        if world > 1:
+            # Leave now: a clean shutdown would wait for loader workers and for peers that sit in a
+            # collective; the closed connections end their collectives, torchrun stops the rest.
+            os._exit(err.exit_code)
+        return err.exit_code
+    else:
+        code = 0
         if env.main:
             recon = run_dir / "recon.png"
             print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}" +
                   (f"  reconstructions: {recon}" if recon.exists() else ""), flush=True)
-        return 0
-    except (UserError, ValueError, FileNotFoundError) as err:
-        # ConfigError is a ValueError: every user-fixable problem ends as one line, not a traceback.
-        if env is None or env.main:
-            print("error: " + " ".join(str(err).split()), file=sys.stderr, flush=True)
-        return 1 if isinstance(err, NonFiniteLoss) else 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return code
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.config import PRESETS, ConfigError, from_dict, load_config, to_dict
+from train.config import PRESETS, ConfigError, check_model, from_dict, load_config, to_dict
 
 PAPER = ("vits16-vicreg", "vits16-sie", "vits16-xattn", "vits16-path")
 
@@ -77,3 +77,57 @@ def test_saved_config_with_an_unknown_key_is_rejected():
     saved["run"]["colour"] = "red"
     with pytest.raises(ConfigError, match="RunConfig.colour"):
         from_dict(saved)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--model.depth=-1"], ["--model.depth=-1 must be >= 0"]),
+    (["--data.img_size=60"], ["--data.img_size=60 is not divisible by --model.patch_size=8"]),
+    (["--model.d_inv=128"], ["--model.d_inv=128 must be in (0, --model.d_patch=128)"]),
+    (["--data.aug.k=-1"], ["--data.aug.k=-1 must be >= 0"]),
+    (["--optim.base_lr=0"], ["--optim.base_lr=0.0 must be positive"]),
+    (["--optim.base_lr=nan"], ["--optim.base_lr=nan must be positive"]),
+    (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
+    (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
+    (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
+    (["--model.dec_heads=5"], ["model.dec_width=96 is not divisible by model.dec_heads=5"]),
+    (["--data.aug.transforms=zoom"], ["unknown transformation 'zoom'"]),
+    (["--run.keep_ckpts=0"], ["--run.keep_ckpts=0 must be positive"]),
+    (["--model.backbone=vit_tiny_patch99"], ["--model.backbone=vit_tiny_patch99 is not a timm model name"]),
+    (["--model.decoder=xattn"], ["--model.decoder=xattn is not a path decoder"]),
+    (["--data.aug.k=0"], ["--data.aug.k=0: the path method reconstructs K >= 1"]),
+    (["--model.sie_hidden=0"], ["--model.sie_hidden=0 must be positive"]),
+])
+def test_impossible_values_are_config_errors_naming_the_key(args, words):
+    with pytest.raises(ConfigError) as err:
+        check_model(load_config("demo", args))  # what the CLI runs
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_split_rules_do_not_apply_to_vicreg():
+    cfg = load_config("demo-vicreg", ["--model.d_inv=128"])
+    check_model(cfg)
+    assert cfg.model.d_inv == 128
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_builds(name):
+    check_model(load_config(name))
+
+
+def test_the_command_line_runs_the_model_checks(capsys):
+    from train.main import main
+
+    assert main(["--model.depth=-1"]) == 2 and "--model.depth=-1 must be >= 0" in capsys.readouterr().err
+    assert main(["--data.img_size=60"]) == 2
+    assert "--data.img_size=60 is not divisible by --model.patch_size=8" in capsys.readouterr().err
+
+
+def test_tensorboard_without_the_package_names_the_extra():
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ConfigError, match=r"pip install eqrecon\[tb\]"):
+            load_config("demo", ["--run.tensorboard=true"])
+    else:
+        assert load_config("demo", ["--run.tensorboard=true"]).run.tensorboard is True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -12,33 +13,15 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Each rank runs train/main.py's own build + train, then saves its parameters; the test compares ranks.
-# (BatchNorm running stats are rank 0's, broadcast by DDP before each forward: on CPU, where
-# SyncBatchNorm does not run, they differ after the last local forward, by design.)
-WORKER = """
-import sys
-import pytest
-import torch
-from train.loop import train, unwrap
-from train.main import build, init_distributed, parse_config, resolve_data
-
-out, argv = sys.argv[1], sys.argv[2:]
-cfg = parse_config(argv)
-env = init_distributed(cfg.run.device)
-resolve_data(cfg, env)
-model, optimizer, scheduler, loader = build(cfg, env)
-first = {k: v.detach().clone() for k, v in unwrap(model).named_parameters()}
-train(cfg, model, optimizer, scheduler, loader, env)
-last = {k: v.detach() for k, v in unwrap(model).named_parameters()}
-torch.save({"first": first, "last": last}, f"{out}/rank{env.rank}.pt")
-"""
+# Each rank runs train/main.py's own build + train (ddp_worker.py), then saves its parameters; the test
+# compares ranks. (BatchNorm running stats are rank 0's, broadcast by DDP before each forward: on CPU,
+# where SyncBatchNorm does not run, they differ after the last local forward, by design.)
+HERE = Path(__file__).resolve().parent
 
 
 def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
-    worker = tmp_path / "worker.py"
-    worker.write_text(WORKER)
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "ddp_worker.py"),
            str(tmp_path), "--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
            "--steps", "2", "--data.img_size=32", "--data.batch_size=16", "--data.workers=1"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -51,7 +34,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
         assert torch.equal(r0["last"][name], r1["last"][name]), f"{name} differs across ranks after training"
     moved = [n for n in r0["last"] if not torch.equal(r0["first"][n], r0["last"][n])]
     assert "encoder.backbone.blocks.0.attn.qkv.weight" in moved and "encoder.head.weight" in moved
-    saved = torch.load(run / "ckpt" / "last.pt", weights_only=False)
+    saved = torch.load(run / "ckpt" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["world_size"] == 2 and len(saved["loader"]) == 2
     assert all(torch.equal(saved["model"][n], r0["last"][n]) for n in r0["last"])
 
@@ -72,7 +55,62 @@ def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards)
     torchrun(*common, "--out", str(tmp_path / "straight"))
     torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3")
     torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"))
-    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=False) for run in ("straight", "split"))
+    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split"))
     assert a["step"] == b["step"] == 6 and a["loader"] == b["loader"] and len(a["loader"]) == 2
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+LONG = ["--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=16", "--data.workers=1",
+        "--optim.epochs=1000", "--run.log_every=1"]  # far longer than any test waits
+
+
+@pytest.mark.slow
+def test_an_error_on_rank_1_is_its_one_line_and_the_job_ends_at_once(tmp_path, demo_shards):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(HERE / "rank_fault.py"), "1", "3", *LONG, "--data", str(demo_shards), "--out", str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=600)
+    ended = time.monotonic()
+    assert proc.returncode != 0
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors[0] == "error: [rank 1] injected fault: rank 1's shard is damaged at batch 3", err[-3000:]
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # rank 0 logged steps 1 and 2, then the job stopped
+    # The job ended promptly after the fault (not after Gloo's 30-minute collective timeout).
+    assert ended - (tmp_path / "run" / "metrics.jsonl").stat().st_mtime < 60
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
+def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path, demo_shards):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "main.py"), *LONG, "--data", str(demo_shards), "--out", str(run)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        workers = [int(p) for p in Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()]
+        assert len(workers) == 2
+        agent.kill()  # kill -9: the agent cannot stop its workers
+        agent.wait()
+        deadline = time.monotonic() + 20
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(map(_alive, workers)), "workers kept training after their agent died"
+    finally:
+        for pid in workers if "workers" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, 9)

@@ -23,11 +23,11 @@ def test_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert main([*SMALL, *data, "--out", str(straight)]) == 0
     assert main([*SMALL, *data, "--out", str(split), "--steps", "3"]) == 0
-    assert torch.load(split / "ckpt" / "last.pt", weights_only=False)["step"] == 3
+    assert torch.load(split / "ckpt" / "last.pt", weights_only=True)["step"] == 3
     assert main(["--resume", str(split / "ckpt" / "last.pt")]) == 0  # the saved config; runs to the end
 
-    a = torch.load(straight / "ckpt" / "last.pt", weights_only=False)
-    b = torch.load(split / "ckpt" / "last.pt", weights_only=False)
+    a = torch.load(straight / "ckpt" / "last.pt", weights_only=True)
+    b = torch.load(split / "ckpt" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 6 and a["epoch"] == b["epoch"]
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
@@ -53,3 +53,11 @@ def test_a_fresh_run_refuses_a_folder_that_holds_one(tmp_path, demo_shards, caps
     assert main(args) == 2
     err = capsys.readouterr().err
     assert "already holds a run; continue it with --resume" in err and err.count("\n") == 1
+
+
+def test_a_run_folder_that_cannot_be_created_is_one_line(tmp_path, demo_shards, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main([*SMALL, "--data", str(demo_shards), "--out", str(blocker / "run"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"cannot write the run folder {blocker / 'run'}" in err
