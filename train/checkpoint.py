@@ -131,14 +131,16 @@ def _numpy_globals() -> list:
     return types
 
 
-def read(path: str | Path) -> dict:
+def read(path: str | Path, flag: str = "--resume") -> dict:
     """Load and check a training checkpoint (on the CPU, memory-mapped); CheckpointError when it is
-    missing, empty, truncated, not a torch file, or not eqrecon's."""
+    missing, empty, truncated, not a torch file, or not eqrecon's. `flag` names the option the path came
+    from in the messages ("" for none)."""
     path = Path(path)
+    where = f"{flag} {path}" if flag else str(path)
     if not path.is_file():
-        raise CheckpointError(f"--resume {path}: no such checkpoint")
+        raise CheckpointError(f"{where}: no such checkpoint")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"--resume {path}: the file is empty (a checkpoint interrupted while written?)")
+        raise CheckpointError(f"{where}: the file is empty (a checkpoint interrupted while written?)")
     try:
         try:
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
@@ -151,16 +153,16 @@ def read(path: str | Path) -> dict:
         # torch reports a truncated zip as RuntimeError ("failed finding central directory") and a
         # foreign pickle as UnpicklingError; either way the file is not a checkpoint we can resume.
         why = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"--resume {path}: not a readable training checkpoint, truncated or "
+        raise CheckpointError(f"{where}: not a readable training checkpoint, truncated or "
                               f"not written by eqrecon ({why})") from None
     if not isinstance(state, dict):
-        raise CheckpointError(f"--resume {path}: not an eqrecon training checkpoint (holds a {type(state).__name__})")
+        raise CheckpointError(f"{where}: not an eqrecon training checkpoint (holds a {type(state).__name__})")
     if state.get("format") != FORMAT and not LEGACY_KEYS <= state.keys():
         what = f"format {state['format']!r}" if "format" in state else f"keys {', '.join(sorted(state)[:6])}"
-        raise CheckpointError(f"--resume {path}: not an eqrecon training checkpoint ({what}); "
+        raise CheckpointError(f"{where}: not an eqrecon training checkpoint ({what}); "
                               "an exported backbone cannot be resumed")
     if state.get("version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(f"--resume {path}: checkpoint format version {state['version']} is newer than "
+        raise CheckpointError(f"{where}: checkpoint format version {state['version']} is newer than "
                               f"this eqrecon reads ({FORMAT_VERSION}); update eqrecon")
     return state
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import sys
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from pipeline.errors import CheckpointError, ConfigError, ExportError, UserError, one_line
+from train import checkpoint
 
 CONFIG, WEIGHTS, HEAD = "config.json", "model.safetensors", "split_head.safetensors"
 TIMM_POOL = {"mean": "avg", "cls": "token"}  # eqrecon's model.pool -> timm's global_pool
@@ -56,34 +56,12 @@ INTERPOLATION, CROP_PCT = "bilinear", 1.0
 # ------------------------------------------------------------------------------- checkpoints
 
 
-def _read_checkpoint(path: str | Path) -> dict:
-    """The one place that reads a training checkpoint; -> its dict ("model", "config", "step", ...).
-
-    To be replaced by train/checkpoint.py's load_checkpoint (validated, weights_only) when it lands.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint (runs keep it at RUN/ckpt/last.pt)")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: the file is empty")
-    try:
-        # Our own training checkpoint: it pickles numpy RNG states, hence not weights_only.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, ImportError, AttributeError) as err:
-        # RuntimeError: torch's zip reader on a truncated file; the others: a file that is no pickle.
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint, truncated or foreign ({reason})") from None
-    if not isinstance(ckpt, dict) or not {"model", "config"} <= set(ckpt):
-        raise CheckpointError(f"{path}: not an eqrecon training checkpoint (no 'model'/'config' entries)")
-    return ckpt
-
-
 def load_method(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the trained method from a checkpoint written by train.loop; -> (method in eval mode, checkpoint)."""
     from model import build_method
     from train.config import from_dict
 
-    ckpt = _read_checkpoint(ckpt_path)
+    ckpt = checkpoint.read(ckpt_path, flag="")
     try:
         cfg = from_dict(ckpt["config"])
         method = build_method(cfg.model, cfg.data)

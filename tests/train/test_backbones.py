@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline.errors import CheckpointError, ExportError, ProbeError
-from train import export
+from train import checkpoint, export
 from train.backbones import load_backbone
 from train.main import main
 
@@ -43,7 +43,7 @@ def test_export_folder_and_checkpoint_give_the_same_backbone(trained):
     ckpt, folder = trained
     a, b = load_backbone(folder), load_backbone(ckpt)
     enc = export.load_method(ckpt)[0].encoder
-    cfg = export._read_checkpoint(ckpt)["config"]["data"]
+    cfg = checkpoint.read(ckpt)["config"]["data"]
     for bb in (a, b):
         assert (bb.pool, bb.num_prefix_tokens, bb.img_size, bb.d_inv) == ("avg", 1, 32, enc.d_inv)
         assert bb.mean == tuple(cfg["mean"]) and bb.std == tuple(cfg["std"])
@@ -100,7 +100,7 @@ def test_bad_specs_are_one_line_errors(tmp_path):
         (f"timm:vit_tiny_patch16_224:{tmp_path}/garbage.safetensors", ProbeError, "unreadable weights file"),
         (f"timm:vit_tiny_patch16_224:{tmp_path}/small.safetensors", ProbeError, "holds another architecture"),
         ("timm:test_resnet", ProbeError, "not a timm Vision Transformer"),
-        (str(tmp_path / "garbage.pt"), CheckpointError, "not a readable torch checkpoint"),
+        (str(tmp_path / "garbage.pt"), CheckpointError, "not a readable training checkpoint"),
         (str(tmp_path), ExportError, "not an export folder"),
     ]
     for spec, kind, words in cases:

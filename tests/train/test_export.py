@@ -13,7 +13,7 @@ import timm
 import torch
 from safetensors.torch import load_file, save_file
 
-from train import export
+from train import checkpoint, export
 from train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -64,7 +64,7 @@ def test_timm_local_dir_gives_the_trained_features(ckpts, exported, pool):
 
 
 def test_resolve_data_config_gives_the_trained_transform(ckpts, exported):
-    trained = export._read_checkpoint(ckpts["mean"])["config"]["data"]
+    trained = checkpoint.read(ckpts["mean"])["config"]["data"]
     model = timm.create_model(f"local-dir:{exported['mean']}", pretrained=True)
     cfg = timm.data.resolve_data_config(model=model)
     assert cfg["input_size"] == (3, 32, 32)  # not the architecture's 224
@@ -126,8 +126,8 @@ def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
 @pytest.mark.parametrize("kind, words", [
     ("missing", "no such checkpoint"),
     ("empty", "the file is empty"),
-    ("garbage", "not a readable torch checkpoint"),
-    ("truncated", "not a readable torch checkpoint"),
+    ("garbage", "not a readable training checkpoint"),
+    ("truncated", "not a readable training checkpoint"),
     ("foreign", "not an eqrecon training checkpoint"),
 ])
 def test_a_bad_checkpoint_is_one_line(ckpts, tmp_path, capsys, kind, words):
