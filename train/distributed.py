@@ -14,9 +14,12 @@ Strategies (`--dist.strategy`):
   in the method: the student's and the teacher's), then on the method itself, whose group holds the
   remaining parameters (patch embedding, heads, decoders, ...). Parameters, gradients and optimizer
   states are sharded over the ranks; a block's full weights exist only around its own forward and
-  backward. Mixed precision: parameters all-gathered in `dist.param_dtype` (auto = bf16 on CUDA, fp32
-  on CPU, where bf16 matmuls are slow), gradients reduced in `dist.reduce_dtype` (fp32), and the
-  sharded master weights and optimizer states stay fp32.
+  backward. Mixed precision: parameters all-gathered in `dist.param_dtype`, gradients reduced in
+  `dist.reduce_dtype` (fp32), and the sharded master weights and optimizer states stay fp32. auto =
+  bf16 when the forward runs under the loop's bf16 autocast (CUDA, `run.amp=bf16`), fp32 otherwise
+  (the CPU, where bf16 matmuls are slow). bf16 weights need that autocast: FSDP casts parameters but
+  not buffers (fixed position tables, BatchNorm statistics), and without autocast an fp32 buffer
+  meets a bf16 LayerNorm weight; so bf16 without it is a ConfigError.
 
 The EMA teacher of the DINO family (model/teacher.py) is sharded exactly like the student: its blocks
 get their own groups and its other tensors sit in the root group beside the student's, so every
@@ -69,7 +72,7 @@ class DistConfig:
 
     strategy: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and optimizer states sharded)
     fsdp_reshard_after_forward: bool = True  # free gathered block weights after forward (re-gather in backward)
-    param_dtype: str = "auto"  # fsdp compute dtype of the gathered weights: auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    param_dtype: str = "auto"  # fsdp dtype of the gathered weights: auto (bf16 under bf16 autocast, else fp32) | bf16 | fp32
     reduce_dtype: str = "fp32"  # fsdp gradient reduce-scatter dtype: fp32 | bf16
 
 
@@ -82,17 +85,23 @@ def check_dist_config(cfg: DistConfig) -> None:
             raise ConfigError(f"--{key}={value} is not one of {', '.join(allowed)}")
 
 
-def param_dtype(cfg: DistConfig, device: torch.device) -> torch.dtype:
+def param_dtype(cfg: DistConfig, amp: bool) -> torch.dtype:
+    """The FSDP compute dtype; amp = the forward runs under bf16 autocast (CUDA and run.amp=bf16)."""
     if cfg.param_dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if amp else torch.float32
+    if cfg.param_dtype == "bf16" and not amp:
+        raise ConfigError("--dist.param_dtype=bf16 needs the bf16 autocast of --run.amp=bf16 on a CUDA device "
+                          "(FSDP casts parameters, not buffers); use --dist.param_dtype=auto or fp32")
     return DTYPES[cfg.param_dtype]
 
 
 # --- wrapping -------------------------------------------------------------------------------------
 
 
-def wrap_model(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int) -> nn.Module:
-    """The method ready for training on `world_size` ranks (it must already be on `device`).
+def wrap_model(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int, *,
+               amp: bool = False) -> nn.Module:
+    """The method ready for training on `world_size` ranks (it must already be on `device`); amp:
+    the loop runs the forward under bf16 autocast (it picks FSDP's auto parameter dtype).
 
     One process: the method itself. DDP: a DistributedDataParallel around it. FSDP: the method itself,
     sharded in place (its class becomes an FSDPModule subclass; parameter names are unchanged).
@@ -107,17 +116,17 @@ def wrap_model(method: nn.Module, cfg: DistConfig, device: torch.device, world_s
             # Global-batch BatchNorm statistics in the expander, as VICReg trains (GPU-only in torch).
             method, ids = nn.SyncBatchNorm.convert_sync_batchnorm(method), [device.index]
         return nn.parallel.DistributedDataParallel(method, device_ids=ids)
-    return shard(method, cfg, device, world_size)
+    return shard(method, cfg, device, world_size, amp)
 
 
-def shard(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int) -> nn.Module:
+def shard(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int, amp: bool) -> nn.Module:
     """FSDP2: one group per transformer block (student's and teacher's), then the root for the rest."""
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, amp), reduce_dtype=DTYPES[cfg.reduce_dtype])
     blocks = [m for m in method.modules() if isinstance(m, Block)]
     if not blocks:
         raise ConfigError(f"--dist.strategy=fsdp shards a timm ViT per transformer block, but "
                           f"{type(method).__name__} holds no timm.models.vision_transformer.Block")
     mesh = init_device_mesh(device.type, (world_size,))
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, device), reduce_dtype=DTYPES[cfg.reduce_dtype])
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
     # The root's parameters are gathered at its forward and kept for backward (FSDP2's root default).
