@@ -24,10 +24,12 @@ Strategies (`--dist.strategy`):
 The EMA teacher of the DINO family (model/teacher.py) is sharded exactly like the student: its blocks
 get their own groups and its other tensors sit in the root group beside the student's, so every
 teacher parameter is a DTensor with the same placement and the same local shard as the student
-parameter it follows. `EMATeacher.update` then runs `torch._foreach_*` on those DTensors, which
-DTensor executes shard by shard with no communication (tests/train/test_distributed.py checks it
-against the formula). Its parameters never require gradients, so FSDP never reduces anything for
-them; their gathered copies are freed after the teacher's forward, as the student's are.
+parameter it follows. (The teacher gets no group of its own: the family calls its encoder's parts
+directly, never its forward, so such a group would never be gathered.) `EMATeacher.update` then
+runs `torch._foreach_*` on those DTensors, which DTensor executes shard by shard with no
+communication (tests/train/test_distributed.py checks it against the formula). Its parameters never
+require gradients, so FSDP reduces nothing for them; a teacher block's gathered weights are freed
+after its forward, and the root group (teacher's and student's alike) is gathered for the step.
 
 Checkpoints do not depend on the strategy: the state dicts are taken and set through
 `torch.distributed.checkpoint.state_dict` with full (unsharded) tensors offloaded to the CPU of rank 0,
@@ -173,12 +175,17 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
     """Collective: load a full state dict (every rank holds it) into the model, strictly; each rank
-    keeps its shard under FSDP. A missing or unexpected key is a CheckpointError naming them."""
-    want = set(get_model_state_dict(model, options=StateDictOptions(full_state_dict=False)))
-    missing, unexpected = sorted(want - set(state)), sorted(set(state) - want)
-    if missing or unexpected:
+    keeps its shard under FSDP. A missing or unexpected key, or a tensor of another shape, is a
+    CheckpointError naming them."""
+    mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))  # shards: no gather
+    missing, unexpected = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine.keys())
+    # A DTensor's shape is the full one, so this compares like with like under every strategy.
+    reshaped = [f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})" for k, v in mine.items()
+                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or reshaped:
         raise CheckpointError(f"{where} does not fit this model: missing {_few(missing)}, unexpected "
-                              f"{_few(unexpected)}; it was written for another preset or model config")
+                              f"{_few(unexpected)}, other shapes {_few(reshaped)}; it was written for another "
+                              "preset or model config")
     set_model_state_dict(model, state, options=LOAD_OPTIONS)
 
 
@@ -190,8 +197,8 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
     """Collective: load an optimizer state saved by optimizer_state_dict (or, from an older
     checkpoint, by `optimizer.state_dict()`, whose integer ids are translated to parameter names)."""
-    groups = state.get("param_groups", [])
-    if groups and groups[0]["params"] and isinstance(groups[0]["params"][0], int):
+    first = next((p for g in state.get("param_groups", []) for p in g["params"]), None)
+    if isinstance(first, int):
         state = _ids_to_names(unwrap(model), optimizer, state)
     set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
 

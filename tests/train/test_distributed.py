@@ -214,8 +214,10 @@ def test_a_state_of_another_model_is_a_checkpoint_error_naming_keys(tiny):
     _, method = tiny
     state = model_state_dict(method)
     state["encoder.extra.weight"] = state.pop("encoder.head.weight")
+    state["encoder.head.bias"] = state["encoder.head.bias"][:3]
     with pytest.raises(CheckpointError, match=r"run/ckpt/last.pt does not fit.*missing encoder.head.weight.*"
-                                              r"unexpected encoder.extra.weight"):
+                                              r"unexpected encoder.extra.weight, other shapes encoder.head.bias "
+                                              r"\(3,\) \(this model: \(128,\)\)"):
         load_model_state_dict(method, state, where="run/ckpt/last.pt")
 
 
