@@ -21,6 +21,7 @@ from model.config import ModelConfig
 from pipeline.batch import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.path import PathConfig
+from train.distributed import DistConfig, check_dist_config
 
 OPTIMIZERS = ("adamw", "apex_adam", "apex_lamb")
 
@@ -60,6 +61,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # --- presets: functions that edit a default Config ------------------------------------------------
@@ -286,6 +288,7 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
+    check_dist_config(cfg.dist)
     if cfg.run.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)

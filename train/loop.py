@@ -39,6 +39,16 @@ from tqdm import tqdm
 from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from train import checkpoint
 from train.config import Config, OptimConfig, to_dict
+from train.distributed import (
+    clip_grad_norm,
+    gathered,
+    is_sharded,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+    unwrap,
+)
 from train.provenance import git_sha, provenance
 
 
@@ -70,10 +80,6 @@ def set_cpu_threads(cfg: Config, device: torch.device, ranks_per_node: int = 1) 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // ranks_per_node - cfg.data.workers))
     return torch.get_num_threads()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 # --- optimizer and schedule -----------------------------------------------------------------------
@@ -159,10 +165,7 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
         mark("forward")
     out["loss"].backward()
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    if clip_grad > 0:
-        norm = nn.utils.clip_grad_norm_(params, clip_grad)
-    else:
-        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+    norm = clip_grad_norm(params, clip_grad)  # 0 = measure only; a plain tensor under FSDP too
     if pending:
         pending.wait()
         terms /= dist.get_world_size()
@@ -210,9 +213,11 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, sch
     Rank 0's outcome is broadcast, so a write that fails (full disk) stops every rank at this step
     with rank 0's error instead of leaving the others waiting in the next step's collective."""
     rngs, positions = gather(checkpoint.rng_state(), env), gather(loader.state_dict(), env)
+    # Collectives: full tensors on rank 0's CPU, the same keys under one process, DDP and FSDP.
+    model_state, optimizer_state = model_state_dict(model), optimizer_state_dict(model, optimizer)
     path, error = None, None
     if env.main:
-        state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+        state = {"model": model_state, "optimizer": optimizer_state,
                  "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
                  "loader": positions, "world_size": env.world_size, "config": to_dict(cfg),
                  "run_dir": str(run_dir.resolve()), "git_sha": git_sha()}
@@ -237,10 +242,9 @@ def restore(state: dict, path: str | Path, model: nn.Module, optimizer, schedule
     if state["world_size"] != env.world_size:
         raise CheckpointError(f"--resume {path} was written by {state['world_size']} ranks but this run has "
                               f"{env.world_size}: resume with --nproc_per_node={state['world_size']}")
-    method = unwrap(model)
-    checkpoint.check_architecture(state, method, path)
-    method.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    checkpoint.check_architecture(state, unwrap(model), path)
+    load_model_state_dict(model, state["model"], where=str(path))  # collectives; each rank keeps its shard
+    load_optimizer_state_dict(model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
@@ -252,9 +256,10 @@ def restore(state: dict, path: str | Path, model: nn.Module, optimizer, schedule
 
 
 @torch.no_grad()
-def save_recon_grid(method: nn.Module, batch, mean, std, path: Path, rows: int = 8) -> bool:
+def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows: int = 8) -> bool:
     """One row per sample: view 1, view 2, the K targets, the K' predictions, un-normalised to
-    [0, 1] at the target resolution. False when the method reconstructs nothing."""
+    [0, 1] at the target resolution. False when the method reconstructs nothing. path None: only
+    take part in the reconstruction (the other ranks under FSDP)."""
     from torchvision.utils import save_image
 
     was_training = method.training
@@ -263,8 +268,8 @@ def save_recon_grid(method: nn.Module, batch, mean, std, path: Path, rows: int =
         pred = method.reconstruct(batch)
     finally:
         method.train(was_training)
-    if pred is None:
-        return False
+    if pred is None or path is None:
+        return pred is not None
     n = min(rows, len(batch))
     size = pred.shape[-2:]
     views = [nn.functional.interpolate(v[:n].float(), size=size, mode="bilinear", antialias=True,
@@ -446,11 +451,13 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                         raise Preempted(f"stopped by signal {signal.Signals(preemption.caught or 15).name} "
                                         f"after step {step}; saved {saved or run_dir / 'ckpt'}; continue with "
                                         f"--resume {run_dir / 'ckpt' / 'last.pt'} (or --out {run_dir} --resume auto)")
-                    if env.main and (step % cfg.run.recon_every == 0 or step == stop):
+                    if (env.main or is_sharded(model)) and (step % cfg.run.recon_every == 0 or step == stop):
                         png = run_dir / "recon" / f"step-{step:06d}.png"
-                        save_recon_grid(method, batch, cfg.data.mean, cfg.data.std, png)
-                        _copy(png, run_dir / "recon.png")
-                        log.image(step, png)
+                        with gathered(model):  # FSDP: every rank runs the decoder, rank 0 writes
+                            save_recon_grid(method, batch, cfg.data.mean, cfg.data.std, png if env.main else None)
+                        if env.main:
+                            _copy(png, run_dir / "recon.png")
+                            log.image(step, png)
                     if step >= stop:
                         break
                     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from pipeline.errors import ConfigError, DataError, UserError, one_line
 from train.cli import parse_config
 from train.config import Config
+from train.distributed import unwrap, wrap_model
 from train.loop import Env, Preempted, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
 
 __all__ = ["build", "init_distributed", "main", "parse_config", "resolve_data"]
@@ -97,14 +98,9 @@ def build(cfg: Config, env: Env):
     loader = build_loader(cfg.data, env.rank, env.world_size, env.device)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg.model, cfg.data).to(env.device)
-    model = method
-    if env.world_size > 1:
-        ids = None
-        if env.device.type == "cuda":
-            # Global-batch BatchNorm statistics in the expander, as VICReg trains (GPU-only in torch).
-            method, ids = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method), [env.device.index]
-        model = torch.nn.parallel.DistributedDataParallel(method, device_ids=ids)
-    optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, env.device)
+    amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
+    model = wrap_model(method, cfg.dist, env.device, env.world_size, amp=amp)  # DDP or FSDP (cfg.dist)
+    optimizer = build_optimizer(cfg.optim, unwrap(model), cfg.data.batch_size, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, len(loader))
     return model, optimizer, scheduler, loader
 
