@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("vicreg", "sie", "xattn", "path")
-DECODERS = ("conv", "xattn", "xattn-path")
-
 
 @dataclass
 class ModelConfig:
@@ -29,4 +26,4 @@ class ModelConfig:
     std_coeff: float = 25.0
     cov_coeff: float = 1.0
     expander: tuple[int, ...] = (2048, 2048, 2048)  # VICReg expander MLP widths on pooled z_inv
-    sie_hidden: int = 256  # SIE hypernetwork hidden width
+    equi_factor: float = 4.5  # SIE: weight of the prediction MSE relative to sim_coeff (official default)

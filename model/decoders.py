@@ -213,29 +213,19 @@ class _ConvBranch(nn.Module):
         return self.convs(x)  # (B, 3, Ht, Wt)
 
 
-class SIEPredictor(nn.Module):
-    """SIE's hypernetwork: θ's g part -> a d_eq × d_eq matrix W(θ) that maps pooled z_eq(view 1) to a
-    prediction of pooled z_eq(view 2).
+class HyperPredictor(nn.Module):
+    """SIE's predictor (the official `ParametrizedNet` with a linear `HyperNet`, no biases, no
+    activation): a bias-free linear map of the transformation code t (B, T) to a d × d matrix
+    W(t), then pred = W(t) x. x (B, d), t (B, T) -> (B, d). T·d² parameters (d = 128, T = 13: 213 k)."""
 
-    W(θ) = I + MLP(θ_g / scale) / sqrt(d_eq): residual, so the predictor starts near the identity
-    (the right map for small transformations), and 1/sqrt(d_eq) keeps the residual's size
-    independent of d_eq.
-    theta_scale (G,) are the sampling half-ranges, so the MLP sees inputs of order 1.
-    """
-
-    def __init__(self, g_dim: int, d_eq: int, hidden: int, theta_scale: torch.Tensor):
+    def __init__(self, t_dim: int, d: int):
         super().__init__()
-        self.g_dim, self.d_eq = g_dim, d_eq
-        self.register_buffer("theta_scale", theta_scale.float().clone(), persistent=False)
-        self.net = nn.Sequential(
-            nn.Linear(g_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_eq * d_eq)
-        )
+        self.d = d
+        self.hypernet = nn.Linear(t_dim, d * d, bias=False)
 
-    def forward(self, z1: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """z1 (B, d_eq), theta (B, P ≥ G) -> prediction (B, d_eq)."""
-        delta = self.net(theta[:, : self.g_dim] / self.theta_scale)  # (B, d_eq²)
-        w = delta.reshape(-1, self.d_eq, self.d_eq) / math.sqrt(self.d_eq)  # (B, d_eq, d_eq)
-        return z1 + torch.bmm(w, z1[:, :, None])[:, :, 0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = self.hypernet(t).view(-1, self.d, self.d)  # (B, out, in), nn.Linear's layout
+        return torch.bmm(x[:, None], w.transpose(1, 2))[:, 0]  # x_i @ W_iᵀ
 
 
 def build_decoder(name: str, d_eq: int, grid: int, target_size: int, steps: int, cfg) -> nn.Module:
