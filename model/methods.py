@@ -28,6 +28,7 @@ from model.losses import sie_loss, vicreg_loss
 from pipeline.batch import Batch, DataConfig
 from pipeline.path import CROP1, CROP2, G_DIM, IDX, THETA_DIM, PathConfig
 
+RECON_REDUCTIONS = ("mean", "sum")
 TRANSFORM_DIM = G_DIM + 4 + 1  # SIE's transformation code: g, crop-box difference, flip difference
 
 # Parameters that weight decay should skip besides biases and norm weights (timm's convention).
@@ -157,6 +158,11 @@ class XAttn(VICReg):
         self.target_size, self.steps = self.target_geometry(data)
         name = self.decoder_name(cfg)
         check_decoder_config(name, cfg, self.grid, self.target_size)
+        if cfg.recon_reduction not in RECON_REDUCTIONS:
+            raise ValueError(f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
+                             f"{', '.join(RECON_REDUCTIONS)}")
+        if not 0 <= cfg.mask_ratio < 1:
+            raise ValueError(f"model.mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
         self.decoder = build_decoder(name, self.encoder.d_eq, self.grid, self.target_size, self.steps, cfg)
 
     def decoder_name(self, cfg: ModelConfig) -> str:
@@ -170,7 +176,10 @@ class XAttn(VICReg):
         return batch.view2[:, None]  # (B, 1, 3, H, W)
 
     def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
-        return {"loss/eq": self.decoder.loss(o1.z_eq, o2.z_eq, self.targets(batch), self.cfg.norm_pix)}
+        loss = self.decoder.loss(o1.z_eq, o2.z_eq, self.targets(batch), self.cfg.norm_pix)  # per pixel
+        if self.cfg.recon_reduction == "sum":  # per image: × the values of one target image
+            loss = loss * (3 * self.target_size**2)
+        return {"loss/eq": loss}
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> torch.Tensor:
