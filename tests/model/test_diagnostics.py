@@ -60,7 +60,7 @@ def test_recon_reduction_sum_is_per_image():
 
 
 def test_xattn_mask_ratio_hides_view_2_from_the_queries():
-    cfg, method = _build("xattn", "--model.mask_ratio=0.99")  # every one of the 16 query tokens
+    _, method = _build("xattn", "--model.mask_ratio=0.99")  # every one of the 16 query tokens
     dec = method.decoder.eval()
     z1, z2 = torch.randn(2, 16, method.encoder.d_eq), torch.randn(2, 16, method.encoder.d_eq)
     with torch.no_grad():
