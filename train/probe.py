@@ -71,6 +71,7 @@ class ProbeConfig:
     mask: str = "disc"  # disc | none: grey outside the central disc (removes the fill's corner cue)
     protocol: str = "fast"  # fast | sie (train.probe_fit.PROTOCOLS)
     hidden: int = 0  # MLP width; 0 = the protocol's
+    epochs: int = 0  # MLP training epochs; 0 = the protocol's
     test_fraction: float = 0.25  # of the source photos, held out for scoring
     group_by: str = "photo"  # photo: hold out whole source photos; image: single crops (leaks content)
     symmetry_threshold: float = SYMMETRY_THRESHOLD  # images more 90°-symmetric than this are dropped
@@ -93,7 +94,7 @@ class ProbeConfig:
 
     def fit(self):
         fit = PROTOCOLS[self.protocol]
-        return replace(fit, hidden=self.hidden) if self.hidden else fit
+        return replace(fit, hidden=self.hidden or fit.hidden, epochs=self.epochs or fit.epochs)
 
     def pairs_per_image(self, n_images: int) -> int:
         """Enough pairs per image that the train split (1 - test_fraction of the photos, less a margin
@@ -298,6 +299,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     eq.add_argument("--mask", default="disc", choices=MASKS, help="grey outside the central disc (default)")
     eq.add_argument("--protocol", default="fast", choices=tuple(PROTOCOLS), help="see train/probe_fit.py")
     eq.add_argument("--hidden", type=int, default=0, help="MLP width (0: the protocol's)")
+    eq.add_argument("--epochs", type=int, default=0, help="MLP epochs, early-stopped (0: the protocol's)")
     eq.add_argument("--group-by", default="photo", choices=("photo", "image"),
                     help="hold out whole source photos (default) or single images")
     eq.add_argument("--no-baselines", action="store_true", help="skip the random-init and pixel baselines")
@@ -345,7 +347,7 @@ def run(args: argparse.Namespace) -> dict:
         cfg = ProbeConfig(transforms=tuple(t for t in args.transforms.split(",") if t), size=size,
                           min_train_pairs=args.pairs, per_image=args.samples, seeds=_ints(args.seeds),
                           target=args.target, pool=args.pool, mask=args.mask, protocol=args.protocol,
-                          hidden=args.hidden, group_by=args.group_by, baselines=() if args.no_baselines else BASELINES,
+                          hidden=args.hidden, epochs=args.epochs, group_by=args.group_by, baselines=() if args.no_baselines else BASELINES,
                           batch_size=args.batch_size)
         cfg.check()
         record.update(equivariance(embedders_for(emb, cfg.baselines), samples, cfg, device, args.quiet))

@@ -85,11 +85,40 @@ def _probe(bb, samples, size: Size, device: torch.device, baselines: tuple[str, 
         emb = Embedder.from_backbone(bb, pool)
         emb.parts = tuple(p for p in emb.parts if p in ("all", "eq"))
         cfg = ProbeConfig(transforms=size.probe_families, size=size.img_size, min_train_pairs=size.probe_pairs,
-                          seeds=size.probe_seeds, target=target, pool=pool, baselines=baselines)
+                          seeds=size.probe_seeds, target=target, pool=pool, hidden=size.probe_hidden,
+                          baselines=baselines)
         models = embedders_for(emb, baselines)
         if baselines:  # the baseline pass probes only the baselines
             models.pop("backbone")
         out[f"{pool}/{target}"] = equivariance(models, samples, cfg, device, quiet=True)
+    return out
+
+
+def train_diagnostics(run: Path, batches: int = 4) -> dict:
+    """model.diagnostics (gradient ratio, own/other reconstruction MSE) of the trained model and of a
+    fresh init of the same config, averaged over the first `batches` batches of the training data."""
+    from dataclasses import replace
+
+    from model import build_method
+    from model.diagnostics import diagnostics
+    from pipeline import build_loader
+    from train.export import load_method
+
+    trained_method, ckpt = load_method(run / "ckpt" / "last.pt")
+    from train.config import from_dict
+
+    cfg = from_dict(ckpt["config"])
+    torch.manual_seed(cfg.run.seed)
+    fresh = build_method(cfg.model, cfg.data)
+    loader = build_loader(replace(cfg.data, loader="reference", workers=0), device="cpu")
+    out: dict = {"init": {}, "final": {}}
+    for i, batch in enumerate(loader):
+        if i == batches:
+            break
+        for name, method in (("init", fresh), ("final", trained_method)):
+            method.train()  # BatchNorm in the expanders: training statistics, as in a step
+            for k, v in diagnostics(method, batch).items():
+                out[name][k] = out[name].get(k, 0.0) + v / batches
     return out
 
 
@@ -106,6 +135,7 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
     bb = load_backbone(run / "ckpt" / "last.pt")
     samples = read_split(work / "probe", "train", size.probe_images)
     record = {"method": method, "seed": seed, "backbone": bb.name, "equivariance": _probe(bb, samples, size, device, ()),
+              "diagnostics": train_diagnostics(run),
               "provenance": provenance(device), "device_slug": device_slug(device),
               "probe_s": round(time.time() - start, 1)}
     out.write_text(json.dumps(record, indent=2) + "\n")

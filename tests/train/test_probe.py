@@ -323,7 +323,7 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
     path, _ = demo_checkpoint
     out = tmp_path / "eq.json"
     fast = ["--quiet"]
-    eq_fast = ["--hidden", "32", "--seeds", "0,1", "--pairs", "20", *fast]
+    eq_fast = ["--hidden", "32", "--epochs", "5", "--seeds", "0,1", "--pairs", "20", *fast]
     assert (
         probe.main(
             [
