@@ -139,8 +139,10 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
               "provenance": provenance(device), "device_slug": device_slug(device),
               "probe_s": round(time.time() - start, 1)}
     out.write_text(json.dumps(record, indent=2) + "\n")
-    rot = record["equivariance"]["mean/signed"]["results"].get("rotation", {}).get("backbone", {}).get("all", {})
-    log(f"probed {method} seed {seed} in {record['probe_s']} s: rotation R² (mean, signed) {rot.get('r2', float('nan')):.3f}")
+    setting, first = next(iter(record["equivariance"].items()))
+    family, by_model = next(iter(first["results"].items()))
+    log(f"probed {method} seed {seed} in {record['probe_s']} s: {family} R² ({setting}, backbone) "
+        f"{by_model['backbone']['all']['r2']:.3f}")
     return record
 
 
