@@ -8,6 +8,9 @@ Summary keys (DESIGN §3): the headline setting is the backbone's features ("all
     r2.pixels.<family>, r2.random.<family>           the sanity baselines on the same pairs
     r2.<method>.<family>.<pool>/<target>.<part>      every setting probed (and its r2_std twin)
     seeds, probe_seeds, pairs                        training seeds, probe seeds, train pairs per family
+    diag.<method>.<key>.<init|final>                 model.diagnostics (gradient ratio, own/other
+                                                     reconstruction MSE), mean over training seeds
+r2_std is null for a method trained with one seed only (the sweep).
 """
 
 from __future__ import annotations
@@ -48,12 +51,14 @@ def summarise(records: list[dict], baselines: dict) -> dict:
                     vals = [v["r2"] for r in mine if (v := _value(r["equivariance"], setting, family, "backbone", part))]
                     if not vals:
                         continue
-                    mean, std = float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-                    summary[f"r2.{method}.{family}.{setting}.{part}"] = round(mean, 4)
-                    summary[f"r2_std.{method}.{family}.{setting}.{part}"] = round(std, 4)
+                    # one training seed has no spread to report: null, not a misleading 0
+                    mean = round(float(np.mean(vals)), 4)
+                    std = round(float(np.std(vals, ddof=1)), 4) if len(vals) > 1 else None
+                    summary[f"r2.{method}.{family}.{setting}.{part}"] = mean
+                    summary[f"r2_std.{method}.{family}.{setting}.{part}"] = std
                     if (setting, part) == HEADLINE:
-                        summary[f"r2.{method}.{family}"] = round(mean, 4)
-                        summary[f"r2_std.{method}.{family}"] = round(std, 4)
+                        summary[f"r2.{method}.{family}"] = mean
+                        summary[f"r2_std.{method}.{family}"] = std
     for base in ("random", "pixels"):
         for setting in settings:
             for family in families:
@@ -64,6 +69,12 @@ def summarise(records: list[dict], baselines: dict) -> dict:
                 if setting == HEADLINE[0]:
                     summary[f"r2.{base}.{family}"] = round(v["r2"], 4)
                     summary[f"r2_std.{base}.{family}"] = round(v["r2_std"], 4)  # over probe seeds
+    for method in methods:
+        mine = [r for r in records if r["method"] == method and "diagnostics" in r]
+        for when in ("init", "final"):
+            for key in (mine[0]["diagnostics"][when] if mine else {}):
+                short = key.removeprefix("diag/")
+                summary[f"diag.{method}.{short}.{when}"] = round(float(np.mean([r["diagnostics"][when][key] for r in mine])), 5)
     first = records[0]["equivariance"][settings[0]]
     summary["seeds"] = sorted({r["seed"] for r in records})
     summary["probe_seeds"] = len(next(iter(next(iter(first["results"].values())).values()))["all"]["r2_seeds"])
@@ -97,7 +108,7 @@ def r2_chart(summary: dict, path: Path, title: str, family: str = "rotation") ->
             mean = summary.get(f"r2.{name}.{family}.{group}")
             if mean is None:
                 continue
-            std = summary.get(f"r2_std.{name}.{family}.{group}", 0.0)
+            std = summary.get(f"r2_std.{name}.{family}.{group}") or 0.0
             xa, xb = x0 + j * bar, x0 + (j + 1) * bar - 1
             d.rectangle([xa, min(y_of(0), y_of(mean)), xb, max(y_of(0), y_of(mean))], fill=COLOURS.get(name, (0, 0, 0)))
             xc = (xa + xb) / 2

@@ -95,6 +95,11 @@ def test_summary_names_follow_design():
     assert summary["r2_std.path.rotation"] == pytest.approx(np.std(mine, ddof=1), abs=1e-4)
     assert summary["r2.pixels.rotation"] == 0.6 and summary["r2.random.rotation"] == 0.3
     assert summary["seeds"] == [0, 1] and summary["pairs"] == 5000 and summary["probe_seeds"] == 3
+    one, _ = _records(seeds=(0,))
+    one[0]["diagnostics"] = {"init": {"diag/grad_ratio": 0.004}, "final": {"diag/grad_ratio": 0.05}}
+    single = science.summarise(one, baselines)
+    assert single["r2_std.path.rotation"] is None  # one training seed: no spread, not a fake 0
+    assert single["diag.vicreg.grad_ratio.init"] == 0.004 and single["diag.vicreg.grad_ratio.final"] == 0.05
 
 
 def test_r2_chart_is_a_png(tmp_path):
