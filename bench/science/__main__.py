@@ -82,8 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {path}")
         summary = json.loads(path.read_text())["summary"]
         for key, value in summary.items():
-            if key.startswith("r2"):
-                print(f"  {key:<34} {value:.3f}")
+            if key.startswith("r2") and value is not None:
+                print(f"  {key:<40} {value:.3f}")
     return 0
 
 

@@ -66,6 +66,7 @@ def summarise(records: list[dict], baselines: dict) -> dict:
                 if v is None:
                     continue
                 summary[f"r2.{base}.{family}.{setting}.all"] = round(v["r2"], 4)
+                summary[f"r2_std.{base}.{family}.{setting}.all"] = round(v["r2_std"], 4)  # over probe seeds
                 if setting == HEADLINE[0]:
                     summary[f"r2.{base}.{family}"] = round(v["r2"], 4)
                     summary[f"r2_std.{base}.{family}"] = round(v["r2_std"], 4)  # over probe seeds
