@@ -2,6 +2,6 @@
 
 from model.config import ModelConfig
 from model.encoder import SplitEncoder, SplitOutput
-from model.methods import METHODS, Method, build_method
+from model.methods import METHODS, VICReg, build_method
 
-__all__ = ["METHODS", "Method", "ModelConfig", "SplitEncoder", "SplitOutput", "build_method"]
+__all__ = ["METHODS", "ModelConfig", "SplitEncoder", "SplitOutput", "VICReg", "build_method"]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-METHODS = ("vicreg", "sie", "xattn", "path")
-DECODERS = ("conv", "xattn", "xattn-path")
-
 
 @dataclass
 class ModelConfig:
@@ -25,8 +22,10 @@ class ModelConfig:
     conv_width: int = 256  # conv decoder: channels after the linear layer (halved per x2 stage)
     lam: float = 1.0  # weight of the equivariant (reconstruction or SIE prediction) loss
     norm_pix: bool = False  # per-patch normalised reconstruction targets
+    recon_reduction: str = "mean"  # mean: per pixel; sum: per image, ‖û_k - u_k‖² as the path paper's Eq. 3
+    mask_ratio: float = 0.0  # xattn: fraction of view-2 query tokens replaced by a mask token (Siamese MAE)
     sim_coeff: float = 25.0  # VICReg invariance / variance / covariance weights
     std_coeff: float = 25.0
     cov_coeff: float = 1.0
     expander: tuple[int, ...] = (2048, 2048, 2048)  # VICReg expander MLP widths on pooled z_inv
-    sie_hidden: int = 256  # SIE hypernetwork hidden width
+    equi_factor: float = 4.5  # SIE: weight of the prediction MSE relative to sim_coeff (official default)

@@ -9,7 +9,9 @@ Patches are laid out (row, col, channel) inside each patch, MAE's order.
 - `conv`       (path paper) K independent decoders: a linear layer on [z1 | z2] per token, then conv
                layers with x2 upsampling from the token grid to the target size.
 - `xattn`      (cross-attention paper) block 1 cross-attention, Q from view-2 tokens, K/V from view-1
-               tokens; self-attention blocks after; reconstructs view 2 (K = 1).
+               tokens; self-attention blocks after; reconstructs view 2 (K = 1). With mask_ratio > 0,
+               that fraction of the queries is a mask token (Siamese MAE): without it the queries
+               already hold view 2 and the decoder can be an autoencoder that never reads view 1.
 - `xattn-path` (this project) one decoder for all K steps: Q = view-2 tokens + a learned embedding of
                step k, K/V = tokens of both views; the K steps run in one batched pass.
 All attention goes through kernels.cross_attention, so the Triton kernels swap in with the same
@@ -100,10 +102,16 @@ class XAttnDecoder(nn.Module):
     Positions: fixed 2D sin-cos embeddings (a non-persistent buffer: not in the state_dict).
     """
 
-    def __init__(self, d_in: int, width: int, depth: int, heads: int, grid: int, patch_dim: int):
+    def __init__(self, d_in: int, width: int, depth: int, heads: int, grid: int, patch_dim: int,
+                 mask_ratio: float = 0.0):
         super().__init__()
-        self.grid, self.steps = grid, 1
+        self.grid, self.steps, self.mask_ratio = grid, 1, mask_ratio
         self.embed = nn.Linear(d_in, width)
+        # Siamese-MAE reading of the cross-attention paper: masked query tokens carry no view-2
+        # content, so the decoder has to fetch it from view 1's keys/values.
+        self.mask_token = nn.Parameter(torch.zeros(width)) if mask_ratio > 0 else None
+        if self.mask_token is not None:
+            trunc_normal_(self.mask_token, std=0.02)
         pos = build_sincos2d_pos_embed([grid, grid], dim=width)  # (N, width)
         self.register_buffer("pos_embed", pos[None], persistent=False)
         self.blocks = nn.ModuleList([Block(width, heads, cross=(i == 0)) for i in range(depth)])
@@ -112,7 +120,17 @@ class XAttnDecoder(nn.Module):
 
     def queries_and_context(self, z1: torch.Tensor, z2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, N, d_eq) × 2 -> queries (B, K·N, width), context (B, Nk, width)."""
-        return self.embed(z2) + self.pos_embed, self.embed(z1) + self.pos_embed
+        return self.mask_queries(self.embed(z2)) + self.pos_embed, self.embed(z1) + self.pos_embed
+
+    def mask_queries(self, e2: torch.Tensor) -> torch.Tensor:
+        """Replace round(mask_ratio · N) random tokens of each sample by the mask token. (B, N, W)."""
+        if self.mask_token is None:
+            return e2
+        b, n, _ = e2.shape
+        n_mask = round(self.mask_ratio * n)
+        rank = torch.rand(b, n, device=e2.device).argsort(dim=1).argsort(dim=1)  # a random permutation
+        masked = (rank < n_mask)[..., None]  # (B, N, 1)
+        return torch.where(masked, self.mask_token.to(e2.dtype), e2)
 
     def hidden(self, z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
         """The normalised last hidden state: (B, N, d_eq) × 2 -> (B, K, N, width)."""
@@ -213,29 +231,19 @@ class _ConvBranch(nn.Module):
         return self.convs(x)  # (B, 3, Ht, Wt)
 
 
-class SIEPredictor(nn.Module):
-    """SIE's hypernetwork: θ's g part -> a d_eq × d_eq matrix W(θ) that maps pooled z_eq(view 1) to a
-    prediction of pooled z_eq(view 2).
+class HyperPredictor(nn.Module):
+    """SIE's predictor (the official `ParametrizedNet` with a linear `HyperNet`, no biases, no
+    activation): a bias-free linear map of the transformation code t (B, T) to a d × d matrix
+    W(t), then pred = W(t) x. x (B, d), t (B, T) -> (B, d). T·d² parameters (d = 128, T = 13: 213 k)."""
 
-    W(θ) = I + MLP(θ_g / scale) / sqrt(d_eq): residual, so the predictor starts near the identity
-    (the right map for small transformations), and 1/sqrt(d_eq) keeps the residual's size
-    independent of d_eq.
-    theta_scale (G,) are the sampling half-ranges, so the MLP sees inputs of order 1.
-    """
-
-    def __init__(self, g_dim: int, d_eq: int, hidden: int, theta_scale: torch.Tensor):
+    def __init__(self, t_dim: int, d: int):
         super().__init__()
-        self.g_dim, self.d_eq = g_dim, d_eq
-        self.register_buffer("theta_scale", theta_scale.float().clone(), persistent=False)
-        self.net = nn.Sequential(
-            nn.Linear(g_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, d_eq * d_eq)
-        )
+        self.d = d
+        self.hypernet = nn.Linear(t_dim, d * d, bias=False)
 
-    def forward(self, z1: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-        """z1 (B, d_eq), theta (B, P ≥ G) -> prediction (B, d_eq)."""
-        delta = self.net(theta[:, : self.g_dim] / self.theta_scale)  # (B, d_eq²)
-        w = delta.reshape(-1, self.d_eq, self.d_eq) / math.sqrt(self.d_eq)  # (B, d_eq, d_eq)
-        return z1 + torch.bmm(w, z1[:, :, None])[:, :, 0]
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = self.hypernet(t).view(-1, self.d, self.d)  # (B, out, in), nn.Linear's layout
+        return torch.bmm(x[:, None], w.transpose(1, 2))[:, 0]  # x_i @ W_iᵀ
 
 
 def build_decoder(name: str, d_eq: int, grid: int, target_size: int, steps: int, cfg) -> nn.Module:
@@ -244,7 +252,7 @@ def build_decoder(name: str, d_eq: int, grid: int, target_size: int, steps: int,
     if name == "conv":
         return ConvDecoder(d_eq, cfg.conv_width, grid, target_size, steps)
     if name == "xattn":
-        return XAttnDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim)
+        return XAttnDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, cfg.mask_ratio)
     if name == "xattn-path":
         return XAttnPathDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, steps)
     raise ValueError(f"unknown model.decoder {name!r}; choose from conv, xattn, xattn-path")

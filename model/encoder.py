@@ -8,6 +8,7 @@ the remaining `d_eq = d_patch - d_inv` channels of the patch tokens are the equi
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import timm
@@ -16,7 +17,34 @@ from torch import nn
 
 from model.config import ModelConfig
 
-POOLS = ("mean", "cls")
+POOLS = ("mean", "cls")  # for the SSL loss
+PROBE_POOLS = ("mean", "cls", "grid2", "tokens")  # for probes of frozen features
+
+
+def pool_tokens(tokens: torch.Tensor, n_prefix: int, pool: str) -> torch.Tensor:
+    """The pooling rule of the encoder and its probes: (B, prefix + N, C) -> (B, D).
+
+    mean   the mean of the N patch tokens (D = C)
+    cls    the class token (D = C)
+    grid2  the means of the 2×2 quadrants of the token grid, concatenated (D = 4C): keeps where
+           things are, which a global mean loses (e.g. the sign of a rotation)
+    tokens every patch token, flattened (D = N·C): nothing pooled away
+    """
+    patches = tokens[:, n_prefix:]  # (B, N, C)
+    if pool == "mean":
+        return patches.mean(dim=1)
+    if pool == "cls":
+        return tokens[:, 0]
+    if pool == "tokens":
+        return patches.flatten(1)
+    if pool == "grid2":
+        b, n, c = patches.shape
+        g = math.isqrt(n)
+        if g * g != n or g % 2:
+            raise ValueError(f"pool 'grid2' needs an even square token grid, got {n} tokens")
+        quads = patches.reshape(b, 2, g // 2, 2, g // 2, c).mean(dim=(2, 4))  # (B, 2, 2, C)
+        return quads.flatten(1)
+    raise ValueError(f"unknown pool {pool!r}; choose from {', '.join(PROBE_POOLS)}")
 
 
 class SplitOutput(NamedTuple):
@@ -71,10 +99,10 @@ class SplitEncoder(nn.Module):
         n_prefix = self.backbone.num_prefix_tokens
         if self.pool == "cls":
             z = self.head(tokens)  # (B, prefix + N, d_patch)
-            pooled, z = z[:, 0], z[:, n_prefix:]
+            pooled, z = pool_tokens(z, n_prefix, "cls"), z[:, n_prefix:]
         else:
             z = self.head(tokens[:, n_prefix:])  # (B, N, d_patch)
-            pooled = z.mean(dim=1)
+            pooled = pool_tokens(z, 0, "mean")
         return SplitOutput(
             z_inv_tokens=z[..., : self.d_inv],
             z_eq=z[..., self.d_inv :],

@@ -1,4 +1,4 @@
-"""Loss functions, pure: VICReg, SIE's equivariant prediction loss and the pixel-reconstruction MSE.
+"""Loss functions, pure: VICReg, SIE (its official composition) and the pixel-reconstruction MSE.
 
 Each returns a scalar (and, where there are several terms, a dict of the unweighted terms for
 logging). VICReg statistics run in fp32 outside autocast: bf16 covariance sums lose too much.
@@ -90,23 +90,47 @@ def vicreg_loss(
     return loss, terms
 
 
-def sie_loss(
-    pred: torch.Tensor, target: torch.Tensor, z1: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """SIE's equivariant loss (Garrido et al. 2023) on pooled z_eq.
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
 
-    pred (B, d_eq): the predictor's estimate of z_eq(view 2) from z_eq(view 1) and θ;
-    target (B, d_eq): z_eq(view 2) (not detached, as in SIE); z1 (B, d_eq): z_eq(view 1).
-    loss = sim · MSE(pred, target) + std · (V(z1) + V(target)) / 2 + cov · (C(z1) + C(target)).
-    Without the variance/covariance terms, z_eq collapsing to a constant would solve the prediction,
-    so the equivariant part gets the same regularisation VICReg gives the invariant one.
+
+def sie_loss(
+    x_inv: torch.Tensor,
+    y_inv: torch.Tensor,
+    x_eq: torch.Tensor,
+    y_eq: torch.Tensor,
+    pred: torch.Tensor,
+    sim: float = 10.0,
+    std: float = 10.0,
+    cov: float = 1.0,
+    equi_factor: float = 4.5,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """SIE (Garrido et al. 2023; the official `SIE.forward`) on projected embeddings.
+
+    x_inv, y_inv (B, Di): the invariant projections of views 1, 2; x_eq, y_eq (B, De): the equivariant
+    ones; pred (B, De): the predictor's estimate of y_eq from x_eq and the transformation.
+    Regularisation runs on the concatenations x = [x_inv | x_eq], y = [y_inv | y_eq], so the
+    cross-block covariances between the two parts are penalised too, and on the prediction's variance:
+
+        inv = sim · MSE(x_inv, y_inv) + std · (V(x) + V(y)) / 2 + cov · (C(x) + C(y))
+        eq  = equi_factor · sim · MSE(pred, y_eq) + std · V(pred) / 2
+    -> (inv, eq, unweighted terms); inv + eq is the official loss. Defaults: the official ones.
     """
-    with torch.autocast(device_type=z1.device.type, enabled=False):
-        pred, target, z1 = pred.float(), target.float(), z1.float()
-        std_term, cov_term = _variance_covariance(z1, target, "sie_loss")
-        terms = {"pred": F.mse_loss(pred, target), "std": std_term, "cov": cov_term}
-    loss = sim * terms["pred"] + std * terms["std"] + cov * terms["cov"]
-    return loss, terms
+    with torch.autocast(device_type=x_inv.device.type, enabled=False):
+        x_inv, y_inv, x_eq, y_eq, pred = (_at_least_fp32(t) for t in (x_inv, y_inv, x_eq, y_eq, pred))
+        x, y = torch.cat([x_inv, x_eq], dim=1), torch.cat([y_inv, y_eq], dim=1)
+        std_term, cov_term = _variance_covariance(x, y, "sie_loss")
+        pred_all = gather_batch(pred)
+        terms = {
+            "sim": F.mse_loss(x_inv, y_inv),
+            "pred": F.mse_loss(pred, y_eq),
+            "std": std_term,
+            "pred_std": variance_term(pred_all) / 2,
+            "cov": cov_term,
+        }
+    inv = sim * terms["sim"] + std * terms["std"] + cov * terms["cov"]
+    eq = equi_factor * sim * terms["pred"] + std * terms["pred_std"]
+    return inv, eq, terms
 
 
 def recon_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:

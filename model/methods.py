@@ -16,7 +16,7 @@ from torch import nn
 
 from model.config import ModelConfig
 from model.decoders import (
-    SIEPredictor,
+    HyperPredictor,
     build_decoder,
     check_decoder_config,
     denormalise_patches,
@@ -26,7 +26,10 @@ from model.decoders import (
 from model.encoder import SplitEncoder, SplitOutput
 from model.losses import sie_loss, vicreg_loss
 from pipeline.batch import Batch, DataConfig
-from pipeline.path import G_DIM, PathConfig
+from pipeline.path import CROP1, CROP2, G_DIM, IDX, THETA_DIM, PathConfig
+
+RECON_REDUCTIONS = ("mean", "sum")
+TRANSFORM_DIM = G_DIM + 4 + 1  # SIE's transformation code: g, crop-box difference, flip difference
 
 # Parameters that weight decay should skip besides biases and norm weights (timm's convention).
 NO_DECAY_NAMES = ("pos_embed", "cls_token", "reg_token", "dist_token", "step_embed", "view_embed")
@@ -45,8 +48,9 @@ def build_expander(d_in: int, widths: tuple[int, ...]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-class Method(nn.Module):
-    """VICReg on the pooled invariant part; subclasses add the equivariant part."""
+class VICReg(nn.Module):
+    """VICReg: the whole z is invariant, VICReg on it pooled; loss/eq is a zero tensor. The other
+    methods subclass it and add their equivariant part."""
 
     name = "vicreg"
     all_invariant = True
@@ -96,32 +100,52 @@ class Method(nn.Module):
         return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
 
 
-class VICReg(Method):
-    """VICReg: the whole z is invariant; loss/eq is a zero tensor."""
-
-
-class SIE(Method):
-    """SIE: VICReg on z_inv; a hypernetwork predictor from θ maps pooled z_eq(view 1) to z_eq(view 2)."""
+class SIE(VICReg):
+    """SIE as the official code composes it: the split z is projected per part (an invariant and an
+    equivariant expander, widths in proportion to the parts), regularised as one concatenated vector,
+    and a bias-free linear hypernetwork predicts the equivariant projection of view 2 from view 1's
+    and the transformation between the views (`transformation_code`)."""
 
     name = "sie"
     all_invariant = False
 
     def __init__(self, cfg: ModelConfig, data: DataConfig):
         super().__init__(cfg, data)
-        if cfg.sie_hidden <= 0:
-            raise ValueError(f"model.sie_hidden must be > 0, got {cfg.sie_hidden}")
-        self.predictor = SIEPredictor(G_DIM, self.encoder.d_eq, cfg.sie_hidden, theta_scale(data.aug))
+        enc = self.encoder
+        # The official code scales every expander width by the part's share of the representation.
+        share = lambda d: tuple(max(1, round(w * d / enc.d_patch)) for w in cfg.expander)
+        self.expander = build_expander(enc.d_inv, share(enc.d_inv))
+        self.expander_eq = build_expander(enc.d_eq, share(enc.d_eq))
+        d_pred = share(enc.d_eq)[-1] if cfg.expander else enc.d_eq
+        self.register_buffer("theta_scale", theta_scale(data.aug), persistent=False)
+        self.predictor = HyperPredictor(TRANSFORM_DIM, d_pred)
 
-    def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
-        if batch.theta.dim() != 2 or batch.theta.shape[1] < G_DIM:
-            raise ValueError(f"batch.theta has shape {tuple(batch.theta.shape)}, expected (B, P >= {G_DIM})")
+    def transformation_code(self, theta: torch.Tensor) -> torch.Tensor:
+        """θ (B, P) -> (B, TRANSFORM_DIM): g's parameters over their half-ranges, then the crop box
+        difference A2 - A1 and the flip difference flip2 - flip1 (what relates view 2 to view 1)."""
+        if theta.dim() != 2 or theta.shape[1] < THETA_DIM:
+            raise ValueError(f"batch.theta has shape {tuple(theta.shape)}, expected (B, {THETA_DIM})")
+        g = theta[:, :G_DIM] / self.theta_scale
+        crop = theta[:, CROP2] - theta[:, CROP1]
+        flip = theta[:, IDX["flip2"] : IDX["flip2"] + 1] - theta[:, IDX["flip1"] : IDX["flip1"] + 1]
+        return torch.cat([g, crop, flip], dim=1)
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
-        pred = self.predictor(o1.z_eq_pooled, batch.theta)
-        loss, terms = sie_loss(pred, o2.z_eq_pooled, o1.z_eq_pooled, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff)
-        return {"loss/eq": loss, **{f"loss/eq.{k}": v.detach() for k, v in terms.items()}}
+        o1, o2 = self.encode(batch)
+        # Each expander runs per view so that its BatchNorm statistics are per view.
+        x_inv, y_inv = self.expander(o1.z_inv), self.expander(o2.z_inv)
+        x_eq, y_eq = self.expander_eq(o1.z_eq_pooled), self.expander_eq(o2.z_eq_pooled)
+        pred = self.predictor(x_eq, self.transformation_code(batch.theta))
+        inv, eq, terms = sie_loss(x_inv, y_inv, x_eq, y_eq, pred, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff,
+                                  cfg.equi_factor)
+        out = {"loss/inv": inv, "loss/eq": eq}
+        out.update({f"loss/{'eq' if k.startswith('pred') else 'inv'}.{k}": v.detach() for k, v in terms.items()})
+        out["loss"] = inv + cfg.lam * eq
+        return out
 
 
-class XAttn(Method):
+class XAttn(VICReg):
     """Cross-attention reconstruction: VICReg on z_inv; the `xattn` decoder reconstructs view 2 (at
     data.img_size) from the z_eq tokens of both views (model.decoder is not consulted)."""
 
@@ -134,6 +158,11 @@ class XAttn(Method):
         self.target_size, self.steps = self.target_geometry(data)
         name = self.decoder_name(cfg)
         check_decoder_config(name, cfg, self.grid, self.target_size)
+        if cfg.recon_reduction not in RECON_REDUCTIONS:
+            raise ValueError(f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
+                             f"{', '.join(RECON_REDUCTIONS)}")
+        if not 0 <= cfg.mask_ratio < 1:
+            raise ValueError(f"model.mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
         self.decoder = build_decoder(name, self.encoder.d_eq, self.grid, self.target_size, self.steps, cfg)
 
     def decoder_name(self, cfg: ModelConfig) -> str:
@@ -147,7 +176,10 @@ class XAttn(Method):
         return batch.view2[:, None]  # (B, 1, 3, H, W)
 
     def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
-        return {"loss/eq": self.decoder.loss(o1.z_eq, o2.z_eq, self.targets(batch), self.cfg.norm_pix)}
+        loss = self.decoder.loss(o1.z_eq, o2.z_eq, self.targets(batch), self.cfg.norm_pix)  # per pixel
+        if self.cfg.recon_reduction == "sum":  # per image: × the values of one target image
+            loss = loss * (3 * self.target_size**2)
+        return {"loss/eq": loss}
 
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> torch.Tensor:
@@ -158,7 +190,7 @@ class XAttn(Method):
         return unpatchify(pred, self.grid)
 
 
-class Path(XAttn):
+class PathRecon(XAttn):
     """Transformed-image reconstruction along the augmentation path: the decoder (`conv` or
     `xattn-path`) reconstructs the K intermediate images u_k from the z_eq tokens of both views."""
 
@@ -183,7 +215,7 @@ class Path(XAttn):
         return batch.targets
 
 
-METHODS: dict[str, type[Method]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn, "path": Path}
+METHODS: dict[str, type[VICReg]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn, "path": PathRecon}
 
 
 def theta_scale(aug: PathConfig) -> torch.Tensor:
@@ -193,7 +225,7 @@ def theta_scale(aug: PathConfig) -> torch.Tensor:
     return path_theta_scale(aug)
 
 
-def build_method(cfg: ModelConfig, data: DataConfig) -> Method:
+def build_method(cfg: ModelConfig, data: DataConfig) -> VICReg:
     """The configured method, with its encoder at data.img_size and K = data.aug.k."""
     if cfg.method not in METHODS:
         raise ValueError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")

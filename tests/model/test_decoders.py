@@ -8,7 +8,7 @@ from model_testing import tiny_config
 from torch import nn
 
 from kernels import recon_loss_ref
-from model.decoders import ConvDecoder, SIEPredictor, build_decoder, patchify, unpatchify
+from model.decoders import ConvDecoder, HyperPredictor, build_decoder, patchify, unpatchify
 
 D_EQ, GRID = 64, 4
 
@@ -83,14 +83,12 @@ def test_loss_is_the_mse_of_the_predictions(name, steps, norm_pix):
     torch.testing.assert_close(dec.loss(z1, z2, targets, norm_pix), expected)
 
 
-def test_sie_predictor_is_linear_in_z_and_depends_on_theta():
-    pred = SIEPredictor(g_dim=8, d_eq=16, hidden=32, theta_scale=torch.ones(8))
-    z = torch.randn(4, 16)
-    theta_a, theta_b = torch.randn(4, 18), torch.randn(4, 18)
+def test_sie_predictor_is_bias_free_linear():
+    pred = HyperPredictor(t_dim=13, d=16)
+    assert sum(p.numel() for p in pred.parameters()) == 13 * 16 * 16  # no bias anywhere
+    z, t_a, t_b = torch.randn(4, 16), torch.randn(4, 13), torch.randn(4, 13)
     with torch.no_grad():
-        torch.testing.assert_close(pred(2 * z, theta_a), 2 * pred(z, theta_a))
-        assert not torch.allclose(pred(z, theta_a), pred(z, theta_b))
-        # only θ's g part (the first 8 entries) is read
-        theta_c = theta_a.clone()
-        theta_c[:, 8:] = 5.0
-        torch.testing.assert_close(pred(z, theta_c), pred(z, theta_a))
+        torch.testing.assert_close(pred(2 * z, t_a), 2 * pred(z, t_a))  # linear in z
+        torch.testing.assert_close(pred(z, 3 * t_a), 3 * pred(z, t_a))  # linear in the code
+        assert not torch.allclose(pred(z, t_a), pred(z, t_b))
+

@@ -38,7 +38,7 @@ def test_loss_terms(name):
     else:
         assert out["loss/eq"].item() > 0.0
     if name == "sie":
-        assert {"loss/eq.pred", "loss/eq.std", "loss/eq.cov"} <= set(out)
+        assert {"loss/eq.pred", "loss/eq.pred_std", "loss/inv.std", "loss/inv.cov"} <= set(out)
 
 
 @pytest.mark.parametrize(
@@ -202,3 +202,21 @@ def test_cuda_bf16_triton_matches_reference(name, monkeypatch):
         losses[mode] = out["loss/eq"].item(), out["loss"].item()
         assert all(torch.isfinite(p.grad).all() for p in method.parameters() if p.grad is not None)
     assert losses["triton"] == pytest.approx(losses["ref"], rel=2e-2, abs=1e-3)
+
+
+def test_sie_is_conditioned_on_g_and_on_the_crop_flip_difference():
+    from pipeline.path import CROP1, CROP2, IDX
+
+    cfg, method = _build("sie")
+    batch = make_batch(cfg)
+    code = method.transformation_code(batch.theta)
+    assert code.shape == (len(batch), 13)
+    torch.testing.assert_close(code[:, 8:12], batch.theta[:, CROP2] - batch.theta[:, CROP1])
+    torch.testing.assert_close(code[:, 12], batch.theta[:, IDX["flip2"]] - batch.theta[:, IDX["flip1"]])
+    # the same views with a different crop relation: another prediction
+    shifted = batch.theta.clone()
+    shifted[:, CROP2] += 0.1
+    x = torch.randn(len(batch), method.predictor.d)
+    with torch.no_grad():
+        assert not torch.allclose(method.predictor(x, code), method.predictor(x, method.transformation_code(shifted)))
+    assert all(p.bias is None for p in method.predictor.modules() if isinstance(p, torch.nn.Linear))

@@ -50,16 +50,43 @@ def test_vicreg_needs_two_samples():
         vicreg_loss(torch.randn(1, 8), torch.randn(1, 8))
 
 
-def test_sie_loss_terms():
-    z1, z2 = torch.randn(16, 8), torch.randn(16, 8)
-    loss, terms = sie_loss(z2, z2, z1, sim=2.0, std=3.0, cov=0.5)
-    assert terms["pred"].item() == 0.0
-    torch.testing.assert_close(terms["std"], (variance_term(z1) + variance_term(z2)) / 2)
-    torch.testing.assert_close(terms["cov"], covariance_term(z1) + covariance_term(z2))
-    torch.testing.assert_close(loss, 3.0 * terms["std"] + 0.5 * terms["cov"])
-    pred = z2 + 1
-    _, terms = sie_loss(pred, z2, z1)
-    assert terms["pred"].item() == pytest.approx(1.0)
+def test_sie_loss_and_predictor_match_the_official_code():
+    """Against tests/model/sie_official.py (SIE.forward and ParametrizedNet transcribed): loss, every
+    term and the gradients of every input and of the hypernetwork to 1e-6."""
+    import sie_official as official
+
+    from model.decoders import HyperPredictor
+
+    torch.manual_seed(0)
+    b, d_inv, d_eq, t_dim = 32, 24, 8, 13
+    inputs = [torch.randn(b, d, dtype=torch.float64, requires_grad=True) for d in (d_inv, d_inv, d_eq, d_eq)]
+    code = torch.randn(b, t_dim, dtype=torch.float64)
+    ours_pred = HyperPredictor(t_dim, d_eq).double()
+    args = official.default_args(b)
+    theirs_pred = official.ParametrizedNet(d_eq, t_dim, args).double()
+    theirs_pred.load_state_dict({"hypernet.net.0.weight": ours_pred.hypernet.weight.detach().clone()})
+
+    x_inv, y_inv, x_eq, y_eq = inputs
+    inv, eq, terms = sie_loss(x_inv, y_inv, x_eq, y_eq, ours_pred(x_eq, code))
+    want, want_terms = official.sie_forward_loss(args, x_inv, y_inv, x_eq, y_eq, theirs_pred, code)
+    torch.testing.assert_close(inv + eq, want, atol=1e-6, rtol=1e-6)
+    for ours, theirs in (("sim", "repr_loss_inv"), ("pred", "repr_loss_equi"), ("std", "std_loss"),
+                         ("pred_std", "pred_std_loss"), ("cov", "cov_loss")):
+        torch.testing.assert_close(terms[ours].double(), want_terms[theirs].double(), atol=1e-6, rtol=1e-6)
+    params_ours, params_theirs = [ours_pred.hypernet.weight], [theirs_pred.hypernet.net[0].weight]
+    got = torch.autograd.grad(inv + eq, inputs + params_ours)
+    expect = torch.autograd.grad(want, inputs + params_theirs)
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-6)
+    assert any(g.abs().sum() > 0 for g in got)  # the gradients are not trivially equal
+
+
+def test_sie_loss_is_zero_pred_when_the_prediction_is_exact():
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    _, eq, terms = sie_loss(x, x, y, y, y, sim=2.0, std=3.0, cov=0.5, equi_factor=1.0)
+    assert terms["pred"].item() == 0.0 and terms["sim"].item() == 0.0
+    torch.testing.assert_close(eq, 3.0 * terms["pred_std"])
+    torch.testing.assert_close(terms["std"], variance_term(torch.cat([x, y], 1)))
 
 
 def _two_rank_worker(rank: int, world: int, init_file: str, full: dict, results) -> None:

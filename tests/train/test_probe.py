@@ -1,6 +1,6 @@
-"""The probes: R² formulas, the MLP regressor on informative and uninformative features, linear and
-k-NN top-1 on a separable toy set, the equivariance probe end to end with synthetic backbones, loading
-a training checkpoint, and the CLI's results file on the demo photos."""
+"""The probes: R² formulas, the MLP regressor on informative and uninformative features, the pairs
+(path semantics, the disc mask, the symmetry filter), the baselines, the equivariance probe end to end
+with synthetic backbones, loading checkpoints and exports, and the CLI on the demo photos."""
 
 from __future__ import annotations
 
@@ -17,13 +17,15 @@ from sklearn.metrics import r2_score
 from torch import nn
 
 from model import build_method
+from pipeline import pairs as P
 from pipeline.path import IDX, PathConfig, sample_theta
 from pipeline.reference import apply_g, crop_resize, decode
-from train import probe
+from train import probe, probe_embed, probe_fit
 from train.config import load_config, to_dict
 
-# A narrower head than the protocol's 1024 keeps each fit around a second on a shared 2-core CPU.
-FAST = probe.FitConfig(hidden=128)
+# A narrower head than the protocol's keeps each fit around a second on a shared 2-core CPU.
+FAST = probe_fit.FitConfig(hidden=128, epochs=100, patience=15)
+CPU = torch.device("cpu")
 
 
 # Small matmuls on a CPU shared with other jobs run far faster on one thread than on two.
@@ -34,17 +36,17 @@ def test_r2_formulas_match_sklearn_and_sie():
     gen = torch.Generator().manual_seed(0)
     y = torch.randn(50, 3, generator=gen) * torch.tensor([1.0, 10.0, 0.1]) + torch.tensor([0.0, 5.0, -1.0])
     pred = y + 0.3 * torch.randn(50, 3, generator=gen)
-    assert probe.r2_per_dim(pred, y) == pytest.approx(
+    assert probe_fit.r2_per_dim(pred, y) == pytest.approx(
         r2_score(y.double().numpy(), pred.double().numpy()), abs=1e-9
     )
     sie = 1 - ((y - pred) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    assert probe.r2_global(pred, y) == pytest.approx(float(sie), abs=1e-6)
+    assert probe_fit.r2_global(pred, y) == pytest.approx(float(sie), abs=1e-6)
     # The two differ when the dimensions have different scales: the global mean inflates SS_tot.
-    assert probe.r2_global(pred, y) > probe.r2_per_dim(pred, y) + 0.05
+    assert probe_fit.r2_global(pred, y) > probe_fit.r2_per_dim(pred, y) + 0.05
     # 1-D: identical; a constant dimension predicted exactly scores 1 (scikit-learn's convention).
-    assert probe.r2_per_dim(pred[:, :1], y[:, :1]) == pytest.approx(probe.r2_global(pred[:, :1], y[:, :1]))
+    assert probe_fit.r2_per_dim(pred[:, :1], y[:, :1]) == pytest.approx(probe_fit.r2_global(pred[:, :1], y[:, :1]))
     const = torch.ones(10, 1)
-    assert probe.r2_per_dim(const, const) == 1.0
+    assert probe_fit.r2_per_dim(const, const) == 1.0
 
 
 def _pairs(n_images: int, per_image: int, d: int, gen: torch.Generator):
@@ -59,7 +61,7 @@ def test_regress_r2_near_one_when_features_encode_theta():
     theta, groups, base = _pairs(100, 6, 16, gen)
     mix = torch.randn(2, 16, generator=gen)
     f1, f2 = base, base + theta @ mix  # the pair's difference is a linear image of θ
-    out = probe.regress_r2(f1, f2, theta, groups, fit=FAST)
+    out = probe_fit.regress_r2(f1, f2, theta, groups, fit=FAST)
     assert out["r2"] > 0.95 and out["r2_sie"] > 0.95, out
     assert out["n_train"] + out["n_test"] == len(theta)
 
@@ -68,7 +70,7 @@ def test_regress_r2_near_zero_when_features_ignore_theta():
     gen = torch.Generator().manual_seed(2)
     theta, groups, base = _pairs(100, 6, 16, gen)
     f1, f2 = base, base + 0.5 * torch.randn(base.shape, generator=gen)
-    out = probe.regress_r2(f1, f2, theta, groups, fit=FAST)
+    out = probe_fit.regress_r2(f1, f2, theta, groups, fit=FAST)
     assert abs(out["r2"]) < 0.1 and abs(out["r2_sie"]) < 0.1, out
 
 
@@ -78,7 +80,7 @@ def test_regress_r2_splits_by_image():
     gen = torch.Generator().manual_seed(3)
     _, groups, base = _pairs(100, 6, 16, gen)
     per_image_theta = torch.rand(100, 2, generator=gen)[groups]
-    out = probe.regress_r2(base, base, per_image_theta, groups, fit=FAST)
+    out = probe_fit.regress_r2(base, base, per_image_theta, groups, fit=FAST)
     assert out["r2"] < 0.3, out
 
 
@@ -91,10 +93,10 @@ def test_linear_and_knn_top1_on_separable_toy_set():
         return centres[y] + torch.randn(len(y), 8, generator=gen), y
 
     (f_tr, y_tr), (f_va, y_va) = split(200), split(80)
-    assert probe.linear_top1(f_tr, y_tr, f_va, y_va) > 0.95
-    assert probe.knn_top1(f_tr, y_tr, f_va, y_va) > 0.95
+    assert probe_fit.linear_top1(f_tr, y_tr, f_va, y_va) > 0.95
+    assert probe_fit.knn_top1(f_tr, y_tr, f_va, y_va) > 0.95
     noise = torch.randn(f_va.shape, generator=gen)
-    assert probe.linear_top1(f_tr, y_tr, noise, y_va) < 0.6  # chance is 0.25
+    assert probe_fit.linear_top1(f_tr, y_tr, noise, y_va) < 0.6  # chance is 0.25
 
 
 # --- end to end: pairs rendered by the reference pipeline, embedded by synthetic backbones ---------
@@ -120,13 +122,13 @@ class Centroid(nn.Module):
     """Features that encode rotation and translation exactly: the intensity centroid (x, y) relative
     to the image centre, in pixels."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = x.mean(1)  # (B, 3, H, W) -> (B, H, W)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        m = x.float().mean(1)  # (B, 3, H, W) -> (B, H, W)
         H, W = m.shape[-2:]
         mass = m.sum((1, 2)).clamp_min(1e-6)
         cy = (m.sum(2) * (torch.arange(H) + 0.5)).sum(1) / mass
         cx = (m.sum(1) * (torch.arange(W) + 0.5)).sum(1) / mass
-        return torch.stack([cx - W / 2, cy - H / 2], dim=1)  # (B, 2)
+        return {"all": torch.stack([cx - W / 2, cy - H / 2], dim=1)}  # (B, 2)
 
 
 class Blind(nn.Module):
@@ -136,61 +138,113 @@ class Blind(nn.Module):
         super().__init__()
         self.gen = torch.Generator().manual_seed(0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.randn(len(x), 8, generator=self.gen)
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"all": torch.randn(len(x), 8, generator=self.gen)}
 
 
-def test_equivariance_probe_end_to_end_with_synthetic_backbones():
+def _cfg(**kw) -> probe.ProbeConfig:
+    base = {"size": 48, "per_image": 8, "seeds": (0, 1, 2), "aug": PathConfig(ref_size=48), "mask": "none",
+                "baselines": (), "group_by": "image"}
+    return probe.ProbeConfig(**(base | kw))
+
+
+def test_equivariance_probe_end_to_end_with_synthetic_backbones(monkeypatch):
+    monkeypatch.setitem(probe_fit.PROTOCOLS, "fast", FAST)
     samples = _blob_jpegs(40)
-    cfg = PathConfig(ref_size=48)  # translations of ±10 px at 48 px keep the blob inside the frame
-    exact = probe.equivariance(
-        Centroid(),
-        samples,
-        cfg,
-        48,
-        ("rotation", "translation"),
-        per_image=8,
-        fit=FAST,
-        quiet=True,
-        device=torch.device("cpu"),
-    )
-    assert exact["rotation"]["all"]["r2"] > 0.95, exact
-    assert exact["translation"]["all"]["r2"] > 0.98, exact
-    blind = probe.equivariance(
-        Blind(),
-        samples,
-        cfg,
-        48,
-        probe.TRANSFORMS,
-        per_image=8,
-        fit=FAST,
-        quiet=True,
-        device=torch.device("cpu"),
-    )
-    for family, by_part in blind.items():
-        assert abs(by_part["all"]["r2"]) < 0.1, (family, by_part)
+    # translations of ±10 px at 48 px keep the blob inside the frame
+    exact = probe.equivariance({"backbone": Centroid()}, samples, _cfg(transforms=("rotation", "translation")),
+                               CPU, quiet=True)
+    assert exact["pairs"] == {"images": 40, "photos": 40, "per_image": 8, "per_family": 320, "dropped_symmetric": 0}
+    assert exact["results"]["rotation"]["backbone"]["all"]["r2"] > 0.95, exact
+    assert exact["results"]["translation"]["backbone"]["all"]["r2"] > 0.98, exact
+    blind = probe.equivariance({"backbone": Blind()}, samples, _cfg(), CPU, quiet=True)
+    for family, by_model in blind["results"].items():
+        r = by_model["backbone"]["all"]
+        # ≈ 0 within the spread the table prints (3 seeds), and never far off
+        assert abs(r["r2"]) < max(0.1, 3 * r["r2_std"]) and len(r["r2_seeds"]) == 3, (family, r)
+
+
+def test_seeds_change_the_fit_not_the_pairs():
+    samples = _blob_jpegs(6)
+    cfg = PathConfig(ref_size=48)
+    a = P.render_pairs(samples, "rotation", cfg, 48, 4, seed=0)
+    b = P.render_pairs(samples, "rotation", cfg, 48, 4, seed=0)
+    assert torch.equal(a.x2, b.x2) and torch.equal(a.theta, b.theta)
+    gen = torch.Generator().manual_seed(0)
+    theta, groups, base = _pairs(40, 6, 16, gen)
+    f2 = base + theta @ torch.randn(2, 16, generator=gen) + 0.5 * torch.randn(base.shape, generator=gen)
+    runs = probe_fit.over_seeds(base, f2, theta, groups, FAST, (0, 1, 2))
+    assert len(set(runs["r2_seeds"])) == 3 and runs["r2_std"] > 0, runs
 
 
 def test_pairs_follow_the_path_semantics():
     samples = _blob_jpegs(3)
     cfg = PathConfig(ref_size=48)
-    x2, theta, group = next(probe.make_pairs(samples, "rotation", cfg, 48, per_image=4, seed=0))
-    assert x2.shape == (12, 3, 48, 48) and theta.shape == (12, 1)
-    assert group.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert theta.abs().max() <= cfg.rot_deg and theta.std() > 0
+    pairs = P.render_pairs(samples, "rotation", cfg, 48, per_image=4, seed=0, mask="none")
+    assert pairs.x2.shape == (12, 3, 48, 48) and pairs.theta.shape == (12, 1) and pairs.x1.shape == (3, 3, 48, 48)
+    assert pairs.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and pairs.anchor.tolist() == pairs.groups.tolist()
+    assert pairs.theta.abs().max() <= cfg.rot_deg and pairs.theta.std() > 0
     # Image 0's pairs are g_θ(centre view) for θ drawn by pipeline.path with only rotation active,
     # rendered by the reference pipeline: one semantics for training and probing.
     rot_only = replace(cfg, transforms=("rotation",))
     full = sample_theta(rot_only, torch.tensor([[48, 48]] * 4), torch.Generator().manual_seed(0))
-    assert torch.equal(theta[:4, 0], full[:, IDX["rot_deg"]])
+    assert torch.equal(pairs.theta[:4, 0], full[:, IDX["rot_deg"]])
     assert (full[:, IDX["tx_px"] : IDX["blur_sigma"] + 1] == 0).all()  # no other family leaks in
-    x = crop_resize(decode(samples[0][0]), probe.centre_box((48, 48)), False, 48)
-    assert torch.allclose(x2[:4], apply_g(x[None].expand(4, -1, -1, -1).contiguous(), full, rot_only))
+    x = crop_resize(decode(samples[0][0]), P.centre_box((48, 48)), False, 48)
+    want = apply_g(x[None].expand(4, -1, -1, -1).contiguous(), full, rot_only)
+    assert torch.allclose(pairs.x2[:4].float(), want, atol=2e-3)  # float16 storage
     # crop: the θ entries are A2's crop box (y0, x0, h, w) inside the image; flip: 0 or 1, both drawn.
-    _, box, _ = next(probe.make_pairs(samples, "crop", cfg, 48, per_image=4))
+    box = P.render_pairs(samples, "crop", cfg, 48, per_image=4).theta
     assert box.shape == (12, 4) and (box[:, 2:] > 0).all() and (box[:, :2] + box[:, 2:] <= 1 + 1e-6).all()
-    _, flip, _ = next(probe.make_pairs(samples, "flip", cfg, 48, per_image=8))
+    flip = P.render_pairs(samples, "flip", cfg, 48, per_image=8).theta
     assert set(flip.flatten().tolist()) == {0.0, 1.0}
+
+
+def test_disc_mask_removes_the_corner_cue():
+    # A flat grey-white image rotated with black fill: without the mask the corners' darkness grows
+    # with |φ|; with it, x' is the same for every φ (nothing but the disc is left, and it is flat).
+    buf = io.BytesIO()
+    Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(buf, "JPEG", quality=95)
+    samples = [(buf.getvalue(), 0)]
+    cfg = PathConfig(ref_size=48)
+    plain = P.render_pairs(samples, "rotation", cfg, 48, 16, mask="none")
+    corner_dark = 1 - plain.x2.float()[:, :, :6, :6].mean((1, 2, 3))
+    assert torch.corrcoef(torch.stack([corner_dark, plain.theta[:, 0].abs()]))[0, 1] > 0.8
+    masked = P.render_pairs(samples, "rotation", cfg, 48, 16, mask="disc")
+    inside = P.disc_mask(48)
+    assert (masked.x2.float()[:, :, ~inside] == P.MASK_FILL).all()
+    # bilinear blending at the disc's rim leaves a thin ring; the rest of the disc does not depend on φ
+    c = torch.arange(48) + 0.5 - 24
+    core = c[:, None] ** 2 + c[None, :] ** 2 < 22**2
+    assert (masked.x2.float()[:, :, core].std(0) < 0.02).all()
+
+
+def test_symmetric_images_are_dropped_by_a_measured_test():
+    chess = ((np.arange(64)[:, None] // 8 + np.arange(64)[None] // 8) % 2 * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(chess).convert("RGB").save(buf, "JPEG", quality=95)
+    samples = _blob_jpegs(3) + [(buf.getvalue(), 0)]
+    kept, dropped = P.drop_symmetric(samples, 64)
+    assert dropped == [3] and len(kept) == 3
+
+
+def test_targets_per_family():
+    theta = torch.tensor([[30.0], [-30.0]])
+    assert torch.equal(P.targets("rotation", theta, "abs"), torch.tensor([[30.0], [30.0]]))
+    sc = P.targets("rotation", theta, "sincos")
+    assert torch.allclose(sc, torch.tensor([[0.5, 3**0.5 / 2], [-0.5, 3**0.5 / 2]]), atol=1e-6)
+    assert torch.equal(P.targets("blur", theta, "sincos"), theta)  # sincos is rotation's only
+
+
+@pytest.mark.slow
+def test_pixel_baseline_reads_rotation_on_the_demo_photos(demo_shards):
+    """The pixel baseline with the default pair count, held out by image: > 0.5 on rotation. (Held
+    out by source photo, 6 training photos are too few for raw pixels: R² ≈ 0 there, see the README.)"""
+    samples = probe.read_split(demo_shards, "train") + probe.read_split(demo_shards, "val")
+    cfg = probe.ProbeConfig(transforms=("rotation",), size=64, seeds=(0,), group_by="image", baselines=())
+    out = probe.equivariance({"pixels": probe_embed.PixelEmbedder()}, samples, cfg, CPU, quiet=True)
+    r = out["results"]["rotation"]["pixels"]["all"]
+    assert r["n_train"] >= 5000 and r["r2"] > 0.5, r
 
 
 # --- backbones from training checkpoints, the CLI and its results file -----------------------------
@@ -209,20 +263,21 @@ def demo_checkpoint(tmp_path_factory):
 
 def test_checkpoint_parts_match_the_encoder(demo_checkpoint):
     path, method = demo_checkpoint
-    loaded = probe.load_backbone(path)
-    assert loaded.model.parts == ("all", "inv", "eq") and loaded.data.img_size == 64
+    bb = probe_embed.load_backbone(path)
+    emb = probe_embed.Embedder.from_backbone(bb)
+    assert emb.parts == ("all", "inv", "eq") and bb.img_size == 64
     x = torch.rand(2, 3, 64, 64)
-    out = loaded.model(x)
+    out = emb(x)
     with torch.no_grad():
-        split = method.encoder.eval()(probe_normalise(x, loaded.data))
+        split = method.encoder.eval()(probe_normalise(x, bb))
     # The probe's inv/eq features are exactly the encoder's pooled z_inv / z_eq.
     assert torch.allclose(out["inv"], split.z_inv, atol=1e-5)
     assert torch.allclose(out["eq"], split.z_eq_pooled, atol=1e-5)
     assert out["all"].shape == (2, method.encoder.embed_dim)
 
 
-def probe_normalise(x, data):
-    mean, std = torch.tensor(data.mean).view(1, 3, 1, 1), torch.tensor(data.std).view(1, 3, 1, 1)
+def probe_normalise(x, bb):
+    mean, std = torch.tensor(bb.mean).view(1, 3, 1, 1), torch.tensor(bb.std).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -231,34 +286,44 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
 
     path, _ = demo_checkpoint
     x = torch.rand(2, 3, 64, 64)
-    want = probe.load_backbone(path).model(x)
+    load = lambda p, pool="mean": probe_embed.Embedder.from_backbone(probe_embed.load_backbone(p), pool)
+    want = load(path)(x)
     export(path, tmp_path / "plain.safetensors")
-    plain = probe.load_backbone(tmp_path / "plain.safetensors")
-    assert plain.model.parts == ("all",) and plain.data.img_size == 64
-    assert torch.allclose(plain.model(x)["all"], want["all"], atol=1e-5)
+    plain = load(tmp_path / "plain.safetensors")
+    assert plain.parts == ("all",) and probe_embed.load_backbone(tmp_path / "plain.safetensors").img_size == 64
+    assert torch.allclose(plain(x)["all"], want["all"], atol=1e-5)
     export(path, tmp_path / "headed.safetensors", with_head=True)
-    headed = probe.load_backbone(tmp_path / "headed.safetensors").model
+    headed = load(tmp_path / "headed.safetensors")
     assert headed.parts == ("all", "inv", "eq")
     got = headed(x)
     assert all(torch.allclose(got[p], want[p], atol=1e-5) for p in ("all", "inv", "eq"))
+    # the other poolings: grid2 = four quadrant means, tokens = every patch token
+    grid, tokens = load(path, "grid2")(x), load(path, "tokens")(x)
+    assert grid["all"].shape == (2, 4 * 192) and tokens["eq"].shape == (2, 64 * (want["eq"].shape[1]))
+    assert torch.allclose(grid["all"].reshape(2, 4, -1).mean(1), want["all"], atol=1e-5)
+    # the random twin: same architecture and split, other weights
+    twin = probe_embed.random_twin(headed)
+    assert twin.parts == headed.parts and not torch.allclose(twin(x)["all"], got["all"])
 
 
 def test_bad_backbone_files_give_one_line_errors(tmp_path):
     with pytest.raises(probe.ProbeError, match="no such file"):
-        probe.load_backbone(tmp_path / "missing.pt")
+        probe_embed.load_backbone(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(probe.ProbeError, match="not a readable torch checkpoint"):
-        probe.load_backbone(junk)
+        probe_embed.load_backbone(junk)
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(probe.ProbeError, match="needs 'model' and 'config'"):
-        probe.load_backbone(tmp_path / "other.pt")
+        probe_embed.load_backbone(tmp_path / "other.pt")
 
 
+@pytest.mark.slow
 def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys):
     path, _ = demo_checkpoint
     out = tmp_path / "eq.json"
-    fast = ["--hidden", "64", "--epochs", "5", "--quiet"]
+    fast = ["--quiet"]
+    eq_fast = ["--hidden", "32", "--epochs", "5", "--seeds", "0,1", "--pairs", "20", *fast]
     assert (
         probe.main(
             [
@@ -275,20 +340,22 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
                 "2",
                 "--out",
                 str(out),
-                *fast,
+                *eq_fast,
             ]
         )
         == 0
     )
     record = json.loads(out.read_text())
-    assert record["what"] == "probe-equivariance" and record["images"] == 16
+    assert record["what"] == "probe-equivariance" and record["pairs"]["images"] == 16
+    assert record["pairs"]["photos"] == 8 and record["pairs"]["per_family"] == 32
     assert set(record["results"]) == {"rotation", "crop"}
-    for by_part in record["results"].values():
-        assert set(by_part) == {"all", "inv", "eq"}
-        for r in by_part.values():
-            assert set(r) == {"r2", "r2_sie", "n_train", "n_test"} and r["r2"] <= 1 and r["r2_sie"] <= 1
-            assert r["n_train"] + r["n_test"] == 32
-    assert "rotation" in capsys.readouterr().out  # the table
+    for by_model in record["results"].values():
+        assert set(by_model) == {"backbone", "random", "pixels"} and set(by_model["pixels"]) == {"all"}
+        assert set(by_model["backbone"]) == {"all", "inv", "eq"}
+        for r in by_model["backbone"].values():
+            assert r["r2"] <= 1 and len(r["r2_seeds"]) == 2 and r["n_train"] + r["n_test"] == 32
+    printed = capsys.readouterr().out  # the table, with its pair count and the sanity rows
+    assert "16 images of 8 source photos x 2 = 32 per family" in printed and "random" in printed
 
     out = tmp_path / "lin.json"
     assert (
