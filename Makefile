@@ -41,10 +41,10 @@ test-fast: setup
 train: setup
 	@$(PY) -c "from pipeline.demo import ensure_demo_shards; print('demo shards:', ensure_demo_shards())"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py --preset demo --out $(RUN) $(TRAIN_ARGS)
-	$(PY) train/export.py --ckpt $(RUN)/ckpt/last.pt --out $(RUN)/backbone.safetensors --with-head
-	$(PY) train/probe.py equivariance --backbone $(RUN)/backbone.safetensors --split train,val --samples 8 --epochs 50 --out $(RUN)/probe-equivariance.json
+	$(PY) train/export.py --ckpt $(RUN)/ckpt/last.pt --out $(RUN)/backbone
+	$(PY) train/probe.py equivariance --backbone $(RUN)/backbone --split train,val --transforms rotation,translation --part all,eq --out $(RUN)/probe-equivariance.json
 	@echo ""
 	@echo "run:             $(RUN)  (config.json, metrics.jsonl, ckpt/last.pt)"
-	@echo "reconstructions: $(RUN)/recon.png  (rows: view 1 | view 2 | targets | predictions)"
+	@echo "reconstructions: $(RUN)/recon.png  (rows: view 1 | view 2 | targets | predictions | |prediction - target|)"
 	@echo "probe (R²):      $(RUN)/probe-equivariance.json"
-	@echo "backbone:        $(RUN)/backbone.safetensors + $(RUN)/backbone.json (timm.create_model, see train/export.py)"
+	@echo "backbone:        $(RUN)/backbone/  (timm.create_model(\"local-dir:$(RUN)/backbone\", pretrained=True))"

@@ -51,6 +51,7 @@ class RunConfig:
     recon_every: int = 200  # reconstruction grid PNG every N steps (and at the end)
     keep_ckpts: int = 2  # step checkpoints kept besides ckpt/last.pt
     threads: int = 0  # torch CPU threads per rank; 0 = auto (on a CPU device: cores per rank minus data workers)
+    diagnostics: bool = True  # diag/* every log_every steps: grad ratio ‖∇λL_eq‖/‖∇L_inv‖, recon MSE own/other step (1 fwd + 2 bwd)
     tensorboard: bool = False  # also write the scalars and the recon grid to RUN/tensorboard (pip install eqrecon[tb])
 
 
@@ -110,9 +111,24 @@ def _only_views(cfg: Config) -> None:
     cfg.data.aug.k = 0
 
 
+def _sie(cfg: Config) -> None:
+    """SIE with its official loss weights: invariance and variance 10 (VICReg's 25 times equi_factor
+    4.5 would weigh the prediction term 112.5)."""
+    cfg.model.method = "sie"
+    cfg.model.sim_coeff, cfg.model.std_coeff = 10.0, 10.0
+    _only_views(cfg)
+
+
 @preset("demo")
 def _demo(cfg: Config) -> None:
-    """The default: embedded photos, tiny ViT at 64 px, `path` with the xattn-path decoder, 300 steps on a CPU."""
+    """The default: embedded photos, tiny ViT at 64 px, `path` with the paper's conv decoder, 300 steps on a CPU."""
+    _demo_base(cfg)
+    cfg.model.method, cfg.model.decoder = "path", "conv"
+
+
+@preset("demo-xattn-path")
+def _demo_xattn_path(cfg: Config) -> None:
+    """The demo with our own decoder for `path`: one cross-attention decoder shared by all K steps."""
     _demo_base(cfg)
     cfg.model.method, cfg.model.decoder = "path", "xattn-path"
 
@@ -129,8 +145,7 @@ def _demo_vicreg(cfg: Config) -> None:
 def _demo_sie(cfg: Config) -> None:
     """The demo setting with SIE (a hypernetwork predicts z_eq of view 2 from view 1 and θ)."""
     _demo_base(cfg)
-    cfg.model.method = "sie"
-    _only_views(cfg)
+    _sie(cfg)
 
 
 @preset("demo-xattn")
@@ -153,8 +168,7 @@ def _vits16_vicreg(cfg: Config) -> None:
 def _vits16_sie(cfg: Config) -> None:
     """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with SIE."""
     _vits16_base(cfg)
-    cfg.model.method = "sie"
-    _only_views(cfg)
+    _sie(cfg)
 
 
 @preset("vits16-xattn")
@@ -167,7 +181,15 @@ def _vits16_xattn(cfg: Config) -> None:
 
 @preset("vits16-path")
 def _vits16_path(cfg: Config) -> None:
-    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with path, K = 2."""
+    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with path, K = 2,
+    and the paper's decoder (K independent linear + 4-conv decoders)."""
+    _vits16_base(cfg)
+    cfg.model.method, cfg.model.decoder = "path", "conv"
+
+
+@preset("vits16-xattn-path")
+def _vits16_xattn_path(cfg: Config) -> None:
+    """The papers' setting with path and our cross-attention decoder shared by all K steps (the fused kernels)."""
     _vits16_base(cfg)
     cfg.model.method, cfg.model.decoder = "path", "xattn-path"
 
@@ -269,7 +291,7 @@ def check(cfg: Config) -> None:
                 "model.patch_size": cfg.model.patch_size, "optim.epochs": cfg.optim.epochs,
                 "optim.base_lr": cfg.optim.base_lr, "run.log_every": cfg.run.log_every,
                 "run.ckpt_every": cfg.run.ckpt_every, "run.recon_every": cfg.run.recon_every,
-                "run.keep_ckpts": cfg.run.keep_ckpts, "model.sie_hidden": cfg.model.sie_hidden}
+                "run.keep_ckpts": cfg.run.keep_ckpts}
     for key, value in positive.items():
         if not value > 0:  # also catches nan
             raise ConfigError(f"--{key}={value} must be positive")

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
+from model.diagnostics import diagnostics, difference_images
 from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from train import checkpoint
 from train.config import Config, OptimConfig, to_dict
@@ -257,8 +258,8 @@ def restore(state: dict, path: str | Path, model: nn.Module, optimizer, schedule
 
 @torch.no_grad()
 def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows: int = 8) -> bool:
-    """One row per sample: view 1, view 2, the K targets, the K' predictions, un-normalised to
-    [0, 1] at the target resolution. False when the method reconstructs nothing. path None: only
+    """One row per sample: view 1, view 2, the K targets, the K' predictions and |prediction -
+    target| per step, un-normalised to [0, 1] at the target resolution. False when the method reconstructs nothing. path None: only
     take part in the reconstruction (the other ranks under FSDP)."""
     from torchvision.utils import save_image
 
@@ -274,11 +275,14 @@ def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows
     size = pred.shape[-2:]
     views = [nn.functional.interpolate(v[:n].float(), size=size, mode="bilinear", antialias=True,
                                        align_corners=False) for v in (batch.view1, batch.view2)]
-    # (n, 3, Ht, Wt) x 2 + (n, K, 3, Ht, Wt) + (n, K', 3, Ht, Wt) -> (n, 2 + K + K', 3, Ht, Wt)
+    targets = method.targets(batch)[:n].float()  # what each prediction is scored against
+    m = torch.tensor(mean, device=pred.device).view(1, 1, 3, 1, 1)
+    s = torch.tensor(std, device=pred.device).view(1, 1, 3, 1, 1)
+    # |prediction - its own target| in pixel units: a decoder that ignores the step shows it here
+    diff = difference_images(pred[:n] * s, targets * s).clamp(0, 1)
+    # (n, 3, Ht, Wt) x 2 + (n, K, ...) targets + (n, K', ...) predictions -> (n, 2 + K + K', 3, Ht, Wt)
     cells = torch.cat([torch.stack(views, 1), batch.targets[:n].float(), pred[:n].float()], 1)
-    m = torch.tensor(mean, device=cells.device).view(1, 1, 3, 1, 1)
-    s = torch.tensor(std, device=cells.device).view(1, 1, 3, 1, 1)
-    cells = (cells * s + m).clamp(0, 1)
+    cells = torch.cat([(cells * s + m).clamp(0, 1), diff], 1)  # + (n, K', ...) differences
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
     return True
@@ -442,6 +446,10 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                                        clip_grad=cfg.optim.clip_grad, amp=amp)
                     step, yielded = step + 1, yielded + 1
                     t_step = time.perf_counter() - t0
+                    if cfg.run.diagnostics and step % cfg.run.log_every == 0 and not is_sharded(model):
+                        # Every rank (the SSL losses all-gather); rank 0 logs its own values.
+                        with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
+                            terms.update(diagnostics(method, batch))
                     preempted = preemption.agreed(env) and step < stop  # at the last step: just finish
                     log.step(step, epoch, lr, terms, t_step, t_data,
                              write=step % cfg.run.log_every == 0 or step == stop or preempted)

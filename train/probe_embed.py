@@ -1,7 +1,8 @@
 """What the probes embed with: a frozen backbone split like `model.encoder.SplitEncoder`, its
-random-init twin, and raw pixels; and the one function that loads a backbone file.
+random-init twin, and raw pixels. Backbones are loaded by train/backbones.py (an export folder, a
+training checkpoint, or timm:NAME[:WEIGHTS]).
 
-    bb = load_backbone("runs/demo/backbone.safetensors")     # or RUN/ckpt/last.pt
+    bb = load_backbone("runs/demo/backbone")     # or RUN/ckpt/last.pt, or timm:vit_small_patch16_224:w.pth
     emb = Embedder.from_backbone(bb, pool="grid2")
     feats = embed(emb, images, batch_size=256, device=device)  # {part: (N, D)}
 
@@ -15,10 +16,6 @@ area-downsampled to 16×16.
 from __future__ import annotations
 
 import copy
-import json
-import pickle
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,24 +23,10 @@ from torch import nn
 
 from model.encoder import PROBE_POOLS, pool_tokens
 from pipeline.errors import ProbeError
+from train.backbones import Backbone, load_backbone  # noqa: F401 (the probes' one loader, re-exported)
 
 PARTS = ("all", "inv", "eq")
 PIXEL_SIZE = 16
-
-
-@dataclass
-class Backbone:
-    """A loaded backbone, the fields of train/backbones.py's `Backbone` that the probes read."""
-
-    model: nn.Module  # timm ViT: forward_features -> (B, prefix + N, C)
-    head: nn.Linear | None  # the split head on every token, when known
-    d_inv: int  # z[..., :d_inv] invariant, z[..., d_inv:] equivariant
-    pool: str  # "avg" | "token": how it was pooled in training
-    num_prefix_tokens: int
-    img_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    name: str  # one line for reports: file, method, step
 
 
 class Embedder(nn.Module):
@@ -114,86 +97,3 @@ def embed(model: nn.Module, images: torch.Tensor, batch_size: int, device: torch
         if bar is not None:
             bar.update(len(chunk))
     return {part: torch.cat(f) for part, f in out.items()}
-
-
-# --------------------------------------------------------------------------------------- loading
-
-
-def load_backbone(path: str | Path) -> Backbone:
-    """A training checkpoint (`RUN/ckpt/*.pt`) or an export (`*.safetensors` + its JSON) -> Backbone.
-
-    The one place the probes read backbone files (train/backbones.py's `load_backbone` can replace it).
-    """
-    path = Path(path)
-    if not path.exists():
-        raise ProbeError(f"--backbone {path}: no such file")
-    if path.suffix in (".pt", ".pth"):
-        return _load_checkpoint(path)
-    if path.suffix == ".safetensors":
-        return _load_export(path)
-    raise ProbeError(f"--backbone {path}: expected a training checkpoint (.pt) or an export (.safetensors)")
-
-
-def _load_checkpoint(path: Path) -> Backbone:
-    from model import build_method
-    from train.config import ConfigError, from_dict
-
-    try:
-        # The trainer's own files also hold RNG states (numpy objects): not loadable weights-only.
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, ImportError,
-            AttributeError) as err:
-        raise ProbeError(f"--backbone {path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise ProbeError(f"--backbone {path}: not a train/main.py checkpoint (needs 'model' and 'config' entries)")
-    try:
-        cfg = from_dict(state["config"])
-        method = build_method(cfg.model, cfg.data)
-    except (ConfigError, ValueError) as err:
-        raise ProbeError(f"--backbone {path}: its saved config does not build a model ({err})") from None
-    missing, unexpected = method.load_state_dict(state["model"], strict=False)
-    if missing or unexpected:
-        raise ProbeError(f"--backbone {path}: weights do not match the saved config "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    enc = method.encoder
-    return Backbone(
-        enc.backbone, enc.head, enc.d_inv, "token" if cfg.model.pool == "cls" else "avg",
-        enc.backbone.num_prefix_tokens, cfg.data.img_size, tuple(cfg.data.mean), tuple(cfg.data.std),
-        f"{path} ({cfg.model.method}, {cfg.model.backbone}, step {state.get('step', '?')})",
-    )
-
-
-def _load_export(path: Path) -> Backbone:
-    """`train/export.py` output: timm-keyed weights, the JSON beside it (timm_name, timm_kwargs, mean,
-    std) and, when exported `--with-head`, the head file and its split named in the JSON's "head"."""
-    import timm
-    from safetensors.torch import load_file
-
-    from pipeline.batch import DataConfig
-
-    meta_path = path.with_suffix(".json")
-    if not meta_path.is_file():
-        raise ProbeError(f"--backbone {path}: its description {meta_path.name} (written by train/export.py) "
-                         f"is missing beside it")
-    try:
-        meta = json.loads(meta_path.read_text())
-        name, kwargs = meta["timm_name"], dict(meta.get("timm_kwargs", {}))
-        model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
-        model.load_state_dict(load_file(str(path)))
-        head, d_inv = None, 0
-        if meta.get("head"):
-            weights = load_file(str(path.with_name(meta["head"]["file"])))
-            head = nn.Linear(weights["weight"].shape[1], weights["weight"].shape[0])
-            head.load_state_dict(weights)
-            d_inv = int(meta["head"]["d_inv"])
-    except KeyError as err:
-        raise ProbeError(f"--backbone {meta_path}: missing entry {err} (re-export with train/export.py)") from None
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ProbeError(f"--backbone {path}: unreadable export ({str(err).splitlines()[0]})") from None
-    default = DataConfig()
-    with_head = ", with head" if head is not None else ""
-    return Backbone(
-        model, head, d_inv, "avg", model.num_prefix_tokens, int(kwargs.get("img_size", 224)),
-        tuple(meta.get("mean", default.mean)), tuple(meta.get("std", default.std)),
-        f"{path} ({meta.get('method', '?')}, {name}, step {meta.get('step', '?')}{with_head})",
-    )

@@ -89,13 +89,12 @@ def test_saved_config_with_an_unknown_key_is_rejected():
     (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
     (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
     (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
-    (["--model.dec_heads=5"], ["model.dec_width=96 is not divisible by model.dec_heads=5"]),
+    (["--model.decoder=xattn-path", "--model.dec_heads=5"], ["model.dec_width=96 is not divisible by model.dec_heads=5"]),
     (["--data.aug.transforms=zoom"], ["unknown transformation 'zoom'"]),
     (["--run.keep_ckpts=0"], ["--run.keep_ckpts=0 must be positive"]),
     (["--model.backbone=vit_tiny_patch99"], ["--model.backbone=vit_tiny_patch99 is not a timm model name"]),
     (["--model.decoder=xattn"], ["--model.decoder=xattn is not a path decoder"]),
     (["--data.aug.k=0"], ["--data.aug.k=0: the path method reconstructs K >= 1"]),
-    (["--model.sie_hidden=0"], ["--model.sie_hidden=0 must be positive"]),
 ])
 def test_impossible_values_are_config_errors_naming_the_key(args, words):
     with pytest.raises(ConfigError) as err:

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import timm
 import torch
 from PIL import Image
 from sklearn.metrics import r2_score
@@ -18,9 +19,10 @@ from torch import nn
 
 from model import build_method
 from pipeline import pairs as P
+from pipeline.errors import UserError
 from pipeline.path import IDX, PathConfig, sample_theta
 from pipeline.reference import apply_g, crop_resize, decode
-from train import probe, probe_embed, probe_fit
+from train import checkpoint, probe, probe_embed, probe_fit
 from train.config import load_config, to_dict
 
 # A narrower head than the protocol's keeps each fit around a second on a shared 2-core CPU.
@@ -257,7 +259,7 @@ def demo_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     method = build_method(cfg.model, cfg.data)
     path = tmp_path_factory.mktemp("run") / "last.pt"
-    torch.save({"model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path)
+    torch.save({"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path)
     return path, method
 
 
@@ -288,12 +290,12 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
     x = torch.rand(2, 3, 64, 64)
     load = lambda p, pool="mean": probe_embed.Embedder.from_backbone(probe_embed.load_backbone(p), pool)
     want = load(path)(x)
-    export(path, tmp_path / "plain.safetensors")
-    plain = load(tmp_path / "plain.safetensors")
-    assert plain.parts == ("all",) and probe_embed.load_backbone(tmp_path / "plain.safetensors").img_size == 64
-    assert torch.allclose(plain(x)["all"], want["all"], atol=1e-5)
-    export(path, tmp_path / "headed.safetensors", with_head=True)
-    headed = load(tmp_path / "headed.safetensors")
+    export(path, tmp_path / "backbone")  # a timm local-dir folder with the split head beside the weights
+    assert probe_embed.load_backbone(tmp_path / "backbone").img_size == 64
+    plain = timm.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained=True).eval()
+    with torch.no_grad():  # what a timm user gets: the pooled features the probe reads as "all"
+        assert torch.allclose(plain(probe_normalise(x, probe_embed.load_backbone(path))), want["all"], atol=1e-5)
+    headed = load(tmp_path / "backbone")
     assert headed.parts == ("all", "inv", "eq")
     got = headed(x)
     assert all(torch.allclose(got[p], want[p], atol=1e-5) for p in ("all", "inv", "eq"))
@@ -307,14 +309,14 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
 
 
 def test_bad_backbone_files_give_one_line_errors(tmp_path):
-    with pytest.raises(probe.ProbeError, match="no such file"):
+    with pytest.raises(UserError, match="missing.pt"):
         probe_embed.load_backbone(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(probe.ProbeError, match="not a readable torch checkpoint"):
+    with pytest.raises(UserError, match="not a readable training checkpoint"):
         probe_embed.load_backbone(junk)
     torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(probe.ProbeError, match="needs 'model' and 'config'"):
+    with pytest.raises(UserError, match="not an eqrecon training checkpoint"):
         probe_embed.load_backbone(tmp_path / "other.pt")
 
 
