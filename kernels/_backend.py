@@ -25,6 +25,8 @@ from collections.abc import Callable
 
 import torch
 
+from pipeline.errors import ConfigError
+
 _MODES = ("auto", "triton", "ref")
 _warned: set[str] = set()
 _triton_error: str | None = None
@@ -35,7 +37,7 @@ def mode() -> str:
     """The requested mode, validated: 'auto', 'triton' or 'ref'."""
     value = os.environ.get("EQRECON_KERNELS", "").strip().lower() or "auto"
     if value not in _MODES:
-        raise ValueError(f"EQRECON_KERNELS={value!r} is not one of triton|ref (or unset for auto)")
+        raise ConfigError(f"EQRECON_KERNELS={value!r} is not one of triton|ref (or unset for auto)")
     return value
 
 

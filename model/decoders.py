@@ -14,8 +14,8 @@ Patches are laid out (row, col, channel) inside each patch, MAE's order.
                already hold view 2 and the decoder can be an autoencoder that never reads view 1.
 - `xattn-path` (this project) one decoder for all K steps: Q = view-2 tokens + a learned embedding of
                step k, K/V = tokens of both views; the K steps run in one batched pass.
-All attention goes through kernels.cross_attention, so the Triton kernels swap in with the same
-state_dict.
+Attention goes through `kernels` (cross-attention: the Triton kernel; self-attention: SDPA), so the
+fast paths swap in with the same state_dict.
 """
 
 from __future__ import annotations
@@ -29,16 +29,13 @@ from torch import nn
 import kernels
 from kernels.cross_attention import SUPPORTED_D
 from model.losses import recon_mse, recon_mse_linear
+from pipeline.errors import ConfigError
 
 MIN_CONV_CHANNELS = 16  # the conv decoder halves its width per x2 stage but never goes below this
 
 
-def patchify(images: torch.Tensor, grid: int) -> torch.Tensor:
-    """(B, K, 3, H, W) -> (B, K, grid², p·p·3) with p = H / grid."""
-    b, k, c, h, _ = images.shape
-    p = h // grid
-    x = images.reshape(b, k, c, grid, p, grid, p)
-    return x.permute(0, 1, 3, 5, 4, 6, 2).reshape(b, k, grid * grid, p * p * c)
+# (B, K, 3, H, W) -> (B, K, grid², p·p·3): the patch layout is the loss kernels' (one owner)
+patchify = kernels.image_patches
 
 
 def unpatchify(patches: torch.Tensor, grid: int, channels: int = 3) -> torch.Tensor:
@@ -68,12 +65,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        context = x if context is None else context
+        self_attn = context is None
+        context = x if self_attn else context
         (b, nq, c), nk = x.shape, context.shape[1]
         h, d = self.heads, c // self.heads
         q = self.q(x).reshape(b, nq, h, d).transpose(1, 2)  # (B, Nq, C) -> (B, H, Nq, D)
         k, v = self.kv(context).reshape(b, nk, 2, h, d).permute(2, 0, 3, 1, 4)  # 2 × (B, H, Nk, D)
-        out = kernels.cross_attention(q, k, v)  # (B, H, Nq, D)
+        # Self-attention: SDPA (FlashAttention/cuDNN serve it). Cross-attention: the Triton kernel.
+        out = (kernels.self_attention if self_attn else kernels.cross_attention)(q, k, v)  # (B, H, Nq, D)
         return self.proj(out.transpose(1, 2).reshape(b, nq, c))
 
 
@@ -157,7 +156,8 @@ class XAttnDecoder(nn.Module):
         device = hidden.device.type
         if torch.is_autocast_enabled(device):  # the head runs where an autocast nn.Linear would
             hidden = hidden.to(torch.get_autocast_dtype(device))
-        return recon_mse_linear(hidden, self.head.weight, self.head.bias, patchify(targets, self.grid), norm_pix)
+        # targets in image layout: the kernel reads them in place (no patchified copy per step)
+        return recon_mse_linear(hidden, self.head.weight, self.head.bias, targets, norm_pix)
 
 
 class XAttnPathDecoder(XAttnDecoder):
@@ -203,7 +203,7 @@ class ConvDecoder(nn.Module):
         return patchify(self.predict(z1, z2), self.grid)  # (B, K, N, P)
 
     def loss(self, z1: torch.Tensor, z2: torch.Tensor, targets: torch.Tensor, norm_pix: bool) -> torch.Tensor:
-        return recon_mse(self(z1, z2), patchify(targets, self.grid), norm_pix)
+        return recon_mse(self(z1, z2), targets, norm_pix)  # targets read in image layout
 
 
 class _ConvBranch(nn.Module):
@@ -255,35 +255,35 @@ def build_decoder(name: str, d_eq: int, grid: int, target_size: int, steps: int,
         return XAttnDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, cfg.mask_ratio)
     if name == "xattn-path":
         return XAttnPathDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, steps)
-    raise ValueError(f"unknown model.decoder {name!r}; choose from conv, xattn, xattn-path")
+    raise ConfigError(f"unknown model.decoder {name!r}; choose from conv, xattn, xattn-path")
 
 
 def check_decoder_config(name: str, cfg, grid: int, target_size: int) -> None:
     """One-line errors for decoder sizes that cannot work (cfg: ModelConfig)."""
     if target_size % grid:
-        raise ValueError(
+        raise ConfigError(
             f"target size {target_size} is not divisible by the {grid}×{grid} token grid (data.target_size / "
             f"(data.img_size / model.patch_size) must be an integer)"
         )
     if name == "conv":
         ratio = target_size // grid
         if ratio & (ratio - 1):
-            raise ValueError(
+            raise ConfigError(
                 f"the conv decoder upsamples by x2 stages, but target size {target_size} / grid {grid} = {ratio} "
                 f"is not a power of 2"
             )
         if cfg.conv_width <= 0:
-            raise ValueError(f"model.conv_width must be > 0, got {cfg.conv_width}")
+            raise ConfigError(f"model.conv_width must be > 0, got {cfg.conv_width}")
         return
     if cfg.dec_depth < 1:
-        raise ValueError(f"model.dec_depth must be >= 1 (block 1 is the cross-attention), got {cfg.dec_depth}")
+        raise ConfigError(f"model.dec_depth must be >= 1 (block 1 is the cross-attention), got {cfg.dec_depth}")
     if cfg.dec_heads < 1 or cfg.dec_width % cfg.dec_heads:
-        raise ValueError(f"model.dec_width={cfg.dec_width} is not divisible by model.dec_heads={cfg.dec_heads}")
+        raise ConfigError(f"model.dec_width={cfg.dec_width} is not divisible by model.dec_heads={cfg.dec_heads}")
     head_dim = cfg.dec_width // cfg.dec_heads
     if head_dim not in SUPPORTED_D:
-        raise ValueError(
+        raise ConfigError(
             f"decoder head dim model.dec_width / model.dec_heads = {head_dim} is not one the attention kernel "
             f"takes ({', '.join(map(str, SUPPORTED_D))})"
         )
     if cfg.dec_width % 4:
-        raise ValueError(f"model.dec_width={cfg.dec_width} must be divisible by 4 (2D sin-cos positions)")
+        raise ConfigError(f"model.dec_width={cfg.dec_width} must be divisible by 4 (2D sin-cos positions)")

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from model.config import ModelConfig
+from pipeline.errors import ConfigError
 
 POOLS = ("mean", "cls")  # for the SSL loss
 PROBE_POOLS = ("mean", "cls", "grid2", "tokens")  # for probes of frozen features
@@ -74,13 +75,13 @@ class SplitEncoder(nn.Module):
                 cfg.backbone, pretrained=False, drop_path_rate=cfg.drop_path, **self.timm_kwargs
             )
         except RuntimeError as err:  # timm's "Unknown model (...)"
-            raise ValueError(f"model.backbone={cfg.backbone!r}: timm cannot create it ({err})") from None
+            raise ConfigError(f"model.backbone={cfg.backbone!r}: timm cannot create it ({err})") from None
         except TypeError as err:  # a non-ViT model that takes no img_size / patch_size / depth
-            raise ValueError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer ({err})") from None
+            raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer ({err})") from None
         if not hasattr(self.backbone, "num_prefix_tokens") or not hasattr(self.backbone, "patch_embed"):
-            raise ValueError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer")
+            raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer")
         if cfg.pool == "cls" and not getattr(self.backbone, "has_class_token", False):
-            raise ValueError(f"model.pool='cls' but {cfg.backbone!r} has no class token; use model.pool=mean")
+            raise ConfigError(f"model.pool='cls' but {cfg.backbone!r} has no class token; use model.pool=mean")
         self.pool = cfg.pool
         self.d_patch = cfg.d_patch
         self.d_inv = cfg.d_patch if all_invariant else cfg.d_inv
@@ -114,15 +115,15 @@ class SplitEncoder(nn.Module):
 def check_encoder_config(cfg: ModelConfig, img_size: int, all_invariant: bool) -> None:
     """One-line errors for sizes the encoder cannot take."""
     if cfg.patch_size <= 0 or img_size % cfg.patch_size:
-        raise ValueError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
+        raise ConfigError(f"data.img_size={img_size} is not divisible by model.patch_size={cfg.patch_size}")
     if cfg.depth < 0:
-        raise ValueError(f"model.depth must be >= 0 (0 = the timm default), got {cfg.depth}")
+        raise ConfigError(f"model.depth must be >= 0 (0 = the timm default), got {cfg.depth}")
     if cfg.pool not in POOLS:
-        raise ValueError(f"unknown model.pool {cfg.pool!r}; choose from {', '.join(POOLS)}")
+        raise ConfigError(f"unknown model.pool {cfg.pool!r}; choose from {', '.join(POOLS)}")
     if cfg.d_patch <= 0:
-        raise ValueError(f"model.d_patch must be > 0, got {cfg.d_patch}")
+        raise ConfigError(f"model.d_patch must be > 0, got {cfg.d_patch}")
     if not all_invariant and not 0 < cfg.d_inv < cfg.d_patch:
-        raise ValueError(
+        raise ConfigError(
             f"model.d_inv={cfg.d_inv} must be in (0, model.d_patch={cfg.d_patch}) so that z_eq keeps "
             f"d_patch - d_inv > 0 channels"
         )

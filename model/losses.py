@@ -134,7 +134,8 @@ def sie_loss(
 
 
 def recon_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
-    """Mean pixel MSE of patches pred, target (B, K, N, P); per-patch normalised targets if norm_pix."""
+    """Mean pixel MSE of patches pred (B, K, N, P) against target patches (B, K, N, P) or images
+    (B, K, 3, Ht, Wt) (read in place); per-patch normalised targets if norm_pix."""
     return kernels.recon_loss(pred, target, norm_pix)
 
 
@@ -142,5 +143,5 @@ def recon_mse_linear(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, norm_pix: bool = False
 ) -> torch.Tensor:
     """recon_mse(hidden @ weightᵀ + bias, target) fused with the pixel head: hidden (B, K, N, C),
-    weight (P, C), bias (P,), target (B, K, N, P)."""
+    weight (P, C), bias (P,), target (B, K, N, P) patches or (B, K, 3, Ht, Wt) images."""
     return kernels.recon_loss_linear(hidden, weight, bias, target, norm_pix)

@@ -26,6 +26,7 @@ from model.decoders import (
 from model.encoder import SplitEncoder, SplitOutput
 from model.losses import sie_loss, vicreg_loss
 from pipeline.batch import Batch, DataConfig
+from pipeline.errors import ConfigError
 from pipeline.path import CROP1, CROP2, G_DIM, IDX, THETA_DIM, PathConfig
 
 RECON_REDUCTIONS = ("mean", "sum")
@@ -159,10 +160,10 @@ class XAttn(VICReg):
         name = self.decoder_name(cfg)
         check_decoder_config(name, cfg, self.grid, self.target_size)
         if cfg.recon_reduction not in RECON_REDUCTIONS:
-            raise ValueError(f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
+            raise ConfigError(f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
                              f"{', '.join(RECON_REDUCTIONS)}")
         if not 0 <= cfg.mask_ratio < 1:
-            raise ValueError(f"model.mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
+            raise ConfigError(f"model.mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
         self.decoder = build_decoder(name, self.encoder.d_eq, self.grid, self.target_size, self.steps, cfg)
 
     def decoder_name(self, cfg: ModelConfig) -> str:
@@ -198,13 +199,13 @@ class PathRecon(XAttn):
 
     def decoder_name(self, cfg: ModelConfig) -> str:
         if cfg.decoder not in ("conv", "xattn-path"):
-            raise ValueError(f"model.decoder={cfg.decoder!r} is not a path decoder; choose conv or xattn-path "
+            raise ConfigError(f"model.decoder={cfg.decoder!r} is not a path decoder; choose conv or xattn-path "
                              f"(the xattn method uses the xattn decoder)")
         return cfg.decoder
 
     def target_geometry(self, data: DataConfig) -> tuple[int, int]:
         if data.aug.k < 1:
-            raise ValueError(f"the path method reconstructs K >= 1 intermediate images, but data.aug.k={data.aug.k}")
+            raise ConfigError(f"the path method reconstructs K >= 1 intermediate images, but data.aug.k={data.aug.k}")
         return data.out_target_size, data.aug.k
 
     def targets(self, batch: Batch) -> torch.Tensor:
@@ -228,5 +229,5 @@ def theta_scale(aug: PathConfig) -> torch.Tensor:
 def build_method(cfg: ModelConfig, data: DataConfig) -> VICReg:
     """The configured method, with its encoder at data.img_size and K = data.aug.k."""
     if cfg.method not in METHODS:
-        raise ValueError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")
+        raise ConfigError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")
     return METHODS[cfg.method](cfg, data)

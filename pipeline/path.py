@@ -50,6 +50,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pipeline.errors import ConfigError
+
 # The g part of θ, in layout order: field -> (family, its sampling range [lo, hi] from the config).
 # Adding a family means a row here, a PathConfig range, and its operator in the DALI graph
 # (`pipeline.dali.apply_g`) and the reference renderer (`pipeline.reference.apply_g`).
@@ -118,7 +120,7 @@ def active_families(cfg: PathConfig) -> tuple[str, ...]:
             names.add(name)
         else:
             allowed = ", ".join(FAMILIES + tuple(ALIASES))
-            raise ValueError(f"unknown transformation {name!r} in path.transforms; choose from {allowed}")
+            raise ConfigError(f"unknown transformation {name!r} in path.transforms; choose from {allowed}")
     return tuple(f for f in FAMILIES if f in names)
 
 
@@ -126,21 +128,21 @@ def validate(cfg: PathConfig) -> None:
     """Raise a one-line ValueError for an inconsistent path config."""
     active_families(cfg)
     if cfg.k < 0:
-        raise ValueError(f"path.k must be >= 0, got {cfg.k}")
+        raise ConfigError(f"path.k must be >= 0, got {cfg.k}")
     lo, hi = cfg.blur_sigma
     if not 0 <= lo <= hi:
-        raise ValueError(f"path.blur_sigma must be (lo, hi) with 0 <= lo <= hi, got {cfg.blur_sigma}")
+        raise ConfigError(f"path.blur_sigma must be (lo, hi) with 0 <= lo <= hi, got {cfg.blur_sigma}")
     if not 0 < cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise ValueError(f"path.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
+        raise ConfigError(f"path.crop_scale must satisfy 0 < lo <= hi <= 1, got {cfg.crop_scale}")
     if not 0 < cfg.crop_ratio[0] <= cfg.crop_ratio[1]:
-        raise ValueError(f"path.crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
+        raise ConfigError(f"path.crop_ratio must satisfy 0 < lo <= hi, got {cfg.crop_ratio}")
     if not 0 <= cfg.hue <= 0.5:
-        raise ValueError(f"path.hue must be in [0, 0.5], got {cfg.hue}")
+        raise ConfigError(f"path.hue must be in [0, 0.5], got {cfg.hue}")
     for name in ("rot_deg", "translate_px", "brightness", "contrast", "saturation"):
         if getattr(cfg, name) < 0:
-            raise ValueError(f"path.{name} is a half-range and must be >= 0, got {getattr(cfg, name)}")
+            raise ConfigError(f"path.{name} is a half-range and must be >= 0, got {getattr(cfg, name)}")
     if max(cfg.brightness, cfg.contrast, cfg.saturation) >= 1:
-        raise ValueError("path.brightness/contrast/saturation must be < 1 (factor 1 + δ must stay positive)")
+        raise ConfigError("path.brightness/contrast/saturation must be < 1 (factor 1 + δ must stay positive)")
 
 
 def g_ranges(cfg: PathConfig) -> tuple[list[float], list[float]]:

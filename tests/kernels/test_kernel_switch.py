@@ -13,6 +13,7 @@ import torch
 
 import kernels
 from kernels import _backend, recon_loss, use_triton
+from pipeline.errors import ConfigError
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +64,7 @@ def test_fallback_warns_once_and_matches_reference():
 
 def test_unknown_value_is_an_error(monkeypatch):
     monkeypatch.setenv("EQRECON_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="EQRECON_KERNELS='cuda'"):
+    with pytest.raises(ConfigError, match="EQRECON_KERNELS='cuda'"):
         recon_loss(torch.zeros(2, 3), torch.zeros(2, 3))
 
 

@@ -16,8 +16,8 @@ VARIANTS = {
     "vicreg": ("demo-vicreg", ()),
     "sie": ("demo-sie", ()),
     "xattn": ("demo-xattn", ()),
-    "path-xattn": ("demo", ()),
-    "path-conv": ("demo", ("--model.decoder=conv",)),
+    "path-xattn": ("demo-xattn-path", ()),
+    "path-conv": ("demo", ()),
 }
 
 

@@ -14,6 +14,7 @@ from model_testing import VARIANTS, make_batch, tiny_config, variant_config
 
 from kernels import _backend
 from model import METHODS, build_method
+from pipeline.errors import ConfigError
 
 
 def _build(name: str, *overrides: str, seed: int = 0):
@@ -148,9 +149,9 @@ def test_no_weight_decay_names():
         ("demo", ("--data.img_size=36",), "data.img_size=36 is not divisible by model.patch_size=8"),
         ("demo", ("--model.d_inv=128",), "model.d_inv=128 must be in"),
         ("demo-sie", ("--model.d_inv=0",), "model.d_inv=0 must be in"),
-        ("demo", ("--model.dec_heads=5",), "model.dec_width=96 is not divisible by model.dec_heads=5"),
-        ("demo", ("--model.dec_heads=2",), "head dim model.dec_width / model.dec_heads = 48"),
-        ("demo", ("--model.dec_depth=0",), "model.dec_depth must be >= 1"),
+        ("demo-xattn-path", ("--model.dec_heads=5",), "model.dec_width=96 is not divisible by model.dec_heads=5"),
+        ("demo-xattn-path", ("--model.dec_heads=2",), "head dim model.dec_width / model.dec_heads = 48"),
+        ("demo-xattn-path", ("--model.dec_depth=0",), "model.dec_depth must be >= 1"),
         ("demo", ("--data.aug.k=0",), "data.aug.k=0"),
         ("demo", ("--data.target_size=18",), "target size 18 is not divisible by the 4×4 token grid"),
         ("demo", ("--model.decoder=conv", "--data.target_size=24"), "is not a power of 2"),
@@ -161,7 +162,7 @@ def test_no_weight_decay_names():
 )
 def test_bad_config_errors(preset, overrides, message):
     cfg = tiny_config(preset, *overrides)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(".", r"\.")) as info:
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(".", r"\.")) as info:
         build_method(cfg.model, cfg.data)
     assert "\n" not in str(info.value)
 

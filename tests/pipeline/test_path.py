@@ -11,6 +11,7 @@ from PIL import Image
 
 from pipeline.batch import DataConfig
 from pipeline.demo import PHOTOS
+from pipeline.errors import ConfigError
 from pipeline.path import (
     CROP1,
     CROP2,
@@ -109,7 +110,7 @@ def test_sampling_is_deterministic_by_seed():
     ({"blur_sigma": (2.0, 0.1)}, "blur_sigma"),
 ])
 def test_bad_path_config_is_a_one_line_error(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         _theta(1, PathConfig(**bad))
 
 
