@@ -12,7 +12,7 @@
 #   env       nvidia-smi, Python/torch/triton/DALI versions, the git SHA (.git or the GIT_SHA file)
 #   wheels    offline install of the extras packed by bench/offline_extras.sh (only with --wheels)
 #   parity    bf16 parity of both kernels at the training shapes (pytest -m gpu, bf16 parity tests)
-#   kernels   python -m bench.kernels (shapes from the vits16-path preset)
+#   kernels   python -m bench.kernels (shapes from the vits16-xattn-path preset)
 #   step      python -m bench.step on synthetic batches, vits16-path and vits16-vicreg
 #   pipeline  python -m bench.pipeline (the reference loader always; DALI when it imports)
 #   gpu       the rest of pytest -m gpu (neither the parity part's tests nor fp32)
@@ -124,9 +124,9 @@ part_command() {  # name -> the command line, in PART_CMD
             PART_CMD=("${pytest[@]}" -m gpu tests/kernels/test_cross_attention.py tests/kernels/test_recon_loss.py -k "parity and bf16") ;;
         kernels)
             if [[ $DRY == 1 ]]; then
-                PART_CMD=("$PYTHON" -m bench.kernels --device cpu --preset demo --batch 1 --no-compile --reps 1 --out "$OUT")
+                PART_CMD=("$PYTHON" -m bench.kernels --device cpu --preset demo-xattn-path --batch 1 --no-compile --reps 1 --out "$OUT")
             else
-                PART_CMD=("$PYTHON" -m bench.kernels --preset vits16-path --out "$OUT")
+                PART_CMD=("$PYTHON" -m bench.kernels --preset vits16-xattn-path --out "$OUT")
             fi ;;
         step)
             if [[ $DRY == 1 ]]; then

@@ -1,9 +1,9 @@
 """Benchmark the Triton kernels against their strongest baselines, in one process.
 
-    python -m bench.kernels [--preset vits16-path] [--out DIR]   # CUDA: bf16, per-GPU batch 256
-    python -m bench.kernels --device cpu --preset demo --batch 1    # CPU: Triton in its interpreter
+    python -m bench.kernels [--preset vits16-xattn-path] [--out DIR]   # CUDA: bf16, per-GPU batch 256
+    python -m bench.kernels --device cpu --preset demo-xattn-path --batch 1    # CPU: Triton in its interpreter
 
-The shapes are the preset's decoder at training time (`decoder_shapes`): for vits16-path's
+The shapes are the preset's decoder at training time (`decoder_shapes`): for vits16-xattn-path's
 xattn-path decoder (width 192 = 3 heads × 64, 14×14 tokens, K = 2 path steps) the cross-attention
 block's packed K·196 = 392 queries × 392 keys (both views' tokens) and the self-attention blocks'
 196 × 196 per (image, step). Cross-attention runs Triton against every SDPA backend that accepts
@@ -39,7 +39,7 @@ def _args(argv=None) -> argparse.Namespace:
     p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions (CUDA uses do_bench)")
-    p.add_argument("--preset", default="vits16-path", help="the training preset whose decoder shapes are timed")
+    p.add_argument("--preset", default="vits16-xattn-path", help="the training preset whose decoder shapes are timed")
     p.add_argument("--out", default=None, help="folder to write the result JSON into as well")
     return p.parse_args(argv)
 

@@ -51,8 +51,8 @@ from pipeline.path import THETA_DIM
 from train.config import Config, load_config, to_dict
 from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, train_step
 
-CPU_PRESETS = ("demo", "demo-vicreg", "demo-sie", "demo-xattn")
-GPU_PRESETS = ("vits16-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")
+CPU_PRESETS = ("demo", "demo-xattn-path", "demo-vicreg", "demo-sie", "demo-xattn")
+GPU_PRESETS = ("vits16-path", "vits16-xattn-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")
 # Dense bf16 tensor-core peaks from the datasheets (FLOP/s), matched on the device name.
 GPU_PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
                  ("L40S", 362e12), ("L4", 121e12), ("4090", 165e12), ("A10", 125e12))

@@ -1,4 +1,4 @@
-"""The four methods (DESIGN §1): each an nn.Module whose forward(batch) returns its loss terms.
+"""The four methods (docs/DESIGN.md §1): each an nn.Module whose forward(batch) returns its loss terms.
 
     method = build_method(cfg.model, cfg.data)
     out = method(batch)      # {"loss", "loss/inv", "loss/eq", "loss/inv.sim", ...}

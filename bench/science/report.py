@@ -1,7 +1,7 @@
 """The science run's report: bench/results/science-<device>.json through write_result, the R² chart
 and the reconstruction grids.
 
-Summary keys (DESIGN §3): the headline setting is the backbone's features ("all"), 2×2 grid pooling
+Summary keys (docs/DESIGN.md §3): the headline setting is the backbone's features ("all"), 2×2 grid pooling
 (mean pooling loses the sign of a rotation), signed target:
     r2.<method>.<family>, r2_std.<method>.<family>   mean and std over training seeds (each run's
                                                      value is the mean over its probe seeds)

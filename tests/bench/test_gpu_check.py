@@ -45,7 +45,7 @@ def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
         record = json.loads((out / bench).read_text())
         assert record["rows"] and "git_sha" in record, bench
     kernels = json.loads((out / "kernels-cpu.json").read_text())["config"]
-    assert kernels["preset"] == "demo" and kernels["xattn_shape_B_H_Nq_Nk_D"] == [1, 3, 128, 128, 32]
+    assert kernels["preset"] == "demo-xattn-path" and kernels["xattn_shape_B_H_Nq_Nk_D"] == [1, 3, 128, 128, 32]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ran"] == [p for p in PARTS if p != "wheels"]
     assert summary["skipped"] == {"wheels": "no --wheels folder given"}

@@ -1,5 +1,5 @@
 """bench.science's pieces that run without training: photo selection, the idx reader, the training
-commands (the same budget for every method), the summary names of DESIGN §3, the R² chart and the
+commands (the same budget for every method), the summary names of docs/DESIGN.md §3, the R² chart and the
 report written through write_result."""
 
 from __future__ import annotations

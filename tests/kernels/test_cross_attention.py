@@ -112,7 +112,7 @@ def test_mixed_dtypes_fail_clearly():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
-# vits16-path's decoder: the packed K·196 queries × 392 keys of the cross block, 196 × 196 self-attention;
+# vits16-xattn-path's decoder: the packed K·196 queries × 392 keys of the cross block, 196 × 196 self-attention;
 # then odd shapes and the other head dims
 @pytest.mark.parametrize("shape", [(8, 3, 392, 392, 64), (16, 3, 196, 196, 64), (8, 3, 196, 392, 64),
                                    (4, 3, 197, 50, 128), (16, 6, 392, 196, 32), (3, 3, 1, 197, 64)],

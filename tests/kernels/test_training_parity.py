@@ -33,7 +33,7 @@ def _run(cfg, batches, monkeypatch, mode: str) -> list[float]:
 
 
 def test_twenty_steps_match_with_kernels_on_and_off(interpreted_kernels, demo_shards, monkeypatch):
-    cfg = load_config("demo", [*TINY, f"--data.dir={demo_shards}"])
+    cfg = load_config("demo-xattn-path", [*TINY, f"--data.dir={demo_shards}"])
     assert cfg.model.method == "path" and "xattn" in cfg.model.decoder
     batches = list(itertools.islice(iter(build_loader(cfg.data, 0, 1, "cpu")), 2))
     torch.set_num_threads(1)  # the same reduction order in both runs' PyTorch parts

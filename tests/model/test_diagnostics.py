@@ -9,6 +9,7 @@ from model_testing import make_batch, variant_config
 
 from model import build_method
 from model.diagnostics import diagnostics, difference_images, grad_ratio, recon_errors
+from pipeline.errors import ConfigError
 
 
 def _build(name: str, *overrides: str):
@@ -55,7 +56,7 @@ def test_recon_reduction_sum_is_per_image():
     batch = make_batch(cfg)
     t = cfg.data.out_target_size
     torch.testing.assert_close(summed(batch)["loss/eq"], mean(batch)["loss/eq"] * 3 * t * t)
-    with pytest.raises(ValueError, match="recon_reduction"):
+    with pytest.raises(ConfigError, match="recon_reduction"):
         _build("path-conv", "--model.recon_reduction=max")
 
 

@@ -254,7 +254,7 @@ def test_shard_count_disagreeing_with_dataset_json_is_an_error(copied):
 
 @pytest.mark.parametrize("change, error, match", [
     ({"batch_size": 80, "workers": 1}, ConfigError, "cannot fill one batch of 40"),
-    ({"aug": PathConfig(transforms=("rotation", "shear"))}, ValueError, "unknown transformation 'shear'"),
+    ({"aug": PathConfig(transforms=("rotation", "shear"))}, ConfigError, "unknown transformation 'shear'"),
     ({"split": "test"}, DataError, "no 'test' shards"),
 ])
 def test_bad_settings_are_clear_errors(demo_shards, change, error, match):
