@@ -279,7 +279,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="train/probe.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="probe", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--backbone", required=True, help="training checkpoint (.pt) or export (.safetensors)")
+    common.add_argument("--backbone", required=True, help="export folder (train/export.py), training checkpoint (.pt), or timm:NAME[:WEIGHTS_FILE]")
     common.add_argument("--data", default="", help="shard folder (pipeline.convert); default: the demo photos")
     common.add_argument("--part", default="", help="comma list of all,inv,eq; default: every part the backbone has")
     common.add_argument("--pool", default="mean", choices=PROBE_POOLS)
