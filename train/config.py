@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig
+from model.config import FAMILIES, DinoConfig, ModelConfig
 from pipeline.batch import DataConfig
 from pipeline.errors import ConfigError
+from pipeline.multicrop import MULTICROP, global_data_config
 from pipeline.path import PathConfig
 from train.distributed import DistConfig, check_dist_config
 
 OPTIMIZERS = ("adamw", "apex_adam", "apex_lamb")
+LR_SCALING = ("linear", "sqrt")
 
 
 @dataclass
@@ -36,6 +38,11 @@ class OptimConfig:
     epochs: float = 800.0  # the schedule's length; total steps = epochs * batches per epoch
     warmup_epochs: float = 10.0
     clip_grad: float = 3.0  # max global grad norm; 0 = off
+    # The DINO recipes' schedules (train/schedules.py), off by default:
+    lr_scaling: str = "linear"  # lr = base_lr * B / 256 | sqrt: base_lr * sqrt(B / 1024) (DINOv2)
+    weight_decay_end: float = -1.0  # cosine from weight_decay to this at the end (DINO 0.4); < 0 = constant
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 = off (DINOv2 0.9)
+    patch_embed_lr: float = 1.0  # extra lr factor of the patch embedding (DINOv2 0.2)
 
 
 @dataclass
@@ -194,6 +201,109 @@ def _vits16_xattn_path(cfg: Config) -> None:
     cfg.model.method, cfg.model.decoder = "path", "xattn-path"
 
 
+def _dino_family(cfg: Config, family: str, local_size: int, n_local: int) -> None:
+    """A DINO-family invariant loss: the recipe's multi-crop at the preset's sizes, class-token pooling,
+    the recipe's teacher (momentum, temperatures) and weight decay 0.04 -> 0.4; data = the global crops."""
+    cfg.model.family, cfg.model.pool = family, "cls"
+    mc = dataclasses.replace(MULTICROP[family], global_size=cfg.data.img_size, local_size=local_size,
+                             n_local=n_local, patch_size=cfg.model.patch_size)
+    cfg.data = global_data_config(cfg.data, mc)
+    dinov2 = family == "dinov2"
+    cfg.model.dino = DinoConfig(out_dim=65536 if dinov2 else 8192, norm_last_layer=False,
+                                momentum=0.992 if dinov2 else 0.996)
+    cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad = 0.04, 0.4, 3.0
+
+
+def _demo_dino_family(cfg: Config, family: str) -> None:
+    """The demo (64 px, patch 8, `path` with the conv decoder) with a DINO family: 4 local crops of 32 px,
+    a tiny head (1024 prototypes, hidden 256, bottleneck 64)."""
+    _demo_base(cfg)
+    cfg.model.method, cfg.model.decoder = "path", "conv"
+    _dino_family(cfg, family, local_size=32, n_local=4)
+    cfg.model.dino = dataclasses.replace(cfg.model.dino, out_dim=1024, hidden_dim=256, bottleneck_dim=64)
+    cfg.optim.base_lr = 5e-4
+
+
+@preset("demo-dino")
+def _demo_dino(cfg: Config) -> None:
+    """DINO + path on the embedded photos (CPU, minutes): 2 global crops of 64 px, 4 local of 32 px."""
+    _demo_dino_family(cfg, "dino")
+
+
+@preset("demo-ibot")
+def _demo_ibot(cfg: Config) -> None:
+    """iBOT + path on the embedded photos (CPU, minutes): block-masked global crops, shared head."""
+    _demo_dino_family(cfg, "ibot")
+
+
+@preset("demo-dinov2")
+def _demo_dinov2(cfg: Config) -> None:
+    """DINOv2 + path on the embedded photos (CPU, minutes): Sinkhorn-Knopp, KoLeo, layer-wise lr decay."""
+    _demo_dino_family(cfg, "dinov2")
+    cfg.optim.layer_decay, cfg.optim.patch_embed_lr = 0.9, 0.2
+
+
+def _ibot_paper(cfg: Config, backbone: str, epochs: float, drop_path: float, path: bool) -> None:
+    """iBOT as the path paper trains it (§Training settings): batch 1024, lr 5e-4 * B / 256, 10 warm-up
+    epochs, 2 global crops of 224 (scale 0.25-1) + 10 local of 96 (0.05-0.25), 8192 prototypes; with
+    path, d_patch 8192 = 6144 z_inv + 2048 z_eq and the paper's conv decoder."""
+    _vits16_base(cfg)
+    cfg.data.batch_size = 1024
+    cfg.model.backbone, cfg.model.drop_path = backbone, drop_path
+    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("vicreg", "conv")
+    cfg.model.d_patch, cfg.model.d_inv = 8192, 6144
+    if not path:
+        _only_views(cfg)
+    _dino_family(cfg, "ibot", local_size=96, n_local=10)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=5e-4, epochs=epochs, warmup_epochs=10.0, min_lr=1e-6)
+
+
+def _dinov2_paper(cfg: Config, path: bool) -> None:
+    """DINOv2 ViT-L/16 as the path paper trains it: batch 2048, 100 epochs, base lr 4e-3 scaled by
+    sqrt(B / 1024) as DINOv2 does, 10 warm-up epochs, layer-wise decay 0.9, patch-embed lr x 0.2,
+    drop-path 0.4, 65536 prototypes, 2 global crops (0.32-1) + 8 local (0.05-0.32); with path,
+    d_patch 2048 = 1536 z_inv + 512 z_eq."""
+    _vits16_base(cfg)
+    cfg.model.backbone, cfg.model.drop_path = "vit_large_patch16_224", 0.4
+    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("vicreg", "conv")
+    cfg.model.d_patch, cfg.model.d_inv = 2048, 1536
+    if not path:
+        _only_views(cfg)
+    _dino_family(cfg, "dinov2", local_size=96, n_local=8)
+    cfg.optim = dataclasses.replace(cfg.optim, base_lr=4e-3, lr_scaling="sqrt", epochs=100.0, warmup_epochs=10.0,
+                                    min_lr=1e-6, layer_decay=0.9, patch_embed_lr=0.2)
+
+
+@preset("vits16-ibot")
+def _vits16_ibot(cfg: Config) -> None:
+    """iBOT ViT-S/16, 800 epochs (needs CUDA): the baseline of the path paper's iBOT rows."""
+    _ibot_paper(cfg, "vit_small_patch16_224", 800.0, 0.1, path=False)
+
+
+@preset("vits16-ibot-path")
+def _vits16_ibot_path(cfg: Config) -> None:
+    """iBOT + path ViT-S/16, 800 epochs (needs CUDA)."""
+    _ibot_paper(cfg, "vit_small_patch16_224", 800.0, 0.1, path=True)
+
+
+@preset("vitl16-ibot-path")
+def _vitl16_ibot_path(cfg: Config) -> None:
+    """iBOT + path ViT-L/16, 250 epochs (needs CUDA; --dist.strategy=fsdp for memory)."""
+    _ibot_paper(cfg, "vit_large_patch16_224", 250.0, 0.4, path=True)
+
+
+@preset("vitl16-dinov2")
+def _vitl16_dinov2(cfg: Config) -> None:
+    """DINOv2 ViT-L/16, 100 epochs (needs CUDA; --dist.strategy=fsdp for memory)."""
+    _dinov2_paper(cfg, path=False)
+
+
+@preset("vitl16-dinov2-path")
+def _vitl16_dinov2_path(cfg: Config) -> None:
+    """DINOv2 + path ViT-L/16, 100 epochs (needs CUDA; --dist.strategy=fsdp for memory)."""
+    _dinov2_paper(cfg, path=True)
+
+
 # --- overrides ------------------------------------------------------------------------------------
 
 
@@ -283,6 +393,8 @@ def check(cfg: Config) -> None:
     choices = {"run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
                "run.amp": (cfg.run.amp, ("bf16", "off")),
                "optim.name": (cfg.optim.name, OPTIMIZERS),
+               "optim.lr_scaling": (cfg.optim.lr_scaling, LR_SCALING),
+               "model.family": (cfg.model.family, FAMILIES),
                "data.loader": (cfg.data.loader, LOADERS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -310,13 +422,47 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
+    if not 0 < cfg.optim.layer_decay <= 1 or not cfg.optim.patch_embed_lr > 0:
+        raise ConfigError(f"--optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1] and "
+                          f"--optim.patch_embed_lr={cfg.optim.patch_embed_lr} positive")
     check_dist_config(cfg.dist)
+    check_multicrop(cfg)
     if cfg.run.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
         except ImportError:
             raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
                               "pip install eqrecon[tb] (or pip install tensorboard)") from None
+
+
+def check_multicrop(cfg: Config) -> None:
+    """The DINO family and multi-crop go together, and the global crops are the views."""
+    from pipeline import multicrop_loader
+    from pipeline.multicrop import validate
+
+    mc, family = cfg.data.multicrop, cfg.model.family
+    if cfg.model.dino.family:
+        raise ConfigError(f"--model.dino.family={cfg.model.dino.family}: the family is --model.family "
+                          "(model.dino.family is filled in from it; leave it empty)")
+    if family == "vicreg":
+        if mc.enabled:
+            raise ConfigError("--data.multicrop.enabled=true needs a DINO family (--model.family=dino|ibot|dinov2): "
+                              f"model.method={cfg.model.method} alone reads no local crops")
+        return
+    if not mc.enabled:
+        raise ConfigError(f"--model.family={family} needs multi-crop: --data.multicrop.enabled=true (the DINO "
+                          "presets set it)")
+    if family != "dino" and not mc.masks:
+        raise ConfigError(f"--model.family={family} needs iBOT's masks: --data.multicrop.masks=true")
+    validate(mc)
+    if mc.patch_size != cfg.model.patch_size:
+        raise ConfigError(f"--data.multicrop.patch_size={mc.patch_size} must equal --model.patch_size="
+                          f"{cfg.model.patch_size} (the masks cut the global crops into the encoder's patches)")
+    if mc.global_size != cfg.data.img_size or tuple(mc.global_scale) != tuple(cfg.data.aug.crop_scale):
+        raise ConfigError(f"the global crops are the views: --data.multicrop.global_size={mc.global_size} and "
+                          f"global_scale={mc.global_scale} must equal --data.img_size={cfg.data.img_size} and "
+                          f"--data.aug.crop_scale={cfg.data.aug.crop_scale}")
+    multicrop_loader(cfg.data)  # data.loader=dali: not yet
 
 
 def check_model(cfg: Config) -> None:

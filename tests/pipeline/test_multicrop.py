@@ -6,6 +6,7 @@ crops with the tolerances of test_dali's whole-sample parity."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from test_dali import DEVICES, G_ATOL, VIEW_MAX, VIEW_MEAN
 
 from pipeline.batch import Batch, DataConfig
 from pipeline.dali import sample_theta as dali_theta
-from pipeline.dali import shard_files
 from pipeline.dali_multicrop import batch_masks, build_local_pipeline, local_crops, render_local_batch
 from pipeline.dali_multicrop import sample_local_params as sample_local_params_graph
 from pipeline.demo import PHOTOS
@@ -38,6 +38,7 @@ from pipeline.multicrop import (
 )
 from pipeline.path import CROP1, CROP2, IDX, PathConfig
 from pipeline.reference import decode, normalize, sample_theta_for
+from pipeline.shards import split_shards
 
 # 32 px global crops and 16 px local crops at patch 8 keep every test a few seconds on a CPU.
 SMALL = MultiCropConfig(n_local=4, global_size=32, local_size=16, patch_size=8)
@@ -349,7 +350,7 @@ def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
     from nvidia.dali import Pipeline, fn, types
 
     data, mc = DataConfig(), dataclasses.replace(SMALL, n_local=2)
-    files = shard_files(demo_shards, "train")[0]
+    files = [Path(s.path) for s in split_shards(demo_shards, "train", indexed=True)]
 
     def pipeline(checkpoint=None):
         pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, seed=3, enable_checkpointing=True,
