@@ -112,5 +112,5 @@ def scaled_param_groups(model: nn.Module, groups: list[dict], cfg: OptimConfig, 
         by_scale: dict[float, list] = {}
         for p in group["params"]:
             by_scale.setdefault(scale(p), []).append(p)
-        out += [{**group, "params": ps, "lr": lr * s} for s, ps in sorted(by_scale.items())]
+        out += [{**group, "params": ps, "lr": lr * s} for s, ps in sorted(by_scale.items(), reverse=True)]
     return out
