@@ -146,3 +146,16 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, strate
     for step in ma:
         assert {k: v for k, v in mb[step].items() if "time" not in k and "per_s" not in k} == \
                {k: v for k, v in ma[step].items() if "time" not in k and "per_s" not in k}, step
+
+
+def test_the_step_bench_times_demo_ibot_with_its_crops_and_teacher(demo_shards):
+    from bench import step
+
+    small = ["--data.img_size=32", "--data.multicrop.global_size=32", "--data.multicrop.local_size=16",
+             "--data.multicrop.n_local=2", f"--data.dir={demo_shards}", "--data.loader=reference"]
+    rows = step.bench_preset("demo-ibot", small, ["synthetic", "loader"], torch.device("cpu"), warmup=1, steps=1,
+                             peak=1e11)
+    assert [(r["method"], r["source"]) for r in rows] == [("ibot+path", "synthetic"), ("ibot+path", "loader")]
+    batch = step.synthetic_batches(load_config("demo-ibot", small), torch.device("cpu"), n=1)[0]
+    assert batch.local.shape == (16, 2, 3, 16, 16) and batch.masks.shape == (16, 2, 16) and batch.masks.any()
+    assert all(r["flops_per_step"] > 0 and r["samples_per_s"] > 0 for r in rows)
