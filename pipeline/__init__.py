@@ -1,8 +1,8 @@
 """Data: ImageNet-style folders -> webdataset shards -> `Batch` (views, path targets, θ, label).
 
 `build_loader(cfg, rank, world_size)` is the one entry point; data.loader picks the backend (`auto`,
-the default: DALI when it is installed, else the PyTorch reference loader with one warning; with
-data.multicrop.enabled always the reference loader, see `multicrop_loader`). It returns a `Loader`: iterating it
+the default: DALI when it is installed, else the PyTorch reference loader with one warning); both
+render data.multicrop (the DINO family's local crops and masks). It returns a `Loader`: iterating it
 yields one epoch of `Batch`es on the rank's device; `len()` is the number of batches per epoch on
 this rank (`pipeline.shards`' rule, the same for every backend); `set_epoch(e)` makes e the epoch
 the next iteration reads (another epoch starts at its first batch, the current one keeps its position);
@@ -92,20 +92,6 @@ def choose_loader(name: str, rank: int = 0) -> str:
     return "reference"
 
 
-def multicrop_loader(cfg: DataConfig) -> bool:
-    """Whether multi-crop (the DINO family) decides the loader: only the reference loader renders local
-    crops today, so `auto` picks it and `dali` is a ConfigError (pipeline/dali_multicrop.py has the DALI
-    operators, not yet wired into pipeline/dali.py)."""
-    from pipeline.errors import ConfigError
-
-    if not cfg.multicrop.enabled:
-        return False
-    if cfg.loader == "dali":
-        raise ConfigError("--data.loader=dali does not render multi-crop (data.multicrop.enabled, the DINO "
-                          "family) yet; use --data.loader=reference or auto")
-    return True
-
-
 def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
                  device: torch.device | str | None = None) -> Loader:
     """Build the configured loader for this rank (`choose_loader`). device: where batches land
@@ -114,7 +100,7 @@ def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
 
     from pipeline.errors import ConfigError
 
-    loader = "reference" if multicrop_loader(cfg) else choose_loader(cfg.loader, rank)
+    loader = choose_loader(cfg.loader, rank)
     if cfg.batch_size % world_size:
         raise ConfigError(f"data.batch_size={cfg.batch_size} is not divisible by the {world_size} ranks")
     if device is None:

@@ -437,7 +437,6 @@ def check(cfg: Config) -> None:
 
 def check_multicrop(cfg: Config) -> None:
     """The DINO family and multi-crop go together, and the global crops are the views."""
-    from pipeline import multicrop_loader
     from pipeline.multicrop import validate
 
     mc, family = cfg.data.multicrop, cfg.model.family
@@ -462,7 +461,6 @@ def check_multicrop(cfg: Config) -> None:
         raise ConfigError(f"the global crops are the views: --data.multicrop.global_size={mc.global_size} and "
                           f"global_scale={mc.global_scale} must equal --data.img_size={cfg.data.img_size} and "
                           f"--data.aug.crop_scale={cfg.data.aug.crop_scale}")
-    multicrop_loader(cfg.data)  # data.loader=dali: not yet
 
 
 def check_model(cfg: Config) -> None:

@@ -378,3 +378,54 @@ def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
     for want, got in zip(second, resumed):
         assert torch.equal(want, got)
     assert not torch.equal(first[1], second[1])
+
+
+# ------------------------------------------------------------------------- both loaders, wired in
+
+
+def _loader_cfg(demo_shards, loader: str) -> DataConfig:
+    data = DataConfig(dir=str(demo_shards), loader=loader, batch_size=16, workers=1, shuffle_buffer=16)
+    return global_data_config(data, dataclasses.replace(SMALL, enabled=True))
+
+
+def test_both_loaders_yield_multicrop_batches_alike(demo_shards):
+    """build_loader with data.multicrop: the reference and the DALI loader give the same fields and
+    shapes, local crops with matching pixel statistics over an epoch, and iBOT masks with iBOT's ratios."""
+    from pipeline import build_loader
+
+    epochs = {}
+    for name in ("reference", "dali"):
+        batches = list(build_loader(_loader_cfg(demo_shards, name), device="cpu"))
+        assert len(batches) == 4
+        for b in batches:
+            assert b.local.shape == (16, 4, 3, 16, 16) and b.local.dtype == torch.float32
+            assert b.masks.shape == (16, 2, 16) and b.masks.dtype == torch.bool
+            assert b.view1.shape == b.view2.shape == (16, 3, 32, 32)
+        epochs[name] = batches
+    for name, batches in epochs.items():
+        local = torch.cat([b.local for b in batches])  # (64, 4, 3, 16, 16)
+        ratios = torch.cat([b.masks for b in batches]).float().mean(-1).flatten()  # (128,) per global crop
+        assert 0.3 < (ratios == 0).float().mean() < 0.7, name  # half of the crops unmasked, as iBOT
+        assert ratios.max() <= 0.5 + 1 / 16, name
+        epochs[name] = (local.mean((0, 1, 3, 4)), local.std((0, 1, 3, 4)))
+    (m_ref, s_ref), (m_dali, s_dali) = epochs["reference"], epochs["dali"]
+    # the same distribution of crops and photometric draws over the same 64 photos (not the same draws)
+    torch.testing.assert_close(m_dali, m_ref, atol=0.15, rtol=0)
+    torch.testing.assert_close(s_dali, s_ref, atol=0.15, rtol=0)
+
+
+def test_the_dali_loader_resumes_its_local_crops_and_masks(demo_shards):
+    from pipeline.dali import build_dali_loader
+
+    cfg = _loader_cfg(demo_shards, "dali")
+    straight = list(build_dali_loader(cfg, demo_shards))
+    first = build_dali_loader(cfg, demo_shards)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    resumed = build_dali_loader(cfg, demo_shards)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 2
+    for a, b in zip(rest, straight[2:]):
+        assert torch.equal(a.local, b.local) and torch.equal(a.masks, b.masks) and torch.equal(a.view2, b.view2)

@@ -107,7 +107,6 @@ def test_diagnostics_leave_the_teacher_centres_alone(demo_shards):
     (["--data.multicrop.enabled=true"], "--data.multicrop.enabled=true needs a DINO family"),
     (["--preset-ibot", "--data.multicrop.patch_size=16"], "must equal --model.patch_size=8"),
     (["--preset-ibot", "--data.img_size=32"], "the global crops are the views"),
-    (["--preset-ibot", "--data.loader=dali"], "--data.loader=dali does not render multi-crop"),
     (["--preset-ibot", "--model.dino.family=dino"], "the family is --model.family"),
 ])
 def test_inconsistent_multicrop_settings_are_one_line(overrides, message):
