@@ -196,6 +196,7 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
     scheduler.step()
     if schedules is not None:
         schedules.after_step(unwrap(model), step)
+        result.update(schedules.logged(unwrap(model), step))
     if mark:
         mark("optimizer")
     return result

@@ -66,6 +66,14 @@ class Schedules:
     def momentum(self, step: int) -> float:
         return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
 
+    def logged(self, method: nn.Module, step: int) -> dict[str, float]:
+        """The step's schedule values for metrics.jsonl (sched/*): weight decay; teacher ones for the DINO family."""
+        out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
+        if hasattr(method, "update_teacher"):
+            temp, patch = self.temperatures(step)
+            out.update({"sched/teacher_temp": temp, "sched/patch_temp": patch, "sched/momentum": self.momentum(step)})
+        return out
+
     def before_step(self, method: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
         """Step `step`'s weight decay on the decaying groups and the teacher's temperatures."""
         if self.cfg.optim.weight_decay_end >= 0:

@@ -429,3 +429,16 @@ def test_the_dali_loader_resumes_its_local_crops_and_masks(demo_shards):
     assert len(rest) == 2
     for a, b in zip(rest, straight[2:]):
         assert torch.equal(a.local, b.local) and torch.equal(a.masks, b.masks) and torch.equal(a.view2, b.view2)
+
+
+def test_batch_to_and_pin_memory_keep_the_multicrop_fields():
+    base = Batch(*(torch.zeros(2, 3, 4, 4) for _ in range(3)), torch.zeros(2, 19), torch.zeros(2, dtype=torch.long))
+    full = with_multicrop(base, torch.ones(2, 1, 3, 2, 2), torch.ones(2, 2, 4, dtype=torch.bool))
+    for batch in (base, full):
+        moved = batch.to("cpu", non_blocking=False)
+        assert type(moved) is Batch and (moved.local is None) == (batch.local is None)
+        assert (moved.masks is None) == (batch.masks is None)
+    assert torch.equal(full.to("cpu").masks, full.masks) and full.to("cpu").masks.dtype == torch.bool
+    if torch.cuda.is_available():  # pinning needs a CUDA runtime
+        pinned = full.pin_memory()
+        assert pinned.local.is_pinned() and pinned.masks.is_pinned() and base.pin_memory().local is None

@@ -42,10 +42,14 @@ def test_demo_presets_train_log_every_term_and_checkpoint_the_teacher(preset, tm
     assert main(["--preset", preset, *SMALL, "--data", str(demo_shards), "--out", str(run), "--steps", "2"]) == 0
     rows = metrics(run)
     assert sorted(rows) == [1, 2]
-    want = {"loss", "loss/inv", "loss/eq", *(f"loss/inv.{t}" for t in TERMS[preset])}
+    want = {"loss", "loss/inv", "loss/eq", *(f"loss/inv.{t}" for t in TERMS[preset]),
+            "sched/teacher_temp", "sched/patch_temp", "sched/momentum", "sched/weight_decay"}
     for row in rows.values():
         assert want <= row.keys() and all(math.isfinite(row[k]) for k in want), row
     assert not ({"loss/inv.ibot", "loss/inv.koleo"} - want) & rows[1].keys()  # only the family's own terms
+    assert rows[1]["sched/teacher_temp"] == 0.04 < rows[2]["sched/teacher_temp"]  # warming up
+    assert rows[1]["sched/weight_decay"] == pytest.approx(0.04) and rows[1]["sched/momentum"] == pytest.approx(
+        0.992 if preset == "demo-dinov2" else 0.996)
     state = torch.load(run / "ckpt" / "last.pt", weights_only=True)["model"]
     assert any(k.startswith("teacher.module.encoder.") for k in state)
     assert "center" in state and "patch_center" in state
@@ -124,12 +128,13 @@ def _torchrun(*args: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, strategy):
-    """demo-ibot (ddp) / demo-dinov2 (fsdp) on 2 Gloo ranks: 3 steps + resume to 6 == 6 straight, bit
-    for bit: student, teacher, centres, optimizer, loader; the losses of every step too."""
-    preset = "demo-ibot" if strategy == "ddp" else "demo-dinov2"
-    common = ["--preset", preset, *SMALL, "--data", str(demo_shards), f"--dist.strategy={strategy}"]
+@pytest.mark.parametrize(("preset", "strategy", "loader"), [("demo-ibot", "ddp", "dali"),
+                                                          ("demo-dinov2", "fsdp", "reference")])
+def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, preset, strategy, loader):
+    """2 Gloo ranks: 3 steps + resume to 6 == 6 straight, bit for bit: student, teacher, centres,
+    optimizer, loader (DALI's in-graph local crops too); the losses of every step too."""
+    common = ["--preset", preset, "--device", "cpu", *SMALL, f"--data.loader={loader}", "--data", str(demo_shards),
+              f"--dist.strategy={strategy}"]
     _torchrun(*common, "--out", str(tmp_path / "straight"), "--steps", "6")
     _torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3")
     _torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"), "--run.steps=6")
