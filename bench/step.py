@@ -47,9 +47,11 @@ from bench._provenance import write_result
 from model import build_method
 from pipeline import build_loader, resolve_data_dir
 from pipeline.batch import Batch
+from pipeline.multicrop import sample_masks, with_multicrop
 from pipeline.path import THETA_DIM
 from train.config import Config, load_config, to_dict
-from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, train_step
+from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, total_steps, train_step
+from train.schedules import Schedules
 
 CPU_PRESETS = ("demo", "demo-xattn-path", "demo-vicreg", "demo-sie", "demo-xattn")
 GPU_PRESETS = ("vits16-path", "vits16-xattn-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")
@@ -67,8 +69,17 @@ def synthetic_batches(cfg: Config, device: torch.device, n: int = 2) -> list[Bat
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device)
 
-    return [Batch(rand(b, 3, h, h), rand(b, 3, h, h), rand(b, k, 3, ht, ht), rand(b, THETA_DIM),
-                  torch.full((b,), -1, dtype=torch.long, device=device)) for _ in range(n)]
+    def batch(i: int) -> Batch:
+        out = Batch(rand(b, 3, h, h), rand(b, 3, h, h), rand(b, k, 3, ht, ht), rand(b, THETA_DIM),
+                    torch.full((b,), -1, dtype=torch.long, device=device))
+        mc = d.multicrop
+        if not mc.enabled:
+            return out
+        # the DINO family's crops: L local crops and iBOT's masks, drawn as the loader draws them
+        masks = torch.stack([sample_masks(mc, "bench", i, j) for j in range(b)]).to(device) if mc.masks else None
+        return with_multicrop(out, rand(b, mc.n_local, 3, mc.local_size, mc.local_size), masks)
+
+    return [batch(i) for i in range(n)]
 
 
 def endless(loader):
@@ -120,6 +131,7 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
     """Run warmup + steps train_steps; -> per-phase mean ms, step ms, samples/s, peak memory."""
     optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 1000)
+    schedules = Schedules(cfg, 1000, total_steps(cfg.optim, 1000))  # the DINO family's teacher update is timed too
     amp = device.type == "cuda" and cfg.run.amp == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {p: [] for p in PHASES}
@@ -135,7 +147,8 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
         mark("start")
         batch = next(batches)
         mark("data")
-        train_step(method, batch, optimizer, scheduler, step=i, clip_grad=cfg.optim.clip_grad, amp=amp, mark=mark)
+        train_step(method, batch, optimizer, scheduler, step=i, clip_grad=cfg.optim.clip_grad, amp=amp, mark=mark,
+                   schedules=schedules)
         if i >= warmup:
             for phase, t0, t1 in zip(PHASES, marks, marks[1:]):
                 times[phase].append(1e3 * (t1 - t0))
@@ -174,7 +187,7 @@ def bench_preset(preset: str, overrides: list[str], sources: list[str], device: 
             stream = endless(build_loader(cfg.data, 0, 1, device))
         result = time_steps(method, stream, cfg, device, warmup, steps)
         mfu = flops / (result["step_ms"] / 1e3) / peak
-        rows.append({"preset": preset, "method": cfg.model.method, "source": source,
+        rows.append({"preset": preset, "method": method_label(cfg), "source": source,
                      "loader": cfg.data.loader if source == "loader" else None,
                      "batch_size": cfg.data.batch_size, "img_size": cfg.data.img_size, "k": cfg.data.aug.k,
                      "backbone": cfg.model.backbone, "dtype": "bf16" if device.type == "cuda" and
@@ -183,6 +196,11 @@ def bench_preset(preset: str, overrides: list[str], sources: list[str], device: 
               f"(data {result['data_ms']:.1f}, fwd {result['forward_ms']:.1f}, bwd {result['backward_ms']:.1f}, "
               f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB", flush=True)
     return rows
+
+
+def method_label(cfg: Config) -> str:
+    """The summary's method name: model.method, or family+method for the DINO family (ibot+path)."""
+    return cfg.model.method if cfg.model.family == "vicreg" else f"{cfg.model.family}+{cfg.model.method}"
 
 
 def resolve_defaults(args, overrides: list[str], cuda: bool) -> tuple[list[str], list[str], int, int, list[str]]:

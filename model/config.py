@@ -1,13 +1,41 @@
-"""`ModelConfig`: the encoder, its channel split, the decoder and the loss weights of one method."""
+"""`ModelConfig`: the encoder, its channel split, the decoder and the loss weights of one method;
+`DinoConfig`: the DINO family's head, loss and teacher schedules (model.family != vicreg)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+FAMILIES = ("vicreg", "dino", "ibot", "dinov2")  # the invariant loss; model.method picks the equivariant part
+
+
+@dataclass
+class DinoConfig:
+    """The DINO family's head and loss knobs (model/families.py, model/dino.py); the family itself is
+    model.family, which build_method writes into `family` (leave it empty in a config)."""
+
+    family: str = ""  # set from model.family by build_method; model/families.py reads it
+    out_dim: int = 8192  # K prototypes: DINOv2 65536, iBOT 8192
+    hidden_dim: int = 2048  # DINO head: 3-layer MLP, hidden 2048, bottleneck 256
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    norm_last_layer: bool = True  # fix the prototypes' weight-norm gain at 1 (DINO, iBOT); DINOv2: False
+    student_temp: float = 0.1  # model/dino.py's STUDENT_TEMP (this module imports no torch)
+    center_momentum: float = 0.9  # model/dino.py's CENTER_MOMENTUM
+    ibot_weight: float = 1.0  # iBOT's lambda2, DINOv2's ibot_loss_weight
+    koleo_weight: float = 0.1  # DINOv2
+    # Teacher schedules (train/schedules.py): temperatures warm up linearly, the momentum follows a cosine to 1.
+    teacher_temp: float = 0.07  # class-token teacher temperature after warm-up
+    warmup_teacher_temp: float = 0.04
+    patch_temp: float = 0.07  # iBOT patch teacher temperature after warm-up
+    warmup_patch_temp: float = 0.04
+    warmup_temp_epochs: float = 30.0
+    momentum: float = 0.996  # teacher EMA momentum at step 0 (iBOT 0.996, DINOv2 0.992), cosine to 1
 
 
 @dataclass
 class ModelConfig:
-    method: str = "path"  # vicreg | sie | xattn | path
+    family: str = "vicreg"  # invariant loss: vicreg (the method's own) | dino | ibot | dinov2 (model.dino)
+    method: str = "path"  # vicreg | sie | xattn | path; with a DINO family the equivariant part (vicreg = none)
     backbone: str = "vit_small_patch16_224"  # a timm ViT name (tiny/small/base/large, patch 16)
     patch_size: int = 16  # overrides the timm default (the demo uses 8 at 64 px)
     depth: int = 0  # 0 = the timm model's depth
@@ -29,3 +57,4 @@ class ModelConfig:
     cov_coeff: float = 1.0
     expander: tuple[int, ...] = (2048, 2048, 2048)  # VICReg expander MLP widths on pooled z_inv
     equi_factor: float = 4.5  # SIE: weight of the prediction MSE relative to sim_coeff (official default)
+    dino: DinoConfig = field(default_factory=DinoConfig)

@@ -61,9 +61,21 @@ def grad_ratio(method: nn.Module, batch, out: dict | None = None) -> dict[str, f
     return {"diag/grad.inv": n_inv, "diag/grad.eq": n_eq, "diag/grad_ratio": n_eq / n_inv if n_inv > 0 else float("nan")}
 
 
+@torch.no_grad()
+def _restore_buffers(method: nn.Module, saved: list[torch.Tensor]) -> None:
+    for buf, old in zip(method.buffers(), saved):
+        buf.copy_(old)
+
+
 def diagnostics(method: nn.Module, batch) -> dict[str, float]:
-    """grad_ratio, plus recon_errors for methods that reconstruct; the model's mode is left as it was."""
-    terms = grad_ratio(method, batch)
+    """grad_ratio, plus recon_errors for methods that reconstruct; the model's mode is left as it was,
+    and so are its buffers: the DINO family's forward moves its teacher centres, which a diagnostic
+    pass must not do (a run with diagnostics trains exactly as one without)."""
+    saved = [b.detach().clone() for b in method.buffers()]
+    try:
+        terms = grad_ratio(method, batch)
+    finally:
+        _restore_buffers(method, saved)
     pred = method.reconstruct(batch)
     if pred is not None:
         terms.update(recon_errors(pred, method.targets(batch)))

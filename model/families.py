@@ -21,9 +21,9 @@ iBOT's patch centre is the mean over all the teacher's patch tokens (its head ru
 iBOT does); DINOv2 runs the teacher head on the masked patches only.
 
 The batch: view1 and view2 are the two global crops (the path g_θ and its targets act on view2), and
-the DINO family reads two fields the Batch of pipeline/batch.py does not have yet (proposal, as
-MultiCropBatch below): `local` (B, L, 3, h, w) local crops, None or L = 0 for none, and `masks`
-(B, 2, N) bool, iBOT's masks of the two global crops' N patch tokens (model/dino.block_masks).
+the DINO family reads the Batch's multi-crop fields (pipeline/batch.py): `local` (B, L, 3, h, w) local
+crops, None or L = 0 for none, and `masks` (B, 2, N) bool, iBOT's masks of the two global crops' N
+patch tokens (model/dino.block_masks).
 
 The student runs the global crops (masked) and the local crops (at their own size, position
 embedding resampled) through the encoder's timm ViT by `encode_tokens` below, an adapter: timm's
@@ -33,52 +33,24 @@ VisionTransformer has neither mask tokens nor (as SplitEncoder builds it) other 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from model import dino
-from model.config import ModelConfig
+from model.config import DinoConfig, ModelConfig
 from model.encoder import SplitEncoder, SplitOutput
 from model.methods import METHODS, NO_DECAY_NAMES, Method
 from model.teacher import EMATeacher
 from pipeline.batch import Batch, DataConfig
 from pipeline.errors import ConfigError
 
-FAMILIES = ("dino", "ibot", "dinov2")
+FAMILIES = ("dino", "ibot", "dinov2")  # model.config.FAMILIES without vicreg
 # Equivariant part -> the model/methods.py method that provides it ("none": VICReg's, which adds nothing).
 EQUIVARIANT = {"none": "vicreg", "sie": "sie", "xattn": "xattn", "path": "path"}
 
 
-@dataclass
-class DinoConfig:
-    """The DINO family's knobs (proposal: a `model.dino` section of the config tree)."""
-
-    family: str = "ibot"  # dino | ibot | dinov2
-    out_dim: int = 8192  # K prototypes: DINOv2 65536, iBOT 8192
-    hidden_dim: int = 2048  # DINO head: 3-layer MLP, hidden 2048, bottleneck 256
-    bottleneck_dim: int = 256
-    nlayers: int = 3
-    norm_last_layer: bool = True  # fix the prototypes' weight-norm gain at 1 (DINO, iBOT); DINOv2: False
-    student_temp: float = dino.STUDENT_TEMP
-    center_momentum: float = dino.CENTER_MOMENTUM
-    ibot_weight: float = 1.0  # iBOT's lambda2, DINOv2's ibot_loss_weight
-    koleo_weight: float = 0.1  # DINOv2
-
-
-@dataclass
-class MultiCropBatch(Batch):
-    """Batch + the DINO family's fields (proposal for pipeline/batch.py; see the module docstring)."""
-
-    local: torch.Tensor | None = None  # (B, L, 3, h, w)
-    masks: torch.Tensor | None = None  # (B, 2, N) bool
-
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> MultiCropBatch:
-        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return MultiCropBatch(**{k: v if v is None else v.to(device, non_blocking=non_blocking)
-                                 for k, v in moved.items()})
 
 
 def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | None = None,
@@ -169,7 +141,7 @@ class DinoFamily(nn.Module):
             shape = tuple(getattr(batch, name).shape)
             if shape != (b, 3, s, s):
                 raise ValueError(f"batch.{name} has shape {shape}, the model expects ({b}, 3, {s}, {s}) (data.img_size)")
-        local, masks = getattr(batch, "local", None), getattr(batch, "masks", None)
+        local, masks = batch.local, batch.masks
         if local is not None and (local.dim() != 5 or local.shape[0] != b or local.shape[2] != 3):
             raise ValueError(f"batch.local has shape {tuple(local.shape)}, expected (B={b}, L, 3, h, w)")
         if local is not None and local.shape[1] == 0:
@@ -237,6 +209,10 @@ class DinoFamily(nn.Module):
     @torch.no_grad()
     def reconstruct(self, batch: Batch) -> torch.Tensor | None:
         return self.eq.reconstruct(batch)
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """What reconstruct's images are scored against (the equivariant part's targets)."""
+        return self.eq.targets(batch)
 
     def no_weight_decay(self) -> set[str]:
         """Biases, norms, embeddings and the mask token (timm's and iBOT's convention)."""

@@ -131,6 +131,16 @@ class SIE(VICReg):
         flip = theta[:, IDX["flip2"] : IDX["flip2"] + 1] - theta[:, IDX["flip1"] : IDX["flip1"] + 1]
         return torch.cat([g, crop, flip], dim=1)
 
+    def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
+        """SIE's prediction term alone (its equivariant part beside another invariant loss, the DINO
+        family's): sie_loss's eq on the equivariant projections; its invariant half is discarded."""
+        cfg = self.cfg
+        x_eq, y_eq = self.expander_eq(o1.z_eq_pooled), self.expander_eq(o2.z_eq_pooled)
+        pred = self.predictor(x_eq, self.transformation_code(batch.theta))
+        _, eq, terms = sie_loss(o1.z_inv.detach(), o2.z_inv.detach(), x_eq, y_eq, pred, cfg.sim_coeff,
+                                cfg.std_coeff, cfg.cov_coeff, cfg.equi_factor)
+        return {"loss/eq": eq, **{f"loss/eq.{k}": terms[k].detach() for k in ("pred", "pred_std")}}
+
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         o1, o2 = self.encode(batch)
@@ -216,6 +226,8 @@ class PathRecon(XAttn):
         return batch.targets
 
 
+Method = VICReg  # the base every method derives from (what model/families.py composes)
+
 METHODS: dict[str, type[VICReg]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn, "path": PathRecon}
 
 
@@ -226,8 +238,16 @@ def theta_scale(aug: PathConfig) -> torch.Tensor:
     return path_theta_scale(aug)
 
 
-def build_method(cfg: ModelConfig, data: DataConfig) -> VICReg:
-    """The configured method, with its encoder at data.img_size and K = data.aug.k."""
+def build_method(cfg: ModelConfig, data: DataConfig) -> nn.Module:
+    """The configured method, with its encoder at data.img_size and K = data.aug.k: model.method alone
+    (family vicreg), or the DINO family model.family with model.method as its equivariant part."""
     if cfg.method not in METHODS:
         raise ConfigError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")
-    return METHODS[cfg.method](cfg, data)
+    if cfg.family == "vicreg":
+        return METHODS[cfg.method](cfg, data)
+    import dataclasses
+
+    from model.families import DinoFamily  # it builds on this module's methods
+
+    equivariant = "none" if cfg.method == "vicreg" else cfg.method
+    return DinoFamily(cfg, data, dataclasses.replace(cfg.dino, family=cfg.family), equivariant=equivariant)

@@ -1,7 +1,8 @@
 """Data: ImageNet-style folders -> webdataset shards -> `Batch` (views, path targets, θ, label).
 
 `build_loader(cfg, rank, world_size)` is the one entry point; data.loader picks the backend (`auto`,
-the default: DALI when it is installed, else the PyTorch reference loader with one warning). It returns a `Loader`: iterating it
+the default: DALI when it is installed, else the PyTorch reference loader with one warning); both
+render data.multicrop (the DINO family's local crops and masks). It returns a `Loader`: iterating it
 yields one epoch of `Batch`es on the rank's device; `len()` is the number of batches per epoch on
 this rank (`pipeline.shards`' rule, the same for every backend); `set_epoch(e)` makes e the epoch
 the next iteration reads (another epoch starts at its first batch, the current one keeps its position);

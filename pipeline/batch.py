@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -10,6 +11,31 @@ from pipeline.path import PathConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class MultiCropConfig:
+    """Multi-crop for the DINO family (pipeline/multicrop.py renders it): sizes, scales and the local
+    crops' photometric augmentation (DINO's values). Off by default: the views alone (VICReg presets)."""
+
+    enabled: bool = False  # two global crops (the views) + n_local local crops + iBOT masks
+    n_local: int = 10  # L local crops per sample: iBOT 10, DINOv2 and DINO 8
+    global_size: int = 224  # both global crops (view1, view2): must equal data.img_size (config check)
+    local_size: int = 96
+    global_scale: tuple[float, float] = (0.25, 1.0)  # area fraction: iBOT 0.25-1, DINOv2 0.32-1 (= data.aug.crop_scale)
+    local_scale: tuple[float, float] = (0.05, 0.25)  # iBOT 0.05-0.25, DINOv2 0.05-0.32
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (w/h) of the local crops
+    flip_p: float = 0.5
+    jitter_p: float = 0.8  # probability that the colour jitter is applied at all
+    brightness: float = 0.4  # jitter factors 1 + δ, δ ~ U(±brightness) (torchvision ColorJitter)
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1  # hue shift ~ U(±hue)
+    grey_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # σ in local-crop pixels
+    masks: bool = True  # draw iBOT's masks (ibot, dinov2); dino does without
+    patch_size: int = 16  # the encoder's patch (model.patch_size): the mask grid is global_size / patch_size
 
 
 @dataclass
@@ -33,6 +59,7 @@ class DataConfig:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     aug: PathConfig = field(default_factory=PathConfig)
+    multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)  # the DINO family's crops
 
     @property
     def out_target_size(self) -> int:
@@ -48,6 +75,8 @@ class Batch:
                   (K may be 0 for methods that reconstruct nothing along the path).
     theta:        (B, P) float32, layout pipeline.path.THETA_FIELDS.
     label:        (B,) int64, -1 where unknown.
+    local:        (B, L, 3, h, w) float32 local crops, normalised like the views; None without multi-crop.
+    masks:        (B, 2, N) bool, iBOT's masks of the two global crops' N patch tokens; None without.
     """
 
     view1: torch.Tensor
@@ -55,12 +84,19 @@ class Batch:
     targets: torch.Tensor
     theta: torch.Tensor
     label: torch.Tensor
+    local: torch.Tensor | None = None
+    masks: torch.Tensor | None = None
+
+    def _map(self, fn) -> Batch:
+        """The same batch type with fn applied to every tensor field (None fields stay None)."""
+        return dataclasses.replace(self, **{f.name: fn(v) for f in dataclasses.fields(self)
+                                            if (v := getattr(self, f.name)) is not None})
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
     def __len__(self) -> int:
         return self.view1.shape[0]

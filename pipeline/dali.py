@@ -1,4 +1,6 @@
-"""The DALI pipeline: webdataset shards -> `Batch` (view 1, view 2, K path targets, θ, label).
+"""The DALI pipeline: webdataset shards -> `Batch` (view 1, view 2, K path targets, θ, label; with
+data.multicrop.enabled also the DINO family's local crops, drawn and rendered in the graph by
+pipeline/dali_multicrop.py, and iBOT's masks, drawn per (seed, epoch, rank, batch) outside it).
 
 One graph, two placements: `device="gpu"` decodes with nvJPEG (`mixed`) and runs every image operator
 on the GPU; `device="cpu"` is the same graph with CPU operators and `device_id=None` (what CI runs).
@@ -78,7 +80,7 @@ from pipeline.shards import (
 
 READER = "shards"  # the reader's name, which lets the iterator know where an epoch ends
 GREY = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights
-OUTPUTS = ("view1", "view2", "targets", "theta", "label")
+OUTPUTS = ("view1", "view2", "targets", "theta", "label", "local")  # local: data.multicrop.enabled only
 
 
 # ------------------------------------------------------------------------------------- graph pieces
@@ -325,19 +327,25 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
             img = _on(img, device)
             label = fn.pad(fn.cast(shape[0:1] * 0.0, dtype=types.UINT8), fill_value=0, shape=[CLS_BYTES])
         view1, view2, targets = render(img, theta, H, W, cfg, device)
-        outs = {"view1": view1, "view2": view2, "targets": targets, "theta": theta, "label": label}
+        outs = {"view1": view1, "view2": view2, "targets": targets, "theta": theta, "label": label, "local": None}
+        if cfg.multicrop.enabled:  # the DINO family's local crops, drawn in the graph like θ
+            from pipeline import dali_multicrop  # it builds on this module's operators
+
+            params = dali_multicrop.sample_local_params(H, W, cfg.multicrop)
+            outs["local"] = dali_multicrop.local_crops(img, params, H, W, cfg.multicrop, cfg, device)
         names = [k for k in OUTPUTS if outs[k] is not None]
         pipe.set_outputs(*[_on(outs[k], device) if k in ("theta", "label") else outs[k] for k in names])
     return pipe, names
 
 
-def _to_batch(out: dict, target_size: int, device: torch.device) -> Batch:
+def _to_batch(out: dict, target_size: int, device: torch.device, masks: torch.Tensor | None = None) -> Batch:
+    """The pipeline's outputs (+ iBOT's masks, drawn outside the graph) -> a Batch on `device`."""
     view1 = out["view1"]
     targets = out.get("targets")
     if targets is None:  # K = 0: an empty target tensor keeps the Batch contract
         targets = view1.new_zeros(view1.shape[0], 0, 3, target_size, target_size)
     batch = Batch(view1=view1, view2=out["view2"], targets=targets, theta=out["theta"],
-                  label=parse_labels(out["label"]))
+                  label=parse_labels(out["label"]), local=out.get("local"), masks=masks)
     return batch.to(device)
 
 
@@ -433,6 +441,16 @@ class DaliLoader:
         self._checkpoint = (self._position, cpt) if cpt else None
         self._positioned = True  # a state saved after an epoch's last batch resumes into its empty remainder
 
+    def _masks(self, i: int) -> torch.Tensor | None:
+        """iBOT's masks of batch i of this rank's epoch: a function of (seed, epoch, rank, i), so a
+        resumed epoch gets the same ones; None without multi-crop masks."""
+        mc = self.cfg.multicrop
+        if not (mc.enabled and mc.masks):
+            return None
+        from pipeline.dali_multicrop import batch_masks
+
+        return batch_masks(mc, self.cfg.seed, self.epoch, self.rank, i, self.local_batch)
+
     def _seed(self) -> int:
         return (self.cfg.seed * 1_000_003 + self.epoch * 7_919 + self.rank * 104_729) % (2**31 - 1)
 
@@ -488,7 +506,7 @@ class DaliLoader:
                 if i < self._position:
                     continue
                 self._position = i + 1
-                yield _to_batch(out, self.cfg.out_target_size, self.device)
+                yield _to_batch(out, self.cfg.out_target_size, self.device, self._masks(i))
         finally:
             self._iterator = None
 

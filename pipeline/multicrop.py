@@ -5,7 +5,7 @@
     crops = sample_multicrop(key, src_hw, data, mc, epoch)   # θ, local params, masks: the one owner
     view1, view2, targets = reference.make_views(img, crops.theta, data)
     local = render_local_crops(img, crops.local, mc, data)  # (L, 3, h, w), normalised like the views
-    batch = with_multicrop(batch, local, masks)              # the MultiCropBatch of model/families.py
+    batch = with_multicrop(batch, local, masks)              # Batch.local, Batch.masks
 
 Global crops. Global crop 1 is view 1 and global crop 2 is view 2 of the path pipeline (pipeline.path):
 their boxes are θ's crop1 and crop2, drawn by `path.sample_theta` at `global_size` with area scale
@@ -47,14 +47,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import torchvision.transforms.v2.functional as F
 
 from model.dino import block_masks  # the DINO family owns the masking rule
-from pipeline.batch import Batch, DataConfig
+from pipeline.batch import Batch, DataConfig, MultiCropConfig  # the config lives beside DataConfig
 from pipeline.errors import ConfigError
 from pipeline.path import CROP1, CROP2, IDX, THETA_DIM, THETA_FIELDS, PathConfig, sample_crop
 
@@ -67,35 +66,12 @@ LOCAL_DIM = len(LOCAL_FIELDS)
 COLOUR = ("brightness", "contrast", "saturation", "hue")
 
 
-@dataclass
-class MultiCropConfig:
-    """Multi-crop sizes, scales and the local crops' photometric augmentation (DINO's values)."""
-
-    n_local: int = 10  # L local crops per sample: iBOT 10, DINOv2 and DINO 8
-    global_size: int = 224  # both global crops (view1, view2)
-    local_size: int = 96
-    global_scale: tuple[float, float] = (0.25, 1.0)  # area fraction of the source: iBOT 0.25-1, DINOv2 0.32-1
-    local_scale: tuple[float, float] = (0.05, 0.25)  # iBOT 0.05-0.25, DINOv2 0.05-0.32
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (w/h) of the local crops
-    flip_p: float = 0.5
-    jitter_p: float = 0.8  # probability that the colour jitter is applied at all
-    brightness: float = 0.4  # jitter factors 1 + δ, δ ~ U(±brightness) (torchvision ColorJitter)
-    contrast: float = 0.4
-    saturation: float = 0.2
-    hue: float = 0.1  # hue shift ~ U(±hue)
-    grey_p: float = 0.2
-    blur_p: float = 0.5
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # σ in local-crop pixels
-    masks: bool = True  # draw iBOT's masks (ibot, dinov2); dino does without
-    patch_size: int = 16  # the encoder's patch (model.patch_size): the mask grid is global_size / patch_size
-
-
 # The recipes' multi-crop settings: iBOT and DINOv2 as the `path` paper trains them (issue 12), DINO as
 # facebookresearch/dino's defaults (global 0.4-1, local 0.05-0.4, 8 local crops).
 MULTICROP = {
-    "dino": MultiCropConfig(n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), masks=False),
-    "ibot": MultiCropConfig(n_local=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)),
-    "dinov2": MultiCropConfig(n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
+    "dino": MultiCropConfig(enabled=True, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), masks=False),
+    "ibot": MultiCropConfig(enabled=True, n_local=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)),
+    "dinov2": MultiCropConfig(enabled=True, n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
 }
 
 
@@ -131,9 +107,9 @@ def validate(mc: MultiCropConfig) -> None:
 
 def global_data_config(data: DataConfig, mc: MultiCropConfig) -> DataConfig:
     """The DataConfig whose views are the two global crops: img_size = global_size, crop scale =
-    global_scale; everything else (g_θ, K, targets, normalisation) as configured."""
+    global_scale, multicrop = mc; everything else (g_θ, K, targets, normalisation) as configured."""
     validate(mc)
-    return dataclasses.replace(data, img_size=mc.global_size,
+    return dataclasses.replace(data, img_size=mc.global_size, multicrop=mc,
                                aug=dataclasses.replace(data.aug, crop_scale=tuple(mc.global_scale)))
 
 
@@ -241,23 +217,13 @@ def render_local_crops(image: torch.Tensor, params: torch.Tensor, mc: MultiCropC
 
 
 def with_multicrop(batch: Batch, local: torch.Tensor | None, masks: torch.Tensor | None) -> Batch:
-    """`batch` with the DINO family's fields: local (B, L, 3, h, w), masks (B, 2, N) bool (either None).
-
-    Returns a Batch with `local`/`masks` set when pipeline/batch.py's Batch has those fields, otherwise
-    model/families.py's MultiCropBatch (its proposal for them).
-    """
+    """`batch` with the DINO family's fields: local (B, L, 3, h, w), masks (B, 2, N) bool (either None)."""
     b = len(batch)
     if local is not None and (local.dim() != 5 or local.shape[0] != b or local.shape[2] != 3):
         raise ValueError(f"local crops of shape {tuple(local.shape)}: expected (B={b}, L, 3, h, w)")
     if masks is not None and (masks.dim() != 3 or masks.shape[:2] != (b, 2) or masks.dtype != torch.bool):
         raise ValueError(f"masks of shape {tuple(masks.shape)} ({masks.dtype}): expected bool (B={b}, 2, N)")
-    names = {f.name for f in dataclasses.fields(batch)}
-    if {"local", "masks"} <= names:
-        return dataclasses.replace(batch, local=local, masks=masks)
-    from model.families import MultiCropBatch
-
-    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
-    return MultiCropBatch(**fields, local=local, masks=masks)
+    return dataclasses.replace(batch, local=local, masks=masks)
 
 
 def collate_multicrop(batch: Batch, samples: list[tuple[torch.Tensor, torch.Tensor | None]]) -> Batch:

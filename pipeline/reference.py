@@ -221,14 +221,20 @@ def sample_theta_for(key: str, src_hw: tuple[int, int], cfg: DataConfig, epoch: 
     return sample_theta(cfg.aug, torch.tensor([src_hw], dtype=torch.float64), gen)[0]
 
 
-def render_sample(sample: dict, cfg: DataConfig, epoch: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """A webdataset sample {__key__, jpg, cls} -> (view1, view2, targets, θ, label); label -1 without cls."""
+def render_sample(sample: dict, cfg: DataConfig, epoch: int) -> tuple:
+    """A webdataset sample {__key__, jpg, cls} -> (view1, view2, targets, θ, label); label -1 without cls.
+    With cfg.multicrop.enabled: (view1, view2, targets, θ, label, local (L, 3, h, w), masks (2, N) or
+    None), pipeline/multicrop.py's rendering (its θ is the one drawn without multi-crop)."""
     key = sample["__key__"]
     img = decode(sample.get("jpg", b""), key)
-    theta = sample_theta_for(key, tuple(img.shape[-2:]), cfg, epoch)
     where = f"sample {key!r} in {sample.get('__url__', '?')}"
     label = parse_label(sample["cls"], where) if "cls" in sample else -1
+    if cfg.multicrop.enabled:
+        from pipeline.multicrop import multicrop_sample  # it imports this module's pixel functions
+
+        view1, view2, targets, theta, local, masks = multicrop_sample(img, key, cfg, cfg.multicrop, epoch)
+        return view1, view2, targets, theta, label, local, masks
+    theta = sample_theta_for(key, tuple(img.shape[-2:]), cfg, epoch)
     return (*make_views(img, theta, cfg), theta, label)
 
 
@@ -308,9 +314,15 @@ class _RankStreams(IterableDataset):
             chunk = [next(samples) for _ in range(b)]  # the plan holds quota·b samples: never exhausted
             if i < self.skip[s]:
                 continue  # handed out before the resume point: read, never decoded
-            views1, views2, targets, thetas, labels = zip(*(render_sample(x, cfg, self.epoch) for x in chunk))
-            yield Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
-                        torch.tensor(labels, dtype=torch.int64))
+            rendered = [render_sample(x, cfg, self.epoch) for x in chunk]
+            views1, views2, targets, thetas, labels = list(zip(*rendered))[:5]
+            batch = Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
+                          torch.tensor(labels, dtype=torch.int64))
+            if cfg.multicrop.enabled:
+                from pipeline.multicrop import collate_multicrop
+
+                batch = collate_multicrop(batch, [r[5:] for r in rendered])
+            yield batch
 
 
 def _clean(e: DataError) -> str:

@@ -80,7 +80,7 @@ def _from_export(folder: Path, img_size: int | None) -> Backbone:
 
 def _from_checkpoint(path: Path, img_size: int | None) -> Backbone:
     method, ckpt = export.load_method(path)
-    enc = method.encoder
+    enc, _ = export.exported_encoder(method)  # the teacher for the DINO family, as the export
     # The same timm model the export writes, so a checkpoint and its export probe identically.
     model = export.timm_backbone(enc, img_size)
     data = ckpt["config"]["data"]

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.config import ModelConfig
+from model.config import FAMILIES, ModelConfig
 from pipeline.batch import DataConfig
 from pipeline.errors import ConfigError
 from pipeline.path import PathConfig
 from train.distributed import DistConfig, check_dist_config
 
 OPTIMIZERS = ("adamw", "apex_adam", "apex_lamb")
+LR_SCALING = ("linear", "sqrt")
 
 
 @dataclass
@@ -36,6 +37,11 @@ class OptimConfig:
     epochs: float = 800.0  # the schedule's length; total steps = epochs * batches per epoch
     warmup_epochs: float = 10.0
     clip_grad: float = 3.0  # max global grad norm; 0 = off
+    # The DINO recipes' schedules (train/schedules.py), off by default:
+    lr_scaling: str = "linear"  # lr = base_lr * B / 256 | sqrt: base_lr * sqrt(B / 1024) (DINOv2)
+    weight_decay_end: float = -1.0  # cosine from weight_decay to this at the end (DINO 0.4); < 0 = constant
+    layer_decay: float = 1.0  # layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 = off (DINOv2 0.9)
+    patch_embed_lr: float = 1.0  # extra lr factor of the patch embedding (DINOv2 0.2)
 
 
 @dataclass
@@ -283,6 +289,8 @@ def check(cfg: Config) -> None:
     choices = {"run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
                "run.amp": (cfg.run.amp, ("bf16", "off")),
                "optim.name": (cfg.optim.name, OPTIMIZERS),
+               "optim.lr_scaling": (cfg.optim.lr_scaling, LR_SCALING),
+               "model.family": (cfg.model.family, FAMILIES),
                "data.loader": (cfg.data.loader, LOADERS)}
     for key, (value, allowed) in choices.items():
         if value not in allowed:
@@ -310,13 +318,45 @@ def check(cfg: Config) -> None:
             raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
+    if not 0 < cfg.optim.layer_decay <= 1 or not cfg.optim.patch_embed_lr > 0:
+        raise ConfigError(f"--optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1] and "
+                          f"--optim.patch_embed_lr={cfg.optim.patch_embed_lr} positive")
     check_dist_config(cfg.dist)
+    check_multicrop(cfg)
     if cfg.run.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
         except ImportError:
             raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
                               "pip install eqrecon[tb] (or pip install tensorboard)") from None
+
+
+def check_multicrop(cfg: Config) -> None:
+    """The DINO family and multi-crop go together, and the global crops are the views."""
+    from pipeline.multicrop import validate
+
+    mc, family = cfg.data.multicrop, cfg.model.family
+    if cfg.model.dino.family:
+        raise ConfigError(f"--model.dino.family={cfg.model.dino.family}: the family is --model.family "
+                          "(model.dino.family is filled in from it; leave it empty)")
+    if family == "vicreg":
+        if mc.enabled:
+            raise ConfigError("--data.multicrop.enabled=true needs a DINO family (--model.family=dino|ibot|dinov2): "
+                              f"model.method={cfg.model.method} alone reads no local crops")
+        return
+    if not mc.enabled:
+        raise ConfigError(f"--model.family={family} needs multi-crop: --data.multicrop.enabled=true (the DINO "
+                          "presets set it)")
+    if family != "dino" and not mc.masks:
+        raise ConfigError(f"--model.family={family} needs iBOT's masks: --data.multicrop.masks=true")
+    validate(mc)
+    if mc.patch_size != cfg.model.patch_size:
+        raise ConfigError(f"--data.multicrop.patch_size={mc.patch_size} must equal --model.patch_size="
+                          f"{cfg.model.patch_size} (the masks cut the global crops into the encoder's patches)")
+    if mc.global_size != cfg.data.img_size or tuple(mc.global_scale) != tuple(cfg.data.aug.crop_scale):
+        raise ConfigError(f"the global crops are the views: --data.multicrop.global_size={mc.global_size} and "
+                          f"global_scale={mc.global_scale} must equal --data.img_size={cfg.data.img_size} and "
+                          f"--data.aug.crop_scale={cfg.data.aug.crop_scale}")
 
 
 def check_model(cfg: Config) -> None:
@@ -435,3 +475,7 @@ def load_file(path: str | Path) -> Config:
     cfg.run.resume = ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
     check(cfg)
     return cfg
+
+
+# The DINO family's presets register themselves here (their own module: this one stays short).
+from train import presets_dino  # noqa: F401

@@ -1,6 +1,11 @@
 """Export a trained backbone as a timm model folder, and read such folders back.
 
     python train/export.py --ckpt runs/demo/ckpt/last.pt --out runs/demo/backbone [--img-size 96]
+        [--weights teacher|student]
+
+The DINO family (model.family dino | ibot | dinov2) exports its EMA teacher's encoder by default, as
+DINO, iBOT and DINOv2 evaluate it; `--weights student` exports the student's. The other methods have
+only a student.
 
 writes the folder timm's `local-dir:` source reads, plus the split head:
 
@@ -107,8 +112,25 @@ def set_img_size(model: nn.Module, size: int, what: str) -> None:
     model.set_input_size(img_size=size)  # records the new size in the args an export saves
 
 
-def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) -> Path:
-    """Write the export folder OUT (config.json, model.safetensors, split_head.safetensors); -> OUT."""
+WEIGHTS_CHOICES = ("auto", "teacher", "student")
+
+
+def exported_encoder(method: nn.Module, weights: str = "auto"):
+    """The SplitEncoder to export: the teacher's (auto, for methods with one) or the student's."""
+    if weights not in WEIGHTS_CHOICES:
+        raise ExportError(f"--weights {weights}: choose from {', '.join(WEIGHTS_CHOICES)}")
+    teacher = getattr(method, "teacher", None)
+    if weights == "teacher" and teacher is None:
+        raise ExportError(f"--weights teacher: the {type(method).__name__} method has no teacher (only the DINO "
+                          "family has one); use --weights student")
+    if teacher is not None and weights != "student":
+        return teacher.module["encoder"], "teacher"
+    return method.encoder, "student"
+
+
+def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None, weights: str = "auto") -> Path:
+    """Write the export folder OUT (config.json, model.safetensors, split_head.safetensors); -> OUT.
+    weights: teacher | student | auto (the teacher where the method has one)."""
     from timm.models._hub import save_config_for_hf
 
     out = Path(out)
@@ -118,7 +140,7 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) 
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
     method, ckpt = load_method(ckpt_path)
-    encoder = method.encoder
+    encoder, which = exported_encoder(method, weights)
     model = timm_backbone(encoder, img_size, "--img-size")
     size = model.patch_embed.img_size
     data = ckpt["config"]["data"]
@@ -126,6 +148,7 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None) 
                    "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
     provenance = {"checkpoint": str(Path(ckpt_path).resolve()), "step": ckpt.get("step"),
                   "preset": ckpt["config"].get("preset"), "method": ckpt["config"]["model"]["method"],
+                  "family": ckpt["config"]["model"].get("family", "vicreg"), "weights": which,
                   "git_sha": ckpt.get("git_sha"), "trained_img_size": encoder.timm_kwargs["img_size"],
                   "head": {"file": HEAD, "d_patch": encoder.d_patch, "d_inv": encoder.d_inv,
                            "d_eq": encoder.d_eq, "pool": encoder.pool,
@@ -228,9 +251,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ckpt", required=True, help="training checkpoint, e.g. runs/demo/ckpt/last.pt")
     parser.add_argument("--out", required=True, help="export folder, e.g. runs/demo/backbone")
     parser.add_argument("--img-size", type=int, default=0, help="input size to export at (default: the trained one)")
+    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
+                        help="the DINO family's teacher (auto's choice for it) or student encoder")
     args = parser.parse_args(argv)
     try:
-        out = export(args.ckpt, args.out, args.img_size or None)
+        out = export(args.ckpt, args.out, args.img_size or None, args.weights)
     except UserError as err:
         print(one_line(err), file=sys.stderr)
         return err.exit_code

@@ -51,6 +51,7 @@ from train.distributed import (
     unwrap,
 )
 from train.provenance import git_sha, provenance
+from train.schedules import Schedules, scaled_param_groups
 
 
 class NonFiniteLoss(TrainingError):
@@ -104,13 +105,17 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """base_lr × B / 256, or × sqrt(B / 1024) with optim.lr_scaling=sqrt (DINOv2's rule)."""
+    if cfg.lr_scaling == "sqrt":
+        return cfg.base_lr * math.sqrt(global_batch / 1024)
     return cfg.base_lr * global_batch / 256
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int,
                     device: torch.device) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA), or apex's FusedAdam / FusedLAMB when asked for."""
-    groups, lr = param_groups(model, cfg.weight_decay), peak_lr(cfg, global_batch)
+    lr = peak_lr(cfg, global_batch)
+    groups = scaled_param_groups(model, param_groups(model, cfg.weight_decay), cfg, lr)
     if cfg.name == "adamw":
         fused = {"fused": True} if device.type == "cuda" else {}
         return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **fused)
@@ -152,10 +157,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_b
 
 def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, *, step: int, clip_grad: float = 0.0,
-               amp: bool = False, mark: Callable[[str], None] | None = None) -> dict[str, float]:
+               amp: bool = False, mark: Callable[[str], None] | None = None,
+               schedules: Schedules | None = None) -> dict[str, float]:
     """Forward, backward, clip, optimizer and scheduler step; returns the loss terms averaged over
     ranks plus the grad norm. Raises NonFiniteLoss (before touching the weights) on NaN/inf.
-    `mark(phase)` is called after "forward", "backward" and "optimizer" (bench/step.py times them)."""
+    `mark(phase)` is called after "forward", "backward" and "optimizer" (bench/step.py times them).
+    `schedules` sets the step's weight decay and teacher temperatures before the forward and
+    updates the teacher after the optimizer step (train/schedules.py)."""
+    if schedules is not None:
+        schedules.before_step(unwrap(model), optimizer, step)
     with torch.autocast(batch.view1.device.type, dtype=torch.bfloat16, enabled=amp):
         out = model(batch)
     names = sorted(k for k in out if k.startswith("loss"))
@@ -184,6 +194,9 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+    if schedules is not None:
+        schedules.after_step(unwrap(model), step)
+        result.update(schedules.logged(unwrap(model), step))
     if mark:
         mark("optimizer")
     return result
@@ -418,6 +431,7 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                           "lower --data.batch_size or add data")
     total = total_steps(cfg.optim, steps_per_epoch)
     stop = min(total, cfg.run.steps) if cfg.run.steps else total
+    schedules = Schedules(cfg, steps_per_epoch, total)
     step, epoch, resumed = 0, 0, bool(cfg.run.resume)
     if resumed:
         state = resume_state if resume_state is not None else checkpoint.read(cfg.run.resume)
@@ -443,7 +457,7 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                     t_data = time.perf_counter() - t0
                     lr = optimizer.param_groups[0]["lr"]
                     terms = train_step(model, batch, optimizer, scheduler, step=step,
-                                       clip_grad=cfg.optim.clip_grad, amp=amp)
+                                       clip_grad=cfg.optim.clip_grad, amp=amp, schedules=schedules)
                     step, yielded = step + 1, yielded + 1
                     t_step = time.perf_counter() - t0
                     if cfg.run.diagnostics and step % cfg.run.log_every == 0 and not is_sharded(model):

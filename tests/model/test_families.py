@@ -5,6 +5,7 @@ identical, and a batch without masks is a one-line error."""
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -14,7 +15,8 @@ import torch.multiprocessing as mp
 from model_testing import make_batch, variant_config
 
 from model import dino
-from model.families import DinoConfig, DinoFamily, MultiCropBatch, encode_tokens
+from model.families import DinoConfig, DinoFamily, encode_tokens
+from pipeline.batch import Batch
 from pipeline.errors import ConfigError
 
 LOCAL, LOCAL_SIZE = 3, 16  # local crops per image at 16 px (a 2×2 grid at patch 8)
@@ -29,7 +31,7 @@ COMBOS = [
 ]
 
 
-def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFamily, MultiCropBatch]:
+def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFamily, Batch]:
     cfg = variant_config(variant, *overrides)
     torch.manual_seed(0)
     fam = DinoConfig(family=family, out_dim=64, hidden_dim=32, bottleneck_dim=16,
@@ -40,8 +42,8 @@ def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFam
     grid = method.encoder.grid
     masks = dino.block_masks(2 * 4, (grid, grid), random.Random(2), ranges=((0.2, 0.5),))
     masks[0] = False  # one crop unmasked, as half of iBOT's are
-    multi = MultiCropBatch(**vars(batch), local=torch.randn(4, LOCAL, 3, LOCAL_SIZE, LOCAL_SIZE, generator=gen),
-                           masks=masks.view(4, 2, -1))
+    multi = dataclasses.replace(batch, local=torch.randn(4, LOCAL, 3, LOCAL_SIZE, LOCAL_SIZE, generator=gen),
+                                masks=masks.view(4, 2, -1))
     return method, multi
 
 

@@ -6,6 +6,7 @@ crops with the tolerances of test_dali's whole-sample parity."""
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +18,6 @@ from test_dali import DEVICES, G_ATOL, VIEW_MAX, VIEW_MEAN
 
 from pipeline.batch import Batch, DataConfig
 from pipeline.dali import sample_theta as dali_theta
-from pipeline.dali import shard_files
 from pipeline.dali_multicrop import batch_masks, build_local_pipeline, local_crops, render_local_batch
 from pipeline.dali_multicrop import sample_local_params as sample_local_params_graph
 from pipeline.demo import PHOTOS
@@ -38,6 +38,7 @@ from pipeline.multicrop import (
 )
 from pipeline.path import CROP1, CROP2, IDX, PathConfig
 from pipeline.reference import decode, normalize, sample_theta_for
+from pipeline.shards import split_shards
 
 # 32 px global crops and 16 px local crops at patch 8 keep every test a few seconds on a CPU.
 SMALL = MultiCropConfig(n_local=4, global_size=32, local_size=16, patch_size=8)
@@ -349,7 +350,7 @@ def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
     from nvidia.dali import Pipeline, fn, types
 
     data, mc = DataConfig(), dataclasses.replace(SMALL, n_local=2)
-    files = shard_files(demo_shards, "train")[0]
+    files = [Path(s.path) for s in split_shards(demo_shards, "train", indexed=True)]
 
     def pipeline(checkpoint=None):
         pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, seed=3, enable_checkpointing=True,
@@ -377,3 +378,67 @@ def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
     for want, got in zip(second, resumed):
         assert torch.equal(want, got)
     assert not torch.equal(first[1], second[1])
+
+
+# ------------------------------------------------------------------------- both loaders, wired in
+
+
+def _loader_cfg(demo_shards, loader: str) -> DataConfig:
+    data = DataConfig(dir=str(demo_shards), loader=loader, batch_size=16, workers=1, shuffle_buffer=16)
+    return global_data_config(data, dataclasses.replace(SMALL, enabled=True))
+
+
+def test_both_loaders_yield_multicrop_batches_alike(demo_shards):
+    """build_loader with data.multicrop: the reference and the DALI loader give the same fields and
+    shapes, local crops with matching pixel statistics over an epoch, and iBOT masks with iBOT's ratios."""
+    from pipeline import build_loader
+
+    epochs = {}
+    for name in ("reference", "dali"):
+        batches = list(build_loader(_loader_cfg(demo_shards, name), device="cpu"))
+        assert len(batches) == 4
+        for b in batches:
+            assert b.local.shape == (16, 4, 3, 16, 16) and b.local.dtype == torch.float32
+            assert b.masks.shape == (16, 2, 16) and b.masks.dtype == torch.bool
+            assert b.view1.shape == b.view2.shape == (16, 3, 32, 32)
+        epochs[name] = batches
+    for name, batches in epochs.items():
+        local = torch.cat([b.local for b in batches])  # (64, 4, 3, 16, 16)
+        ratios = torch.cat([b.masks for b in batches]).float().mean(-1).flatten()  # (128,) per global crop
+        assert 0.3 < (ratios == 0).float().mean() < 0.7, name  # half of the crops unmasked, as iBOT
+        assert ratios.max() <= 0.5 + 1 / 16, name
+        epochs[name] = (local.mean((0, 1, 3, 4)), local.std((0, 1, 3, 4)))
+    (m_ref, s_ref), (m_dali, s_dali) = epochs["reference"], epochs["dali"]
+    # the same distribution of crops and photometric draws over the same 64 photos (not the same draws)
+    torch.testing.assert_close(m_dali, m_ref, atol=0.15, rtol=0)
+    torch.testing.assert_close(s_dali, s_ref, atol=0.15, rtol=0)
+
+
+def test_the_dali_loader_resumes_its_local_crops_and_masks(demo_shards):
+    from pipeline.dali import build_dali_loader
+
+    cfg = _loader_cfg(demo_shards, "dali")
+    straight = list(build_dali_loader(cfg, demo_shards))
+    first = build_dali_loader(cfg, demo_shards)
+    it = iter(first)
+    next(it), next(it)
+    state = first.state_dict()
+    resumed = build_dali_loader(cfg, demo_shards)
+    resumed.load_state_dict(state)
+    rest = list(resumed)
+    assert len(rest) == 2
+    for a, b in zip(rest, straight[2:]):
+        assert torch.equal(a.local, b.local) and torch.equal(a.masks, b.masks) and torch.equal(a.view2, b.view2)
+
+
+def test_batch_to_and_pin_memory_keep_the_multicrop_fields():
+    base = Batch(*(torch.zeros(2, 3, 4, 4) for _ in range(3)), torch.zeros(2, 19), torch.zeros(2, dtype=torch.long))
+    full = with_multicrop(base, torch.ones(2, 1, 3, 2, 2), torch.ones(2, 2, 4, dtype=torch.bool))
+    for batch in (base, full):
+        moved = batch.to("cpu", non_blocking=False)
+        assert type(moved) is Batch and (moved.local is None) == (batch.local is None)
+        assert (moved.masks is None) == (batch.masks is None)
+    assert torch.equal(full.to("cpu").masks, full.masks) and full.to("cpu").masks.dtype == torch.bool
+    if torch.cuda.is_available():  # pinning needs a CUDA runtime
+        pinned = full.pin_memory()
+        assert pinned.local.is_pinned() and pinned.masks.is_pinned() and base.pin_memory().local is None

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from model import build_method, dino
-from model.families import DinoConfig, DinoFamily, MultiCropBatch
+from model.families import DinoConfig, DinoFamily
 from model.teacher import teacher_momentum
 from pipeline.batch import Batch
 from pipeline.path import sample_theta
@@ -79,7 +79,7 @@ def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
     grid = (s // cfg.model.patch_size,) * 2
     masks = dino.block_masks(2 * b, grid, random.Random(step), ranges=((0.2, 0.5),)).view(b, 2, -1)
     local = smooth(b * LOCAL_CROPS, LOCAL_SIZE).view(b, LOCAL_CROPS, 3, LOCAL_SIZE, LOCAL_SIZE)
-    return MultiCropBatch(**fields, local=local, masks=masks)
+    return Batch(**fields, local=local, masks=masks)
 
 
 def rank_slice(batch: Batch, rank: int, world: int) -> Batch:

@@ -177,3 +177,51 @@ def test_the_script_runs_from_anywhere(ckpts, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "split_head.safetensors"]
+
+
+# ------------------------------------------------------------------------- the DINO family's teacher
+
+
+@pytest.fixture(scope="module")
+def ibot_ckpt(tmp_path_factory, demo_shards) -> Path:
+    """A real 2-step demo-ibot run at 32 px (the teacher has moved off its initial copy, not onto the student)."""
+    run = tmp_path_factory.mktemp("ibot") / "run"
+    assert main(["--preset", "demo-ibot", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
+                 "--steps", "2", "--data.img_size=32", "--data.multicrop.global_size=32",
+                 "--data.multicrop.local_size=16", "--data.multicrop.n_local=2", "--model.depth=1",
+                 "--data.loader=reference"]) == 0
+    return run / "ckpt" / "last.pt"
+
+
+@pytest.mark.parametrize("weights", ["auto", "teacher", "student"])
+def test_the_dino_family_exports_its_teacher_by_default(ibot_ckpt, tmp_path, weights):
+    out = export.export(ibot_ckpt, tmp_path / "backbone", weights=weights)
+    state = torch.load(ibot_ckpt, weights_only=True)["model"]
+    prefix = "eq.encoder." if weights == "student" else "teacher.module.encoder."
+    saved, head = load_file(out / "model.safetensors"), load_file(out / "split_head.safetensors")
+    assert saved.keys() == {k[len(prefix) + len("backbone."):] for k in state if k.startswith(prefix + "backbone.")}
+    for name, value in saved.items():
+        assert torch.equal(value, state[f"{prefix}backbone.{name}"]), name
+    assert torch.equal(head["weight"], state[f"{prefix}head.weight"])
+    assert not torch.equal(state["teacher.module.encoder.head.weight"], state["eq.encoder.head.weight"])
+    meta = json.loads((out / "config.json").read_text())["eqrecon"]
+    assert meta["weights"] == ("student" if weights == "student" else "teacher") and meta["family"] == "ibot"
+
+
+def test_a_teacher_export_of_a_method_without_one_is_one_line(ckpts, tmp_path, capsys):
+    code = export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b"), "--weights", "teacher"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "has no teacher" in err and "--weights student" in err
+
+
+def test_the_equivariance_probe_runs_on_an_exported_teacher(ibot_ckpt, tmp_path, demo_shards):
+    from train import probe
+
+    out = export.export(ibot_ckpt, tmp_path / "backbone")
+    result = tmp_path / "eq.json"
+    assert probe.main(["equivariance", "--backbone", str(out), "--data", str(demo_shards), "--split", "val",
+                       "--transforms", "rotation", "--samples", "2", "--hidden", "16", "--epochs", "2",
+                       "--seeds", "0", "--pairs", "20", "--no-baselines", "--quiet", "--device", "cpu",
+                       "--out", str(result)]) == 0
+    record = json.loads(result.read_text())
+    assert record["what"] == "probe-equivariance" and "rotation" in json.dumps(record["results"])

@@ -1,0 +1,124 @@
+"""The DINO recipes' per-step schedules and per-parameter lr scales (the loop calls them; docs/DESIGN.md).
+
+    schedules = Schedules(cfg, steps_per_epoch, total)
+    groups = scaled_param_groups(method, groups, cfg.optim, lr)  # layer-wise lr decay, patch-embed lr
+    schedules.before_step(method, optimizer, step)             # weight decay, teacher temperatures
+    ...optimizer.step()
+    schedules.after_step(method, step)                         # the teacher's EMA update
+
+Every value is a pure function of the step (and the config), so a resumed run gets the same values
+as a straight one without saving anything: the step is in the checkpoint.
+
+- Weight decay: cosine from optim.weight_decay at step 0 to optim.weight_decay_end at the last step
+  (DINO, iBOT, DINOv2: 0.04 -> 0.4), on the groups that decay; weight_decay_end < 0 keeps it constant.
+- Teacher temperatures (DINO family): linear warm-up from model.dino.warmup_* to model.dino.teacher_temp
+  / patch_temp over warmup_temp_epochs, then constant (DINO's `teacher_temp_schedule`).
+- Teacher momentum: model/teacher.py's cosine from model.dino.momentum to 1 over the schedule, the value
+  of the step just taken (as DINO indexes `momentum_schedule[it]`).
+- Layer-wise lr decay (DINOv2's `get_vit_lr_decay_rate`): with D blocks, the patch embedding, position
+  embedding, class/register tokens and the mask token are layer 0, block i is layer i + 1, everything
+  else (final norm, heads, decoders) layer D + 1; a parameter's lr is scaled by decay^(D + 1 - layer),
+  and the patch embedding's by optim.patch_embed_lr on top.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from model.teacher import teacher_momentum
+from train.config import Config, OptimConfig
+
+# Names (the last components before the parameter name) that sit at layer 0, as DINOv2 lists them.
+LAYER_ZERO = ("patch_embed", "pos_embed", "cls_token", "reg_token", "mask_token")
+
+
+def cosine(start: float, end: float, step: int, total: int) -> float:
+    """start at step 0, end at step total (and after), half a cosine between."""
+    progress = min(max(step, 0), total) / max(1, total)
+    return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
+
+
+def warmup(start: float, end: float, step: int, steps: int) -> float:
+    """Linear from start at step 0 to end at step `steps`, then end."""
+    return end if step >= steps else start + (end - start) * step / steps
+
+
+class Schedules:
+    """The schedules of one run: `steps_per_epoch` batches per epoch, the optimizer's total steps."""
+
+    def __init__(self, cfg: Config, steps_per_epoch: int, total: int):
+        self.cfg, self.steps_per_epoch, self.total = cfg, steps_per_epoch, total
+
+    def weight_decay(self, step: int) -> float:
+        o = self.cfg.optim
+        return o.weight_decay if o.weight_decay_end < 0 else cosine(o.weight_decay, o.weight_decay_end, step, self.total)
+
+    def temperatures(self, step: int) -> tuple[float, float]:
+        """(class-token, patch) teacher temperatures at a step."""
+        d = self.cfg.model.dino
+        steps = round(d.warmup_temp_epochs * self.steps_per_epoch)
+        return warmup(d.warmup_teacher_temp, d.teacher_temp, step, steps), warmup(d.warmup_patch_temp, d.patch_temp,
+                                                                                  step, steps)
+
+    def momentum(self, step: int) -> float:
+        return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
+
+    def logged(self, method: nn.Module, step: int) -> dict[str, float]:
+        """The step's schedule values for metrics.jsonl (sched/*): weight decay; teacher ones for the DINO family."""
+        out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
+        if hasattr(method, "update_teacher"):
+            temp, patch = self.temperatures(step)
+            out.update({"sched/teacher_temp": temp, "sched/patch_temp": patch, "sched/momentum": self.momentum(step)})
+        return out
+
+    def before_step(self, method: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Step `step`'s weight decay on the decaying groups and the teacher's temperatures."""
+        if self.cfg.optim.weight_decay_end >= 0:
+            wd = self.weight_decay(step)
+            for group in optimizer.param_groups:
+                if group["weight_decay"] > 0:  # the exempt group stays at 0
+                    group["weight_decay"] = wd
+        if hasattr(method, "set_temperatures"):
+            method.set_temperatures(*self.temperatures(step))
+
+    def after_step(self, method: nn.Module, step: int) -> None:
+        """After optimizer.step of step `step`: the teacher follows the student."""
+        if hasattr(method, "update_teacher"):
+            method.update_teacher(self.momentum(step))
+
+
+def layer_of(name: str, depth: int) -> int:
+    """DINOv2's layer id of a backbone parameter name (timm's, e.g. "blocks.3.attn.qkv.weight")."""
+    parts = name.split(".")
+    if parts[0] == "blocks":
+        return int(parts[1]) + 1
+    return 0 if parts[0] in LAYER_ZERO else depth + 1
+
+
+def scaled_param_groups(model: nn.Module, groups: list[dict], cfg: OptimConfig, lr: float) -> list[dict]:
+    """`groups` (loop.param_groups: decay, no decay) split by lr scale, each with its own "lr" = lr x
+    scale; unchanged (one lr) when optim.layer_decay and optim.patch_embed_lr are 1. Only the
+    encoder's timm ViT (and the mask token, layer 0) is layered; every other parameter is layer D + 1."""
+    if cfg.layer_decay == 1.0 and cfg.patch_embed_lr == 1.0:
+        return groups
+    backbone = model.encoder.backbone
+    depth = len(backbone.blocks)
+    layer = {id(p): layer_of(n, depth) for n, p in backbone.named_parameters()}
+    patch = {id(p) for p in backbone.patch_embed.parameters()}
+    if isinstance(getattr(model, "mask_token", None), nn.Parameter):
+        layer[id(model.mask_token)] = 0
+
+    def scale(p: nn.Parameter) -> float:
+        s = cfg.layer_decay ** (depth + 1 - layer.get(id(p), depth + 1))
+        return s * (cfg.patch_embed_lr if id(p) in patch else 1.0)
+
+    out: list[dict] = []
+    for group in groups:
+        by_scale: dict[float, list] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale(p), []).append(p)
+        out += [{**group, "params": ps, "lr": lr * s} for s, ps in sorted(by_scale.items(), reverse=True)]
+    return out
