@@ -20,7 +20,11 @@ RESULTS_DIR = Path(os.environ.get("EQRECON_RESULTS_DIR") or Path(__file__).resol
 
 
 def write_result(
-    what: str, config: dict, rows: list, summary: dict, device: torch.device | str | None = None,
+    what: str,
+    config: dict,
+    rows: list,
+    summary: dict,
+    device: torch.device | str | None = None,
     out: str | Path | None = None,
 ) -> Path:
     """Write bench/results/<what>-<device-slug>.json (docs/DESIGN.md) and return its path; copy it into

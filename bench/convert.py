@@ -59,8 +59,15 @@ def main() -> None:
             t0, c0 = time.perf_counter(), cpu_seconds()
             convert(src, Path(tmp) / f"out{w}", shard_size=args.shard_size, workers=w, quiet=True)
             wall, cpu = time.perf_counter() - t0, cpu_seconds() - c0
-            rows.append({"what": "convert", "workers": w, "images_per_s": args.images / wall,
-                         "images_per_cpu_s": args.images / cpu, "load_avg_1min": os.getloadavg()[0]})
+            rows.append(
+                {
+                    "what": "convert",
+                    "workers": w,
+                    "images_per_s": args.images / wall,
+                    "images_per_cpu_s": args.images / cpu,
+                    "load_avg_1min": os.getloadavg()[0],
+                }
+            )
     for r in rows:
         print(r)
     one = next(r for r in rows if r["what"] == "convert" and r["workers"] == 1)

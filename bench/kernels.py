@@ -32,14 +32,22 @@ import torch.nn.functional as F
 def _args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--target-dtype", default="fp32", choices=["bf16", "fp16", "fp32"],
-                   help="dtype of the reconstruction targets (the pipeline delivers fp32)")
+    p.add_argument(
+        "--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: bf16 on CUDA, fp32 on CPU"
+    )
+    p.add_argument(
+        "--target-dtype",
+        default="fp32",
+        choices=["bf16", "fp16", "fp32"],
+        help="dtype of the reconstruction targets (the pipeline delivers fp32)",
+    )
     p.add_argument("--batch", type=int, default=None, help="per-GPU batch; default 256 on CUDA, 2 on CPU")
     p.add_argument("--norm-pix", action="store_true", help="per-patch normalised targets")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile baselines")
     p.add_argument("--reps", type=int, default=5, help="CPU timing repetitions (CUDA uses do_bench)")
-    p.add_argument("--preset", default="vits16-xattn-path", help="the training preset whose decoder shapes are timed")
+    p.add_argument(
+        "--preset", default="vits16-xattn-path", help="the training preset whose decoder shapes are timed"
+    )
     p.add_argument("--out", default=None, help="folder to write the result JSON into as well")
     return p.parse_args(argv)
 
@@ -54,14 +62,20 @@ def decoder_shapes(preset: str, batch: int) -> dict:
     cfg = load_config(preset, [])
     m, d = cfg.model, cfg.data
     if m.decoder not in ("xattn", "xattn-path"):
-        raise SystemExit(f"bench.kernels: preset {preset!r} has decoder {m.decoder!r}; pick one with xattn or xattn-path")
+        raise SystemExit(
+            f"bench.kernels: preset {preset!r} has decoder {m.decoder!r}; pick one with xattn or xattn-path"
+        )
     grid = d.img_size // m.patch_size
     n, k = grid * grid, (d.aug.k if m.decoder == "xattn-path" else 1)
     heads, head_d = m.dec_heads, m.dec_width // m.dec_heads
     n_k = 2 * n if m.decoder == "xattn-path" else n  # xattn-path: K/V = both views' tokens
     patch = d.out_target_size // grid
-    return {"xattn": (batch, heads, k * n, n_k, head_d), "self_attn": (batch * k, heads, n, n, head_d),
-            "recon": (batch, k, n, patch * patch * 3), "width": m.dec_width}
+    return {
+        "xattn": (batch, heads, k * n, n_k, head_d),
+        "self_attn": (batch * k, heads, n, n, head_d),
+        "recon": (batch, k, n, patch * patch * 3),
+        "width": m.dec_width,
+    }
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -70,6 +84,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # ---------------------------------------------------------------------------------------------
 # Timing, memory and ceilings
 # ---------------------------------------------------------------------------------------------
+
 
 def _median_ms(fn: Callable, device: torch.device, reps: int) -> float:
     """Median wall time of fn in ms, after warm-up, synchronised (do_bench's events on CUDA)."""
@@ -116,6 +131,7 @@ def _ceilings(device: torch.device, dtype: torch.dtype, reps: int) -> dict:
 # Cases
 # ---------------------------------------------------------------------------------------------
 
+
 def _sig(x: float, digits: int = 4) -> float:
     return float(f"{x:.{digits}g}")
 
@@ -124,8 +140,9 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.detach().clone().requires_grad_() for t in tensors]
 
 
-def _time_impl(fn: Callable, inputs: list, extra: tuple, grad_out: Callable, device: torch.device,
-               reps: int) -> tuple[dict, float | None]:
+def _time_impl(
+    fn: Callable, inputs: list, extra: tuple, grad_out: Callable, device: torch.device, reps: int
+) -> tuple[dict, float | None]:
     """({pass: ms}, peak MB of fwd+bwd) for one implementation; gradients by autograd.grad (no .grad
     accumulation inside the timed region)."""
 
@@ -144,8 +161,17 @@ def _time_impl(fn: Callable, inputs: list, extra: tuple, grad_out: Callable, dev
     return times, _peak_mb(fwd_bwd, device)
 
 
-def _measure(op: str, impls: dict, inputs: list, extra: tuple, grad_out: Callable, passes: dict,
-             device: torch.device, reps: int, ceil: dict) -> list[dict]:
+def _measure(
+    op: str,
+    impls: dict,
+    inputs: list,
+    extra: tuple,
+    grad_out: Callable,
+    passes: dict,
+    device: torch.device,
+    reps: int,
+    ceil: dict,
+) -> list[dict]:
     """Rows for every implementation of one op: fwd, bwd (= fwd+bwd − fwd) and fwd+bwd."""
     rows = []
     for impl, fn in impls.items():
@@ -158,7 +184,9 @@ def _measure(op: str, impls: dict, inputs: list, extra: tuple, grad_out: Callabl
         for name in ("fwd", "bwd", "fwd+bwd"):
             n_bytes, flops = passes[name]
             if times[name] is None:
-                rows.append({**row_base, "pass": name, "ms": None, "note": "fwd+bwd − fwd below timing noise"})
+                rows.append(
+                    {**row_base, "pass": name, "ms": None, "note": "fwd+bwd − fwd below timing noise"}
+                )
                 continue
             floor_ms = max(n_bytes / ceil["copy_gb_per_s"] / 1e6, flops / ceil["matmul_tflops"] / 1e9)
             rows.append({
@@ -198,8 +226,12 @@ def _bench_xattn(kernels, shape, dtype, device, reps, ceil, compile_refs, op="xa
     }
     passes["fwd+bwd"] = tuple(a + c for a, c in zip(passes["fwd"], passes["bwd"]))
     impls = {"triton": kernels.cross_attention}
-    for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION,
-                    SDPBackend.MATH):
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+        SDPBackend.MATH,
+    ):
         impls[f"sdpa-{backend.name.lower()}"] = _sdpa(backend)
     impls["eager"] = kernels.cross_attention_ref
     if compile_refs:
@@ -207,7 +239,9 @@ def _bench_xattn(kernels, shape, dtype, device, reps, ceil, compile_refs, op="xa
     return _measure(op, impls, inputs, (), lambda out: torch.randn_like(out), passes, device, reps, ceil)
 
 
-def _bench_recon(kernels, shape, dtype, target_dtype, norm_pix, device, reps, ceil, compile_refs) -> list[dict]:
+def _bench_recon(
+    kernels, shape, dtype, target_dtype, norm_pix, device, reps, ceil, compile_refs
+) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(1)
     pred = torch.randn(shape, generator=g).to(device, dtype)
     target = torch.randn(shape, generator=g).to(device, target_dtype)
@@ -220,15 +254,29 @@ def _bench_recon(kernels, shape, dtype, target_dtype, norm_pix, device, reps, ce
     def from_images(pred, _target, norm_pix):  # the targets as the pipeline delivers them, read in place
         return kernels.recon_loss(pred, images, norm_pix)
 
-    impls = {"triton": kernels.recon_loss, "triton-image-targets": from_images, "eager": kernels.recon_loss_ref}
+    impls = {
+        "triton": kernels.recon_loss,
+        "triton-image-targets": from_images,
+        "eager": kernels.recon_loss_ref,
+    }
     if compile_refs:
         impls["compile"] = torch.compile(kernels.recon_loss_ref)
-    return _measure("recon", impls, _leaves(pred), (target, norm_pix), lambda out: torch.ones_like(out),
-                    passes, device, reps, ceil)
+    return _measure(
+        "recon",
+        impls,
+        _leaves(pred),
+        (target, norm_pix),
+        lambda out: torch.ones_like(out),
+        passes,
+        device,
+        reps,
+        ceil,
+    )
 
 
-def _bench_recon_linear(kernels, shape, width, dtype, target_dtype, norm_pix, device, reps, ceil,
-                        compile_refs) -> list[dict]:
+def _bench_recon_linear(
+    kernels, shape, width, dtype, target_dtype, norm_pix, device, reps, ceil, compile_refs
+) -> list[dict]:
     g = torch.Generator(device="cpu").manual_seed(2)
     *lead, p = shape
     hidden = torch.randn(*lead, width, generator=g).to(device, dtype)
@@ -247,17 +295,30 @@ def _bench_recon_linear(kernels, shape, width, dtype, target_dtype, norm_pix, de
     def unfused(hidden, weight, bias, target, norm_pix):
         return kernels.recon_loss(F.linear(hidden, weight, bias), target, norm_pix)
 
-    impls = {"triton-fused": kernels.recon_loss_linear, "triton-unfused": unfused,
-             "eager": kernels.recon_loss_linear_ref}
+    impls = {
+        "triton-fused": kernels.recon_loss_linear,
+        "triton-unfused": unfused,
+        "eager": kernels.recon_loss_linear_ref,
+    }
     if compile_refs:
         impls["compile"] = torch.compile(kernels.recon_loss_linear_ref)
-    return _measure("recon_linear", impls, _leaves(hidden, weight, bias), (target, norm_pix),
-                    lambda out: torch.ones_like(out), passes, device, reps, ceil)
+    return _measure(
+        "recon_linear",
+        impls,
+        _leaves(hidden, weight, bias),
+        (target, norm_pix),
+        lambda out: torch.ones_like(out),
+        passes,
+        device,
+        reps,
+        ceil,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Summary and report
 # ---------------------------------------------------------------------------------------------
+
 
 def _time(rows, op, impl, name="fwd+bwd"):
     for r in rows:
@@ -274,8 +335,14 @@ def _summary(rows: list[dict]) -> dict:
     out: dict = {}
     for op in ("xattn", "self_attn"):
         tri = _time(rows, op, "triton")
-        sdpa = [r for r in rows if r["op"] == op and r["impl"].startswith("sdpa-") and r["pass"] == "fwd+bwd"
-                and r.get("ms") is not None]
+        sdpa = [
+            r
+            for r in rows
+            if r["op"] == op
+            and r["impl"].startswith("sdpa-")
+            and r["pass"] == "fwd+bwd"
+            and r.get("ms") is not None
+        ]
         best = min(sdpa, key=lambda r: r["ms"]) if sdpa else None
         out[f"{op}_speedup_vs_sdpa"] = _ratio(best and best["ms"], tri and tri["ms"])
         out[f"{op}_best_sdpa_backend"] = best and best["impl"]
@@ -285,13 +352,17 @@ def _summary(rows: list[dict]) -> dict:
         eager, comp = _time(rows, op, "eager"), _time(rows, op, "compile")
         out[f"{prefix}_speedup_vs_eager"] = _ratio(eager and eager["ms"], mine and mine["ms"])
         out[f"{prefix}_speedup_vs_compile"] = _ratio(comp and comp["ms"], mine and mine["ms"])
-        out[f"{prefix}_peak_mem_vs_eager"] = _ratio(mine and mine["peak_mem_mb"], eager and eager["peak_mem_mb"])
+        out[f"{prefix}_peak_mem_vs_eager"] = _ratio(
+            mine and mine["peak_mem_mb"], eager and eager["peak_mem_mb"]
+        )
     return out
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| op | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | roofline | peak MB |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = [
+        "| op | impl | fwd ms | bwd ms | fwd+bwd ms | fwd+bwd GB/s | roofline | peak MB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     seen = []
     for r in rows:
         if (r["op"], r["impl"]) not in seen:
@@ -304,8 +375,10 @@ def _table(rows: list[dict]) -> str:
             continue
         f, b = _time(rows, op, impl, "fwd"), _time(rows, op, impl, "bwd")
         b_ms = f"{b['ms']:.3f}" if b else "noise"
-        lines.append(f"| {op} | {impl} | {f['ms']:.3f} | {b_ms} | {fb['ms']:.3f} | {fb['gb_per_s']} | "
-                     f"{fb['roofline_fraction']} | {fb['peak_mem_mb'] if fb['peak_mem_mb'] is not None else '—'} |")
+        lines.append(
+            f"| {op} | {impl} | {f['ms']:.3f} | {b_ms} | {fb['ms']:.3f} | {fb['gb_per_s']} | "
+            f"{fb['roofline_fraction']} | {fb['peak_mem_mb'] if fb['peak_mem_mb'] is not None else '—'} |"
+        )
     return "\n".join(lines)
 
 
@@ -329,17 +402,24 @@ def main(argv=None) -> None:
     target_dtype = DTYPES[args.target_dtype]
     batch = args.batch or (256 if on_gpu else 2)
     shapes = decoder_shapes(args.preset, batch)
-    xattn_shape, self_shape, recon_shape, width = shapes["xattn"], shapes["self_attn"], shapes["recon"], shapes["width"]
+    xattn_shape, self_shape, recon_shape, width = (
+        shapes["xattn"],
+        shapes["self_attn"],
+        shapes["recon"],
+        shapes["width"],
+    )
     torch.manual_seed(0)
     ceil = _ceilings(device, dtype, args.reps)
     compile_refs = not args.no_compile
 
     rows = _bench_xattn(kernels, xattn_shape, dtype, device, args.reps, ceil, compile_refs)
     rows += _bench_xattn(kernels, self_shape, dtype, device, args.reps, ceil, compile_refs, op="self_attn")
-    rows += _bench_recon(kernels, recon_shape, dtype, target_dtype, args.norm_pix, device, args.reps, ceil,
-                         compile_refs)
-    rows += _bench_recon_linear(kernels, recon_shape, width, dtype, target_dtype, args.norm_pix, device,
-                                args.reps, ceil, compile_refs)
+    rows += _bench_recon(
+        kernels, recon_shape, dtype, target_dtype, args.norm_pix, device, args.reps, ceil, compile_refs
+    )
+    rows += _bench_recon_linear(
+        kernels, recon_shape, width, dtype, target_dtype, args.norm_pix, device, args.reps, ceil, compile_refs
+    )
     summary = _summary(rows)
     config = {
         "device": args.device, "dtype": str(dtype).removeprefix("torch."),

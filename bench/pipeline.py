@@ -91,11 +91,18 @@ def shm_workers(wanted: int, batch: int, size: int, shm: str = "/dev/shm") -> tu
     try:
         free = shutil.disk_usage(shm).free
     except OSError:
-        return wanted, {"shm_free_gb": None, "shm_per_worker_gb": round(need / 2**30, 2), "workers_limited_by_shm": False}
+        return wanted, {
+            "shm_free_gb": None,
+            "shm_per_worker_gb": round(need / 2**30, 2),
+            "workers_limited_by_shm": False,
+        }
     fits = free // need
     workers = max(0, min(wanted, fits))
-    return workers, {"shm_free_gb": round(free / 2**30, 1), "shm_per_worker_gb": round(need / 2**30, 2),
-                     "workers_limited_by_shm": workers < wanted}
+    return workers, {
+        "shm_free_gb": round(free / 2**30, 1),
+        "shm_per_worker_gb": round(need / 2**30, 2),
+        "workers_limited_by_shm": workers < wanted,
+    }
 
 
 def measure(loader, device: torch.device, warmup: int) -> dict:
@@ -103,8 +110,10 @@ def measure(loader, device: torch.device, warmup: int) -> dict:
     n = len(loader)
     timed = n - warmup - TAIL
     if timed < MIN_TIMED:
-        raise SystemExit(f"error: the dataset gives {n} batches per epoch: too few for {warmup} warm-up + "
-                         f"{MIN_TIMED} timed + {TAIL} tail batches; use more --images or a smaller --batch")
+        raise SystemExit(
+            f"error: the dataset gives {n} batches per epoch: too few for {warmup} warm-up + "
+            f"{MIN_TIMED} timed + {TAIL} tail batches; use more --images or a smaller --batch"
+        )
     cuda = device.type == "cuda"
     clock, samples = CpuClock(), 0
     if cuda:
@@ -126,9 +135,19 @@ def measure(loader, device: torch.device, warmup: int) -> dict:
                     torch.cuda.synchronize(device)
                 elapsed = time.perf_counter() - t0
                 cpu = clock.stop()
-                shapes = {"shape_view": list(batch.view1.shape[1:]), "shape_targets": list(batch.targets.shape[1:])}
-    row = {"batches_per_epoch": n, "timed_batches": timed, "samples": samples, "seconds": round(elapsed, 3),
-           "samples_per_s": round(samples / elapsed, 1), "cpu_util": cpu, **shapes}
+                shapes = {
+                    "shape_view": list(batch.view1.shape[1:]),
+                    "shape_targets": list(batch.targets.shape[1:]),
+                }
+    row = {
+        "batches_per_epoch": n,
+        "timed_batches": timed,
+        "samples": samples,
+        "seconds": round(elapsed, 3),
+        "samples_per_s": round(samples / elapsed, 1),
+        "cpu_util": cpu,
+        **shapes,
+    }
     if cuda:
         free, _ = torch.cuda.mem_get_info(device)
         row["gpu_mem_used_gb"] = round((total_mem - free) / 2**30, 2)
@@ -156,15 +175,29 @@ def dali_import_error() -> str | None:
 
 def main(argv: list[str] | None = None) -> Path:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", help="shard folder from pipeline.convert (default: synthetic ImageNet-sized JPEGs)")
-    p.add_argument("--images", type=int, default=0,
-                   help="synthetic images (default: enough for warm-up + 40 timed batches with CUDA, 12 without)")
+    p.add_argument(
+        "--data", help="shard folder from pipeline.convert (default: synthetic ImageNet-sized JPEGs)"
+    )
+    p.add_argument(
+        "--images",
+        type=int,
+        default=0,
+        help="synthetic images (default: enough for warm-up + 40 timed batches with CUDA, 12 without)",
+    )
     p.add_argument("--batch", type=int, default=0, help="batch size (default 256 with CUDA, 32 without)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed batches first (default 5 with CUDA, 2 without)")
+    p.add_argument(
+        "--warmup", type=int, default=0, help="untimed batches first (default 5 with CUDA, 2 without)"
+    )
     p.add_argument("--size", type=int, default=224, help="view and target resolution")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
-                   help="DataLoader workers and DALI threads (default: the cores this process may use)")
-    p.add_argument("--only", default=",".join(PIPELINES), help="comma-separated subset of " + ", ".join(PIPELINES))
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="DataLoader workers and DALI threads (default: the cores this process may use)",
+    )
+    p.add_argument(
+        "--only", default=",".join(PIPELINES), help="comma-separated subset of " + ", ".join(PIPELINES)
+    )
     p.add_argument("--out", default=None, help="folder to write the result JSON into as well")
     args = p.parse_args(argv)
 
@@ -185,8 +218,10 @@ def main(argv: list[str] | None = None) -> Path:
             skipped[w] = f"DALI does not import ({dali_error})"
     workers, shm = shm_workers(args.workers, batch, args.size)
     if "reference" in wanted and workers == 0:
-        skipped["reference"] = (f"/dev/shm has {shm['shm_free_gb']} GB free, under one worker's "
-                                f"{shm['shm_per_worker_gb']} GB; enlarge it or lower --batch")
+        skipped["reference"] = (
+            f"/dev/shm has {shm['shm_free_gb']} GB free, under one worker's "
+            f"{shm['shm_per_worker_gb']} GB; enlarge it or lower --batch"
+        )
     for w, why in skipped.items():
         print(f"skipping {w}: {why}")
     wanted = [w for w in wanted if w not in skipped]
@@ -201,16 +236,30 @@ def main(argv: list[str] | None = None) -> Path:
         shard_size = max(1, min(1000, n // (2 * max(1, args.workers))))
         t = time.perf_counter()
         data, source = synthetic_shards(Path(tmp.name), n, shard_size, max(1, args.workers))
-        print(f"made {n} synthetic ImageNet-sized JPEGs ({source['mean_jpeg_kb']} KB mean) in "
-              f"{time.perf_counter() - t:.0f}s")
+        print(
+            f"made {n} synthetic ImageNet-sized JPEGs ({source['mean_jpeg_kb']} KB mean) in "
+            f"{time.perf_counter() - t:.0f}s"
+        )
 
     rows = []
     for which in wanted:
         threads = workers if which == "reference" else args.workers
-        cfg = DataConfig(dir=str(data), img_size=args.size, target_size=args.size, batch_size=batch,
-                         workers=threads, shuffle_buffer=1024, aug=PathConfig(transforms=("all",), k=K_TARGETS))
+        cfg = DataConfig(
+            dir=str(data),
+            img_size=args.size,
+            target_size=args.size,
+            batch_size=batch,
+            workers=threads,
+            shuffle_buffer=1024,
+            aug=PathConfig(transforms=("all",), k=K_TARGETS),
+        )
         loader = build(which, cfg, data, device)
-        row = {"pipeline": which, "batch_size": batch, "workers_or_threads": threads, **measure(loader, device, warmup)}
+        row = {
+            "pipeline": which,
+            "batch_size": batch,
+            "workers_or_threads": threads,
+            **measure(loader, device, warmup),
+        }
         del loader
         print(row, flush=True)
         rows.append(row)
@@ -219,13 +268,22 @@ def main(argv: list[str] | None = None) -> Path:
     if by.get("reference"):
         for w in ("dali_gpu", "dali_cpu"):
             summary[f"{w}_vs_reference"] = round(by[w] / by["reference"], 2) if by.get(w) else None
-    config = {"sample": f"view1 + view2 + K={K_TARGETS} targets, {args.size}x{args.size}, all transformations, "
-                        "on the measured device",
-              "batch_size": batch, "workers_or_threads": args.workers, "cores": os.cpu_count(),
-              "cores_usable": len(os.sched_getaffinity(0)), "reference_workers": workers, **shm,
-              "warmup_batches": warmup, "tail_batches": TAIL,
-              "window": "one epoch: after the warm-up batches, up to the tail; no pipeline rebuild inside",
-              "data": source, "pipelines": wanted, "skipped": skipped}
+    config = {
+        "sample": f"view1 + view2 + K={K_TARGETS} targets, {args.size}x{args.size}, all transformations, "
+        "on the measured device",
+        "batch_size": batch,
+        "workers_or_threads": args.workers,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "reference_workers": workers,
+        **shm,
+        "warmup_batches": warmup,
+        "tail_batches": TAIL,
+        "window": "one epoch: after the warm-up batches, up to the tail; no pipeline rebuild inside",
+        "data": source,
+        "pipelines": wanted,
+        "skipped": skipped,
+    }
     path = write_result("pipeline", config, rows, summary, device, out=args.out)
     print(f"wrote {path}")
     if tmp is not None:

@@ -56,8 +56,16 @@ from train.schedules import Schedules
 CPU_PRESETS = ("demo", "demo-xattn-path", "demo-vicreg", "demo-sie", "demo-xattn")
 GPU_PRESETS = ("vits16-path", "vits16-xattn-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")
 # Dense bf16 tensor-core peaks from the datasheets (FLOP/s), matched on the device name.
-GPU_PEAK_BF16 = (("H200", 989e12), ("H100 PCIe", 756e12), ("H100", 989e12), ("A100", 312e12),
-                 ("L40S", 362e12), ("L4", 121e12), ("4090", 165e12), ("A10", 125e12))
+GPU_PEAK_BF16 = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("4090", 165e12),
+    ("A10", 125e12),
+)
 PHASES = ("data", "forward", "backward", "optimizer")
 
 
@@ -70,13 +78,20 @@ def synthetic_batches(cfg: Config, device: torch.device, n: int = 2) -> list[Bat
         return torch.randn(*shape, generator=g).to(device)
 
     def batch(i: int) -> Batch:
-        out = Batch(rand(b, 3, h, h), rand(b, 3, h, h), rand(b, k, 3, ht, ht), rand(b, THETA_DIM),
-                    torch.full((b,), -1, dtype=torch.long, device=device))
+        out = Batch(
+            rand(b, 3, h, h),
+            rand(b, 3, h, h),
+            rand(b, k, 3, ht, ht),
+            rand(b, THETA_DIM),
+            torch.full((b,), -1, dtype=torch.long, device=device),
+        )
         mc = d.multicrop
         if not mc.enabled:
             return out
         # the DINO family's crops: L local crops and iBOT's masks, drawn as the loader draws them
-        masks = torch.stack([sample_masks(mc, "bench", i, j) for j in range(b)]).to(device) if mc.masks else None
+        masks = (
+            torch.stack([sample_masks(mc, "bench", i, j) for j in range(b)]).to(device) if mc.masks else None
+        )
         return with_multicrop(out, rand(b, mc.n_local, 3, mc.local_size, mc.local_size), masks)
 
     return [batch(i) for i in range(n)]
@@ -131,7 +146,9 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
     """Run warmup + steps train_steps; -> per-phase mean ms, step ms, samples/s, peak memory."""
     optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 1000)
-    schedules = Schedules(cfg, 1000, total_steps(cfg.optim, 1000))  # the DINO family's teacher update is timed too
+    schedules = Schedules(
+        cfg, 1000, total_steps(cfg.optim, 1000)
+    )  # the DINO family's teacher update is timed too
     amp = device.type == "cuda" and cfg.run.amp == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {p: [] for p in PHASES}
@@ -147,16 +164,28 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
         mark("start")
         batch = next(batches)
         mark("data")
-        train_step(method, batch, optimizer, scheduler, step=i, clip_grad=cfg.optim.clip_grad, amp=amp, mark=mark,
-                   schedules=schedules)
+        train_step(
+            method,
+            batch,
+            optimizer,
+            scheduler,
+            step=i,
+            clip_grad=cfg.optim.clip_grad,
+            amp=amp,
+            mark=mark,
+            schedules=schedules,
+        )
         if i >= warmup:
             for phase, t0, t1 in zip(PHASES, marks, marks[1:]):
                 times[phase].append(1e3 * (t1 - t0))
     step_ms = [sum(parts) for parts in zip(*times.values())]
-    return {"step_ms": statistics.mean(step_ms), "step_ms_median": statistics.median(step_ms),
-            **{f"{p}_ms": statistics.mean(v) for p, v in times.items()},
-            "samples_per_s": cfg.data.batch_size / (statistics.mean(step_ms) / 1e3),
-            "peak_mem_gb": peak_memory_gb(device)}
+    return {
+        "step_ms": statistics.mean(step_ms),
+        "step_ms_median": statistics.median(step_ms),
+        **{f"{p}_ms": statistics.mean(v) for p, v in times.items()},
+        "samples_per_s": cfg.data.batch_size / (statistics.mean(step_ms) / 1e3),
+        "peak_mem_gb": peak_memory_gb(device),
+    }
 
 
 def count_flops(method, batch: Batch, cfg: Config, device: torch.device) -> float:
@@ -170,8 +199,15 @@ def count_flops(method, batch: Batch, cfg: Config, device: torch.device) -> floa
     return float(counter.get_total_flops())
 
 
-def bench_preset(preset: str, overrides: list[str], sources: list[str], device: torch.device, warmup: int,
-                 steps: int, peak: float) -> list[dict]:
+def bench_preset(
+    preset: str,
+    overrides: list[str],
+    sources: list[str],
+    device: torch.device,
+    warmup: int,
+    steps: int,
+    peak: float,
+) -> list[dict]:
     cfg = load_config(preset, overrides)
     set_cpu_threads(cfg, device)  # as the trainer does
     seed_all(cfg.run.seed)
@@ -187,14 +223,28 @@ def bench_preset(preset: str, overrides: list[str], sources: list[str], device: 
             stream = endless(build_loader(cfg.data, 0, 1, device))
         result = time_steps(method, stream, cfg, device, warmup, steps)
         mfu = flops / (result["step_ms"] / 1e3) / peak
-        rows.append({"preset": preset, "method": method_label(cfg), "source": source,
-                     "loader": cfg.data.loader if source == "loader" else None,
-                     "batch_size": cfg.data.batch_size, "img_size": cfg.data.img_size, "k": cfg.data.aug.k,
-                     "backbone": cfg.model.backbone, "dtype": "bf16" if device.type == "cuda" and
-                     cfg.run.amp == "bf16" else "fp32", "flops_per_step": flops, "mfu": mfu, **result})
-        print(f"{preset:14s} {source:9s} {result['samples_per_s']:9.1f} samples/s  step {result['step_ms']:8.1f} ms "
-              f"(data {result['data_ms']:.1f}, fwd {result['forward_ms']:.1f}, bwd {result['backward_ms']:.1f}, "
-              f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB", flush=True)
+        rows.append(
+            {
+                "preset": preset,
+                "method": method_label(cfg),
+                "source": source,
+                "loader": cfg.data.loader if source == "loader" else None,
+                "batch_size": cfg.data.batch_size,
+                "img_size": cfg.data.img_size,
+                "k": cfg.data.aug.k,
+                "backbone": cfg.model.backbone,
+                "dtype": "bf16" if device.type == "cuda" and cfg.run.amp == "bf16" else "fp32",
+                "flops_per_step": flops,
+                "mfu": mfu,
+                **result,
+            }
+        )
+        print(
+            f"{preset:14s} {source:9s} {result['samples_per_s']:9.1f} samples/s  step {result['step_ms']:8.1f} ms "
+            f"(data {result['data_ms']:.1f}, fwd {result['forward_ms']:.1f}, bwd {result['backward_ms']:.1f}, "
+            f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB",
+            flush=True,
+        )
     return rows
 
 
@@ -203,7 +253,9 @@ def method_label(cfg: Config) -> str:
     return cfg.model.method if cfg.model.family == "vicreg" else f"{cfg.model.family}+{cfg.model.method}"
 
 
-def resolve_defaults(args, overrides: list[str], cuda: bool) -> tuple[list[str], list[str], int, int, list[str]]:
+def resolve_defaults(
+    args, overrides: list[str], cuda: bool
+) -> tuple[list[str], list[str], int, int, list[str]]:
     """(presets, sources, steps, warmup, overrides) after the device's defaults (see the docstring)."""
     presets = args.presets.split(",") if args.presets else list(GPU_PRESETS if cuda else CPU_PRESETS)
     steps, warmup = args.steps or (20 if cuda else 5), args.warmup or (5 if cuda else 2)
@@ -218,13 +270,20 @@ def resolve_defaults(args, overrides: list[str], cuda: bool) -> tuple[list[str],
 
 def parse(argv: list[str]):
     """(args, overrides): the bench's own flags, and --section.field=value overrides for the presets."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--presets", default="", help="comma list (default: vits16-* on CUDA, demo-* on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--steps", type=int, default=0, help="timed steps per source (default: 20 GPU, 5 CPU)")
+    parser.add_argument(
+        "--steps", type=int, default=0, help="timed steps per source (default: 20 GPU, 5 CPU)"
+    )
     parser.add_argument("--warmup", type=int, default=0, help="untimed steps first (default: 5 GPU, 2 CPU)")
-    parser.add_argument("--sources", default="", help="synthetic,loader (default: synthetic on CUDA unless --data "
-                        "is given; both on a CPU)")
+    parser.add_argument(
+        "--sources",
+        default="",
+        help="synthetic,loader (default: synthetic on CUDA unless --data is given; both on a CPU)",
+    )
     parser.add_argument("--data", default="", help="shard folder for the loader (default: the demo photos)")
     parser.add_argument("--out", default=None, help="folder to write the result JSONs into as well")
     return parser.parse_known_args(argv)
@@ -240,20 +299,35 @@ def main(argv: list[str]) -> int:
     presets, sources, steps, warmup, overrides = resolve_defaults(args, overrides, cuda)
     for source in sources:
         if source not in ("synthetic", "loader"):
-            print(f"error: --sources: unknown source {source!r}; choose from synthetic, loader", file=sys.stderr)
+            print(
+                f"error: --sources: unknown source {source!r}; choose from synthetic, loader", file=sys.stderr
+            )
             return 2
     set_cpu_threads(load_config(presets[0], overrides), device)  # the peak with the threads the steps get
     peak, peak_source = peak_flops(device)
-    config = {"presets": presets, "overrides": overrides, "sources": sources, "steps": steps, "warmup": warmup,
-              "peak_flops": peak, "peak_flops_source": peak_source, "torch_threads": torch.get_num_threads()}
+    config = {
+        "presets": presets,
+        "overrides": overrides,
+        "sources": sources,
+        "steps": steps,
+        "warmup": warmup,
+        "peak_flops": peak,
+        "peak_flops_source": peak_source,
+        "torch_threads": torch.get_num_threads(),
+    }
     rows = []
     for preset in presets:
         preset_rows = bench_preset(preset, overrides, sources, device, warmup, steps, peak)
         rows += preset_rows
         done = {**config, "presets": [preset], "resolved": {preset: to_dict(load_config(preset, overrides))}}
-        print(f"wrote {write_result(f'step-{preset}', done, preset_rows, summarise(preset_rows), device, args.out)}")
-    config.update(load_average_at_end=os.getloadavg(), kernel_choices=kernels.choices(),
-                  resolved={p: to_dict(load_config(p, overrides)) for p in presets})
+        print(
+            f"wrote {write_result(f'step-{preset}', done, preset_rows, summarise(preset_rows), device, args.out)}"
+        )
+    config.update(
+        load_average_at_end=os.getloadavg(),
+        kernel_choices=kernels.choices(),
+        resolved={p: to_dict(load_config(p, overrides)) for p in presets},
+    )
     path = write_result("step", config, rows, summarise(rows), device=device, out=args.out)
     print(f"wrote {path}")
     return 0

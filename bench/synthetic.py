@@ -53,8 +53,15 @@ def _write(task: tuple[Path, int, int, int, int, float]) -> int:
     return len(data)
 
 
-def make_imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0, quality: int = QUALITY,
-                       noise: float = NOISE, workers: int = 1) -> dict:
+def make_imagenet_like(
+    root: Path,
+    n: int,
+    classes: int = 10,
+    seed: int = 0,
+    quality: int = QUALITY,
+    noise: float = NOISE,
+    workers: int = 1,
+) -> dict:
     """Write n synthetic JPEGs as root/train/<wnid-like class>/*.JPEG -> a description for a result JSON."""
     for c in range(min(classes, n)):
         (root / "train" / f"n{c:08d}").mkdir(parents=True, exist_ok=True)
@@ -64,6 +71,13 @@ def make_imagenet_like(root: Path, n: int, classes: int = 10, seed: int = 0, qua
             sizes = pool.map(_write, tasks, chunksize=16)
     else:
         sizes = [_write(t) for t in tasks]
-    return {"synthetic": True, "images": n, "classes": classes, "seed": seed, "sizes_wh": IMAGENET_SIZES,
-            "jpeg_quality": quality, "mean_jpeg_kb": round(sum(sizes) / max(n, 1) / 1000, 1),
-            "made_from": f"pipeline/demo_photos (random crops, resized, noise σ={noise:g} grey levels)"}
+    return {
+        "synthetic": True,
+        "images": n,
+        "classes": classes,
+        "seed": seed,
+        "sizes_wh": IMAGENET_SIZES,
+        "jpeg_quality": quality,
+        "mean_jpeg_kb": round(sum(sizes) / max(n, 1) / 1000, 1),
+        "made_from": f"pipeline/demo_photos (random crops, resized, noise σ={noise:g} grey levels)",
+    }

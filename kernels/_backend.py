@@ -100,7 +100,9 @@ def use_triton(*tensors: torch.Tensor) -> bool:
         return False
     if triton_interprets():
         if on_cuda:
-            warn_once("triton is in interpreter mode (TRITON_INTERPRET=1): CUDA kernels run interpreted, slowly")
+            warn_once(
+                "triton is in interpreter mode (TRITON_INTERPRET=1): CUDA kernels run interpreted, slowly"
+            )
         return True
     if on_cuda:
         return True
@@ -112,8 +114,12 @@ def use_triton(*tensors: torch.Tensor) -> bool:
     return False
 
 
-def pick(op: str, key: tuple, make_candidates: Callable[[], dict[str, Callable[[], object]]],
-         *tensors: torch.Tensor) -> str:
+def pick(
+    op: str,
+    key: tuple,
+    make_candidates: Callable[[], dict[str, Callable[[], object]]],
+    *tensors: torch.Tensor,
+) -> str:
     """Which implementation of `op` runs for these inputs: 'triton', 'ref', or in auto mode on CUDA
     the fastest of `make_candidates()` (name -> a no-argument fwd+bwd run), timed once per `key`.
 
@@ -133,8 +139,12 @@ def pick(op: str, key: tuple, make_candidates: Callable[[], dict[str, Callable[[
 _choices: dict[tuple, dict] = {}
 
 
-def auto_choice(op: str, key: tuple, make_candidates: Callable[[], dict[str, Callable[[], object]]],
-                without_triton: bool = False) -> str:
+def auto_choice(
+    op: str,
+    key: tuple,
+    make_candidates: Callable[[], dict[str, Callable[[], object]]],
+    without_triton: bool = False,
+) -> str:
     """The fastest candidate's name for `key`, timed with `time_ms` on the first call only."""
     if key not in _choices:
         candidates = make_candidates()
@@ -176,16 +186,25 @@ def _time_candidates(op: str, key: tuple, candidates: dict[str, Callable[[], obj
     timed = {n: t for n, t in ms.items() if t is not None}
     chosen = min(timed, key=timed.get) if timed else "ref"
     if _is_rank0():
-        listed = ", ".join(f"{n} {t:.3f} ms" if t is not None else f"{n} failed ({failed[n]})" for n, t in ms.items())
-        print(f"eqrecon.kernels: {' '.join(map(str, key))} -> {chosen} ({listed})", file=sys.stderr, flush=True)
+        listed = ", ".join(
+            f"{n} {t:.3f} ms" if t is not None else f"{n} failed ({failed[n]})" for n, t in ms.items()
+        )
+        print(
+            f"eqrecon.kernels: {' '.join(map(str, key))} -> {chosen} ({listed})", file=sys.stderr, flush=True
+        )
     return {"chosen": chosen, "ms": ms}
 
 
 _compiled: dict = {}
 
 
-def kernel_for(fn, configs: list | None = None, key: list[str] | None = None, prune=None,
-               reset_to_zero: list[str] | None = None):
+def kernel_for(
+    fn,
+    configs: list | None = None,
+    key: list[str] | None = None,
+    prune=None,
+    reset_to_zero: list[str] | None = None,
+):
     """The Triton kernel `fn` (a plain Python function) made launchable.
 
     A compiled JITFunction (autotuned over `configs` keyed on `key` when given, `prune` choosing the
@@ -208,7 +227,8 @@ def kernel_for(fn, configs: list | None = None, key: list[str] | None = None, pr
             kernel = JITFunction(fn)
             if configs:
                 pruning = {"early_config_prune": prune} if prune is not None else None
-                kernel = triton.autotune(configs=configs, key=key or [], prune_configs_by=pruning,
-                                         reset_to_zero=reset_to_zero)(kernel)
+                kernel = triton.autotune(
+                    configs=configs, key=key or [], prune_configs_by=pruning, reset_to_zero=reset_to_zero
+                )(kernel)
         _compiled[cache_key] = kernel
     return _compiled[cache_key]

@@ -44,8 +44,12 @@ def _recon_fwd(
         if IMAGES:  # row r -> (b, k, gy, gx)
             bk = rows // (GRID * GRID)
             n = rows % (GRID * GRID)
-            r_off = ((bk // STEPS).to(tl.int64) * stb + (bk % STEPS) * stk + (n // GRID) * PATCH * sth
-                     + (n % GRID) * PATCH * stw)
+            r_off = (
+                (bk // STEPS).to(tl.int64) * stb
+                + (bk % STEPS) * stk
+                + (n // GRID) * PATCH * sth
+                + (n % GRID) * PATCH * stw
+            )
             t = tl.load(TARGET + r_off[:, None] + c_off[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             t = tl.load(TARGET + offs, mask=mask, other=0.0).to(tl.float32)
@@ -82,8 +86,16 @@ def _programs(device: torch.device, n_blocks: int) -> int:
     return min(n_blocks, 4)
 
 
-def sum_sq_and_grad(pred2, target, image_geometry, grad2, norm_pix: bool, eps: float, grad_scale: float,
-                    bias_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def sum_sq_and_grad(
+    pred2,
+    target,
+    image_geometry,
+    grad2,
+    norm_pix: bool,
+    eps: float,
+    grad_scale: float,
+    bias_grad: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(Σ(pred − t)² as an fp32 0-dim tensor, Σ_rows grad (P,) fp32 or None) over pred2's (R, P) rows.
 
     target is (R, P) rows or, with image_geometry = (K, grid, patch), images (B, K, C, Ht, Wt) read
@@ -94,7 +106,9 @@ def sum_sq_and_grad(pred2, target, image_geometry, grad2, norm_pix: bool, eps: f
     n_blocks = triton.cdiv(r, block_r)
     n_prog = _programs(pred2.device, n_blocks)
     partial = torch.empty(n_prog, device=pred2.device, dtype=torch.float32)
-    bias_partial = torch.empty((n_prog, p), device=pred2.device, dtype=torch.float32) if bias_grad else partial
+    bias_partial = (
+        torch.empty((n_prog, p), device=pred2.device, dtype=torch.float32) if bias_grad else partial
+    )
     if image_geometry is not None:
         k, grid, patch = image_geometry
         geometry = (k, grid, patch, target.shape[2], target.stride(0), target.stride(1), *target.stride()[2:])

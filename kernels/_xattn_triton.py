@@ -42,8 +42,9 @@ def _xattn_fwd(
     offs_d = tl.arange(0, HEAD_D)
     row_ok = rows < N_Q
 
-    q = tl.load(Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd,
-                mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
+    q = tl.load(
+        Q + b * sqb + h * sqh + rows[:, None] * sqn + offs_d[None, :] * sqd, mask=row_ok[:, None], other=0.0
+    )  # (BLOCK_M, D)
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
 
@@ -67,8 +68,11 @@ def _xattn_fwd(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    tl.store(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod,
-             acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod,
+        acc.to(O.dtype.element_ty),
+        mask=row_ok[:, None],
+    )
     tl.store(LSE + pid_bh * N_Q + rows, m_i + tl.log2(l_i), mask=row_ok)
 
 
@@ -86,10 +90,12 @@ def _xattn_bwd_delta(
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_D)
     row_ok = rows < N_Q
-    o = tl.load(O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod,
-                mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd,
-                 mask=row_ok[:, None], other=0.0).to(tl.float32)
+    o = tl.load(
+        O + b * sob + h * soh + rows[:, None] * son + offs_d[None, :] * sod, mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
+    do = tl.load(
+        DO + b * sdb + h * sdh + rows[:, None] * sdn + offs_d[None, :] * sdd, mask=row_ok[:, None], other=0.0
+    ).to(tl.float32)
     tl.store(DELTA + pid_bh * N_Q + rows, tl.sum(o * do, 1), mask=row_ok)
 
 
@@ -114,10 +120,12 @@ def _xattn_bwd(
     offs_d = tl.arange(0, HEAD_D)
     col_ok = cols < N_K
 
-    k = tl.load(K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :] * skd,
-                mask=col_ok[:, None], other=0.0)  # (BLOCK_N, D)
-    v = tl.load(V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :] * svd,
-                mask=col_ok[:, None], other=0.0)
+    k = tl.load(
+        K + b * skb + h * skh + cols[:, None] * skn + offs_d[None, :] * skd, mask=col_ok[:, None], other=0.0
+    )  # (BLOCK_N, D)
+    v = tl.load(
+        V + b * svb + h * svh + cols[:, None] * svn + offs_d[None, :] * svd, mask=col_ok[:, None], other=0.0
+    )
     q_base = Q + b * sqb + h * sqh
     do_base = DO + b * sdb + h * sdh
     dq_base = DQ + pid_bh.to(tl.int64) * N_Q * HEAD_D
@@ -150,6 +158,7 @@ def _xattn_bwd(
 # ---------------------------------------------------------------------------------------------
 # Autotune candidates, pruned by dtype and head dim before anything compiles
 # ---------------------------------------------------------------------------------------------
+
 
 def _configs(pairs) -> list:
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in pairs]
@@ -210,7 +219,9 @@ def _launch(fn, table, tensor: torch.Tensor, grid_of, args, reset=(), **constexp
         if _backend.triton_interprets():
             _backend.kernel_for(fn)[grid_of(_INTERPRET_META)](*args, **constexprs, **_INTERPRET_META)
         else:
-            kernel = _backend.kernel_for(fn, _all(table), _KEY, prune=_prune(table), reset_to_zero=list(reset))
+            kernel = _backend.kernel_for(
+                fn, _all(table), _KEY, prune=_prune(table), reset_to_zero=list(reset)
+            )
             kernel[lambda meta: grid_of(meta)](*args, **constexprs)
 
 
@@ -220,9 +231,30 @@ def forward(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     n_k = k.shape[2]
     out = torch.empty((b, h, n_q, d), device=q.device, dtype=q.dtype)
     lse = torch.empty((b * h, n_q), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), h, n_q, n_k, scale * LOG2E)
-    _launch(_xattn_fwd, FWD_CONFIGS, q, lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h), args,
-            HEAD_D=d, PRECISION=_precision(q.dtype))
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *out.stride(),
+        h,
+        n_q,
+        n_k,
+        scale * LOG2E,
+    )
+    _launch(
+        _xattn_fwd,
+        FWD_CONFIGS,
+        q,
+        lambda m: (triton.cdiv(n_q, m["BLOCK_M"]), b * h),
+        args,
+        HEAD_D=d,
+        PRECISION=_precision(q.dtype),
+    )
     return out, lse
 
 
@@ -233,14 +265,42 @@ def backward(q, k, v, out, lse, dout, scale: float, need_dkdv: bool):
     delta = torch.empty_like(lse)  # (B·H, Nq) fp32: rowsum(dO ∘ O)
     grid = (triton.cdiv(n_q, _DELTA_BLOCK_M), b * h)
     with torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext():
-        _backend.kernel_for(_xattn_bwd_delta)[grid](out, dout, delta, *out.stride(), *dout.stride(), h, n_q,
-                                                    HEAD_D=d, BLOCK_M=_DELTA_BLOCK_M)
+        _backend.kernel_for(_xattn_bwd_delta)[grid](
+            out, dout, delta, *out.stride(), *dout.stride(), h, n_q, HEAD_D=d, BLOCK_M=_DELTA_BLOCK_M
+        )
 
     dq = torch.zeros((b, h, n_q, d), device=q.device, dtype=torch.float32)  # atomically accumulated
     dk = torch.empty((b, h, n_k, d), device=q.device, dtype=k.dtype) if need_dkdv else dq
     dv = torch.empty((b, h, n_k, d), device=q.device, dtype=v.dtype) if need_dkdv else dq
-    args = (q, k, v, dout, lse, delta, dq, dk, dv, *q.stride(), *k.stride(), *v.stride(), *dout.stride(),
-            h, n_q, n_k, scale * LOG2E, scale)
-    _launch(_xattn_bwd, BWD_CONFIGS, q, lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * h), args, reset=("DQ",),
-            HEAD_D=d, PRECISION=_precision(q.dtype), STORE_DKDV=need_dkdv)
+    args = (
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        dq,
+        dk,
+        dv,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        h,
+        n_q,
+        n_k,
+        scale * LOG2E,
+        scale,
+    )
+    _launch(
+        _xattn_bwd,
+        BWD_CONFIGS,
+        q,
+        lambda m: (triton.cdiv(n_k, m["BLOCK_N"]), b * h),
+        args,
+        reset=("DQ",),
+        HEAD_D=d,
+        PRECISION=_precision(q.dtype),
+        STORE_DKDV=need_dkdv,
+    )
     return dq.to(q.dtype), (dk if need_dkdv else None), (dv if need_dkdv else None)

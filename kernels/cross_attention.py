@@ -45,9 +45,13 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"cross_attention: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"cross_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})")
+        raise ValueError(
+            f"cross_attention: q, k, v are on different devices ({q.device}, {k.device}, {v.device})"
+        )
     if k.shape != v.shape:
-        raise ValueError(f"cross_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+        raise ValueError(
+            f"cross_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape"
+        )
     (b, h, n_q, d), (bk, hk, n_k, dk) = q.shape, k.shape
     if (b, h, d) != (bk, hk, dk):
         raise ValueError(f"cross_attention: q {tuple(q.shape)} and k {tuple(k.shape)} disagree on B, H or D")
@@ -60,6 +64,7 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 # Autograd and public functions
 # ---------------------------------------------------------------------------------------------
+
 
 def _triton():
     from kernels import _xattn_triton  # triton is imported here, on the Triton path only
@@ -100,7 +105,10 @@ SDPA_CANDIDATES = ("flash_attention", "efficient_attention", "cudnn_attention")
 
 
 # name -> f(q, k, v, scale): what auto mode times on CUDA
-IMPLEMENTATIONS = {"triton": _CrossAttention.apply, **{f"sdpa-{name}": _sdpa(name) for name in SDPA_CANDIDATES}}
+IMPLEMENTATIONS = {
+    "triton": _CrossAttention.apply,
+    **{f"sdpa-{name}": _sdpa(name) for name in SDPA_CANDIDATES},
+}
 
 
 def _fwd_bwd(fn, q, k, v, scale):
@@ -131,7 +139,12 @@ def cross_attention(
     key = ("xattn", str(q.dtype).removeprefix("torch."), "x".join(map(str, (*q.shape, k.shape[2]))))
     with torch.autocast(device_type, enabled=False):  # the inputs are already in their compute dtype
         chosen = _backend.pick(
-            "xattn", key, lambda: {n: _fwd_bwd(f, q, k, v, scale) for n, f in IMPLEMENTATIONS.items()}, q, k, v
+            "xattn",
+            key,
+            lambda: {n: _fwd_bwd(f, q, k, v, scale) for n, f in IMPLEMENTATIONS.items()},
+            q,
+            k,
+            v,
         )
         if chosen == "ref":
             return cross_attention_ref(q, k, v, scale)

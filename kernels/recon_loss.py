@@ -86,7 +86,9 @@ def _check_pair(pred: torch.Tensor, target: torch.Tensor, who: str = "recon_loss
 
 def _check_p(p: int, who: str) -> None:
     if p > MAX_P:
-        raise ValueError(f"{who}: patch length P={p} exceeds the Triton kernel's {MAX_P}; set EQRECON_KERNELS=ref")
+        raise ValueError(
+            f"{who}: patch length P={p} exceeds the Triton kernel's {MAX_P}; set EQRECON_KERNELS=ref"
+        )
 
 
 def _check_linear(hidden, weight, bias, target) -> None:
@@ -98,7 +100,9 @@ def _check_linear(hidden, weight, bias, target) -> None:
     p, c = weight.shape
     fits = target.shape == (*hidden.shape[:-1], p)
     if hidden.dim() == 4 and target.dim() == 5:  # images: checked against the prediction's shape
-        fits = _image_geometry(torch.empty((*hidden.shape[:-1], p), device="meta"), target, "recon_loss_linear")
+        fits = _image_geometry(
+            torch.empty((*hidden.shape[:-1], p), device="meta"), target, "recon_loss_linear"
+        )
     if hidden.shape[-1] != c or bias.shape[0] != p or not fits:
         raise ValueError(
             f"recon_loss_linear: hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, bias "
@@ -107,7 +111,9 @@ def _check_linear(hidden, weight, bias, target) -> None:
         )
     for name, t in (("hidden", hidden), ("weight", weight), ("bias", bias), ("target", target)):
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"recon_loss_linear: {name} has dtype {t.dtype}; use float16, bfloat16 or float32")
+            raise TypeError(
+                f"recon_loss_linear: {name} has dtype {t.dtype}; use float16, bfloat16 or float32"
+            )
         if t.device != hidden.device:
             raise ValueError(f"recon_loss_linear: {name} on {t.device} but hidden on {hidden.device}")
     if hidden.numel() == 0:
@@ -117,6 +123,7 @@ def _check_linear(hidden, weight, bias, target) -> None:
 # ---------------------------------------------------------------------------------------------
 # Autograd
 # ---------------------------------------------------------------------------------------------
+
 
 def _target_rows(pred: torch.Tensor, target: torch.Tensor, who: str):
     """(target as the kernel reads it, image geometry or None): images stay images, patches become rows."""
@@ -146,8 +153,9 @@ class _ReconLoss(torch.autograd.Function):
         pred2 = _as_rows(pred)
         target2, geometry = _target_rows(pred, target, "recon_loss")
         grad = torch.empty_like(pred2) if ctx.needs_input_grad[0] else None
-        total, _ = _triton().sum_sq_and_grad(pred2, target2, geometry, grad, norm_pix, NORM_PIX_EPS,
-                                             2.0 / pred.numel())
+        total, _ = _triton().sum_sq_and_grad(
+            pred2, target2, geometry, grad, norm_pix, NORM_PIX_EPS, 2.0 / pred.numel()
+        )
         ctx.save_for_backward(grad.view(pred.shape) if grad is not None else None)
         return total / pred.numel()
 
@@ -189,8 +197,16 @@ class _ReconLossLinear(torch.autograd.Function):
                 chunk_geometry = (images.shape[0], geometry[1], geometry[2])
             else:
                 tc, chunk_geometry = t2[start : start + chunk], None
-            part, bias_part = _triton().sum_sq_and_grad(pc, tc, chunk_geometry, pc if write_grad else None,
-                                                        norm_pix, NORM_PIX_EPS, 2.0 / numel, bias_grad=need_b)
+            part, bias_part = _triton().sum_sq_and_grad(
+                pc,
+                tc,
+                chunk_geometry,
+                pc if write_grad else None,
+                norm_pix,
+                NORM_PIX_EPS,
+                2.0 / numel,
+                bias_grad=need_b,
+            )
             total += part
             # pc now holds dL/dpred for these rows
             if need_h:
@@ -237,8 +253,12 @@ def _compiled(fn):
 def _choose(op: str, triton_fn, ref, args: tuple, n_leaves: int) -> str:
     """'triton', 'ref' or 'compile' for this call (see `_backend.pick`); args = leaves + (target, norm_pix)."""
     tensors = args[: n_leaves + 1]
-    key = (op, *(str(t.dtype).removeprefix("torch.") for t in tensors),
-           "/".join("x".join(map(str, t.shape)) for t in tensors), "norm_pix" if args[-1] else "plain")
+    key = (
+        op,
+        *(str(t.dtype).removeprefix("torch.") for t in tensors),
+        "/".join("x".join(map(str, t.shape)) for t in tensors),
+        "norm_pix" if args[-1] else "plain",
+    )
 
     def candidates():
         leaves = [t.detach().clone().requires_grad_() for t in args[:n_leaves]]
@@ -283,7 +303,11 @@ def recon_loss_ref(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = Fa
 
 
 def recon_loss_linear(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, norm_pix: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    norm_pix: bool = False,
 ) -> torch.Tensor:
     """recon_loss(hidden @ weightᵀ + bias, target, norm_pix) without materialising the prediction."""
     _check_linear(hidden, weight, bias, target)
@@ -296,7 +320,11 @@ def recon_loss_linear(
 
 
 def recon_loss_linear_ref(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, norm_pix: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    norm_pix: bool = False,
 ) -> torch.Tensor:
     """Plain PyTorch: the pixel head in hidden's dtype, then `recon_loss_ref`."""
     return recon_loss_ref(F.linear(hidden, weight.to(hidden.dtype), bias.to(hidden.dtype)), target, norm_pix)

@@ -35,7 +35,9 @@ class DinoConfig:
 @dataclass
 class ModelConfig:
     family: str = "vicreg"  # invariant loss: vicreg (the method's own) | dino | ibot | dinov2 (model.dino)
-    method: str = "path"  # vicreg | sie | xattn | path; with a DINO family the equivariant part (vicreg = none)
+    method: str = (
+        "path"  # vicreg | sie | xattn | path; with a DINO family the equivariant part (vicreg = none)
+    )
     backbone: str = "vit_small_patch16_224"  # a timm ViT name (tiny/small/base/large, patch 16)
     patch_size: int = 16  # overrides the timm default (the demo uses 8 at 64 px)
     depth: int = 0  # 0 = the timm model's depth

@@ -101,8 +101,16 @@ class XAttnDecoder(nn.Module):
     Positions: fixed 2D sin-cos embeddings (a non-persistent buffer: not in the state_dict).
     """
 
-    def __init__(self, d_in: int, width: int, depth: int, heads: int, grid: int, patch_dim: int,
-                 mask_ratio: float = 0.0):
+    def __init__(
+        self,
+        d_in: int,
+        width: int,
+        depth: int,
+        heads: int,
+        grid: int,
+        patch_dim: int,
+        mask_ratio: float = 0.0,
+    ):
         super().__init__()
         self.grid, self.steps, self.mask_ratio = grid, 1, mask_ratio
         self.embed = nn.Linear(d_in, width)
@@ -252,7 +260,9 @@ def build_decoder(name: str, d_eq: int, grid: int, target_size: int, steps: int,
     if name == "conv":
         return ConvDecoder(d_eq, cfg.conv_width, grid, target_size, steps)
     if name == "xattn":
-        return XAttnDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, cfg.mask_ratio)
+        return XAttnDecoder(
+            d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, cfg.mask_ratio
+        )
     if name == "xattn-path":
         return XAttnPathDecoder(d_eq, cfg.dec_width, cfg.dec_depth, cfg.dec_heads, grid, patch_dim, steps)
     raise ConfigError(f"unknown model.decoder {name!r}; choose from conv, xattn, xattn-path")
@@ -276,9 +286,13 @@ def check_decoder_config(name: str, cfg, grid: int, target_size: int) -> None:
             raise ConfigError(f"model.conv_width must be > 0, got {cfg.conv_width}")
         return
     if cfg.dec_depth < 1:
-        raise ConfigError(f"model.dec_depth must be >= 1 (block 1 is the cross-attention), got {cfg.dec_depth}")
+        raise ConfigError(
+            f"model.dec_depth must be >= 1 (block 1 is the cross-attention), got {cfg.dec_depth}"
+        )
     if cfg.dec_heads < 1 or cfg.dec_width % cfg.dec_heads:
-        raise ConfigError(f"model.dec_width={cfg.dec_width} is not divisible by model.dec_heads={cfg.dec_heads}")
+        raise ConfigError(
+            f"model.dec_width={cfg.dec_width} is not divisible by model.dec_heads={cfg.dec_heads}"
+        )
     head_dim = cfg.dec_width // cfg.dec_heads
     if head_dim not in SUPPORTED_D:
         raise ConfigError(

@@ -34,7 +34,9 @@ def recon_errors(pred: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
         off = ~torch.eye(k, dtype=torch.bool)
         out["diag/recon.other"] = float(err[off].mean())
     else:
-        out["diag/recon.other"] = float((pred - targets.roll(1, dims=0)).square().mean()) if b > 1 else float("nan")
+        out["diag/recon.other"] = (
+            float((pred - targets.roll(1, dims=0)).square().mean()) if b > 1 else float("nan")
+        )
     out.update({f"diag/recon.own.k{i + 1}": float(v) for i, v in enumerate(own)})
     return out
 
@@ -58,7 +60,11 @@ def grad_ratio(method: nn.Module, batch, out: dict | None = None) -> dict[str, f
     eq = method.cfg.lam * out["loss/eq"]
     g_eq = torch.autograd.grad(eq, params, allow_unused=True) if eq.requires_grad else [None]
     n_inv, n_eq = _norm(g_inv), _norm(g_eq)
-    return {"diag/grad.inv": n_inv, "diag/grad.eq": n_eq, "diag/grad_ratio": n_eq / n_inv if n_inv > 0 else float("nan")}
+    return {
+        "diag/grad.inv": n_inv,
+        "diag/grad.eq": n_eq,
+        "diag/grad_ratio": n_eq / n_inv if n_inv > 0 else float("nan"),
+    }
 
 
 @torch.no_grad()

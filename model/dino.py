@@ -75,12 +75,21 @@ class DINOHead(nn.Module):
     stay unit vectors, which bounds the logits by 1); False lets it train (DINOv2).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 nlayers: int = 3, norm_last_layer: bool = True):
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        nlayers: int = 3,
+        norm_last_layer: bool = True,
+    ):
         super().__init__()
         if nlayers < 1 or min(in_dim, out_dim, hidden_dim, bottleneck_dim) < 1:
-            raise ConfigError(f"DINOHead needs nlayers >= 1 and positive sizes, got nlayers={nlayers}, "
-                             f"in={in_dim}, hidden={hidden_dim}, bottleneck={bottleneck_dim}, out={out_dim}")
+            raise ConfigError(
+                f"DINOHead needs nlayers >= 1 and positive sizes, got nlayers={nlayers}, "
+                f"in={in_dim}, hidden={hidden_dim}, bottleneck={bottleneck_dim}, out={out_dim}"
+            )
         widths = [in_dim] + [hidden_dim] * (nlayers - 1) + [bottleneck_dim]
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(itertools.pairwise(widths)):
@@ -112,7 +121,9 @@ def teacher_softmax(teacher_logits: torch.Tensor, center: torch.Tensor, temp: fl
 
 
 @torch.no_grad()
-def update_center(center: torch.Tensor, rows: torch.Tensor, momentum: float = CENTER_MOMENTUM) -> torch.Tensor:
+def update_center(
+    center: torch.Tensor, rows: torch.Tensor, momentum: float = CENTER_MOMENTUM
+) -> torch.Tensor:
     """The EMA centre after one step: momentum · c + (1 - momentum) · mean of `rows` over all ranks.
 
     center (K,); rows (R, K): the teacher logits the centre averages (DINO: every global-crop class
@@ -125,7 +136,9 @@ def update_center(center: torch.Tensor, rows: torch.Tensor, momentum: float = CE
 
 
 @torch.no_grad()
-def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int = SINKHORN_ITERATIONS) -> torch.Tensor:
+def sinkhorn_knopp(
+    teacher_logits: torch.Tensor, temp: float, n_iterations: int = SINKHORN_ITERATIONS
+) -> torch.Tensor:
     """DINOv2's teacher targets: Sinkhorn-Knopp on exp(t / temp) over the global batch. (R, K) -> (R, K).
 
     Alternately every prototype gets equal total mass over the rows of all ranks, and every row sums
@@ -144,16 +157,19 @@ def sinkhorn_knopp(teacher_logits: torch.Tensor, temp: float, n_iterations: int 
         return q
 
 
-def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = STUDENT_TEMP
-              ) -> torch.Tensor:
+def dino_loss(
+    student_logits: torch.Tensor, teacher_probs: torch.Tensor, student_temp: float = STUDENT_TEMP
+) -> torch.Tensor:
     """DINO's cross-entropy H(teacher crop g, student crop v), mean over images and over every pair
     v ≠ g. student_logits (V, B, K), the G global crops first in the teacher's order; teacher_probs
     (G, B, K) -> scalar. DINOv2's local and global terms are this average split in two sums."""
     g, b, _ = teacher_probs.shape
     v = student_logits.shape[0]
     if student_logits.shape[1:] != teacher_probs.shape[1:] or v < g or v < 2:
-        raise ValueError(f"dino_loss: student logits {tuple(student_logits.shape)} must be (V >= G, B, K) for "
-                         f"teacher targets {tuple(teacher_probs.shape)} (G, B, K), with at least 2 crops")
+        raise ValueError(
+            f"dino_loss: student logits {tuple(student_logits.shape)} must be (V >= G, B, K) for "
+            f"teacher targets {tuple(teacher_probs.shape)} (G, B, K), with at least 2 crops"
+        )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         log_p = F.log_softmax(_at_least_fp32(student_logits) / student_temp, dim=-1)  # (V, B, K)
         ce = -torch.einsum("gbk,vbk->gv", teacher_probs.to(log_p.dtype), log_p) / b  # (G, V)
@@ -161,8 +177,12 @@ def dino_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, student
         return ce[other].mean()
 
 
-def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, masks: torch.Tensor,
-                    student_temp: float = STUDENT_TEMP) -> torch.Tensor:
+def ibot_patch_loss(
+    student_logits: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    masks: torch.Tensor,
+    student_temp: float = STUDENT_TEMP,
+) -> torch.Tensor:
     """iBOT's masked-image-modelling loss: per crop, the mean cross-entropy over its masked patches,
     then the mean over crops (a crop without masked patches counts 0).
 
@@ -171,8 +191,10 @@ def ibot_patch_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, m
     """
     m = int(masks.sum())
     if student_logits.shape != teacher_probs.shape or student_logits.shape[0] != m:
-        raise ValueError(f"ibot_patch_loss: logits {tuple(student_logits.shape)} and targets "
-                         f"{tuple(teacher_probs.shape)} must both be (M, K) with M = {m} masked patches")
+        raise ValueError(
+            f"ibot_patch_loss: logits {tuple(student_logits.shape)} and targets "
+            f"{tuple(teacher_probs.shape)} must both be (M, K) with M = {m} masked patches"
+        )
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         log_p = F.log_softmax(_at_least_fp32(student_logits) / student_temp, dim=-1)  # (M, K)
         ce = -(teacher_probs.to(log_p.dtype) * log_p).sum(dim=-1)  # (M,)
@@ -203,8 +225,14 @@ def sample_mask_ratio(rng: random.Random, ranges: tuple[tuple[float, float], ...
     return rng.choice(drawn)
 
 
-def block_mask(grid: tuple[int, int], n_masked: float, rng: random.Random, min_block: int | None = None,
-               max_block: float | None = None, aspect: float = MASK_ASPECT) -> torch.Tensor:
+def block_mask(
+    grid: tuple[int, int],
+    n_masked: float,
+    rng: random.Random,
+    min_block: int | None = None,
+    max_block: float | None = None,
+    aspect: float = MASK_ASPECT,
+) -> torch.Tensor:
     """BEiT-style block mask of about n_masked patches (never more), as iBOT and DINOv2 draw them.
 
     Rectangles of area U(min_block, remaining) and aspect ratio log-uniform in (aspect, 1/aspect) are
@@ -243,8 +271,12 @@ def block_mask(grid: tuple[int, int], n_masked: float, rng: random.Random, min_b
     return mask
 
 
-def block_masks(n_crops: int, grid: tuple[int, int], rng: random.Random,
-                ranges: tuple[tuple[float, float], ...] = MASK_RATIOS) -> torch.Tensor:
+def block_masks(
+    n_crops: int,
+    grid: tuple[int, int],
+    rng: random.Random,
+    ranges: tuple[tuple[float, float], ...] = MASK_RATIOS,
+) -> torch.Tensor:
     """iBOT's masks for n_crops global crops, each with its own ratio from sample_mask_ratio.
     -> (n_crops, H·W) bool, row-major patches (the order of the ViT's patch tokens)."""
     n = grid[0] * grid[1]

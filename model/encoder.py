@@ -77,11 +77,15 @@ class SplitEncoder(nn.Module):
         except RuntimeError as err:  # timm's "Unknown model (...)"
             raise ConfigError(f"model.backbone={cfg.backbone!r}: timm cannot create it ({err})") from None
         except TypeError as err:  # a non-ViT model that takes no img_size / patch_size / depth
-            raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer ({err})") from None
+            raise ConfigError(
+                f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer ({err})"
+            ) from None
         if not hasattr(self.backbone, "num_prefix_tokens") or not hasattr(self.backbone, "patch_embed"):
             raise ConfigError(f"model.backbone={cfg.backbone!r} is not a timm VisionTransformer")
         if cfg.pool == "cls" and not getattr(self.backbone, "has_class_token", False):
-            raise ConfigError(f"model.pool='cls' but {cfg.backbone!r} has no class token; use model.pool=mean")
+            raise ConfigError(
+                f"model.pool='cls' but {cfg.backbone!r} has no class token; use model.pool=mean"
+            )
         self.pool = cfg.pool
         self.d_patch = cfg.d_patch
         self.d_inv = cfg.d_patch if all_invariant else cfg.d_inv

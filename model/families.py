@@ -51,10 +51,12 @@ FAMILIES = ("dino", "ibot", "dinov2")  # model.config.FAMILIES without vicreg
 EQUIVARIANT = {"none": "vicreg", "sie": "sie", "xattn": "xattn", "path": "path"}
 
 
-
-
-def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | None = None,
-                  mask_token: torch.Tensor | None = None) -> SplitOutput:
+def encode_tokens(
+    encoder: SplitEncoder,
+    x: torch.Tensor,
+    masks: torch.Tensor | None = None,
+    mask_token: torch.Tensor | None = None,
+) -> SplitOutput:
     """SplitEncoder.forward with iBOT's mask tokens and any input size (a multiple of the patch).
 
     x (B, 3, H, W); masks (B, N) bool replaces those patch embeddings by mask_token (1, 1, D) before
@@ -64,8 +66,10 @@ def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | 
     vit = encoder.backbone
     patch = vit.patch_embed.patch_size
     if x.dim() != 4 or x.shape[-2] % patch[0] or x.shape[-1] % patch[1]:
-        raise ValueError(f"crops of shape {tuple(x.shape)}: the encoder needs (B, 3, H, W) with H and W "
-                         f"multiples of model.patch_size={patch[0]}")
+        raise ValueError(
+            f"crops of shape {tuple(x.shape)}: the encoder needs (B, 3, H, W) with H and W "
+            f"multiples of model.patch_size={patch[0]}"
+        )
     tokens = vit.patch_embed.proj(x)  # (B, D, gh, gw)
     grid = tuple(tokens.shape[-2:])
     tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))  # (B, N, D)
@@ -74,8 +78,12 @@ def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | 
     n_prefix = vit.num_prefix_tokens
     pos = vit.pos_embed
     if grid != tuple(vit.patch_embed.grid_size):
-        pos = resample_abs_pos_embed(pos, new_size=grid, old_size=vit.patch_embed.grid_size,
-                                     num_prefix_tokens=0 if vit.no_embed_class else n_prefix)
+        pos = resample_abs_pos_embed(
+            pos,
+            new_size=grid,
+            old_size=vit.patch_embed.grid_size,
+            num_prefix_tokens=0 if vit.no_embed_class else n_prefix,
+        )
     prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
     if vit.no_embed_class:
         tokens = torch.cat([*prefix, tokens + pos], dim=1)
@@ -91,7 +99,9 @@ def encode_tokens(encoder: SplitEncoder, x: torch.Tensor, masks: torch.Tensor | 
         z = encoder.head(tokens[:, n_prefix:])
         pooled = z.mean(dim=1)
     d = encoder.d_inv
-    return SplitOutput(z_inv_tokens=z[..., :d], z_eq=z[..., d:], z_inv=pooled[:, :d], z_eq_pooled=pooled[:, d:])
+    return SplitOutput(
+        z_inv_tokens=z[..., :d], z_eq=z[..., d:], z_inv=pooled[:, :d], z_eq_pooled=pooled[:, d:]
+    )
 
 
 class DinoFamily(nn.Module):
@@ -102,14 +112,22 @@ class DinoFamily(nn.Module):
         if family.family not in FAMILIES:
             raise ConfigError(f"unknown DINO family {family.family!r}; choose from {', '.join(FAMILIES)}")
         if equivariant not in EQUIVARIANT:
-            raise ConfigError(f"unknown equivariant part {equivariant!r}; choose from {', '.join(EQUIVARIANT)}")
+            raise ConfigError(
+                f"unknown equivariant part {equivariant!r}; choose from {', '.join(EQUIVARIANT)}"
+            )
         self.cfg, self.family = cfg, family
         # The equivariant method owns the encoder and its decoder/predictor; its VICReg expander is
         # dropped (the family has its own head), so that no parameter is left without a gradient.
         self.eq: Method = METHODS[EQUIVARIANT[equivariant]](dataclasses.replace(cfg, expander=()), data)
         enc = self.eq.encoder
-        self.head = dino.DINOHead(enc.d_inv, family.out_dim, family.hidden_dim, family.bottleneck_dim,
-                                  family.nlayers, family.norm_last_layer)
+        self.head = dino.DINOHead(
+            enc.d_inv,
+            family.out_dim,
+            family.hidden_dim,
+            family.bottleneck_dim,
+            family.nlayers,
+            family.norm_last_layer,
+        )
         self.masked = family.family in ("ibot", "dinov2")
         if self.masked:  # iBOT's learned embedding of a masked patch (zeros at init, as iBOT and DINOv2)
             self.mask_token = nn.Parameter(torch.zeros(1, 1, enc.embed_dim))
@@ -140,7 +158,9 @@ class DinoFamily(nn.Module):
         for name in ("view1", "view2"):
             shape = tuple(getattr(batch, name).shape)
             if shape != (b, 3, s, s):
-                raise ValueError(f"batch.{name} has shape {shape}, the model expects ({b}, 3, {s}, {s}) (data.img_size)")
+                raise ValueError(
+                    f"batch.{name} has shape {shape}, the model expects ({b}, 3, {s}, {s}) (data.img_size)"
+                )
         local, masks = batch.local, batch.masks
         if local is not None and (local.dim() != 5 or local.shape[0] != b or local.shape[2] != 3):
             raise ValueError(f"batch.local has shape {tuple(local.shape)}, expected (B={b}, L, 3, h, w)")
@@ -150,13 +170,16 @@ class DinoFamily(nn.Module):
             want = (b, 2, self.encoder.num_patches)
             if masks is None or tuple(masks.shape) != want or masks.dtype != torch.bool:
                 got = None if masks is None else (tuple(masks.shape), masks.dtype)
-                raise ConfigError(f"the {self.family.family} family needs batch.masks, bool {want} (iBOT's masks "
-                                  f"of the two global crops), got {got}: the loader must make them")
+                raise ConfigError(
+                    f"the {self.family.family} family needs batch.masks, bool {want} (iBOT's masks "
+                    f"of the two global crops), got {got}: the loader must make them"
+                )
         return local, masks
 
     @torch.no_grad()
-    def _teacher_targets(self, views: torch.Tensor, masks: torch.Tensor | None
-                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _teacher_targets(
+        self, views: torch.Tensor, masks: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Teacher targets for the global crops: (2B, K) for the class token, (M, K) for the masked patches."""
         fam = self.family
         out = encode_tokens(self.teacher.module["encoder"], views)
@@ -173,8 +196,9 @@ class DinoFamily(nn.Module):
             if masks is not None:
                 patch_logits = head(out.z_inv_tokens)  # (2B, N, K): iBOT centres over every patch
                 patch_targets = dino.teacher_softmax(patch_logits[masks], self.patch_center, self.patch_temp)
-                self.patch_center.copy_(dino.update_center(self.patch_center, patch_logits.mean(1),
-                                                           fam.center_momentum))
+                self.patch_center.copy_(
+                    dino.update_center(self.patch_center, patch_logits.mean(1), fam.center_momentum)
+                )
         return cls_targets, patch_targets
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:

@@ -63,8 +63,10 @@ def gather_batch(x: torch.Tensor) -> torch.Tensor:
 
 def _check_batch(x: torch.Tensor, who: str) -> None:
     if x.dim() != 2 or x.shape[0] < 2:
-        raise ValueError(f"{who}: needs (B, D) embeddings with B >= 2 (over all ranks) for its variance, "
-                         f"got {tuple(x.shape)}")
+        raise ValueError(
+            f"{who}: needs (B, D) embeddings with B >= 2 (over all ranks) for its variance, "
+            f"got {tuple(x.shape)}"
+        )
 
 
 def _variance_covariance(x: torch.Tensor, y: torch.Tensor, caller: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,7 +142,11 @@ def recon_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) 
 
 
 def recon_mse_linear(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, target: torch.Tensor, norm_pix: bool = False
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    norm_pix: bool = False,
 ) -> torch.Tensor:
     """recon_mse(hidden @ weightᵀ + bias, target) fused with the pixel head: hidden (B, K, N, C),
     weight (P, C), bias (P,), target (B, K, N, P) patches or (B, K, 3, Ht, Wt) images."""

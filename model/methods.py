@@ -68,8 +68,10 @@ class VICReg(nn.Module):
         for name in ("view1", "view2"):
             shape = tuple(getattr(batch, name).shape)
             if len(shape) != 4 or shape[1:] != (3, self.img_size, self.img_size):
-                raise ValueError(f"batch.{name} has shape {shape}, the model expects (B, 3, {self.img_size}, "
-                                 f"{self.img_size}) (data.img_size)")
+                raise ValueError(
+                    f"batch.{name} has shape {shape}, the model expects (B, 3, {self.img_size}, "
+                    f"{self.img_size}) (data.img_size)"
+                )
         out = self.encoder(torch.cat([batch.view1, batch.view2]))
         halves = [t.chunk(2) for t in out]
         return SplitOutput(*(h[0] for h in halves)), SplitOutput(*(h[1] for h in halves))
@@ -77,8 +79,9 @@ class VICReg(nn.Module):
     def invariance(self, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
         cfg = self.cfg
         # The expander runs per view so that its BatchNorm statistics are per view, as in VICReg.
-        loss, terms = vicreg_loss(self.expander(o1.z_inv), self.expander(o2.z_inv),
-                                  cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff)
+        loss, terms = vicreg_loss(
+            self.expander(o1.z_inv), self.expander(o2.z_inv), cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff
+        )
         return {"loss/inv": loss, **{f"loss/inv.{k}": v.detach() for k, v in terms.items()}}
 
     def equivariance(self, batch: Batch, o1: SplitOutput, o2: SplitOutput) -> dict[str, torch.Tensor]:
@@ -98,7 +101,9 @@ class VICReg(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         """Names of parameters to exclude from weight decay: biases, norms, embeddings."""
-        return {n for n, p in self.named_parameters() if p.ndim <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES}
+        return {
+            n for n, p in self.named_parameters() if p.ndim <= 1 or n.rsplit(".", 1)[-1] in NO_DECAY_NAMES
+        }
 
 
 class SIE(VICReg):
@@ -137,8 +142,17 @@ class SIE(VICReg):
         cfg = self.cfg
         x_eq, y_eq = self.expander_eq(o1.z_eq_pooled), self.expander_eq(o2.z_eq_pooled)
         pred = self.predictor(x_eq, self.transformation_code(batch.theta))
-        _, eq, terms = sie_loss(o1.z_inv.detach(), o2.z_inv.detach(), x_eq, y_eq, pred, cfg.sim_coeff,
-                                cfg.std_coeff, cfg.cov_coeff, cfg.equi_factor)
+        _, eq, terms = sie_loss(
+            o1.z_inv.detach(),
+            o2.z_inv.detach(),
+            x_eq,
+            y_eq,
+            pred,
+            cfg.sim_coeff,
+            cfg.std_coeff,
+            cfg.cov_coeff,
+            cfg.equi_factor,
+        )
         return {"loss/eq": eq, **{f"loss/eq.{k}": terms[k].detach() for k in ("pred", "pred_std")}}
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -148,10 +162,13 @@ class SIE(VICReg):
         x_inv, y_inv = self.expander(o1.z_inv), self.expander(o2.z_inv)
         x_eq, y_eq = self.expander_eq(o1.z_eq_pooled), self.expander_eq(o2.z_eq_pooled)
         pred = self.predictor(x_eq, self.transformation_code(batch.theta))
-        inv, eq, terms = sie_loss(x_inv, y_inv, x_eq, y_eq, pred, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff,
-                                  cfg.equi_factor)
+        inv, eq, terms = sie_loss(
+            x_inv, y_inv, x_eq, y_eq, pred, cfg.sim_coeff, cfg.std_coeff, cfg.cov_coeff, cfg.equi_factor
+        )
         out = {"loss/inv": inv, "loss/eq": eq}
-        out.update({f"loss/{'eq' if k.startswith('pred') else 'inv'}.{k}": v.detach() for k, v in terms.items()})
+        out.update(
+            {f"loss/{'eq' if k.startswith('pred') else 'inv'}.{k}": v.detach() for k, v in terms.items()}
+        )
         out["loss"] = inv + cfg.lam * eq
         return out
 
@@ -170,8 +187,10 @@ class XAttn(VICReg):
         name = self.decoder_name(cfg)
         check_decoder_config(name, cfg, self.grid, self.target_size)
         if cfg.recon_reduction not in RECON_REDUCTIONS:
-            raise ConfigError(f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
-                             f"{', '.join(RECON_REDUCTIONS)}")
+            raise ConfigError(
+                f"unknown model.recon_reduction {cfg.recon_reduction!r}; choose from "
+                f"{', '.join(RECON_REDUCTIONS)}"
+            )
         if not 0 <= cfg.mask_ratio < 1:
             raise ConfigError(f"model.mask_ratio must be in [0, 1), got {cfg.mask_ratio}")
         self.decoder = build_decoder(name, self.encoder.d_eq, self.grid, self.target_size, self.steps, cfg)
@@ -209,20 +228,26 @@ class PathRecon(XAttn):
 
     def decoder_name(self, cfg: ModelConfig) -> str:
         if cfg.decoder not in ("conv", "xattn-path"):
-            raise ConfigError(f"model.decoder={cfg.decoder!r} is not a path decoder; choose conv or xattn-path "
-                             f"(the xattn method uses the xattn decoder)")
+            raise ConfigError(
+                f"model.decoder={cfg.decoder!r} is not a path decoder; choose conv or xattn-path "
+                f"(the xattn method uses the xattn decoder)"
+            )
         return cfg.decoder
 
     def target_geometry(self, data: DataConfig) -> tuple[int, int]:
         if data.aug.k < 1:
-            raise ConfigError(f"the path method reconstructs K >= 1 intermediate images, but data.aug.k={data.aug.k}")
+            raise ConfigError(
+                f"the path method reconstructs K >= 1 intermediate images, but data.aug.k={data.aug.k}"
+            )
         return data.out_target_size, data.aug.k
 
     def targets(self, batch: Batch) -> torch.Tensor:
         want = (len(batch), self.steps, 3, self.target_size, self.target_size)
         if tuple(batch.targets.shape) != want:
-            raise ValueError(f"batch.targets has shape {tuple(batch.targets.shape)}, the path method expects {want} "
-                             f"(data.aug.k, data.target_size)")
+            raise ValueError(
+                f"batch.targets has shape {tuple(batch.targets.shape)}, the path method expects {want} "
+                f"(data.aug.k, data.target_size)"
+            )
         return batch.targets
 
 

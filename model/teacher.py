@@ -58,8 +58,10 @@ class EMATeacher(nn.Module):
             raise ConfigError(f"teacher momentum must be in [0, 1], got {momentum}")
         named = list(student.named_parameters())
         if [name for name, _ in named] != self._names:
-            raise ValueError("EMATeacher.update: the student's parameters are not the ones the teacher was "
-                             f"copied from ({len(named)} vs {len(self._names)} tensors, or other names)")
+            raise ValueError(
+                "EMATeacher.update: the student's parameters are not the ones the teacher was "
+                f"copied from ({len(named)} vs {len(self._names)} tensors, or other names)"
+            )
         teacher = list(self.module.parameters())
         torch._foreach_mul_(teacher, momentum)
         torch._foreach_add_(teacher, [p.detach() for _, p in named], alpha=1.0 - momentum)

@@ -58,8 +58,10 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
 
     path = Path(cfg.dir).expanduser()
     if not path.is_dir():
-        raise DataError(f"data folder {str(path)!r} does not exist; convert images first with "
-                        f"`python -m pipeline.convert --src IMAGENET --out {path}`")
+        raise DataError(
+            f"data folder {str(path)!r} does not exist; convert images first with "
+            f"`python -m pipeline.convert --src IMAGENET --out {path}`"
+        )
     if not (path / "dataset.json").is_file():
         raise DataError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
     return path
@@ -84,16 +86,22 @@ def choose_loader(name: str, rank: int = 0) -> str:
     if name == "reference" or dali_available():
         return "reference" if name == "reference" else "dali"
     if name == "dali":
-        raise ConfigError(f"data.loader=dali needs NVIDIA DALI, which does not import here: {DALI_INSTALL} "
-                          "(or use --data.loader=reference)")
+        raise ConfigError(
+            f"data.loader=dali needs NVIDIA DALI, which does not import here: {DALI_INSTALL} "
+            "(or use --data.loader=reference)"
+        )
     if rank == 0:
-        warnings.warn(f"NVIDIA DALI is not installed: data.loader=auto uses the PyTorch reference loader "
-                      f"(slower; {DALI_INSTALL} for the DALI pipeline)", stacklevel=3)
+        warnings.warn(
+            f"NVIDIA DALI is not installed: data.loader=auto uses the PyTorch reference loader "
+            f"(slower; {DALI_INSTALL} for the DALI pipeline)",
+            stacklevel=3,
+        )
     return "reference"
 
 
-def build_loader(cfg: DataConfig, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str | None = None) -> Loader:
+def build_loader(
+    cfg: DataConfig, rank: int = 0, world_size: int = 1, device: torch.device | str | None = None
+) -> Loader:
     """Build the configured loader for this rank (`choose_loader`). device: where batches land
     (default: cuda:<local rank> when CUDA is available, else cpu)."""
     import torch

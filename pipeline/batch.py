@@ -22,7 +22,10 @@ class MultiCropConfig:
     n_local: int = 10  # L local crops per sample: iBOT 10, DINOv2 and DINO 8
     global_size: int = 224  # both global crops (view1, view2): must equal data.img_size (config check)
     local_size: int = 96
-    global_scale: tuple[float, float] = (0.25, 1.0)  # area fraction: iBOT 0.25-1, DINOv2 0.32-1 (= data.aug.crop_scale)
+    global_scale: tuple[float, float] = (
+        0.25,
+        1.0,
+    )  # area fraction: iBOT 0.25-1, DINOv2 0.32-1 (= data.aug.crop_scale)
     local_scale: tuple[float, float] = (0.05, 0.25)  # iBOT 0.05-0.25, DINOv2 0.05-0.32
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (w/h) of the local crops
     flip_p: float = 0.5
@@ -89,8 +92,10 @@ class Batch:
 
     def _map(self, fn) -> Batch:
         """The same batch type with fn applied to every tensor field (None fields stay None)."""
-        return dataclasses.replace(self, **{f.name: fn(v) for f in dataclasses.fields(self)
-                                            if (v := getattr(self, f.name)) is not None})
+        return dataclasses.replace(
+            self,
+            **{f.name: fn(v) for f in dataclasses.fields(self) if (v := getattr(self, f.name)) is not None},
+        )
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

@@ -80,13 +80,15 @@ class Interrupted(ConvertError):
 # ------------------------------------------------------------------------------------------ planning
 
 
-def plan_shards(items: list[Item], split: str, shard_size: int, seed: int) -> list[tuple[str, list[Item], str]]:
+def plan_shards(
+    items: list[Item], split: str, shard_size: int, seed: int
+) -> list[tuple[str, list[Item], str]]:
     """-> [(shard name, items in write order, plan hash)]; a seeded shuffle of the sorted items."""
     order = sorted(items, key=lambda it: it.rel)
     random.Random(f"eqrecon:{seed}:{split}").shuffle(order)
     shards = []
     for i in range(0, len(order), shard_size):
-        chunk = order[i:i + shard_size]
+        chunk = order[i : i + shard_size]
         h = hashlib.sha256(f"{FORMAT} q{JPEG_QUALITY}\n".encode())
         for it in chunk:
             h.update(f"{it.key}\t{it.label}\t{it.rel}\n".encode())
@@ -174,13 +176,23 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
             skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": str(e)})
             continue
         except OSError as e:
-            skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e.strerror or e}"})
+            skipped.append(
+                {"split": it.split, "path": it.rel, "shard": name, "reason": f"unreadable: {e.strerror or e}"}
+            )
             continue
         if note:
             reencoded.append({"path": it.rel, "was": note})
         samples.append((it.key, jpeg, it.label))
-    record = {"name": name, "split": items[0].split, "count": len(samples), "bytes": 0, "sha256": None,
-              "plan": plan, "skipped": skipped, "reencoded": reencoded}
+    record = {
+        "name": name,
+        "split": items[0].split,
+        "count": len(samples),
+        "bytes": 0,
+        "sha256": None,
+        "plan": plan,
+        "skipped": skipped,
+        "reencoded": reencoded,
+    }
     if samples:  # a shard whose every file was skipped is recorded but not written
         tar, idx = out / name, (out / name).with_suffix(".idx")
         tar_tmp, idx_tmp = tar.with_name(name + ".tmp"), idx.with_name(idx.name + ".tmp")
@@ -235,7 +247,9 @@ def verify(out: str | Path) -> None:
     out = Path(out)
     meta = _load_json(out / "dataset.json")
     if meta is None or meta.get("format") != FORMAT:
-        raise ConvertError(f"{out / 'dataset.json'} is missing or unreadable: is {str(out)!r} a converted folder?")
+        raise ConvertError(
+            f"{out / 'dataset.json'} is missing or unreadable: is {str(out)!r} a converted folder?"
+        )
     listed = {s["name"] for s in meta["shards"]}
     for f in sorted(out.iterdir()):
         m = SHARD_RE.match(f.name)
@@ -249,7 +263,9 @@ def verify(out: str | Path) -> None:
         counts[rec["split"]] += len(samples)
     for split, info in meta["splits"].items():
         if counts[split] != info["count"]:
-            raise ShardError(f"split {split}: shards hold {counts[split]} samples, dataset.json says {info['count']}")
+            raise ShardError(
+                f"split {split}: shards hold {counts[split]} samples, dataset.json says {info['count']}"
+            )
 
 
 # ---------------------------------------------------------------------------------------- converting
@@ -260,8 +276,9 @@ def _known_records(out: Path, old: dict, classes: list[str]) -> dict[str, dict]:
     records: dict[str, dict] = {}
     if old:
         if old.get("classes") != classes:
-            raise ConvertError(f"{out} already holds shards of another class list ({old.get('source')}); "
-                               "use a new --out")
+            raise ConvertError(
+                f"{out} already holds shards of another class list ({old.get('source')}); use a new --out"
+            )
         for s in old["shards"] + old.get("empty_shards", []):
             records[s["name"]] = {**s, "skipped": [], "reencoded": []}
         for key in ("skipped", "reencoded"):
@@ -304,8 +321,10 @@ def _sigint_held_back():
     Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
     multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
     run goes on) or leaves their locks held."""
-    if threading.current_thread() is not threading.main_thread() \
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
         yield  # signals go to the main thread only; and a caller's own handler is left alone
         return
     came = []
@@ -348,10 +367,14 @@ def _lock(out: Path):
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = f.read().strip() or "a process that is starting"
-            raise ConvertError(f"{out} is being written by another converter ({holder}); "
-                               "wait for it to finish or choose another --out") from None
+            raise ConvertError(
+                f"{out} is being written by another converter ({holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
         f.truncate(0)
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+        )
         f.flush()
         yield
 
@@ -398,8 +421,16 @@ def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
         bar.close()
 
 
-def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: int = DEFAULT_SHARD_SIZE,
-            workers: int | None = None, seed: int = 0, strict: bool = False, quiet: bool = False) -> dict:
+def convert(
+    src: str | Path,
+    out: str | Path,
+    split: str = "all",
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    workers: int | None = None,
+    seed: int = 0,
+    strict: bool = False,
+    quiet: bool = False,
+) -> dict:
     """Convert an ImageNet-style folder into shards under out -> the dataset.json content."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
     if split not in (*SPLITS, "all"):
@@ -414,32 +445,50 @@ def convert(src: str | Path, out: str | Path, split: str = "all", shard_size: in
     if out.exists() and not out.is_dir():
         raise ConvertError(f"--out {str(out)!r} is a file, not a folder")
     if os.path.realpath(out) == str(src):
-        raise ConvertError(f"--out {str(out)!r} is --src itself: choose a new folder (it may lie inside --src)")
+        raise ConvertError(
+            f"--out {str(out)!r} is --src itself: choose a new folder (it may lie inside --src)"
+        )
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
         with _lock(out):
             try:
                 return _convert(src, out, split, shard_size, workers, seed, strict, quiet)
             except KeyboardInterrupt:
-                raise Interrupted("interrupted: finished shards are kept; re-run the same command to resume") from None
+                raise Interrupted(
+                    "interrupted: finished shards are kept; re-run the same command to resume"
+                ) from None
 
 
-def _convert(src: Path, out: Path, split: str, shard_size: int, workers: int, seed: int, strict: bool,
-             quiet: bool) -> dict:
+def _convert(
+    src: Path, out: Path, split: str, shard_size: int, workers: int, seed: int, strict: bool, quiet: bool
+) -> dict:
     """convert() once out exists and is locked."""
     # out inside src (--src D --out D/wds) must not become a class, nor its shards images
     classes, items, pre_skipped, ignored = discover(src, split, exclude=os.path.realpath(out))
     if strict and pre_skipped:
         raise ConvertError(_strict_message(pre_skipped))
-    old = next((m for m in map(_load_json, (out / "dataset.json", out / PREVIOUS))
-                if m and m.get("format") == FORMAT), {})
+    old = next(
+        (
+            m
+            for m in map(_load_json, (out / "dataset.json", out / PREVIOUS))
+            if m and m.get("format") == FORMAT
+        ),
+        {},
+    )
     known = _known_records(out, old, classes)
 
     plans = {s: plan_shards(items[s], s, shard_size, seed) for s in items}
     names = [name for s in plans for name, _, _ in plans[s]]
-    stale = [f for f in out.iterdir() if (m := SHARD_RE.match(f.name)) and m["split"] in plans
-             and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in set(names))]
-    candidates = [(out, known.get(name), plan, chunk, len(classes)) for s in plans for name, chunk, plan in plans[s]]
+    stale = [
+        f
+        for f in out.iterdir()
+        if (m := SHARD_RE.match(f.name))
+        and m["split"] in plans
+        and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in set(names))
+    ]
+    candidates = [
+        (out, known.get(name), plan, chunk, len(classes)) for s in plans for name, chunk, plan in plans[s]
+    ]
     if workers > 1 and sum(c[1] is not None for c in candidates) > 1:  # resuming ImageNet re-reads ~140 GB
         with _pool(workers) as pool:
             good = pool.map(_check, candidates, chunksize=1)
@@ -457,16 +506,21 @@ def _convert(src: Path, out: Path, split: str, shard_size: int, workers: int, se
             f.unlink()
     todo = sum(len(t[-1]) for t in tasks)
     if not quiet:
-        print(f"{src}: {len(classes)} classes, "
-              + ", ".join(f"{s} {len(items[s])} images in {len(plans[s])} shards" for s in plans)
-              + f"; {len(records)} shards already done, {len(tasks)} to write with {workers} workers", flush=True)
+        print(
+            f"{src}: {len(classes)} classes, "
+            + ", ".join(f"{s} {len(items[s])} images in {len(plans[s])} shards" for s in plans)
+            + f"; {len(records)} shards already done, {len(tasks)} to write with {workers} workers",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     with open(out / PROGRESS, "a") as log:
+
         def on_done(rec):
             records[rec["name"]] = rec
             log.write(json.dumps(rec) + "\n")
             log.flush()
+
         try:
             _run(tasks, min(workers, max(len(tasks), 1)), todo, quiet, on_done)
         except ConvertError:  # a full disk: the other workers' unfinished shards give their space back
@@ -491,13 +545,18 @@ def _convert(src: Path, out: Path, split: str, shard_size: int, workers: int, se
 
 def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed) -> dict:
     # splits converted earlier into the same folder (e.g. --split train, then --split val) are kept
-    carried = [s for s in old.get("shards", []) if s["split"] not in plans] if old.get("classes") == classes else []
+    carried = (
+        [s for s in old.get("shards", []) if s["split"] not in plans] if old.get("classes") == classes else []
+    )
     keep = {s["split"] for s in carried}
     splits = {s: v for s, v in old.get("splits", {}).items() if s in keep}
     for s in plans:
         recs = [r for r in ordered if r["split"] == s]
-        splits[s] = {"count": sum(r["count"] for r in recs), "shards": sum(r["count"] > 0 for r in recs),
-                     "skipped": sum(x["split"] == s for x in skipped)}
+        splits[s] = {
+            "count": sum(r["count"] for r in recs),
+            "shards": sum(r["count"] > 0 for r in recs),
+            "skipped": sum(x["split"] == s for x in skipped),
+        }
     fields = ("name", "split", "count", "bytes", "sha256", "plan")
     return {
         "format": FORMAT,
@@ -535,7 +594,9 @@ def _summary(meta: dict, done: int, rate: float) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", help="ImageNet-style folder (train/, val/, LOC_val_solution.csv) or class folders")
+    p.add_argument(
+        "--src", help="ImageNet-style folder (train/, val/, LOC_val_solution.csv) or class folders"
+    )
     p.add_argument("--out", help="folder for shards and dataset.json (re-running resumes)")
     p.add_argument("--split", default="all", choices=("train", "val", "all"))
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
@@ -548,8 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             verify(args.verify)
             meta = json.loads((Path(args.verify) / "dataset.json").read_text())
-            print(f"{args.verify}: ok, {len(meta['shards'])} shards, "
-                  + ", ".join(f"{s} {v['count']} samples" for s, v in meta["splits"].items()))
+            print(
+                f"{args.verify}: ok, {len(meta['shards'])} shards, "
+                + ", ".join(f"{s} {v['count']} samples" for s, v in meta["splits"].items())
+            )
             return 0
         if not args.src or not args.out:
             p.error("--src and --out are required (or --verify DIR)")

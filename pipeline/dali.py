@@ -143,8 +143,12 @@ def sample_crop(H, W, cfg: PathConfig):
     w = found * w_fit + (1.0 - found) * w_fb
     h = found * h_fit + (1.0 - found) * h_fb
     v = fn.random.uniform(range=[0.0, 1.0], shape=[2])
-    y0 = found * dmath.min(dmath.floor(v[0] * (H - h + 1.0)), H - h) + (1.0 - found) * dmath.floor((H - h) / 2.0)
-    x0 = found * dmath.min(dmath.floor(v[1] * (W - w + 1.0)), W - w) + (1.0 - found) * dmath.floor((W - w) / 2.0)
+    y0 = found * dmath.min(dmath.floor(v[0] * (H - h + 1.0)), H - h) + (1.0 - found) * dmath.floor(
+        (H - h) / 2.0
+    )
+    x0 = found * dmath.min(dmath.floor(v[1] * (W - w + 1.0)), W - w) + (1.0 - found) * dmath.floor(
+        (W - w) / 2.0
+    )
     return y0, x0, h, w
 
 
@@ -157,7 +161,7 @@ def sample_theta(H, W, cfg: PathConfig):
     parts = [g]
     for i in range(2):
         y0, x0, h, w = sample_crop(H, W, cfg)
-        parts += [fn.stack(y0 / H, x0 / W, h / H, w / W), flips[i:i + 1]]
+        parts += [fn.stack(y0 / H, x0 / W, h / H, w / W), flips[i : i + 1]]
     return fn.cat(*parts, axis=0)
 
 
@@ -171,10 +175,18 @@ def crop_resize(img, theta, H, W, which: int, size: int, dev: str):
     fn, dmath, types = _fn()
     box, flip = (CROP1, IDX["flip1"]) if which == 1 else (CROP2, IDX["flip2"])
     # path's clamp, run on graph nodes: any θ gives a non-empty box inside the image
-    y0, x0, h, w = crop_box_pixels([theta[box.start + i] for i in range(4)], (H, W), _round, dmath.min, dmath.max)
-    crop = fn.slice(img, start=fn.cast(fn.stack(y0, x0), dtype=types.INT32),
-                    shape=fn.cast(fn.stack(h, w), dtype=types.INT32), axes=[0, 1])
-    out = fn.resize(crop, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT)
+    y0, x0, h, w = crop_box_pixels(
+        [theta[box.start + i] for i in range(4)], (H, W), _round, dmath.min, dmath.max
+    )
+    crop = fn.slice(
+        img,
+        start=fn.cast(fn.stack(y0, x0), dtype=types.INT32),
+        shape=fn.cast(fn.stack(h, w), dtype=types.INT32),
+        axes=[0, 1],
+    )
+    out = fn.resize(
+        crop, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True, dtype=types.FLOAT
+    )
     out = fn.flip(out, horizontal=fn.cast(theta[flip] > 0.5, dtype=types.INT32))
     return out * (1.0 / 255.0)
 
@@ -242,8 +254,14 @@ def warp(x, rot_deg, tx, ty, size: int, cfg: PathConfig):
     """Rotation about the centre and translation: `path.affine_matrix` built from per-sample scalars."""
     fn, dmath, types = _fn()
     m = fn.stack(*affine_entries(rot_deg, tx, ty, (size, size), cfg.ref_size, dmath.cos, dmath.sin))
-    return fn.warp_affine(x, matrix=fn.reshape(m, shape=[2, 3]), size=[size, size], inverse_map=True,
-                          fill_value=cfg.fill, interp_type=types.INTERP_LINEAR)
+    return fn.warp_affine(
+        x,
+        matrix=fn.reshape(m, shape=[2, 3]),
+        size=[size, size],
+        inverse_map=True,
+        fill_value=cfg.fill,
+        interp_type=types.INTERP_LINEAR,
+    )
 
 
 def apply_g(u, theta, t: float, size: int, cfg: PathConfig, dev: str):
@@ -274,17 +292,28 @@ def render(img, theta, H, W, cfg: DataConfig, dev: str):
     u_t = u
     if ts != cfg.img_size:  # u itself resized, as the reference does (not a fresh crop of the source)
         u_t = fn.resize(u, size=[ts, ts], interp_type=types.INTERP_LINEAR, antialias=True)
-    targets = [fn.crop_mirror_normalize(apply_g(u_t, theta, float(t), ts, aug, dev), **norm)
-               for t in path_steps(aug.k).tolist()]
+    targets = [
+        fn.crop_mirror_normalize(apply_g(u_t, theta, float(t), ts, aug, dev), **norm)
+        for t in path_steps(aug.k).tolist()
+    ]
     return view1, view2, fn.stack(*targets, axis=0)
 
 
 # ----------------------------------------------------------------------------------------- pipeline
 
 
-def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device_id: int | None = None,
-                   seed: int = 0, files: list[Path] | None = None, shard_id: int = 0, num_shards: int = 1,
-                   external: tuple | None = None, checkpoint: str | None = None):
+def build_pipeline(
+    cfg: DataConfig,
+    batch_size: int,
+    device: str = "cpu",
+    device_id: int | None = None,
+    seed: int = 0,
+    files: list[Path] | None = None,
+    shard_id: int = 0,
+    num_shards: int = 1,
+    external: tuple | None = None,
+    checkpoint: str | None = None,
+):
     """The DALI pipeline -> (pipeline, output names).
 
     Reads `files` (tar shards, .idx beside each) with θ sampled in the graph, or, for parity tests,
@@ -298,23 +327,37 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
     validate(cfg.aug)
     gpu = device == "gpu"
     threads = max(1, cfg.workers)
-    pipe = Pipeline(batch_size=batch_size, num_threads=threads, device_id=device_id if gpu else None,
-                    seed=seed, enable_checkpointing=external is None, checkpoint=checkpoint,
-                    prefetch_queue_depth=2)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id if gpu else None,
+        seed=seed,
+        enable_checkpointing=external is None,
+        checkpoint=checkpoint,
+        prefetch_queue_depth=2,
+    )
     with pipe:
         if external is None:
             shuffle = cfg.shuffle_buffer > 0
             jpg, cls = fn.readers.webdataset(
-                paths=[str(f) for f in files], index_paths=[str(f.with_suffix(".idx")) for f in files],
-                ext=["jpg", "cls"], missing_component_behavior="skip", random_shuffle=shuffle,
-                initial_fill=max(1, cfg.shuffle_buffer), shard_id=shard_id, num_shards=num_shards,
+                paths=[str(f) for f in files],
+                index_paths=[str(f.with_suffix(".idx")) for f in files],
+                ext=["jpg", "cls"],
+                missing_component_behavior="skip",
+                random_shuffle=shuffle,
+                initial_fill=max(1, cfg.shuffle_buffer),
+                shard_id=shard_id,
+                num_shards=num_shards,
                 # read(), not mmap: a shard truncated under a running reader is then a read error DALI
                 # reports, where a mapped page past the new end would kill the process with SIGBUS
-                dont_use_mmap=True, name=READER)
+                dont_use_mmap=True,
+                name=READER,
+            )
             # EXIF orientation is ignored, as PIL and torchvision.io do by default
             shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
-            img = fn.decoders.image(jpg, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                    adjust_orientation=False)
+            img = fn.decoders.image(
+                jpg, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+            )
             H, W = shape[0], shape[1]
             theta = sample_theta(H, W, cfg.aug)
             label = fn.pad(cls, fill_value=0, shape=[CLS_BYTES])
@@ -327,7 +370,14 @@ def build_pipeline(cfg: DataConfig, batch_size: int, device: str = "cpu", device
             img = _on(img, device)
             label = fn.pad(fn.cast(shape[0:1] * 0.0, dtype=types.UINT8), fill_value=0, shape=[CLS_BYTES])
         view1, view2, targets = render(img, theta, H, W, cfg, device)
-        outs = {"view1": view1, "view2": view2, "targets": targets, "theta": theta, "label": label, "local": None}
+        outs = {
+            "view1": view1,
+            "view2": view2,
+            "targets": targets,
+            "theta": theta,
+            "label": label,
+            "local": None,
+        }
         if cfg.multicrop.enabled:  # the DINO family's local crops, drawn in the graph like θ
             from pipeline import dali_multicrop  # it builds on this module's operators
 
@@ -344,15 +394,22 @@ def _to_batch(out: dict, target_size: int, device: torch.device, masks: torch.Te
     targets = out.get("targets")
     if targets is None:  # K = 0: an empty target tensor keeps the Batch contract
         targets = view1.new_zeros(view1.shape[0], 0, 3, target_size, target_size)
-    batch = Batch(view1=view1, view2=out["view2"], targets=targets, theta=out["theta"],
-                  label=parse_labels(out["label"]), local=out.get("local"), masks=masks)
+    batch = Batch(
+        view1=view1,
+        view2=out["view2"],
+        targets=targets,
+        theta=out["theta"],
+        label=parse_labels(out["label"]),
+        local=out.get("local"),
+        masks=masks,
+    )
     return batch.to(device)
 
 
 def _dali_reason(err: Exception) -> str:
     """The operator's own complaint from a DALI error (the line after 'encountered:')."""
     lines = [ln.strip() for ln in str(err).splitlines()]
-    after = lines[lines.index("encountered:") + 1:] if "encountered:" in lines else lines
+    after = lines[lines.index("encountered:") + 1 :] if "encountered:" in lines else lines
     return next((ln for ln in after if ln), "unknown error")[:300]
 
 
@@ -367,8 +424,10 @@ def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
         try:
             verify_shard(shard.path, sha256=shard.sha256)
         except ShardError as bad:
-            return ShardError(f"shard {shard.path} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert "
-                              "to rewrite it")
+            return ShardError(
+                f"shard {shard.path} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert "
+                "to rewrite it"
+            )
     files = [s.path for s in shards]
     where = f"{files[0].parent}/{{{files[0].name} .. {files[-1].name}}}"
     return ShardError(f"DALI failed while reading {where}, which all match dataset.json: {reason}")
@@ -377,15 +436,25 @@ def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
 class DaliLoader:
     """Epochs of `Batch` from the DALI pipeline for one rank (see the module docstring for the policy)."""
 
-    def __init__(self, cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", dali_device: str | None = None):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        data_dir: str | Path,
+        rank: int = 0,
+        world_size: int = 1,
+        device: torch.device | str = "cpu",
+        dali_device: str | None = None,
+    ):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.device = torch.device(device)
         self.dali_device = dali_device or ("gpu" if self.device.type == "cuda" else "cpu")
         if self.dali_device == "gpu" and self.device.type != "cuda":
             raise ValueError(f"the GPU DALI pipeline needs a CUDA device, got {self.device}")
-        self.device_id = (self.device.index if self.device.index is not None else torch.cuda.current_device()) \
-            if self.dali_device == "gpu" else None
+        self.device_id = (
+            (self.device.index if self.device.index is not None else torch.cuda.current_device())
+            if self.dali_device == "gpu"
+            else None
+        )
         self.local_batch = cfg.batch_size // world_size
         self.shards = split_shards(data_dir, cfg.split)
         self.needed = [check_index(s) for s in self.shards]  # tar sizes, re-checked before every epoch
@@ -393,8 +462,10 @@ class DaliLoader:
         self.samples = sum(s.count for s in self.shards)
         self.batches = epoch_length(self.samples, world_size, self.local_batch)
         if self.batches == 0:
-            raise ConfigError(f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
-                             f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size")
+            raise ConfigError(
+                f"split {cfg.split!r} of {data_dir} has {self.samples} samples: fewer than one batch "
+                f"of {self.local_batch} per rank on {world_size} rank(s); lower data.batch_size"
+            )
         self.epoch = 0
         self._position = 0  # batches of self.epoch already handed out
         self._checkpoint: tuple[int, str] | None = None  # (position, DALI's state after that many batches)
@@ -412,8 +483,13 @@ class DaliLoader:
         self._positioned = True
 
     def _settings(self) -> dict:
-        return {"loader": "dali", "seed": self.cfg.seed, "split": self.cfg.split,
-                "batch_size": self.cfg.batch_size, "world_size": self.world_size}
+        return {
+            "loader": "dali",
+            "seed": self.cfg.seed,
+            "split": self.cfg.split,
+            "batch_size": self.cfg.batch_size,
+            "world_size": self.world_size,
+        }
 
     def state_dict(self) -> dict:
         """{epoch, batch (handed out in that epoch), DALI's checkpoint of the pipeline state after them};
@@ -431,10 +507,14 @@ class DaliLoader:
     def load_state_dict(self, state: dict) -> None:
         for name, value in self._settings().items():
             if name != "loader" and state.get(name) != value:
-                raise ConfigError(f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
-                                 "the position is only meaningful with the same data settings")
+                raise ConfigError(
+                    f"cannot resume the DALI loader: saved {name}={state.get(name)!r}, now {value!r}; "
+                    "the position is only meaningful with the same data settings"
+                )
         if not 0 <= int(state["batch"]) <= self.batches:
-            raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches")
+            raise ConfigError(
+                f"cannot resume at batch {state['batch']}: the epoch has {self.batches} batches"
+            )
         self.epoch, self._position = int(state["epoch"]), int(state["batch"])
         # a state saved by another loader has no DALI checkpoint: the epoch is then replayed up to the position
         cpt = state.get("dali_checkpoint") if state.get("loader") == "dali" else None
@@ -466,20 +546,30 @@ class DaliLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         pipe, names = build_pipeline(
-            self.cfg, self.local_batch, self.dali_device, self.device_id, seed=self._seed(), files=self.files,
-            shard_id=rank_part(self.rank, self.world_size, self.epoch), num_shards=self.world_size,
-            checkpoint=checkpoint)
+            self.cfg,
+            self.local_batch,
+            self.dali_device,
+            self.device_id,
+            seed=self._seed(),
+            files=self.files,
+            shard_id=rank_part(self.rank, self.world_size, self.epoch),
+            num_shards=self.world_size,
+            checkpoint=checkpoint,
+        )
         try:
             pipe.build()
         except RuntimeError as e:
             raise self._failure(e) from None
         read = pipe.epoch_size(READER)
         if read != self.samples:
-            raise ShardError(f"the indexes of {self.files[0].parent} list {self.samples} samples but DALI reads "
-                             f"{read}: some samples lack a .jpg or .cls member; re-run pipeline.convert")
+            raise ShardError(
+                f"the indexes of {self.files[0].parent} list {self.samples} samples but DALI reads "
+                f"{read}: some samples lack a .jpg or .cls member; re-run pipeline.convert"
+            )
         try:  # the iterator runs the pipeline ahead right away, so decoding errors can surface here
-            return DALIGenericIterator([pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP,
-                                       auto_reset=False)
+            return DALIGenericIterator(
+                [pipe], names, reader_name=READER, last_batch_policy=LastBatchPolicy.DROP, auto_reset=False
+            )
         except RuntimeError as e:
             raise self._failure(e) from None
 
@@ -511,32 +601,47 @@ class DaliLoader:
             self._iterator = None
 
 
-def render_batch(images: list[torch.Tensor], theta: torch.Tensor, cfg: DataConfig, device: str = "cpu",
-                 device_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def render_batch(
+    images: list[torch.Tensor],
+    theta: torch.Tensor,
+    cfg: DataConfig,
+    device: str = "cpu",
+    device_id: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the DALI graph on given pixels and θ -> (view1, view2, targets), normalised, on the CPU.
 
     images: B decoded (3, H, W) uint8 tensors (sizes may differ); theta: (B, THETA_DIM). What the parity
     tests compare with `reference.make_views` on the same inputs.
     """
     if theta.shape != (len(images), THETA_DIM):
-        raise ValueError(f"render_batch: {len(images)} images need θ of shape ({len(images)}, {THETA_DIM}), "
-                         f"got {tuple(theta.shape)}")
+        raise ValueError(
+            f"render_batch: {len(images)} images need θ of shape ({len(images)}, {THETA_DIM}), "
+            f"got {tuple(theta.shape)}"
+        )
     hwc = [np.ascontiguousarray(im.permute(1, 2, 0).cpu().numpy()) for im in images]
     th = theta.detach().cpu().float().numpy()
-    pipe, names = build_pipeline(cfg, len(images), device, device_id,
-                                 external=(lambda: hwc, lambda: [row.copy() for row in th]))
+    pipe, names = build_pipeline(
+        cfg, len(images), device, device_id, external=(lambda: hwc, lambda: [row.copy() for row in th])
+    )
     pipe.build()
     # one batch, no reader: run the pipeline directly rather than through an epoch-counting iterator
-    out = {name: torch.from_numpy(np.array((t.as_cpu() if device == "gpu" else t).as_array()))
-           for name, t in zip(names, pipe.run())}
+    out = {
+        name: torch.from_numpy(np.array((t.as_cpu() if device == "gpu" else t).as_array()))
+        for name, t in zip(names, pipe.run())
+    }
     targets = out.get("targets")
     if targets is None:
         targets = out["view1"].new_zeros(len(images), 0, 3, cfg.out_target_size, cfg.out_target_size)
     return out["view1"].cpu(), out["view2"].cpu(), targets.cpu()
 
 
-def build_dali_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
-                      device: torch.device | str = "cpu") -> DaliLoader:
+def build_dali_loader(
+    cfg: DataConfig,
+    data_dir: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> DaliLoader:
     """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise; a
     ConfigError naming the install command when DALI does not import."""
     from pipeline import choose_loader

@@ -75,8 +75,8 @@ def sample_local_params(H, W, mc: MultiCropConfig):
     rows = []
     for _ in range(mc.n_local):
         u = fn.random.uniform(range=[0.0, 1.0], shape=[len(COINS) + len(lo)])
-        coin = fn.cast(u[0:len(COINS)] < _const(_coin_p(mc)), dtype=types.FLOAT)  # (4,) 1 = apply
-        value = u[len(COINS):] * _const(hi - lo) + _const(lo)  # (5,) jitter δs, then σ
+        coin = fn.cast(u[0 : len(COINS)] < _const(_coin_p(mc)), dtype=types.FLOAT)  # (4,) 1 = apply
+        value = u[len(COINS) :] * _const(hi - lo) + _const(lo)  # (5,) jitter δs, then σ
         zero = u[0] * 0.0
         field = {name: zero for name in LOCAL_FIELDS}
         for i, name in enumerate(COLOUR):
@@ -118,8 +118,16 @@ def local_crops(img, params, H, W, mc: MultiCropConfig, data: DataConfig, dev: s
     return fn.stack(*crops)
 
 
-def build_local_pipeline(images, batch_size: int, mc: MultiCropConfig, data: DataConfig, device: str = "cpu",
-                         device_id: int | None = None, params=None, seed: int = 0):
+def build_local_pipeline(
+    images,
+    batch_size: int,
+    mc: MultiCropConfig,
+    data: DataConfig,
+    device: str = "cpu",
+    device_id: int | None = None,
+    params=None,
+    seed: int = 0,
+):
     """A pipeline of the local crops alone, over external images -> outputs (params, local).
 
     images: a callable returning a batch of HWC uint8 arrays; params: a callable returning a batch of
@@ -130,8 +138,13 @@ def build_local_pipeline(images, batch_size: int, mc: MultiCropConfig, data: Dat
     if device not in ("cpu", "gpu"):
         raise ValueError(f"DALI device must be 'cpu' or 'gpu', got {device!r}")
     validate(mc)
-    pipe = Pipeline(batch_size=batch_size, num_threads=1, device_id=device_id if device == "gpu" else None,
-                    seed=seed, prefetch_queue_depth=1)
+    pipe = Pipeline(
+        batch_size=batch_size,
+        num_threads=1,
+        device_id=device_id if device == "gpu" else None,
+        seed=seed,
+        prefetch_queue_depth=1,
+    )
     with pipe:
         img = fn.external_source(source=images, batch=True, layout="HWC", dtype=types.UINT8)
         shape = fn.cast(img.shape(), dtype=types.FLOAT)
@@ -146,9 +159,15 @@ def build_local_pipeline(images, batch_size: int, mc: MultiCropConfig, data: Dat
     return pipe
 
 
-def render_local_batch(images: list[torch.Tensor], mc: MultiCropConfig, data: DataConfig,
-                       params: list[torch.Tensor] | None = None, device: str = "cpu", device_id: int | None = None,
-                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def render_local_batch(
+    images: list[torch.Tensor],
+    mc: MultiCropConfig,
+    data: DataConfig,
+    params: list[torch.Tensor] | None = None,
+    device: str = "cpu",
+    device_id: int | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the local-crop graph on given pixels -> (params (B, L, LOCAL_DIM), local (B, L, 3, h, w)) on the CPU.
 
     images: B decoded (3, H, W) uint8 tensors (sizes may differ); params: B (L, LOCAL_DIM) rows to
@@ -157,23 +176,31 @@ def render_local_batch(images: list[torch.Tensor], mc: MultiCropConfig, data: Da
     """
     if mc.n_local == 0:
         raise ValueError("render_local_batch: multicrop.n_local is 0, there are no local crops to render")
-    if params is not None and (len(params) != len(images)
-                               or any(tuple(p.shape) != (mc.n_local, LOCAL_DIM) for p in params)):
-        raise ValueError(f"render_local_batch: {len(images)} images need {len(images)} params of shape "
-                         f"({mc.n_local}, {LOCAL_DIM})")
+    if params is not None and (
+        len(params) != len(images) or any(tuple(p.shape) != (mc.n_local, LOCAL_DIM) for p in params)
+    ):
+        raise ValueError(
+            f"render_local_batch: {len(images)} images need {len(images)} params of shape "
+            f"({mc.n_local}, {LOCAL_DIM})"
+        )
     hwc = [np.ascontiguousarray(im.permute(1, 2, 0).cpu().numpy()) for im in images]
-    feed = None if params is None else [np.ascontiguousarray(p.detach().cpu().float().numpy()) for p in params]
-    pipe = build_local_pipeline(lambda: hwc, len(images), mc, data, device, device_id,
-                                None if feed is None else (lambda: feed), seed)
+    feed = (
+        None if params is None else [np.ascontiguousarray(p.detach().cpu().float().numpy()) for p in params]
+    )
+    pipe = build_local_pipeline(
+        lambda: hwc, len(images), mc, data, device, device_id, None if feed is None else (lambda: feed), seed
+    )
     pipe.build()
     # one batch, no reader: run the pipeline directly, as dali.render_batch does
-    theta, local = (torch.from_numpy(np.array((t.as_cpu() if device == "gpu" else t).as_array()))
-                    for t in pipe.run())
+    theta, local = (
+        torch.from_numpy(np.array((t.as_cpu() if device == "gpu" else t).as_array())) for t in pipe.run()
+    )
     return theta, local
 
 
-def batch_masks(mc: MultiCropConfig, seed: int, epoch: int, rank: int, batch_index: int, batch_size: int
-                ) -> torch.Tensor | None:
+def batch_masks(
+    mc: MultiCropConfig, seed: int, epoch: int, rank: int, batch_index: int, batch_size: int
+) -> torch.Tensor | None:
     """iBOT's masks for one DALI batch -> (B, 2, N) bool, or None unless mc.masks."""
     if not mc.masks:
         return None

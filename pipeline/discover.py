@@ -64,8 +64,14 @@ class _Listing:
     hidden: list[str] = field(default_factory=list)  # dot-entries, not entered ("train/.git/")
 
 
-def _scan(folder: str, real: str, exclude: str, found: _Listing, prefix: str = "",
-          ancestors: frozenset[str] = frozenset()) -> _Listing:
+def _scan(
+    folder: str,
+    real: str,
+    exclude: str,
+    found: _Listing,
+    prefix: str = "",
+    ancestors: frozenset[str] = frozenset(),
+) -> _Listing:
     """List folder's tree into found. real is folder's resolved path; converter outputs (see
     _is_output) are left out."""
     # plain strings: pathlib costs over a minute on ImageNet's 1.3M files
@@ -83,7 +89,9 @@ def _scan(folder: str, real: str, exclude: str, found: _Listing, prefix: str = "
             is_dir = is_file = False
         if not _utf8(entry.name):
             what = "folder" if is_dir else "file"
-            found.problems.append((_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it"))
+            found.problems.append(
+                (_printable(rel), f"{what} name is not valid UTF-8: rename it to convert it")
+            )
         elif entry.name.startswith("."):  # .DS_Store, ._x.JPEG (macOS resource forks), .git
             found.hidden.append(rel + "/" * is_dir)
         elif is_dir:
@@ -122,8 +130,14 @@ def _class_dirs(folder: Path, exclude: str) -> list[str]:
         entries = _entries(str(folder))
     except OSError as e:
         raise ConvertError(f"cannot read {str(folder)!r}: {e.strerror}") from None
-    return [e.name for e in entries if _is_dir(e) and _utf8(e.name) and not e.name.startswith(".")
-            and not _is_output(e.path, os.path.realpath(e.path), exclude)]
+    return [
+        e.name
+        for e in entries
+        if _is_dir(e)
+        and _utf8(e.name)
+        and not e.name.startswith(".")
+        and not _is_output(e.path, os.path.realpath(e.path), exclude)
+    ]
 
 
 def _is_dir(entry: os.DirEntry) -> bool:
@@ -161,14 +175,19 @@ def _tar_safe_key(stem: str) -> str:
     return re.sub(r"[^A-Za-z0-9_/-]", "_", stem)
 
 
-def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
+def discover(
+    src: Path, split: str, exclude: str = ""
+) -> tuple[list[str], dict[str, list[Item]], list[dict], list[str]]:
     """-> (classes, items per split, skipped-before-decoding records, ignored non-image files).
 
     exclude: resolved path of a folder to leave out, the converter's own --out when it lies in src."""
     if not src.is_dir():
         raise ConvertError(f"--src {str(src)!r} is not a folder")
-    split_dirs = {s: src / s for s in SPLITS
-                  if (src / s).is_dir() and not _is_output(str(src / s), os.path.realpath(src / s), exclude)}
+    split_dirs = {
+        s: src / s
+        for s in SPLITS
+        if (src / s).is_dir() and not _is_output(str(src / s), os.path.realpath(src / s), exclude)
+    }
     if not split_dirs:  # any folder of class folders
         if not _class_dirs(src, exclude):
             raise ConvertError(f"{str(src)!r} has no train/ or val/ folder and no class folders")
@@ -194,7 +213,9 @@ def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[
         root, seen, found = split_dirs[s], set(), []
         prefix = "" if root == src else f"{s}/"
         listing = _scan(str(root), os.path.realpath(root), exclude, _Listing())
-        skipped += [{"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in listing.problems]
+        skipped += [
+            {"split": s, "path": prefix + rel, "shard": None, "reason": why} for rel, why in listing.problems
+        ]
         ignored += [prefix + rel for rel in listing.hidden]
         for rel_split in listing.files:
             rel = prefix + rel_split
@@ -204,10 +225,15 @@ def discover(src: Path, split: str, exclude: str = "") -> tuple[list[str], dict[
                 continue
             if "/" not in rel_split:  # flat val: label from the CSV
                 if val_labels is None:
-                    raise ConvertError(f"{root} holds images directly ({rel_split}) but {csv_path} is missing")
+                    raise ConvertError(
+                        f"{root} holds images directly ({rel_split}) but {csv_path} is missing"
+                    )
                 wnid = val_labels.get(stem)
-                reason = (f"no label: {stem!r} is not in {VAL_CSV}" if wnid is None else
-                          f"unknown class: {VAL_CSV} labels it {wnid!r}, which is not a train class")
+                reason = (
+                    f"no label: {stem!r} is not in {VAL_CSV}"
+                    if wnid is None
+                    else f"unknown class: {VAL_CSV} labels it {wnid!r}, which is not a train class"
+                )
             else:
                 wnid = rel_split.split("/", 1)[0]
                 reason = f"unknown class: folder {wnid!r} is not a train class"

@@ -69,7 +69,9 @@ COLOUR = ("brightness", "contrast", "saturation", "hue")
 # The recipes' multi-crop settings: iBOT and DINOv2 as the `path` paper trains them (issue 12), DINO as
 # facebookresearch/dino's defaults (global 0.4-1, local 0.05-0.4, 8 local crops).
 MULTICROP = {
-    "dino": MultiCropConfig(enabled=True, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), masks=False),
+    "dino": MultiCropConfig(
+        enabled=True, n_local=8, global_scale=(0.4, 1.0), local_scale=(0.05, 0.4), masks=False
+    ),
     "ibot": MultiCropConfig(enabled=True, n_local=10, global_scale=(0.25, 1.0), local_scale=(0.05, 0.25)),
     "dinov2": MultiCropConfig(enabled=True, n_local=8, global_scale=(0.32, 1.0), local_scale=(0.05, 0.32)),
 }
@@ -84,8 +86,10 @@ def validate(mc: MultiCropConfig) -> None:
             raise ConfigError(f"multicrop.{name} must be >= 1, got {getattr(mc, name)}")
     for name in ("global_size", "local_size"):  # the encoder cuts every crop into whole patches
         if getattr(mc, name) % mc.patch_size:
-            raise ConfigError(f"multicrop.{name}={getattr(mc, name)} is not a multiple of the patch size "
-                              f"multicrop.patch_size={mc.patch_size} (model.patch_size)")
+            raise ConfigError(
+                f"multicrop.{name}={getattr(mc, name)} is not a multiple of the patch size "
+                f"multicrop.patch_size={mc.patch_size} (model.patch_size)"
+            )
     for name in ("global_scale", "local_scale"):
         lo, hi = getattr(mc, name)
         if not 0 < lo <= hi <= 1:
@@ -97,8 +101,9 @@ def validate(mc: MultiCropConfig) -> None:
             raise ConfigError(f"multicrop.{name} is a probability, got {getattr(mc, name)}")
     for name in ("brightness", "contrast", "saturation"):
         if not 0 <= getattr(mc, name) < 1:
-            raise ConfigError(f"multicrop.{name} must be in [0, 1) (factor 1 + δ stays positive), "
-                              f"got {getattr(mc, name)}")
+            raise ConfigError(
+                f"multicrop.{name} must be in [0, 1) (factor 1 + δ stays positive), got {getattr(mc, name)}"
+            )
     if not 0 <= mc.hue <= 0.5:
         raise ConfigError(f"multicrop.hue must be in [0, 0.5], got {mc.hue}")
     if not 0.1 <= mc.blur_sigma[0] <= mc.blur_sigma[1]:  # below 0.1 g's blur is the identity
@@ -109,8 +114,12 @@ def global_data_config(data: DataConfig, mc: MultiCropConfig) -> DataConfig:
     """The DataConfig whose views are the two global crops: img_size = global_size, crop scale =
     global_scale, multicrop = mc; everything else (g_θ, K, targets, normalisation) as configured."""
     validate(mc)
-    return dataclasses.replace(data, img_size=mc.global_size, multicrop=mc,
-                               aug=dataclasses.replace(data.aug, crop_scale=tuple(mc.global_scale)))
+    return dataclasses.replace(
+        data,
+        img_size=mc.global_size,
+        multicrop=mc,
+        aug=dataclasses.replace(data.aug, crop_scale=tuple(mc.global_scale)),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -145,7 +154,9 @@ def sample_local_params(mc: MultiCropConfig, src_hw: tuple[int, int], gen: torch
     params[:, IDX["flip1"]] = coin(mc.flip_p)
     params[:, GREY] = coin(mc.grey_p)
     # the box last: its number of draws varies (up to 10 tries), which must not shift the draws above
-    params[:, CROP1] = sample_crop(local_crop_config(mc), torch.tensor([src_hw] * L, dtype=torch.float64), gen)
+    params[:, CROP1] = sample_crop(
+        local_crop_config(mc), torch.tensor([src_hw] * L, dtype=torch.float64), gen
+    )
     params[:, CROP2] = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=torch.float64)  # unused: the whole image
     return params.float()
 
@@ -169,8 +180,9 @@ class MultiCropParams(NamedTuple):
     masks: torch.Tensor | None  # (2, N) bool iBOT masks, None unless mc.masks
 
 
-def sample_multicrop(key: str, src_hw: tuple[int, int], data: DataConfig, mc: MultiCropConfig, epoch: int
-                     ) -> MultiCropParams:
+def sample_multicrop(
+    key: str, src_hw: tuple[int, int], data: DataConfig, mc: MultiCropConfig, epoch: int
+) -> MultiCropParams:
     """Every random choice for sample `key` (source size src_hw) in `epoch`; depends on (seed, epoch, key)
     only. `data` is the global crops' config (`global_data_config`)."""
     theta = sample_theta_for(key, src_hw, data, epoch)
@@ -188,8 +200,9 @@ def photometric_configs(mc: MultiCropConfig) -> tuple[PathConfig, PathConfig]:
     return PathConfig(transforms=("color",)), PathConfig(transforms=("blur",), ref_size=mc.local_size)
 
 
-def render_local_crops(image: torch.Tensor, params: torch.Tensor, mc: MultiCropConfig, data: DataConfig
-                       ) -> torch.Tensor:
+def render_local_crops(
+    image: torch.Tensor, params: torch.Tensor, mc: MultiCropConfig, data: DataConfig
+) -> torch.Tensor:
     """One sample's local crops: (3, H, W) uint8, params (L, LOCAL_DIM) -> (L, 3, h, w) float32, normalised
     with data.mean/std like the views. Crop + flip -> colour jitter -> greyscale -> blur (module docstring)."""
     if params.dim() != 2 or params.shape[1] != LOCAL_DIM:
@@ -202,7 +215,7 @@ def render_local_crops(image: torch.Tensor, params: torch.Tensor, mc: MultiCropC
     colour, blur = photometric_configs(mc)
     # reference.apply_g applies whatever θ holds, so each step gets a θ holding only its own entries
     theta_colour = torch.zeros(params.shape[0], THETA_DIM, device=image.device)
-    theta_colour[:, IDX["brightness"]:IDX["hue"] + 1] = params[:, IDX["brightness"]:IDX["hue"] + 1]
+    theta_colour[:, IDX["brightness"] : IDX["hue"] + 1] = params[:, IDX["brightness"] : IDX["hue"] + 1]
     x = apply_g(x, theta_colour, colour)
     grey = params[:, GREY] > 0.5
     x[grey] = F.rgb_to_grayscale(x[grey], num_output_channels=3)
@@ -233,9 +246,9 @@ def collate_multicrop(batch: Batch, samples: list[tuple[torch.Tensor, torch.Tens
     return with_multicrop(batch, local, masks)
 
 
-def multicrop_sample(image: torch.Tensor, key: str, data: DataConfig, mc: MultiCropConfig, epoch: int
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                torch.Tensor | None]:
+def multicrop_sample(
+    image: torch.Tensor, key: str, data: DataConfig, mc: MultiCropConfig, epoch: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """One decoded sample -> (view1, view2, targets, θ, local (L, 3, h, w), masks (2, N) or None), the
     reference loader's render with multi-crop. `data` is the global crops' config."""
     crops = sample_multicrop(key, tuple(image.shape[-2:]), data, mc, epoch)

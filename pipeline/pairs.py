@@ -155,7 +155,9 @@ def render_pairs(
             x = apply_mask(x[None], mask)[0]
         else:  # crop / flip: x' = an A2 crop of the source, mirrored when flip2 = 1 (flip only)
             boxes = theta[:, IDX["crop2_y0"] : IDX["crop2_w"] + 1]
-            flips = theta[:, IDX["flip2"]] > 0.5 if family == "flip" else torch.zeros(per_image, dtype=torch.bool)
+            flips = (
+                theta[:, IDX["flip2"]] > 0.5 if family == "flip" else torch.zeros(per_image, dtype=torch.bool)
+            )
             pair = torch.stack([crop_resize(img, box, flip, size) for box, flip in zip(boxes, flips)])
         x1.append(x.half())
         x2.append(pair.half())

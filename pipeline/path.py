@@ -67,8 +67,16 @@ G_FIELDS: dict[str, tuple[str, Callable[[PathConfig], tuple[float, float]]]] = {
 }
 THETA_FIELDS = (
     *G_FIELDS,
-    "crop1_y0", "crop1_x0", "crop1_h", "crop1_w", "flip1",
-    "crop2_y0", "crop2_x0", "crop2_h", "crop2_w", "flip2",
+    "crop1_y0",
+    "crop1_x0",
+    "crop1_h",
+    "crop1_w",
+    "flip1",
+    "crop2_y0",
+    "crop2_x0",
+    "crop2_h",
+    "crop2_w",
+    "flip2",
 )
 THETA_DIM = len(THETA_FIELDS)  # P = 18
 G_DIM = len(G_FIELDS)  # the interpolated part: rotation, translation, colour, blur
@@ -159,8 +167,10 @@ def g_ranges(cfg: PathConfig) -> tuple[list[float], list[float]]:
 def theta_scale(cfg: PathConfig) -> torch.Tensor:
     """How far each g field reaches, (G,) float32: max |lo|, |hi| of its configured range whether or not
     its family is active, 1 where that is 0, so that θ_g / scale is of order 1 (the SIE hypernetwork)."""
-    scale = torch.tensor([max(abs(a), abs(b)) for _, bounds in G_FIELDS.values() for a, b in [bounds(cfg)]],
-                         dtype=torch.float32)
+    scale = torch.tensor(
+        [max(abs(a), abs(b)) for _, bounds in G_FIELDS.values() for a, b in [bounds(cfg)]],
+        dtype=torch.float32,
+    )
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
@@ -279,8 +289,15 @@ def blur_kernel_size(sigma_px, ceil: Callable = math.ceil):
     return 2 * ceil(3 * sigma_px) + 1
 
 
-def affine_entries(rot_deg, tx, ty, size_hw: tuple[int, int], ref_size: int, cos: Callable = math.cos,
-                   sin: Callable = math.sin) -> tuple:
+def affine_entries(
+    rot_deg,
+    tx,
+    ty,
+    size_hw: tuple[int, int],
+    ref_size: int,
+    cos: Callable = math.cos,
+    sin: Callable = math.sin,
+) -> tuple:
     """The six entries (m00, m01, m02, m10, m11, m12) of `affine_matrix` from g's rotation and translation."""
     H, W = size_hw
     phi = rot_deg * (math.pi / 180.0)

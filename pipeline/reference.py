@@ -76,12 +76,13 @@ def decode(jpg: bytes, key: str = "?") -> torch.Tensor:
     return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()  # (H, W, 3) -> (3, H, W)
 
 
-def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bool | float | torch.Tensor,
-                size: int) -> torch.Tensor:
+def crop_resize(
+    img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bool | float | torch.Tensor, size: int
+) -> torch.Tensor:
     """A1/A2: crop the fractional box (y0, x0, h, w), resize to size×size (bilinear, antialiased), then
     flip horizontally if flip. (3, H, W) uint8 or float in [0, 1] -> (3, size, size) float32 in [0, 1]."""
     top, left, h, w = crop_box_pixels(box, tuple(img.shape[-2:]))
-    x = F.to_dtype(img[:, top:top + h, left:left + w], torch.float32, scale=True)  # crop, then convert
+    x = F.to_dtype(img[:, top : top + h, left : left + w], torch.float32, scale=True)  # crop, then convert
     x = F.resize(x, [size, size], antialias=True)
     if bool(flip):
         x = F.horizontal_flip(x)
@@ -90,7 +91,7 @@ def crop_resize(img: torch.Tensor, box: Sequence[float] | torch.Tensor, flip: bo
 
 def _colour_blur(x: torch.Tensor, theta: torch.Tensor, cfg: PathConfig) -> torch.Tensor:
     """g's colour and blur steps on one image: (3, H, W) float, θ (P,) -> (3, H, W)."""
-    b, c, s, h, sigma = theta[IDX["brightness"]:IDX["blur_sigma"] + 1].tolist()
+    b, c, s, h, sigma = theta[IDX["brightness"] : IDX["blur_sigma"] + 1].tolist()
     # Each op is skipped at its identity so θ = 0 returns the input bit for bit.
     if b:
         x = F.adjust_brightness(x, 1 + b)
@@ -132,7 +133,7 @@ def warp_affine(x: torch.Tensor, theta: torch.Tensor, ref_size: int, fill: float
     Bilinear; outside the source image the result is `fill`, blended at the border like the image.
     """
     C, H, W = x.shape[1:]
-    moving = theta[:, IDX["rot_deg"]:IDX["ty_px"] + 1].ne(0).any(dim=1)
+    moving = theta[:, IDX["rot_deg"] : IDX["ty_px"] + 1].ne(0).any(dim=1)
     if not moving.any():
         return x
     m = affine_matrix(theta[moving, :G_DIM], (H, W), ref_size).to(x.device)  # (n, 2, 3) out px -> in px
@@ -145,8 +146,9 @@ def warp_affine(x: torch.Tensor, theta: torch.Tensor, ref_size: int, fill: float
     grid = src / torch.tensor([W / 2, H / 2], device=x.device) - 1
     sub = x[moving]
     ones = torch.ones_like(sub[:, :1])
-    warped = nnf.grid_sample(torch.cat([sub, ones], 1), grid, mode="bilinear", padding_mode="zeros",
-                             align_corners=False)
+    warped = nnf.grid_sample(
+        torch.cat([sub, ones], 1), grid, mode="bilinear", padding_mode="zeros", align_corners=False
+    )
     inside = warped[:, C:]  # (n, 1, H, W): how much of each output pixel came from the image
     out = x.clone()
     out[moving] = warped[:, :C] + (1 - inside) * fill
@@ -165,8 +167,10 @@ def apply_g(img: torch.Tensor, theta: torch.Tensor, cfg: PathConfig) -> torch.Te
     x = img[None] if single else img
     th = theta.reshape(-1, theta.shape[-1])
     if th.shape[0] != x.shape[0] or th.shape[1] < G_DIM:
-        raise ValueError(f"apply_g: {x.shape[0]} images need {x.shape[0]} θ rows of >= {G_DIM} values, "
-                         f"got θ of shape {tuple(theta.shape)}")
+        raise ValueError(
+            f"apply_g: {x.shape[0]} images need {x.shape[0]} θ rows of >= {G_DIM} values, "
+            f"got θ of shape {tuple(theta.shape)}"
+        )
     th = th.to(x.device, torch.float32)
     x = torch.stack([_colour_blur(x[i], th[i], cfg) for i in range(x.shape[0])])
     x = warp_affine(x, th, cfg.ref_size, cfg.fill).clamp_(0, 1)
@@ -180,8 +184,9 @@ def normalize(x: torch.Tensor, cfg: DataConfig) -> torch.Tensor:
     return (x - mean) / std
 
 
-def make_views(img: torch.Tensor, theta: torch.Tensor, cfg: DataConfig
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_views(
+    img: torch.Tensor, theta: torch.Tensor, cfg: DataConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One sample: (3, H, W) uint8, θ (P,) -> view1 (3, S, S), view2 (3, S, S), targets (K, 3, T, T).
 
     view1 = A1(img); u = A2(img); view2 = g_θ(u); targets u_k = g_{θ_k}(u) with θ_k = k/(K+1)·θ and u
@@ -270,8 +275,9 @@ def interleave(counts: Sequence[int]) -> list[int]:
 Piece = tuple[Shard, int, int]  # samples start..stop-1 of one tar
 
 
-def plan_streams(shards: list[Shard], rank: int, world_size: int, epoch: int, per_rank_batch: int,
-                 streams: int) -> tuple[list[list[Piece]], list[int]]:
+def plan_streams(
+    shards: list[Shard], rank: int, world_size: int, epoch: int, per_rank_batch: int, streams: int
+) -> tuple[list[list[Piece]], list[int]]:
     """This rank's epoch as (the tar pieces each stream reads, the batches each stream yields).
 
     Stream s yields L // streams batches, one more for the first L % streams, and reads the consecutive
@@ -292,8 +298,17 @@ def plan_streams(shards: list[Shard], rank: int, world_size: int, epoch: int, pe
 class _RankStreams(IterableDataset):
     """This rank's streams for one (partial) epoch; DataLoader worker w plays stream (w + rotate) % W."""
 
-    def __init__(self, cfg: DataConfig, parts: list[list[Piece]], per_rank_batch: int, rank: int,
-                 epoch: int, quota: list[int], skip: list[int], rotate: int):
+    def __init__(
+        self,
+        cfg: DataConfig,
+        parts: list[list[Piece]],
+        per_rank_batch: int,
+        rank: int,
+        epoch: int,
+        quota: list[int],
+        skip: list[int],
+        rotate: int,
+    ):
         self.cfg, self.parts, self.per_rank_batch = cfg, parts, per_rank_batch
         self.rank, self.epoch, self.quota, self.skip, self.rotate = rank, epoch, quota, skip, rotate
 
@@ -308,7 +323,9 @@ class _RankStreams(IterableDataset):
         rng = random.Random(_seed("shuffle", cfg.seed, self.epoch, self.rank, s))
         parts = list(self.parts[s])
         rng.shuffle(parts)
-        samples = (x for shard, start, stop in parts for x in read_shard(shard.path, shard.count, start, stop))
+        samples = (
+            x for shard, start, stop in parts for x in read_shard(shard.path, shard.count, start, stop)
+        )
         samples = _shuffled(samples, max(1, cfg.shuffle_buffer // len(self.parts)), rng)
         for i in range(self.quota[s]):
             chunk = [next(samples) for _ in range(b)]  # the plan holds quota·b samples: never exhausted
@@ -316,8 +333,13 @@ class _RankStreams(IterableDataset):
                 continue  # handed out before the resume point: read, never decoded
             rendered = [render_sample(x, cfg, self.epoch) for x in chunk]
             views1, views2, targets, thetas, labels = list(zip(*rendered))[:5]
-            batch = Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
-                          torch.tensor(labels, dtype=torch.int64))
+            batch = Batch(
+                torch.stack(views1),
+                torch.stack(views2),
+                torch.stack(targets),
+                torch.stack(thetas),
+                torch.tensor(labels, dtype=torch.int64),
+            )
             if cfg.multicrop.enabled:
                 from pipeline.multicrop import collate_multicrop
 
@@ -335,13 +357,17 @@ def _clean(e: DataError) -> str:
 class ReferenceLoader:
     """`pipeline.Loader` over webdataset shards; see the module docstring for sharding and resume."""
 
-    def __init__(self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, shards: list[Shard]):
+    def __init__(
+        self, cfg: DataConfig, rank: int, world_size: int, device: torch.device, shards: list[Shard]
+    ):
         self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
         self.shards, self.streams = shards, max(1, cfg.workers)
         self.per_rank_batch = cfg.batch_size // world_size
         self.length = epoch_length(sum(s.count for s in shards), world_size, self.per_rank_batch)
         self.epoch, self.position = 0, 0  # batches of self.epoch handed out
-        self._positioned = False  # set_epoch / load_state_dict chose the position the next iteration starts at
+        self._positioned = (
+            False  # set_epoch / load_state_dict chose the position the next iteration starts at
+        )
 
     def __len__(self) -> int:
         return self.length
@@ -354,8 +380,14 @@ class ReferenceLoader:
         self._positioned = True
 
     def _settings(self) -> dict:
-        return {"loader": "reference", "seed": self.cfg.seed, "split": self.cfg.split, "batch_size": self.cfg.batch_size,
-                "world_size": self.world_size, "workers": self.streams}
+        return {
+            "loader": "reference",
+            "seed": self.cfg.seed,
+            "split": self.cfg.split,
+            "batch_size": self.cfg.batch_size,
+            "world_size": self.world_size,
+            "workers": self.streams,
+        }
 
     def state_dict(self) -> dict:
         """{epoch, batch (handed out in that epoch, up to len(self))}: read-only, so a checkpoint taken on
@@ -369,14 +401,19 @@ class ReferenceLoader:
         prior = (self.epoch, self.position) if self._positioned else None
         foreign = state.get("loader", "reference") != "reference"
         if foreign:
-            warnings.warn(f"resuming the reference loader from a {state.get('loader')} loader state: batch "
-                          f"{state['batch']} of epoch {state['epoch']}, with this loader's sample order", stacklevel=2)
+            warnings.warn(
+                f"resuming the reference loader from a {state.get('loader')} loader state: batch "
+                f"{state['batch']} of epoch {state['epoch']}, with this loader's sample order",
+                stacklevel=2,
+            )
         for name, value in self._settings().items():
             if name == "loader" or (foreign and name == "workers"):
                 continue
             if state.get(name) != value:
-                raise ConfigError(f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
-                                  f"now {value!r}; the position is only meaningful with the same data settings")
+                raise ConfigError(
+                    f"cannot resume the reference loader: saved {name}={state.get(name)!r}, "
+                    f"now {value!r}; the position is only meaningful with the same data settings"
+                )
         if not 0 <= state["batch"] <= self.length:
             raise ConfigError(f"cannot resume at batch {state['batch']}: the epoch has {self.length} batches")
         self.epoch, self.position = state["epoch"], state["batch"]
@@ -394,15 +431,29 @@ class ReferenceLoader:
         self._positioned = False
         if self.position >= self.length:
             return
-        parts, quota = plan_streams(self.shards, self.rank, self.world_size, self.epoch, self.per_rank_batch,
-                                    self.streams)
+        parts, quota = plan_streams(
+            self.shards, self.rank, self.world_size, self.epoch, self.per_rank_batch, self.streams
+        )
         order = interleave(quota)
         skip = [order[: self.position].count(s) for s in range(self.streams)]
-        dataset = _RankStreams(self.cfg, parts, self.per_rank_batch, self.rank, self.epoch, quota, skip,
-                               rotate=order[self.position])
+        dataset = _RankStreams(
+            self.cfg,
+            parts,
+            self.per_rank_batch,
+            self.rank,
+            self.epoch,
+            quota,
+            skip,
+            rotate=order[self.position],
+        )
         workers = max(0, self.cfg.workers)
-        loader = DataLoader(dataset, batch_size=None, num_workers=workers,
-                            pin_memory=self.device.type == "cuda", prefetch_factor=2 if workers else None)
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            prefetch_factor=2 if workers else None,
+        )
         it, error = iter(loader), None
         try:
             while self.position < self.length:
@@ -415,8 +466,9 @@ class ReferenceLoader:
                     getattr(it, "_shutdown_workers", lambda: None)()
                     break
                 except StopIteration:
-                    error = DataError(f"rank {self.rank}: streams ended after {self.position} of {self.length} "
-                                      "batches")
+                    error = DataError(
+                        f"rank {self.rank}: streams ended after {self.position} of {self.length} batches"
+                    )
                     break
                 self.position += 1
                 yield batch.to(self.device)
@@ -436,21 +488,30 @@ def split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
     return [(s.path, s.count) for s in shards_of_split(data_dir, split)]
 
 
-def build_reference_loader(cfg: DataConfig, data_dir: str | Path, rank: int = 0, world_size: int = 1,
-                           device: torch.device | str = "cpu") -> ReferenceLoader:
+def build_reference_loader(
+    cfg: DataConfig,
+    data_dir: str | Path,
+    rank: int = 0,
+    world_size: int = 1,
+    device: torch.device | str = "cpu",
+) -> ReferenceLoader:
     """The PyTorch loader for `rank` of `world_size` over cfg.split's shards in data_dir."""
     validate(cfg.aug)
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank {rank} is outside world_size {world_size}")
     per_rank_batch = cfg.batch_size // world_size
     if per_rank_batch < 1:
-        raise ConfigError(f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks")
+        raise ConfigError(
+            f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks"
+        )
     data_dir = Path(data_dir)
     shards = shards_of_split(data_dir, cfg.split)
     total = sum(s.count for s in shards)
     if epoch_length(total, world_size, per_rank_batch) == 0:
-        raise ConfigError(f"{data_dir}: {total} {cfg.split} samples over {world_size} rank(s) cannot fill one batch "
-                          f"of {per_rank_batch} per rank; lower data.batch_size")
+        raise ConfigError(
+            f"{data_dir}: {total} {cfg.split} samples over {world_size} rank(s) cannot fill one batch "
+            f"of {per_rank_batch} per rank; lower data.batch_size"
+        )
     return ReferenceLoader(cfg, rank, world_size, torch.device(device), shards)
 
 

@@ -74,17 +74,24 @@ def split_shards(data_dir: str | Path, split: str, indexed: bool = False) -> lis
     data_dir = Path(data_dir)
     records = load_meta(data_dir)["shards"]
     try:
-        shards = [Shard(data_dir / r["name"], int(r["count"]), r.get("sha256"))
-                  for r in records if r["split"] == split and int(r["count"]) > 0]
+        shards = [
+            Shard(data_dir / r["name"], int(r["count"]), r.get("sha256"))
+            for r in records
+            if r["split"] == split and int(r["count"]) > 0
+        ]
     except (KeyError, TypeError, ValueError) as e:
-        raise DataError(f"{data_dir / META}: a shard record is malformed ({e!r}); re-run pipeline.convert") from None
+        raise DataError(
+            f"{data_dir / META}: a shard record is malformed ({e!r}); re-run pipeline.convert"
+        ) from None
     if not shards:
         have = sorted({str(r.get("split")) for r in records})
         raise DataError(f"{data_dir} has no {split!r} shards (splits present: {', '.join(have) or 'none'})")
     for shard in shards:
         if not shard.path.is_file():
-            raise ShardError(f"shard {shard.path} listed in {META} is missing; re-run pipeline.convert into "
-                             f"{data_dir} to rewrite it")
+            raise ShardError(
+                f"shard {shard.path} listed in {META} is missing; re-run pipeline.convert into "
+                f"{data_dir} to rewrite it"
+            )
         if indexed:
             check_index(shard)
     return shards
@@ -96,16 +103,22 @@ def check_index(shard: Shard) -> int:
     try:
         lines = shard.index.read_text().splitlines()
     except FileNotFoundError:
-        raise ShardError(f"index {shard.index} of shard {shard.path.name} is missing; re-run pipeline.convert") from None
+        raise ShardError(
+            f"index {shard.index} of shard {shard.path.name} is missing; re-run pipeline.convert"
+        ) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ShardError(f"index {shard.index} is unreadable ({e}); re-run pipeline.convert") from None
     head = lines[0].split() if lines else []
     if len(head) != 2 or not head[1].isdigit() or len(lines) - 1 != int(head[1]):
-        raise ShardError(f"{shard.index}: not a valid DALI webdataset index (expected 'v1.2 <samples>' and one "
-                         "line per sample); re-run pipeline.convert")
+        raise ShardError(
+            f"{shard.index}: not a valid DALI webdataset index (expected 'v1.2 <samples>' and one "
+            "line per sample); re-run pipeline.convert"
+        )
     n = int(head[1])
     if n != shard.count:
-        raise ShardError(f"{shard.index}: indexes {n} samples, {META} says {shard.count} for {shard.path.name}")
+        raise ShardError(
+            f"{shard.index}: indexes {n} samples, {META} says {shard.count} for {shard.path.name}"
+        )
     fields = lines[-1].split() if n else []
     end = max((int(fields[i + 1]) + int(fields[i + 2]) for i in range(0, len(fields) - 3, 4)), default=0)
     check_sizes([shard], [end])
@@ -119,10 +132,14 @@ def check_sizes(shards: list[Shard], needed: list[int]) -> None:
         try:
             size = shard.path.stat().st_size
         except FileNotFoundError:
-            raise ShardError(f"shard {shard.path} is missing; re-run pipeline.convert into {shard.path.parent}") from None
+            raise ShardError(
+                f"shard {shard.path} is missing; re-run pipeline.convert into {shard.path.parent}"
+            ) from None
         if end > size:
-            raise ShardError(f"shard {shard.path} is truncated: {size} bytes, its index needs {end}; "
-                             "re-run pipeline.convert")
+            raise ShardError(
+                f"shard {shard.path} is truncated: {size} bytes, its index needs {end}; "
+                "re-run pipeline.convert"
+            )
 
 
 # ---------------------------------------------------------------------------------- samples and labels
@@ -145,12 +162,13 @@ def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
     leading = torch.cumprod(((d >= 0) & (d <= 9)).long(), dim=1)  # 1 while still in the leading digits
     n = leading.sum(dim=1, keepdim=True)
     power = (n - 1 - torch.arange(d.shape[1], device=d.device)).clamp(min=0)
-    value = (d * leading * 10 ** power).sum(dim=1)
+    value = (d * leading * 10**power).sum(dim=1)
     return torch.where(n[:, 0] > 0, value, torch.full_like(value, -1))
 
 
-def read_shard(path: str | Path, expected: int | None = None, start: int = 0, stop: int | None = None
-               ) -> Iterator[dict]:
+def read_shard(
+    path: str | Path, expected: int | None = None, start: int = 0, stop: int | None = None
+) -> Iterator[dict]:
     """Samples {__key__, __url__, jpg, cls} number start..stop-1 of one tar, in tar order (earlier ones
     are read, not returned). Read to its end, the tar must hold `expected` samples (dataset.json's count).
     Damage is a ShardError naming the tar."""
@@ -172,14 +190,15 @@ def read_shard(path: str | Path, expected: int | None = None, start: int = 0, st
         reason = str(e.args[0] if e.args else e).split(" @ ")[0]  # webdataset appends " @ <stream>"
         raise ShardError(f"shard {path} is corrupt ({reason}); {VERIFY_HINT.format(path.parent)}") from None
     if expected is not None and n != expected:
-        raise ShardError(f"shard {path} holds {n} samples but {META} says {expected}; "
-                         f"{VERIFY_HINT.format(path.parent)}")
+        raise ShardError(
+            f"shard {path} holds {n} samples but {META} says {expected}; {VERIFY_HINT.format(path.parent)}"
+        )
 
 
 def member_key_ext(name: str) -> tuple[str, str]:
     """A tar member name -> (sample key, extension): the extension starts at the basename's first dot."""
     dot = name.find(".", name.rfind("/") + 1)
-    return (name, "") if dot < 0 else (name[:dot], name[dot + 1:])
+    return (name, "") if dot < 0 else (name[:dot], name[dot + 1 :])
 
 
 def index_text(members: list[tuple[str, int, int]]) -> str:
@@ -195,7 +214,9 @@ def index_text(members: list[tuple[str, int, int]]) -> str:
     return f"v1.2 {len(samples)}\n" + "".join(" ".join(s) + "\n" for s in samples)
 
 
-def verify_shard(path: str | Path, n_classes: int | None = None, sha256: str | None = None) -> list[tuple[str, int]]:
+def verify_shard(
+    path: str | Path, n_classes: int | None = None, sha256: str | None = None
+) -> list[tuple[str, int]]:
     """Check one shard completely -> [(key, label)] in tar order: the sha256 of dataset.json, the tar
     structure (jpg then cls per sample, nothing truncated, end-of-archive marker), labels < n_classes,
     and the index agreeing with the tar byte for byte. A ShardError names the shard and the fault."""
@@ -217,7 +238,9 @@ def verify_shard(path: str | Path, n_classes: int | None = None, sha256: str | N
     for info in infos:
         end = info.offset_data + info.size
         if not info.isfile() or end > len(data):
-            raise ShardError(f"{name}: member {info.name!r} is {'truncated' if info.isfile() else 'not a file'}")
+            raise ShardError(
+                f"{name}: member {info.name!r} is {'truncated' if info.isfile() else 'not a file'}"
+            )
         members.append((info.name, info.offset_data, info.size))
         key, ext = member_key_ext(info.name)
         if ext == "jpg":
@@ -225,7 +248,7 @@ def verify_shard(path: str | Path, n_classes: int | None = None, sha256: str | N
                 raise ShardError(f"{name}: {info.name!r} is empty")
             samples.append([key, None])
         elif ext == "cls" and samples and samples[-1][0] == key and samples[-1][1] is None:
-            label = parse_label(data[info.offset_data:end], f"{name}: {info.name!r}")
+            label = parse_label(data[info.offset_data : end], f"{name}: {info.name!r}")
             if n_classes is not None and label >= n_classes:
                 raise ShardError(f"{name}: {info.name!r} holds {label}, not a class index < {n_classes}")
             samples[-1][1] = label
@@ -234,7 +257,7 @@ def verify_shard(path: str | Path, n_classes: int | None = None, sha256: str | N
     if samples and samples[-1][1] is None:
         raise ShardError(f"{name}: sample {samples[-1][0]!r} has no .cls")
     tail = max((o + (-(-s // 512) * 512) for _, o, s in members), default=0)
-    if data[tail:tail + 1024] != bytes(1024):
+    if data[tail : tail + 1024] != bytes(1024):
         raise ShardError(f"{name}: tar has no end-of-archive marker (truncated?)")
     if idx_text != index_text(members):
         raise ShardError(f"{name}: index {path.with_suffix('.idx').name} disagrees with the tar")
@@ -273,7 +296,21 @@ def pieces(shards: list[Shard], lo: int, hi: int) -> list[tuple[Shard, int, int]
 
 
 __all__ = [
-    "CLS_BYTES", "META", "Shard", "check_index", "check_sizes", "epoch_length", "index_text", "load_meta",
-    "member_key_ext", "parse_label", "parse_labels", "pieces", "rank_part", "rank_range", "read_shard",
-    "split_shards", "verify_shard",
+    "CLS_BYTES",
+    "META",
+    "Shard",
+    "check_index",
+    "check_sizes",
+    "epoch_length",
+    "index_text",
+    "load_meta",
+    "member_key_ext",
+    "parse_label",
+    "parse_labels",
+    "pieces",
+    "rank_part",
+    "rank_range",
+    "read_shard",
+    "split_shards",
+    "verify_shard",
 ]

@@ -55,10 +55,11 @@ def make_oddities(folder: Path) -> dict[str, str]:
         "alpha.png": (_png(rgba), REENCODED),
         "truncated.JPEG": (good[: len(good) // 2], "skip:truncated"),
         "empty.JPEG": (b"", "skip:empty"),
-        "garbage.JPEG": (bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)), "skip:unreadable"),
+        "garbage.JPEG": (
+            bytes(np.random.default_rng(0).integers(0, 256, 4000, dtype=np.uint8)),
+            "skip:unreadable",
+        ),
     }
     for name, (data, _) in files.items():
         (folder / name).write_bytes(data)
     return {name: expected for name, (_, expected) in files.items()}
-
-

@@ -48,7 +48,9 @@ class Backbone:
         return self.model.forward_head(tokens, pre_logits=True)
 
 
-def load_backbone(spec: str | Path, device: str | torch.device = "cpu", img_size: int | None = None) -> Backbone:
+def load_backbone(
+    spec: str | Path, device: str | torch.device = "cpu", img_size: int | None = None
+) -> Backbone:
     """An export folder, a training checkpoint file, or `timm:NAME[:WEIGHTS_FILE]` -> Backbone on `device`.
 
     img_size (default: the backbone's own) makes it take img_size x img_size images by resampling its
@@ -62,8 +64,10 @@ def load_backbone(spec: str | Path, device: str | torch.device = "cpu", img_size
     elif Path(spec).is_file():
         backbone = _from_checkpoint(Path(spec), img_size)
     else:
-        raise ProbeError(f"--backbone {spec}: no such export folder or checkpoint "
-                         f"(or use timm:NAME[:WEIGHTS_FILE] for a timm model)")
+        raise ProbeError(
+            f"--backbone {spec}: no such export folder or checkpoint "
+            f"(or use timm:NAME[:WEIGHTS_FILE] for a timm model)"
+        )
     backbone.model.to(device)
     if backbone.head is not None:
         backbone.head.to(device)
@@ -84,14 +88,21 @@ def _from_checkpoint(path: Path, img_size: int | None) -> Backbone:
     # The same timm model the export writes, so a checkpoint and its export probe identically.
     model = export.timm_backbone(enc, img_size)
     data = ckpt["config"]["data"]
-    return Backbone(model=model, head=enc.head.eval(), d_inv=enc.d_inv, pool=export.TIMM_POOL[enc.pool],
-                    num_prefix_tokens=model.num_prefix_tokens, img_size=model.patch_embed.img_size[0],
-                    mean=tuple(data["mean"]), std=tuple(data["std"]),
-                    name=f"{path} ({ckpt['config']['model']['method']}, {enc.timm_name}, step {ckpt.get('step', '?')})")
+    return Backbone(
+        model=model,
+        head=enc.head.eval(),
+        d_inv=enc.d_inv,
+        pool=export.TIMM_POOL[enc.pool],
+        num_prefix_tokens=model.num_prefix_tokens,
+        img_size=model.patch_embed.img_size[0],
+        mean=tuple(data["mean"]),
+        std=tuple(data["std"]),
+        name=f"{path} ({ckpt['config']['model']['method']}, {enc.timm_name}, step {ckpt.get('step', '?')})",
+    )
 
 
 def _from_timm(spec: str, img_size: int | None) -> Backbone:
-    name, _, weights = spec[len("timm:"):].partition(":")
+    name, _, weights = spec[len("timm:") :].partition(":")
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0)
     except RuntimeError as err:  # timm's "Unknown model (...)"
@@ -101,7 +112,9 @@ def _from_timm(spec: str, img_size: int | None) -> Backbone:
         _load_weights(model, Path(weights), spec)
     if img_size:
         export.set_img_size(model, img_size, "img_size")
-    return _describe(model.eval(), None, None, f"{spec} ({'weights ' + weights if weights else 'random init'})")
+    return _describe(
+        model.eval(), None, None, f"{spec} ({'weights ' + weights if weights else 'random init'})"
+    )
 
 
 def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
@@ -112,7 +125,9 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
         # timm's reader: safetensors or torch (weights_only), unwraps {"state_dict"|"model": ...}.
         state = timm.models.load_state_dict(str(path))
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-        raise ProbeError(f"--backbone {spec}: unreadable weights file {path} ({str(err).splitlines()[0]})") from None
+        raise ProbeError(
+            f"--backbone {spec}: unreadable weights file {path} ({str(err).splitlines()[0]})"
+        ) from None
     # The architecture's own converter, as timm applies to its pretrained files (official DINOv2, CLIP,
     # ... layouts; a position embedding of another grid is resampled).
     convert = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
@@ -129,8 +144,10 @@ def _load_weights(model: nn.Module, path: Path, spec: str) -> None:
         reason = str(err).strip().splitlines()[-1].strip()
         raise ProbeError(f"--backbone {spec}: {path} holds another architecture ({reason})") from None
     if missing or unexpected:
-        raise ProbeError(f"--backbone {spec}: {path} does not match {model.pretrained_cfg['architecture']} "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ProbeError(
+            f"--backbone {spec}: {path} does not match {model.pretrained_cfg['architecture']} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def _check_vit(model: nn.Module, name: str) -> None:
@@ -143,10 +160,21 @@ def _describe(model: nn.Module, head: nn.Linear | None, d_inv: int | None, name:
     _check_vit(model, name)
     pool = getattr(model, "global_pool", "")
     if pool not in POOLS:
-        raise ProbeError(f"--backbone {name}: pools its tokens with {pool!r}; the probes take {' or '.join(POOLS)}")
+        raise ProbeError(
+            f"--backbone {name}: pools its tokens with {pool!r}; the probes take {' or '.join(POOLS)}"
+        )
     cfg = timm.data.resolve_data_config(model=model)
     height, width = model.patch_embed.img_size
     if height != width:
         raise ProbeError(f"--backbone {name}: takes {height}x{width} images; the probes render square ones")
-    return Backbone(model=model, head=head, d_inv=d_inv, pool=pool, num_prefix_tokens=model.num_prefix_tokens,
-                    img_size=height, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), name=name)
+    return Backbone(
+        model=model,
+        head=head,
+        d_inv=d_inv,
+        pool=pool,
+        num_prefix_tokens=model.num_prefix_tokens,
+        img_size=height,
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        name=name,
+    )

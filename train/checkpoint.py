@@ -46,11 +46,17 @@ LEGACY_KEYS = {"model", "optimizer", "scheduler", "step", "epoch", "rng", "loade
 
 def rng_state() -> dict:
     """This process's RNG states in a form weights_only loading accepts."""
-    numpy = np.random.get_state(legacy=False)  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
+    numpy = np.random.get_state(
+        legacy=False
+    )  # {"bit_generator", "state": {"key", "pos"}, "has_gauss", "gauss"}
     state = {
         "python": random.getstate(),  # (version, tuple of 625 ints, gauss or None)
-        "numpy": {"key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)), "pos": int(numpy["state"]["pos"]),
-                  "has_gauss": int(numpy["has_gauss"]), "gauss": float(numpy["gauss"])},
+        "numpy": {
+            "key": torch.from_numpy(numpy["state"]["key"].astype(np.int64)),
+            "pos": int(numpy["state"]["pos"]),
+            "has_gauss": int(numpy["has_gauss"]),
+            "gauss": float(numpy["gauss"]),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -64,7 +70,13 @@ def set_rng_state(state: dict) -> None:
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
     if isinstance(numpy, dict):
-        numpy = ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+        numpy = (
+            "MT19937",
+            numpy["key"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["gauss"],
+        )
     np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
@@ -98,14 +110,16 @@ def save(ckpt_dir: Path, state: dict, step: int, keep: int) -> Path:
         link.unlink(missing_ok=True)
         link.symlink_to(path.name)
         os.replace(link, ckpt_dir / "last.pt")
-        for old in sorted(ckpt_dir.glob("step-*.pt"))[:-max(1, keep)]:
+        for old in sorted(ckpt_dir.glob("step-*.pt"))[: -max(1, keep)]:
             old.unlink()
     except OSError as err:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
-        raise CheckpointError(f"cannot write the checkpoint {path}: {err.strerror or err}; "
-                              "free space or make the run folder writable, then resume from "
-                              f"{ckpt_dir / 'last.pt'}") from None
+        raise CheckpointError(
+            f"cannot write the checkpoint {path}: {err.strerror or err}; "
+            "free space or make the run folder writable, then resume from "
+            f"{ckpt_dir / 'last.pt'}"
+        ) from None
     return path
 
 
@@ -153,17 +167,21 @@ def read(path: str | Path, flag: str = "--resume") -> dict:
         # torch reports a truncated zip as RuntimeError ("failed finding central directory") and a
         # foreign pickle as UnpicklingError; either way the file is not a checkpoint we can resume.
         why = " ".join(str(err).split())[:200]
-        raise CheckpointError(f"{where}: not a readable training checkpoint, truncated or "
-                              f"not written by eqrecon ({why})") from None
+        raise CheckpointError(
+            f"{where}: not a readable training checkpoint, truncated or not written by eqrecon ({why})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: not an eqrecon training checkpoint (holds a {type(state).__name__})")
     if state.get("format") != FORMAT and not LEGACY_KEYS <= state.keys():
         what = f"format {state['format']!r}" if "format" in state else f"keys {', '.join(sorted(state)[:6])}"
-        raise CheckpointError(f"{where}: not an eqrecon training checkpoint ({what}); "
-                              "an exported backbone cannot be resumed")
+        raise CheckpointError(
+            f"{where}: not an eqrecon training checkpoint ({what}); an exported backbone cannot be resumed"
+        )
     if state.get("version", FORMAT_VERSION) > FORMAT_VERSION:
-        raise CheckpointError(f"{where}: checkpoint format version {state['version']} is newer than "
-                              f"this eqrecon reads ({FORMAT_VERSION}); update eqrecon")
+        raise CheckpointError(
+            f"{where}: checkpoint format version {state['version']} is newer than "
+            f"this eqrecon reads ({FORMAT_VERSION}); update eqrecon"
+        )
     return state
 
 
@@ -182,15 +200,23 @@ def check_architecture(state: dict, model: nn.Module, path: str | Path) -> None:
     """CheckpointError naming the first parameter or buffer whose name or shape differs between the
     checkpoint and the model built from the config."""
     saved, built = state["model"], model.state_dict()
-    hint = "; resume with the checkpoint's own model settings (drop the --model.* / --data.img_size overrides)"
+    hint = (
+        "; resume with the checkpoint's own model settings (drop the --model.* / --data.img_size overrides)"
+    )
     for name, value in built.items():
         if name not in saved:
-            raise CheckpointError(f"--resume {path}: the checkpoint has no {name}, which this config's model has "
-                                  f"(a different architecture){hint}")
+            raise CheckpointError(
+                f"--resume {path}: the checkpoint has no {name}, which this config's model has "
+                f"(a different architecture){hint}"
+            )
         if tuple(saved[name].shape) != tuple(value.shape):
-            raise CheckpointError(f"--resume {path}: {name} has shape {tuple(saved[name].shape)} in the checkpoint "
-                                  f"but {tuple(value.shape)} in this config's model{hint}")
+            raise CheckpointError(
+                f"--resume {path}: {name} has shape {tuple(saved[name].shape)} in the checkpoint "
+                f"but {tuple(value.shape)} in this config's model{hint}"
+            )
     extra = next((name for name in saved if name not in built), None)
     if extra is not None:
-        raise CheckpointError(f"--resume {path}: the checkpoint has {extra}, which this config's model lacks "
-                              f"(a different architecture){hint}")
+        raise CheckpointError(
+            f"--resume {path}: the checkpoint has {extra}, which this config's model lacks "
+            f"(a different architecture){hint}"
+        )

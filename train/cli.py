@@ -58,8 +58,11 @@ def parse_config(argv: list[str]) -> Config:
         raise SystemExit(0)
     if args.preset and args.config:
         raise ConfigError(f"--preset {args.preset} and --config {args.config}: pass one of them as the base")
-    overrides += [f"--{key}={getattr(args, flag)}" for flag, key in SHORT_FLAGS.items()
-                  if getattr(args, flag) is not None]
+    overrides += [
+        f"--{key}={getattr(args, flag)}"
+        for flag, key in SHORT_FLAGS.items()
+        if getattr(args, flag) is not None
+    ]
     resume = args.resume
     if resume == "auto":
         resume = _newest_checkpoint(_fresh(args, overrides))
@@ -93,8 +96,10 @@ def _resumed(path: str, args: argparse.Namespace, overrides: list[str], auto: bo
     """The checkpoint's config as the base; the run folder is the original run's unless --out is given.
     With --resume auto, --config names the run's first base and is not an error (one requeue command)."""
     if args.config and not auto:
-        raise ConfigError(f"--config {args.config} and --resume {path}: a resumed run keeps its checkpoint's "
-                          "config (override single keys instead)")
+        raise ConfigError(
+            f"--config {args.config} and --resume {path}: a resumed run keeps its checkpoint's "
+            "config (override single keys instead)"
+        )
     state = checkpoint.read(path)
     cfg = from_dict(state["config"], where=f"--resume {path}")
     if args.preset and args.preset != cfg.preset:
@@ -115,8 +120,11 @@ def _comments(cls: type) -> dict[str, str]:
         source = inspect.getsource(cls)
     except (OSError, TypeError):  # no source (a frozen build): help still lists types and defaults
         return {}
-    by_line = {tok.start[0]: tok.string.lstrip("# ").strip()
-               for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    by_line = {
+        tok.start[0]: tok.string.lstrip("# ").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
     out = {}
     for number, line in enumerate(source.splitlines(), 1):
         match = re.match(r"\s+(\w+)\s*:", line)
@@ -164,7 +172,10 @@ def help_text(preset: str | None = None) -> str:
     values of `preset` when one is given), every preset."""
     base = load_config(preset) if preset else Config()
     shown = f"the values of preset {preset}" if preset else "the dataclass defaults; a preset changes some"
-    presets = [f"  {name:<16} {(inspect.getdoc(fn) or '(no docstring)').splitlines()[0]}" for name, fn in PRESETS.items()]
+    presets = [
+        f"  {name:<16} {(inspect.getdoc(fn) or '(no docstring)').splitlines()[0]}"
+        for name, fn in PRESETS.items()
+    ]
     flags = [
         "  --preset NAME             base config: a named preset (default demo; listed below)",
         "  --config FILE             base config: a JSON/YAML file (--print-config output or a run's config.json)",
@@ -175,11 +186,23 @@ def help_text(preset: str | None = None) -> str:
         "  -h, --help                this text",
     ]
     usage = __doc__.split("\n\n")[1].rstrip()  # the module docstring's command synopsis
-    return "\n".join([
-        "usage:", usage,
-        "", "flags:", *flags, "",
-        f"config fields (--section.field=VALUE or --section.field VALUE; tuples comma-separated; {shown}):",
-        *fields_help(base), "", "presets:", *presets, "",
-        ("exit codes: 0 done, 1 the run failed (e.g. a non-finite loss), 2 a usage or data error, "
-         "75 preempted (SIGTERM/SIGUSR1: checkpoint written, resume with --resume auto)"),
-    ])
+    return "\n".join(
+        [
+            "usage:",
+            usage,
+            "",
+            "flags:",
+            *flags,
+            "",
+            f"config fields (--section.field=VALUE or --section.field VALUE; tuples comma-separated; {shown}):",
+            *fields_help(base),
+            "",
+            "presets:",
+            *presets,
+            "",
+            (
+                "exit codes: 0 done, 1 the run failed (e.g. a non-finite loss), 2 a usage or data error, "
+                "75 preempted (SIGTERM/SIGUSR1: checkpoint written, resume with --resume auto)"
+            ),
+        ]
+    )

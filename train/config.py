@@ -40,7 +40,9 @@ class OptimConfig:
     # The DINO recipes' schedules (train/schedules.py), off by default:
     lr_scaling: str = "linear"  # lr = base_lr * B / 256 | sqrt: base_lr * sqrt(B / 1024) (DINOv2)
     weight_decay_end: float = -1.0  # cosine from weight_decay to this at the end (DINO 0.4); < 0 = constant
-    layer_decay: float = 1.0  # layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 = off (DINOv2 0.9)
+    layer_decay: float = (
+        1.0  # layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 = off (DINOv2 0.9)
+    )
     patch_embed_lr: float = 1.0  # extra lr factor of the patch embedding (DINOv2 0.2)
 
 
@@ -56,9 +58,13 @@ class RunConfig:
     ckpt_every: int = 500  # ckpt/step-NNNNNN.pt every N steps (and at the last step, and on preemption)
     recon_every: int = 200  # reconstruction grid PNG every N steps (and at the end)
     keep_ckpts: int = 2  # step checkpoints kept besides ckpt/last.pt
-    threads: int = 0  # torch CPU threads per rank; 0 = auto (on a CPU device: cores per rank minus data workers)
+    threads: int = (
+        0  # torch CPU threads per rank; 0 = auto (on a CPU device: cores per rank minus data workers)
+    )
     diagnostics: bool = True  # diag/* every log_every steps: grad ratio ‖∇λL_eq‖/‖∇L_inv‖, recon MSE own/other step (1 fwd + 2 bwd)
-    tensorboard: bool = False  # also write the scalars and the recon grid to RUN/tensorboard (pip install eqrecon[tb])
+    tensorboard: bool = (
+        False  # also write the scalars and the recon grid to RUN/tensorboard (pip install eqrecon[tb])
+    )
 
 
 @dataclass
@@ -92,8 +98,18 @@ def _demo_base(cfg: Config) -> None:
     cfg.data.workers = 2
     cfg.data.shuffle_buffer = 64
     cfg.data.aug = PathConfig(ref_size=224, k=2, crop_scale=(0.35, 1.0))
-    cfg.model = ModelConfig(backbone="vit_tiny_patch16_224", patch_size=8, depth=4, d_patch=128, d_inv=64,
-                            dec_width=96, dec_depth=2, dec_heads=3, conv_width=64, expander=(256, 256))
+    cfg.model = ModelConfig(
+        backbone="vit_tiny_patch16_224",
+        patch_size=8,
+        depth=4,
+        d_patch=128,
+        d_inv=64,
+        dec_width=96,
+        dec_depth=2,
+        dec_heads=3,
+        conv_width=64,
+        expander=(256, 256),
+    )
     # 64 train photos in batches of 16: 4 steps per epoch, 300 steps (~2-4 min on 2 cores); lr 3e-4.
     cfg.optim = OptimConfig(base_lr=5e-3, epochs=75.0, warmup_epochs=5.0, weight_decay=0.05)
     cfg.run.log_every = 5
@@ -249,7 +265,7 @@ def set_by_key(cfg: Config, key: str, text: str) -> None:
         else:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"unknown config key --{key}: {'.'.join(parts[:i + 1])} is not a section")
+                raise ConfigError(f"unknown config key --{key}: {'.'.join(parts[: i + 1])} is not a section")
 
 
 def load_config(preset_name: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -286,49 +302,63 @@ def check(cfg: Config) -> None:
     errors can be tested with."""
     from pipeline import LOADERS
 
-    choices = {"run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
-               "run.amp": (cfg.run.amp, ("bf16", "off")),
-               "optim.name": (cfg.optim.name, OPTIMIZERS),
-               "optim.lr_scaling": (cfg.optim.lr_scaling, LR_SCALING),
-               "model.family": (cfg.model.family, FAMILIES),
-               "data.loader": (cfg.data.loader, LOADERS)}
+    choices = {
+        "run.device": (cfg.run.device, ("auto", "cpu", "cuda")),
+        "run.amp": (cfg.run.amp, ("bf16", "off")),
+        "optim.name": (cfg.optim.name, OPTIMIZERS),
+        "optim.lr_scaling": (cfg.optim.lr_scaling, LR_SCALING),
+        "model.family": (cfg.model.family, FAMILIES),
+        "data.loader": (cfg.data.loader, LOADERS),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"--{key}={value} is not one of {', '.join(allowed)}")
-    positive = {"data.batch_size": cfg.data.batch_size, "data.img_size": cfg.data.img_size,
-                "model.patch_size": cfg.model.patch_size, "optim.epochs": cfg.optim.epochs,
-                "optim.base_lr": cfg.optim.base_lr, "run.log_every": cfg.run.log_every,
-                "run.ckpt_every": cfg.run.ckpt_every, "run.recon_every": cfg.run.recon_every,
-                "run.keep_ckpts": cfg.run.keep_ckpts}
+    positive = {
+        "data.batch_size": cfg.data.batch_size,
+        "data.img_size": cfg.data.img_size,
+        "model.patch_size": cfg.model.patch_size,
+        "optim.epochs": cfg.optim.epochs,
+        "optim.base_lr": cfg.optim.base_lr,
+        "run.log_every": cfg.run.log_every,
+        "run.ckpt_every": cfg.run.ckpt_every,
+        "run.recon_every": cfg.run.recon_every,
+        "run.keep_ckpts": cfg.run.keep_ckpts,
+    }
     for key, value in positive.items():
         if not value > 0:  # also catches nan
             raise ConfigError(f"--{key}={value} must be positive")
-    at_least_zero = {"run.steps": (cfg.run.steps, "0 = the whole schedule"),
-                     "run.threads": (cfg.run.threads, "0 = auto"),
-                     "model.depth": (cfg.model.depth, "0 = the timm model's depth"),
-                     "data.aug.k": (cfg.data.aug.k, "0 = no intermediate targets"),
-                     "data.target_size": (cfg.data.target_size, "0 = data.img_size"),
-                     "data.workers": (cfg.data.workers, "0 = in the main process"),
-                     "optim.min_lr": (cfg.optim.min_lr, "the cosine floor"),
-                     "optim.weight_decay": (cfg.optim.weight_decay, "0 = off"),
-                     "optim.warmup_epochs": (cfg.optim.warmup_epochs, "0 = no warm-up"),
-                     "optim.clip_grad": (cfg.optim.clip_grad, "0 = off")}
+    at_least_zero = {
+        "run.steps": (cfg.run.steps, "0 = the whole schedule"),
+        "run.threads": (cfg.run.threads, "0 = auto"),
+        "model.depth": (cfg.model.depth, "0 = the timm model's depth"),
+        "data.aug.k": (cfg.data.aug.k, "0 = no intermediate targets"),
+        "data.target_size": (cfg.data.target_size, "0 = data.img_size"),
+        "data.workers": (cfg.data.workers, "0 = in the main process"),
+        "optim.min_lr": (cfg.optim.min_lr, "the cosine floor"),
+        "optim.weight_decay": (cfg.optim.weight_decay, "0 = off"),
+        "optim.warmup_epochs": (cfg.optim.warmup_epochs, "0 = no warm-up"),
+        "optim.clip_grad": (cfg.optim.clip_grad, "0 = off"),
+    }
     for key, (value, meaning) in at_least_zero.items():
         if not value >= 0:
             raise ConfigError(f"--{key}={value} must be >= 0 ({meaning})")
     if not all(0 <= b < 1 for b in cfg.optim.betas):
         raise ConfigError(f"--optim.betas={','.join(map(str, cfg.optim.betas))}: each beta must be in [0, 1)")
     if not 0 < cfg.optim.layer_decay <= 1 or not cfg.optim.patch_embed_lr > 0:
-        raise ConfigError(f"--optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1] and "
-                          f"--optim.patch_embed_lr={cfg.optim.patch_embed_lr} positive")
+        raise ConfigError(
+            f"--optim.layer_decay={cfg.optim.layer_decay} must be in (0, 1] and "
+            f"--optim.patch_embed_lr={cfg.optim.patch_embed_lr} positive"
+        )
     check_dist_config(cfg.dist)
     check_multicrop(cfg)
     if cfg.run.tensorboard:
         try:
             import tensorboard  # noqa: F401  (torch.utils.tensorboard needs the package)
         except ImportError:
-            raise ConfigError("--run.tensorboard=true needs the tensorboard package: "
-                              "pip install eqrecon[tb] (or pip install tensorboard)") from None
+            raise ConfigError(
+                "--run.tensorboard=true needs the tensorboard package: "
+                "pip install eqrecon[tb] (or pip install tensorboard)"
+            ) from None
 
 
 def check_multicrop(cfg: Config) -> None:
@@ -337,26 +367,36 @@ def check_multicrop(cfg: Config) -> None:
 
     mc, family = cfg.data.multicrop, cfg.model.family
     if cfg.model.dino.family:
-        raise ConfigError(f"--model.dino.family={cfg.model.dino.family}: the family is --model.family "
-                          "(model.dino.family is filled in from it; leave it empty)")
+        raise ConfigError(
+            f"--model.dino.family={cfg.model.dino.family}: the family is --model.family "
+            "(model.dino.family is filled in from it; leave it empty)"
+        )
     if family == "vicreg":
         if mc.enabled:
-            raise ConfigError("--data.multicrop.enabled=true needs a DINO family (--model.family=dino|ibot|dinov2): "
-                              f"model.method={cfg.model.method} alone reads no local crops")
+            raise ConfigError(
+                "--data.multicrop.enabled=true needs a DINO family (--model.family=dino|ibot|dinov2): "
+                f"model.method={cfg.model.method} alone reads no local crops"
+            )
         return
     if not mc.enabled:
-        raise ConfigError(f"--model.family={family} needs multi-crop: --data.multicrop.enabled=true (the DINO "
-                          "presets set it)")
+        raise ConfigError(
+            f"--model.family={family} needs multi-crop: --data.multicrop.enabled=true (the DINO "
+            "presets set it)"
+        )
     if family != "dino" and not mc.masks:
         raise ConfigError(f"--model.family={family} needs iBOT's masks: --data.multicrop.masks=true")
     validate(mc)
     if mc.patch_size != cfg.model.patch_size:
-        raise ConfigError(f"--data.multicrop.patch_size={mc.patch_size} must equal --model.patch_size="
-                          f"{cfg.model.patch_size} (the masks cut the global crops into the encoder's patches)")
+        raise ConfigError(
+            f"--data.multicrop.patch_size={mc.patch_size} must equal --model.patch_size="
+            f"{cfg.model.patch_size} (the masks cut the global crops into the encoder's patches)"
+        )
     if mc.global_size != cfg.data.img_size or tuple(mc.global_scale) != tuple(cfg.data.aug.crop_scale):
-        raise ConfigError(f"the global crops are the views: --data.multicrop.global_size={mc.global_size} and "
-                          f"global_scale={mc.global_scale} must equal --data.img_size={cfg.data.img_size} and "
-                          f"--data.aug.crop_scale={cfg.data.aug.crop_scale}")
+        raise ConfigError(
+            f"the global crops are the views: --data.multicrop.global_size={mc.global_size} and "
+            f"global_scale={mc.global_scale} must equal --data.img_size={cfg.data.img_size} and "
+            f"--data.aug.crop_scale={cfg.data.aug.crop_scale}"
+        )
 
 
 def check_model(cfg: Config) -> None:
@@ -369,20 +409,30 @@ def check_model(cfg: Config) -> None:
     if cfg.model.method not in METHODS:
         raise ConfigError(f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}")
     if cfg.data.img_size % cfg.model.patch_size:
-        raise ConfigError(f"--data.img_size={cfg.data.img_size} is not divisible by "
-                          f"--model.patch_size={cfg.model.patch_size}")
+        raise ConfigError(
+            f"--data.img_size={cfg.data.img_size} is not divisible by "
+            f"--model.patch_size={cfg.model.patch_size}"
+        )
     if cfg.model.method != "vicreg" and not 0 < cfg.model.d_inv < cfg.model.d_patch:
-        raise ConfigError(f"--model.d_inv={cfg.model.d_inv} must be in (0, --model.d_patch={cfg.model.d_patch}) "
-                          f"for the split method {cfg.model.method}, so that z_eq keeps d_patch - d_inv channels")
+        raise ConfigError(
+            f"--model.d_inv={cfg.model.d_inv} must be in (0, --model.d_patch={cfg.model.d_patch}) "
+            f"for the split method {cfg.model.method}, so that z_eq keeps d_patch - d_inv channels"
+        )
     if cfg.model.method == "path":
         if cfg.model.decoder not in ("conv", "xattn-path"):
-            raise ConfigError(f"--model.decoder={cfg.model.decoder} is not a path decoder; choose conv or xattn-path "
-                              "(the xattn method uses the xattn decoder)")
+            raise ConfigError(
+                f"--model.decoder={cfg.model.decoder} is not a path decoder; choose conv or xattn-path "
+                "(the xattn method uses the xattn decoder)"
+            )
         if cfg.data.aug.k < 1:
-            raise ConfigError(f"--data.aug.k={cfg.data.aug.k}: the path method reconstructs K >= 1 intermediate images")
+            raise ConfigError(
+                f"--data.aug.k={cfg.data.aug.k}: the path method reconstructs K >= 1 intermediate images"
+            )
     if not timm.is_model(cfg.model.backbone):
-        raise ConfigError(f"--model.backbone={cfg.model.backbone} is not a timm model name "
-                          "(e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)")
+        raise ConfigError(
+            f"--model.backbone={cfg.model.backbone} is not a timm model name "
+            "(e.g. vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224)"
+        )
     _check_model_rules(cfg)
 
 
@@ -414,14 +464,18 @@ def from_dict(d: dict, where: str = "saved config") -> Config:
 
     def build(cls: type, values: Any, prefix: str) -> Any:
         if not isinstance(values, dict):
-            raise ConfigError(f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}")
+            raise ConfigError(
+                f"{where}: {prefix.rstrip('.') or 'the config'} must be a mapping, got {values!r}"
+            )
         types = _field_types(cls)
         kwargs = {}
         for name, value in values.items():
             key = prefix + name
             if name not in types:
-                raise ConfigError(f"{where} has unknown key {key} ({cls.__name__}.{name}; fields: "
-                                  f"{', '.join(sorted(types))})")
+                raise ConfigError(
+                    f"{where} has unknown key {key} ({cls.__name__}.{name}; fields: "
+                    f"{', '.join(sorted(types))})"
+                )
             tp = types[name]
             if dataclasses.is_dataclass(tp):
                 kwargs[name] = build(tp, value, key + ".")
@@ -442,8 +496,11 @@ def _typed(value: Any, tp: Any, key: str, where: str) -> Any:
         if len(inner) != len(value):
             raise ConfigError(f"{where}: {key}={value!r} must have {len(inner)} items")
         return tuple(_typed(v, t, key, where) for v, t in zip(value, inner))
-    ok = isinstance(value, bool) if tp is bool else (
-        isinstance(value, tp) and not isinstance(value, bool) or (tp is float and type(value) is int))
+    ok = (
+        isinstance(value, bool)
+        if tp is bool
+        else (isinstance(value, tp) and not isinstance(value, bool) or (tp is float and type(value) is int))
+    )
     if not ok:
         raise ConfigError(f"{where}: {key}={value!r} is not a {getattr(tp, '__name__', tp)}")
     return float(value) if tp is float else value
@@ -472,7 +529,9 @@ def load_file(path: str | Path) -> Config:
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and "preset" not in data:
         data = data["config"]  # a run folder's config.json
     cfg = from_dict(data, where=f"--config {path}")
-    cfg.run.resume = ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
+    cfg.run.resume = (
+        ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
+    )
     check(cfg)
     return cfg
 

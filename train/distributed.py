@@ -73,15 +73,22 @@ class DistConfig:
     """How several ranks share the training (the `dist` section of the config tree)."""
 
     strategy: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and optimizer states sharded)
-    fsdp_reshard_after_forward: bool = True  # free gathered block weights after forward (re-gather in backward)
-    param_dtype: str = "auto"  # fsdp dtype of the gathered weights: auto (bf16 under bf16 autocast, else fp32) | bf16 | fp32
+    fsdp_reshard_after_forward: bool = (
+        True  # free gathered block weights after forward (re-gather in backward)
+    )
+    param_dtype: str = (
+        "auto"  # fsdp dtype of the gathered weights: auto (bf16 under bf16 autocast, else fp32) | bf16 | fp32
+    )
     reduce_dtype: str = "fp32"  # fsdp gradient reduce-scatter dtype: fp32 | bf16
 
 
 def check_dist_config(cfg: DistConfig) -> None:
     """One-line errors for values wrap_model cannot act on."""
-    choices = {"dist.strategy": (cfg.strategy, STRATEGIES), "dist.param_dtype": (cfg.param_dtype, ("auto", *DTYPES)),
-               "dist.reduce_dtype": (cfg.reduce_dtype, tuple(DTYPES))}
+    choices = {
+        "dist.strategy": (cfg.strategy, STRATEGIES),
+        "dist.param_dtype": (cfg.param_dtype, ("auto", *DTYPES)),
+        "dist.reduce_dtype": (cfg.reduce_dtype, tuple(DTYPES)),
+    }
     for key, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"--{key}={value} is not one of {', '.join(allowed)}")
@@ -92,16 +99,19 @@ def param_dtype(cfg: DistConfig, amp: bool) -> torch.dtype:
     if cfg.param_dtype == "auto":
         return torch.bfloat16 if amp else torch.float32
     if cfg.param_dtype == "bf16" and not amp:
-        raise ConfigError("--dist.param_dtype=bf16 needs the bf16 autocast of --run.amp=bf16 on a CUDA device "
-                          "(FSDP casts parameters, not buffers); use --dist.param_dtype=auto or fp32")
+        raise ConfigError(
+            "--dist.param_dtype=bf16 needs the bf16 autocast of --run.amp=bf16 on a CUDA device "
+            "(FSDP casts parameters, not buffers); use --dist.param_dtype=auto or fp32"
+        )
     return DTYPES[cfg.param_dtype]
 
 
 # --- wrapping -------------------------------------------------------------------------------------
 
 
-def wrap_model(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int, *,
-               amp: bool = False) -> nn.Module:
+def wrap_model(
+    method: nn.Module, cfg: DistConfig, device: torch.device, world_size: int, *, amp: bool = False
+) -> nn.Module:
     """The method ready for training on `world_size` ranks (it must already be on `device`); amp:
     the loop runs the forward under bf16 autocast (it picks FSDP's auto parameter dtype).
 
@@ -126,8 +136,10 @@ def shard(method: nn.Module, cfg: DistConfig, device: torch.device, world_size: 
     policy = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, amp), reduce_dtype=DTYPES[cfg.reduce_dtype])
     blocks = [m for m in method.modules() if isinstance(m, Block)]
     if not blocks:
-        raise ConfigError(f"--dist.strategy=fsdp shards a timm ViT per transformer block, but "
-                          f"{type(method).__name__} holds no timm.models.vision_transformer.Block")
+        raise ConfigError(
+            f"--dist.strategy=fsdp shards a timm ViT per transformer block, but "
+            f"{type(method).__name__} holds no timm.models.vision_transformer.Block"
+        )
     mesh = init_device_mesh(device.type, (world_size,))
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=cfg.fsdp_reshard_after_forward)
@@ -173,19 +185,26 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=SAVE_OPTIONS)
 
 
-def load_model_state_dict(model: nn.Module, state: dict[str, torch.Tensor], where: str = "the checkpoint") -> None:
+def load_model_state_dict(
+    model: nn.Module, state: dict[str, torch.Tensor], where: str = "the checkpoint"
+) -> None:
     """Collective: load a full state dict (every rank holds it) into the model, strictly; each rank
     keeps its shard under FSDP. A missing or unexpected key, or a tensor of another shape, is a
     CheckpointError naming them."""
     mine = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))  # shards: no gather
     missing, unexpected = sorted(mine.keys() - state.keys()), sorted(state.keys() - mine.keys())
     # A DTensor's shape is the full one, so this compares like with like under every strategy.
-    reshaped = [f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})" for k, v in mine.items()
-                if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    reshaped = [
+        f"{k} {tuple(state[k].shape)} (this model: {tuple(v.shape)})"
+        for k, v in mine.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if missing or unexpected or reshaped:
-        raise CheckpointError(f"{where} does not fit this model: missing {_few(missing)}, unexpected "
-                              f"{_few(unexpected)}, other shapes {_few(reshaped)}; it was written for another "
-                              "preset or model config")
+        raise CheckpointError(
+            f"{where} does not fit this model: missing {_few(missing)}, unexpected "
+            f"{_few(unexpected)}, other shapes {_few(reshaped)}; it was written for another "
+            "preset or model config"
+        )
     set_model_state_dict(model, state, options=LOAD_OPTIONS)
 
 
@@ -209,9 +228,13 @@ def _ids_to_names(method: nn.Module, optimizer: torch.optim.Optimizer, state: di
     names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
     count = sum(len(g["params"]) for g in state["param_groups"])
     if count != len(names):
-        raise CheckpointError(f"the checkpoint's optimizer holds {count} parameters, this model's {len(names)}")
-    return {"state": {names[i]: s for i, s in state["state"].items()},
-            "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+        raise CheckpointError(
+            f"the checkpoint's optimizer holds {count} parameters, this model's {len(names)}"
+        )
+    return {
+        "state": {names[i]: s for i, s in state["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
 
 
 def _few(names: list[str], n: int = 4) -> str:

@@ -74,8 +74,10 @@ def load_method(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
         raise CheckpointError(f"{ckpt_path}: its saved config does not build a model ({err})") from None
     missing, unexpected = method.load_state_dict(ckpt["model"], strict=False)
     if missing or unexpected:
-        raise CheckpointError(f"{ckpt_path}: weights do not match its saved config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise CheckpointError(
+            f"{ckpt_path}: weights do not match its saved config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     return method.eval(), ckpt
 
 
@@ -89,11 +91,20 @@ def timm_backbone(encoder, img_size: int | None = None, what: str = "img_size") 
     final norm after the pooling (fc_norm), which is not what the encoder computes. img_size: see
     `set_img_size` (`what` names the setting in its error).
     """
-    kwargs = {**encoder.timm_kwargs, "num_classes": 0, "global_pool": TIMM_POOL[encoder.pool], "fc_norm": False}
+    kwargs = {
+        **encoder.timm_kwargs,
+        "num_classes": 0,
+        "global_pool": TIMM_POOL[encoder.pool],
+        "fc_norm": False,
+    }
     # The tag names where the weights come from; license=None drops the architecture's default
     # weights' license from the exported config (these weights are not those).
-    model = timm.create_model(encoder.timm_name, pretrained=False, pretrained_cfg_overlay={
-        "tag": "eqrecon", "license": None}, **kwargs)
+    model = timm.create_model(
+        encoder.timm_name,
+        pretrained=False,
+        pretrained_cfg_overlay={"tag": "eqrecon", "license": None},
+        **kwargs,
+    )
     model.load_state_dict(encoder.backbone.state_dict(), strict=True)
     if img_size:
         set_img_size(model, img_size, what)
@@ -107,8 +118,10 @@ def set_img_size(model: nn.Module, size: int, what: str) -> None:
     if size == trained:
         return
     if size <= 0 or size % patch:
-        raise ExportError(f"{what} {size}: must be a positive multiple of the patch size {patch} "
-                          f"(the backbone was made for {trained})")
+        raise ExportError(
+            f"{what} {size}: must be a positive multiple of the patch size {patch} "
+            f"(the backbone was made for {trained})"
+        )
     model.set_input_size(img_size=size)  # records the new size in the args an export saves
 
 
@@ -121,22 +134,27 @@ def exported_encoder(method: nn.Module, weights: str = "auto"):
         raise ExportError(f"--weights {weights}: choose from {', '.join(WEIGHTS_CHOICES)}")
     teacher = getattr(method, "teacher", None)
     if weights == "teacher" and teacher is None:
-        raise ExportError(f"--weights teacher: the {type(method).__name__} method has no teacher (only the DINO "
-                          "family has one); use --weights student")
+        raise ExportError(
+            f"--weights teacher: the {type(method).__name__} method has no teacher (only the DINO "
+            "family has one); use --weights student"
+        )
     if teacher is not None and weights != "student":
         return teacher.module["encoder"], "teacher"
     return method.encoder, "student"
 
 
-def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None, weights: str = "auto") -> Path:
+def export(
+    ckpt_path: str | Path, out: str | Path, img_size: int | None = None, weights: str = "auto"
+) -> Path:
     """Write the export folder OUT (config.json, model.safetensors, split_head.safetensors); -> OUT.
     weights: teacher | student | auto (the teacher where the method has one)."""
     from timm.models._hub import save_config_for_hf
 
     out = Path(out)
     if out.suffix == ".safetensors":
-        raise ExportError(f"--out {out}: an export is a folder now (timm's local-dir), e.g. --out "
-                          f"{out.with_suffix('')}")
+        raise ExportError(
+            f"--out {out}: an export is a folder now (timm's local-dir), e.g. --out {out.with_suffix('')}"
+        )
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out}: exists and is not a folder")
     method, ckpt = load_method(ckpt_path)
@@ -144,15 +162,31 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None, 
     model = timm_backbone(encoder, img_size, "--img-size")
     size = model.patch_embed.img_size
     data = ckpt["config"]["data"]
-    data_config = {"input_size": (3, *size), "mean": tuple(data["mean"]), "std": tuple(data["std"]),
-                   "interpolation": INTERPOLATION, "crop_pct": CROP_PCT}
-    provenance = {"checkpoint": str(Path(ckpt_path).resolve()), "step": ckpt.get("step"),
-                  "preset": ckpt["config"].get("preset"), "method": ckpt["config"]["model"]["method"],
-                  "family": ckpt["config"]["model"].get("family", "vicreg"), "weights": which,
-                  "git_sha": ckpt.get("git_sha"), "trained_img_size": encoder.timm_kwargs["img_size"],
-                  "head": {"file": HEAD, "d_patch": encoder.d_patch, "d_inv": encoder.d_inv,
-                           "d_eq": encoder.d_eq, "pool": encoder.pool,
-                           "split": "z = head(tokens); z[..., :d_inv] invariant, z[..., d_inv:] equivariant"}}
+    data_config = {
+        "input_size": (3, *size),
+        "mean": tuple(data["mean"]),
+        "std": tuple(data["std"]),
+        "interpolation": INTERPOLATION,
+        "crop_pct": CROP_PCT,
+    }
+    provenance = {
+        "checkpoint": str(Path(ckpt_path).resolve()),
+        "step": ckpt.get("step"),
+        "preset": ckpt["config"].get("preset"),
+        "method": ckpt["config"]["model"]["method"],
+        "family": ckpt["config"]["model"].get("family", "vicreg"),
+        "weights": which,
+        "git_sha": ckpt.get("git_sha"),
+        "trained_img_size": encoder.timm_kwargs["img_size"],
+        "head": {
+            "file": HEAD,
+            "d_patch": encoder.d_patch,
+            "d_inv": encoder.d_inv,
+            "d_eq": encoder.d_eq,
+            "pool": encoder.pool,
+            "split": "z = head(tokens); z[..., :d_inv] invariant, z[..., d_inv:] equivariant",
+        },
+    }
     head = {k: v.detach().contiguous() for k, v in encoder.head.state_dict().items()}
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -160,8 +194,12 @@ def export(ckpt_path: str | Path, out: str | Path, img_size: int | None = None, 
         # half-written file that timm would pick up.
         _atomic(out / WEIGHTS, lambda tmp: save_file(model.state_dict(), str(tmp), metadata={"format": "pt"}))
         _atomic(out / HEAD, lambda tmp: save_file(head, str(tmp), metadata={"d_inv": str(encoder.d_inv)}))
-        _atomic(out / CONFIG, lambda tmp: save_config_for_hf(model, str(tmp), model_config={"eqrecon": provenance},
-                                                               data_config=data_config))
+        _atomic(
+            out / CONFIG,
+            lambda tmp: save_config_for_hf(
+                model, str(tmp), model_config={"eqrecon": provenance}, data_config=data_config
+            ),
+        )
     except OSError as err:
         raise ExportError(f"--out {out}: cannot write the export ({err.strerror or err})") from None
     check_roundtrip(out, model)
@@ -210,14 +248,17 @@ def load_export(folder: str | Path, img_size: int | None = None) -> nn.Module:
     """
     folder = Path(folder)
     if not (folder / CONFIG).is_file() or not (folder / WEIGHTS).is_file():
-        raise ExportError(f"{folder}: not an export folder (needs {CONFIG} and {WEIGHTS}; "
-                          f"write one with train/export.py)")
+        raise ExportError(
+            f"{folder}: not an export folder (needs {CONFIG} and {WEIGHTS}; write one with train/export.py)"
+        )
     try:
         model = timm.create_model(f"local-dir:{folder}", pretrained=True).eval()
     except (SafetensorError, json.JSONDecodeError) as err:
         raise ExportError(f"{folder}: damaged export file ({err})") from None
     except KeyError as err:  # a config.json without "architecture" or "pretrained_cfg"
-        raise ExportError(f"{folder / CONFIG}: missing entry {err} (re-export with train/export.py)") from None
+        raise ExportError(
+            f"{folder / CONFIG}: missing entry {err} (re-export with train/export.py)"
+        ) from None
     except RuntimeError as err:  # timm's strict load_state_dict (it names the keys), or "Unknown model"
         reason = " ".join(str(err).split())
         raise ExportError(f"{folder}: weights do not match {CONFIG} ({reason[:400]})") from None
@@ -247,12 +288,20 @@ def load_split_head(folder: str | Path) -> tuple[nn.Linear, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--ckpt", required=True, help="training checkpoint, e.g. runs/demo/ckpt/last.pt")
     parser.add_argument("--out", required=True, help="export folder, e.g. runs/demo/backbone")
-    parser.add_argument("--img-size", type=int, default=0, help="input size to export at (default: the trained one)")
-    parser.add_argument("--weights", choices=WEIGHTS_CHOICES, default="auto",
-                        help="the DINO family's teacher (auto's choice for it) or student encoder")
+    parser.add_argument(
+        "--img-size", type=int, default=0, help="input size to export at (default: the trained one)"
+    )
+    parser.add_argument(
+        "--weights",
+        choices=WEIGHTS_CHOICES,
+        default="auto",
+        help="the DINO family's teacher (auto's choice for it) or student encoder",
+    )
     args = parser.parse_args(argv)
     try:
         out = export(args.ckpt, args.out, args.img_size or None, args.weights)
@@ -260,8 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         print(one_line(err), file=sys.stderr)
         return err.exit_code
     cfg = json.loads((out / CONFIG).read_text())
-    print(f"backbone: {out} ({cfg['architecture']}, {cfg['model_args']}); "
-          f'timm.create_model("local-dir:{out}", pretrained=True)')
+    print(
+        f"backbone: {out} ({cfg['architecture']}, {cfg['model_args']}); "
+        f'timm.create_model("local-dir:{out}", pretrained=True)'
+    )
     return 0
 
 

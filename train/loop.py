@@ -111,8 +111,9 @@ def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
     return cfg.base_lr * global_batch / 256
 
 
-def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int,
-                    device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(
+    cfg: OptimConfig, model: nn.Module, global_batch: int, device: torch.device
+) -> torch.optim.Optimizer:
     """AdamW (fused on CUDA), or apex's FusedAdam / FusedLAMB when asked for."""
     lr = peak_lr(cfg, global_batch)
     groups = scaled_param_groups(model, param_groups(model, cfg.weight_decay), cfg, lr)
@@ -122,8 +123,10 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module, global_batch: int,
     try:
         from apex.optimizers import FusedAdam, FusedLAMB
     except ImportError:
-        raise ConfigError(f"--optim.name={cfg.name} needs NVIDIA apex (built from github.com/NVIDIA/apex), "
-                          "which is not importable; use --optim.name=adamw") from None
+        raise ConfigError(
+            f"--optim.name={cfg.name} needs NVIDIA apex (built from github.com/NVIDIA/apex), "
+            "which is not importable; use --optim.name=adamw"
+        ) from None
     cls = FusedAdam if cfg.name == "apex_adam" else FusedLAMB
     return cls(groups, lr=lr, betas=cfg.betas, adam_w_mode=True)
 
@@ -147,18 +150,27 @@ def lr_factor(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> Call
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch: int,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, global_batch, steps_per_epoch))
 
 
 # --- one step -------------------------------------------------------------------------------------
 
 
-def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
-               scheduler: torch.optim.lr_scheduler.LRScheduler, *, step: int, clip_grad: float = 0.0,
-               amp: bool = False, mark: Callable[[str], None] | None = None,
-               schedules: Schedules | None = None) -> dict[str, float]:
+def train_step(
+    model: nn.Module,
+    batch,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    step: int,
+    clip_grad: float = 0.0,
+    amp: bool = False,
+    mark: Callable[[str], None] | None = None,
+    schedules: Schedules | None = None,
+) -> dict[str, float]:
     """Forward, backward, clip, optimizer and scheduler step; returns the loss terms averaged over
     ranks plus the grad norm. Raises NonFiniteLoss (before touching the weights) on NaN/inf.
     `mark(phase)` is called after "forward", "backward" and "optimizer" (bench/step.py times them).
@@ -188,9 +200,11 @@ def train_step(model: nn.Module, batch, optimizer: torch.optim.Optimizer,
     if bad:
         # Name the specific term rather than the total it poisons.
         term = next((k for k in bad if k != "loss"), bad[0])
-        raise NonFiniteLoss(f"non-finite {term} = {result[term]} at step {step + 1} "
-                            f"({', '.join(f'{k}={result[k]:.4g}' for k in names)}); "
-                            "lower --optim.base_lr or check the data")
+        raise NonFiniteLoss(
+            f"non-finite {term} = {result[term]} at step {step + 1} "
+            f"({', '.join(f'{k}={result[k]:.4g}' for k in names)}); "
+            "lower --optim.base_lr or check the data"
+        )
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
@@ -220,8 +234,17 @@ def gather(obj, env: Env) -> list:
     return out
 
 
-def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, scheduler, loader,
-                    step: int, epoch: int, env: Env) -> Path | None:
+def save_checkpoint(
+    run_dir: Path,
+    cfg: Config,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    loader,
+    step: int,
+    epoch: int,
+    env: Env,
+) -> Path | None:
     """Collective (every rank calls it); rank 0 writes ckpt/step-NNNNNN.pt (train/checkpoint.py).
 
     Rank 0's outcome is broadcast, so a write that fails (full disk) stops every rank at this step
@@ -231,10 +254,19 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, sch
     model_state, optimizer_state = model_state_dict(model), optimizer_state_dict(model, optimizer)
     path, error = None, None
     if env.main:
-        state = {"model": model_state, "optimizer": optimizer_state,
-                 "scheduler": scheduler.state_dict(), "step": step, "epoch": epoch, "rng": rngs,
-                 "loader": positions, "world_size": env.world_size, "config": to_dict(cfg),
-                 "run_dir": str(run_dir.resolve()), "git_sha": git_sha()}
+        state = {
+            "model": model_state,
+            "optimizer": optimizer_state,
+            "scheduler": scheduler.state_dict(),
+            "step": step,
+            "epoch": epoch,
+            "rng": rngs,
+            "loader": positions,
+            "world_size": env.world_size,
+            "config": to_dict(cfg),
+            "run_dir": str(run_dir.resolve()),
+            "git_sha": git_sha(),
+        }
         try:
             path = checkpoint.save(run_dir / "ckpt", state, step, cfg.run.keep_ckpts)
         except CheckpointError as err:
@@ -249,13 +281,16 @@ def save_checkpoint(run_dir: Path, cfg: Config, model: nn.Module, optimizer, sch
     return path
 
 
-def restore(state: dict, path: str | Path, model: nn.Module, optimizer, scheduler, loader,
-            env: Env) -> tuple[int, int]:
+def restore(
+    state: dict, path: str | Path, model: nn.Module, optimizer, scheduler, loader, env: Env
+) -> tuple[int, int]:
     """Put a checkpoint read by checkpoint.read back into place; returns (step, epoch).
     Everything is checked (ranks, architecture) before anything is changed."""
     if state["world_size"] != env.world_size:
-        raise CheckpointError(f"--resume {path} was written by {state['world_size']} ranks but this run has "
-                              f"{env.world_size}: resume with --nproc_per_node={state['world_size']}")
+        raise CheckpointError(
+            f"--resume {path} was written by {state['world_size']} ranks but this run has "
+            f"{env.world_size}: resume with --nproc_per_node={state['world_size']}"
+        )
     checkpoint.check_architecture(state, unwrap(model), path)
     load_model_state_dict(model, state["model"], where=str(path))  # collectives; each rank keeps its shard
     load_optimizer_state_dict(model, optimizer, state["optimizer"])
@@ -286,8 +321,12 @@ def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows
         return pred is not None
     n = min(rows, len(batch))
     size = pred.shape[-2:]
-    views = [nn.functional.interpolate(v[:n].float(), size=size, mode="bilinear", antialias=True,
-                                       align_corners=False) for v in (batch.view1, batch.view2)]
+    views = [
+        nn.functional.interpolate(
+            v[:n].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+        for v in (batch.view1, batch.view2)
+    ]
     targets = method.targets(batch)[:n].float()  # what each prediction is scored against
     m = torch.tensor(mean, device=pred.device).view(1, 1, 3, 1, 1)
     s = torch.tensor(std, device=pred.device).view(1, 1, 3, 1, 1)
@@ -309,15 +348,22 @@ class RunLog:
         self.env, self.batch, self.tb = env, cfg.data.batch_size, None
         if env.main:
             prov = provenance(env.device)
-            meta = {"git_sha": prov["git_sha"], "device": str(env.device), "device_name": prov["device"],
-                    "versions": prov["versions"], "kernels": kernel_path(env.device),
-                    "world_size": env.world_size, "config": to_dict(cfg)}
+            meta = {
+                "git_sha": prov["git_sha"],
+                "device": str(env.device),
+                "device_name": prov["device"],
+                "versions": prov["versions"],
+                "kernels": kernel_path(env.device),
+                "world_size": env.world_size,
+                "config": to_dict(cfg),
+            }
             try:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
             except OSError as err:
-                raise ConfigError(f"cannot write the run folder {run_dir}: {err.strerror or err}; "
-                                  "pass a writable --out DIR") from None
+                raise ConfigError(
+                    f"cannot write the run folder {run_dir}: {err.strerror or err}; pass a writable --out DIR"
+                ) from None
             self.metrics = run_dir / "metrics.jsonl"
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
@@ -325,18 +371,28 @@ class RunLog:
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
         self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
 
-    def step(self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float,
-             write: bool) -> None:
+    def step(
+        self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float, write: bool
+    ) -> None:
         if not self.env.main:
             return
         ips = self.batch / max(step_s, 1e-9)
         self.bar.update(1)
         # The bar shows the headline terms; metrics.jsonl keeps every sub-term.
-        self.bar.set_postfix_str(f"{ips:.0f} img/s " + " ".join(
-            f"{k}={v:.3f}" for k, v in terms.items() if k in ("loss", "loss/inv", "loss/eq")))
+        self.bar.set_postfix_str(
+            f"{ips:.0f} img/s "
+            + " ".join(f"{k}={v:.3f}" for k, v in terms.items() if k in ("loss", "loss/inv", "loss/eq"))
+        )
         if write:
-            row = {"step": step, "epoch": epoch, "lr": lr, **terms, "step_time_s": step_s,
-                   "data_time_s": data_s, "images_per_s": ips}
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                **terms,
+                "step_time_s": step_s,
+                "data_time_s": data_s,
+                "images_per_s": ips,
+            }
             with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
                 f.write(json.dumps(row) + "\n")
             if self.tb is not None:
@@ -418,8 +474,9 @@ def run_dir_of(cfg: Config) -> Path:
     return Path(cfg.run.out or f"runs/{cfg.preset}")
 
 
-def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
-          resume_state: dict | None = None) -> Path:
+def train(
+    cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env, resume_state: dict | None = None
+) -> Path:
     """Run (or continue) the configured schedule; returns the run folder.
 
     Resumes from cfg.run.resume (resume_state: that file already read by checkpoint.read). Raises
@@ -427,8 +484,10 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
     method, run_dir = unwrap(model), run_dir_of(cfg)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ConfigError(f"the data yields no full batch of {cfg.data.batch_size} per epoch; "
-                          "lower --data.batch_size or add data")
+        raise ConfigError(
+            f"the data yields no full batch of {cfg.data.batch_size} per epoch; "
+            "lower --data.batch_size or add data"
+        )
     total = total_steps(cfg.optim, steps_per_epoch)
     stop = min(total, cfg.run.steps) if cfg.run.steps else total
     schedules = Schedules(cfg, steps_per_epoch, total)
@@ -439,8 +498,10 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
         del state, resume_state
     else:
         if (run_dir / "ckpt" / "last.pt").exists():
-            raise ConfigError(f"{run_dir} already holds a run; continue it with --resume "
-                              f"{run_dir / 'ckpt' / 'last.pt'} (or --resume auto) or pass a new --out")
+            raise ConfigError(
+                f"{run_dir} already holds a run; continue it with --resume "
+                f"{run_dir / 'ckpt' / 'last.pt'} (or --resume auto) or pass a new --out"
+            )
         seed_all(cfg.run.seed * 1000 + env.rank)  # per-rank streams (drop-path etc.); init was shared
     amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
     log = RunLog(run_dir, cfg, env, step, stop)
@@ -456,8 +517,16 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                 for batch in it:
                     t_data = time.perf_counter() - t0
                     lr = optimizer.param_groups[0]["lr"]
-                    terms = train_step(model, batch, optimizer, scheduler, step=step,
-                                       clip_grad=cfg.optim.clip_grad, amp=amp, schedules=schedules)
+                    terms = train_step(
+                        model,
+                        batch,
+                        optimizer,
+                        scheduler,
+                        step=step,
+                        clip_grad=cfg.optim.clip_grad,
+                        amp=amp,
+                        schedules=schedules,
+                    )
                     step, yielded = step + 1, yielded + 1
                     t_step = time.perf_counter() - t0
                     if cfg.run.diagnostics and step % cfg.run.log_every == 0 and not is_sharded(model):
@@ -465,18 +534,31 @@ def train(cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env,
                         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
                             terms.update(diagnostics(method, batch))
                     preempted = preemption.agreed(env) and step < stop  # at the last step: just finish
-                    log.step(step, epoch, lr, terms, t_step, t_data,
-                             write=step % cfg.run.log_every == 0 or step == stop or preempted)
+                    log.step(
+                        step,
+                        epoch,
+                        lr,
+                        terms,
+                        t_step,
+                        t_data,
+                        write=step % cfg.run.log_every == 0 or step == stop or preempted,
+                    )
                     if step % cfg.run.ckpt_every == 0 or step == stop or preempted:
-                        saved = save_checkpoint(run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env)
+                        saved = save_checkpoint(
+                            run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env
+                        )
                     if preempted:
-                        raise Preempted(f"stopped by signal {signal.Signals(preemption.caught or 15).name} "
-                                        f"after step {step}; saved {saved or run_dir / 'ckpt'}; continue with "
-                                        f"--resume {run_dir / 'ckpt' / 'last.pt'} (or --out {run_dir} --resume auto)")
+                        raise Preempted(
+                            f"stopped by signal {signal.Signals(preemption.caught or 15).name} "
+                            f"after step {step}; saved {saved or run_dir / 'ckpt'}; continue with "
+                            f"--resume {run_dir / 'ckpt' / 'last.pt'} (or --out {run_dir} --resume auto)"
+                        )
                     if (env.main or is_sharded(model)) and (step % cfg.run.recon_every == 0 or step == stop):
                         png = run_dir / "recon" / f"step-{step:06d}.png"
                         with gathered(model):  # FSDP: every rank runs the decoder, rank 0 writes
-                            save_recon_grid(method, batch, cfg.data.mean, cfg.data.std, png if env.main else None)
+                            save_recon_grid(
+                                method, batch, cfg.data.mean, cfg.data.std, png if env.main else None
+                            )
                         if env.main:
                             _copy(png, run_dir / "recon.png")
                             log.image(step, png)

@@ -35,21 +35,26 @@ def init_distributed(choice: str, preset: str = "") -> Env:
     """Process group from torchrun's environment (NCCL on GPUs, Gloo on CPUs); none for plain python."""
     if choice == "cuda" and not torch.cuda.is_available():
         why = f" (preset {preset} runs on GPUs)" if preset else ""
-        raise ConfigError(f"--device cuda was asked for{why} but no CUDA GPU is visible; use --device cpu or "
-                          "auto to run on the CPU anyway")
+        raise ConfigError(
+            f"--device cuda was asked for{why} but no CUDA GPU is visible; use --device cpu or "
+            "auto to run on the CPU anyway"
+        )
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if choice != "cpu" and torch.cuda.is_available():
         if local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
-                              "lower --nproc_per_node")
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "lower --nproc_per_node"
+            )
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device
-                                if device.type == "cuda" else None)
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
     return Env(rank=rank, world_size=world, device=device)
 
 
@@ -62,8 +67,11 @@ def watch_parent(interval_s: float = 1.0) -> None:
     def poll() -> None:
         while os.getppid() == parent:
             time.sleep(interval_s)
-        print(f"error: [rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {parent}) died; stopping",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: [rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {parent}) died; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         os._exit(1)
 
     threading.Thread(target=poll, name="eqrecon-parent-watchdog", daemon=True).start()
@@ -77,7 +85,10 @@ def resolve_data(cfg: Config, env: Env) -> None:
     if env.main:
         try:
             cfg.data.dir = str(resolve_data_dir(cfg.data))
-        except (FileNotFoundError, DataError) as err:  # pipeline's missing-folder error is a FileNotFoundError
+        except (
+            FileNotFoundError,
+            DataError,
+        ) as err:  # pipeline's missing-folder error is a FileNotFoundError
             error = str(err)
     if env.world_size > 1:
         box = [error, cfg.data.dir]
@@ -93,8 +104,10 @@ def build(cfg: Config, env: Env):
     from pipeline import build_loader
 
     if cfg.data.batch_size % env.world_size:
-        raise ConfigError(f"--data.batch_size={cfg.data.batch_size} is not divisible by the {env.world_size} "
-                          "ranks (it is the global batch)")
+        raise ConfigError(
+            f"--data.batch_size={cfg.data.batch_size} is not divisible by the {env.world_size} "
+            "ranks (it is the global batch)"
+        )
     loader = build_loader(cfg.data, env.rank, env.world_size, env.device)
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg.model, cfg.data).to(env.device)
@@ -133,8 +146,11 @@ def main(argv: list[str]) -> int:
         code = 0
         if env.main:
             recon = run_dir / "recon.png"
-            print(f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}" +
-                  (f"  reconstructions: {recon}" if recon.exists() else ""), flush=True)
+            print(
+                f"run: {run_dir}  checkpoint: {run_dir / 'ckpt' / 'last.pt'}"
+                + (f"  reconstructions: {recon}" if recon.exists() else ""),
+                flush=True,
+            )
     if dist.is_initialized():
         dist.destroy_process_group()
     return code

@@ -20,12 +20,18 @@ def _dino_family(cfg: Config, family: str, local_size: int, n_local: int) -> Non
     """A DINO-family invariant loss: the recipe's multi-crop at the preset's sizes, class-token pooling,
     the recipe's teacher (momentum, temperatures) and weight decay 0.04 -> 0.4; data = the global crops."""
     cfg.model.family, cfg.model.pool = family, "cls"
-    mc = dataclasses.replace(MULTICROP[family], global_size=cfg.data.img_size, local_size=local_size,
-                             n_local=n_local, patch_size=cfg.model.patch_size)
+    mc = dataclasses.replace(
+        MULTICROP[family],
+        global_size=cfg.data.img_size,
+        local_size=local_size,
+        n_local=n_local,
+        patch_size=cfg.model.patch_size,
+    )
     cfg.data = global_data_config(cfg.data, mc)
     dinov2 = family == "dinov2"
-    cfg.model.dino = DinoConfig(out_dim=65536 if dinov2 else 8192, norm_last_layer=False,
-                                momentum=0.992 if dinov2 else 0.996)
+    cfg.model.dino = DinoConfig(
+        out_dim=65536 if dinov2 else 8192, norm_last_layer=False, momentum=0.992 if dinov2 else 0.996
+    )
     cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad = 0.04, 0.4, 3.0
 
 
@@ -85,8 +91,16 @@ def _dinov2_paper(cfg: Config, path: bool) -> None:
     if not path:
         _only_views(cfg)
     _dino_family(cfg, "dinov2", local_size=96, n_local=8)
-    cfg.optim = dataclasses.replace(cfg.optim, base_lr=4e-3, lr_scaling="sqrt", epochs=100.0, warmup_epochs=10.0,
-                                    min_lr=1e-6, layer_decay=0.9, patch_embed_lr=0.2)
+    cfg.optim = dataclasses.replace(
+        cfg.optim,
+        base_lr=4e-3,
+        lr_scaling="sqrt",
+        epochs=100.0,
+        warmup_epochs=10.0,
+        min_lr=1e-6,
+        layer_decay=0.9,
+        patch_embed_lr=0.2,
+    )
 
 
 @preset("vits16-ibot")

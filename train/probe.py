@@ -80,8 +80,12 @@ class ProbeConfig:
     aug: PathConfig = field(default_factory=PathConfig)  # the protocol's θ ranges
 
     def check(self) -> None:
-        for name, value, allowed in (("pool", self.pool, PROBE_POOLS), ("target", self.target, TARGETS),
-                                     ("mask", self.mask, MASKS), ("protocol", self.protocol, tuple(PROTOCOLS))):
+        for name, value, allowed in (
+            ("pool", self.pool, PROBE_POOLS),
+            ("target", self.target, TARGETS),
+            ("mask", self.mask, MASKS),
+            ("protocol", self.protocol, tuple(PROTOCOLS)),
+        ):
             if value not in allowed:
                 raise ProbeError(f"--{name} {value!r}: choose from {', '.join(allowed)}")
         unknown = [t for t in self.transforms if t not in TRANSFORMS]
@@ -99,7 +103,9 @@ class ProbeConfig:
     def pairs_per_image(self, n_images: int) -> int:
         """Enough pairs per image that the train split (1 - test_fraction of the photos, less a margin
         for photos of unequal size) holds min_train_pairs."""
-        return self.per_image or math.ceil(self.min_train_pairs / max(1, n_images * (0.95 - self.test_fraction)))
+        return self.per_image or math.ceil(
+            self.min_train_pairs / max(1, n_images * (0.95 - self.test_fraction))
+        )
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -111,8 +117,10 @@ def read_split(data: str | Path, split: str, limit: int = 0) -> list[tuple[bytes
     random subset). Shards are read and checked by the reference pipeline's reader."""
     folder = Path(data)
     if not (folder / "dataset.json").is_file():
-        raise ProbeError(f"{folder}: no {split}-*.tar shards (no dataset.json); "
-                         "convert a dataset with `python -m pipeline.convert`")
+        raise ProbeError(
+            f"{folder}: no {split}-*.tar shards (no dataset.json); "
+            "convert a dataset with `python -m pipeline.convert`"
+        )
     samples: list[tuple[bytes, int]] = []
     try:
         for shard, count in split_shards(folder, split):
@@ -176,8 +184,13 @@ def embedders_for(emb: Embedder, baselines: tuple[str, ...], seed: int = 0) -> d
     return out
 
 
-def equivariance(models: dict[str, nn.Module], samples: list[tuple[bytes, int]], cfg: ProbeConfig,
-                 device: torch.device | None = None, quiet: bool = False) -> dict:
+def equivariance(
+    models: dict[str, nn.Module],
+    samples: list[tuple[bytes, int]],
+    cfg: ProbeConfig,
+    device: torch.device | None = None,
+    quiet: bool = False,
+) -> dict:
     """The equivariance probe -> {"pairs": {...}, "results": {family: {model: {part: over_seeds(...)}}}}.
 
     models map (B, 3, S, S) images in [0, 1] to {part: (B, D)} (Embedder, PixelEmbedder); each
@@ -188,16 +201,19 @@ def equivariance(models: dict[str, nn.Module], samples: list[tuple[bytes, int]],
     samples, dropped = drop_symmetric(samples, cfg.size, cfg.symmetry_threshold)
     groups = source_groups(samples) if cfg.group_by == "photo" else list(range(len(samples)))
     if len(set(groups)) < 3:
-        raise ProbeError(f"the equivariance probe needs images from at least 3 source photos, got "
-                         f"{len(set(groups))} (after dropping {len(dropped)} 90°-symmetric images)")
+        raise ProbeError(
+            f"the equivariance probe needs images from at least 3 source photos, got "
+            f"{len(set(groups))} (after dropping {len(dropped)} 90°-symmetric images)"
+        )
     per_image = cfg.pairs_per_image(len(samples))
     models = {name: m.to(device).eval() for name, m in models.items()}
     bar = _progress(len(cfg.transforms) * len(samples) * (per_image + 1) * len(models), "embedding", quiet)
     fit = cfg.fit()
     results: dict = {}
     for family in cfg.transforms:
-        pairs = render_pairs(samples, family, cfg.aug, cfg.size, per_image, groups, cfg.pair_seed, cfg.mask,
-                             device)
+        pairs = render_pairs(
+            samples, family, cfg.aug, cfg.size, per_image, groups, cfg.pair_seed, cfg.mask, device
+        )
         y = targets(family, pairs.theta, cfg.target)
         results[family] = {}
         for name, model in models.items():
@@ -207,41 +223,64 @@ def equivariance(models: dict[str, nn.Module], samples: list[tuple[bytes, int]],
                 if not (feats.isfinite().all() and f1[part].isfinite().all()):
                     raise ProbeError(f"{name} gave non-finite features (part {part}) on the {family} pairs")
             results[family][name] = {
-                part: over_seeds(f1[part][pairs.anchor], f2[part], y, pairs.groups, fit, cfg.seeds,
-                                 cfg.test_fraction)
+                part: over_seeds(
+                    f1[part][pairs.anchor], f2[part], y, pairs.groups, fit, cfg.seeds, cfg.test_fraction
+                )
                 for part in f2
             }
     bar.close()
     return {
-        "pairs": {"images": len(samples), "photos": len(set(groups)), "per_image": per_image,
-                  "per_family": len(samples) * per_image, "dropped_symmetric": len(dropped)},
+        "pairs": {
+            "images": len(samples),
+            "photos": len(set(groups)),
+            "per_image": per_image,
+            "per_family": len(samples) * per_image,
+            "dropped_symmetric": len(dropped),
+        },
         "results": results,
     }
 
 
-def linear(model: nn.Module, train: list[tuple[bytes, int]], val: list[tuple[bytes, int]], size: int,
-           device: torch.device | None = None, batch_size: int = 256, k: int = 20, quiet: bool = False) -> dict:
+def linear(
+    model: nn.Module,
+    train: list[tuple[bytes, int]],
+    val: list[tuple[bytes, int]],
+    size: int,
+    device: torch.device | None = None,
+    batch_size: int = 256,
+    k: int = 20,
+    quiet: bool = False,
+) -> dict:
     """Linear-probe and k-NN top-1 -> {part: {"linear_top1", "knn_top1", "n_train", "n_val"}}."""
     device = device or pick_device()
     model = model.to(device).eval()
     for name, split in (("train", train), ("val", val)):
         if not split:
-            raise ProbeError(f"the {name} split is empty; the linear probe needs labelled train and val shards")
+            raise ProbeError(
+                f"the {name} split is empty; the linear probe needs labelled train and val shards"
+            )
         if any(label < 0 for _, label in split):
-            raise ProbeError(f"the {name} split has unlabelled samples (cls -1); the linear probe needs labels")
+            raise ProbeError(
+                f"the {name} split has unlabelled samples (cls -1); the linear probe needs labels"
+            )
     bar = _progress(len(train) + len(val), "embedding", quiet)
     feats = []
     for split in (train, val):
         # The centre view (largest centred square) is the usual "resize + centre crop" evaluation view.
-        views = torch.stack([anchor_view(decode(jpg, key=f"#{i}"), "centre", size) for i, (jpg, _) in enumerate(split)])
+        views = torch.stack(
+            [anchor_view(decode(jpg, key=f"#{i}"), "centre", size) for i, (jpg, _) in enumerate(split)]
+        )
         with torch.no_grad():
             feats.append(embed(model, views, batch_size, device, bar))
     bar.close()
     (f_tr, f_va), y_tr, y_va = feats, torch.tensor([y for _, y in train]), torch.tensor([y for _, y in val])
     return {
-        part: {"linear_top1": linear_top1(f_tr[part], y_tr, f_va[part], y_va),
-               "knn_top1": knn_top1(f_tr[part], y_tr, f_va[part], y_va, k=k),
-               "n_train": len(y_tr), "n_val": len(y_va)}
+        part: {
+            "linear_top1": linear_top1(f_tr[part], y_tr, f_va[part], y_va),
+            "knn_top1": knn_top1(f_tr[part], y_tr, f_va[part], y_va, k=k),
+            "n_train": len(y_tr),
+            "n_val": len(y_va),
+        }
         for part in f_tr
     }
 
@@ -279,12 +318,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="train/probe.py", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="probe", required=True)
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--backbone", required=True, help="export folder (train/export.py), training checkpoint (.pt), or timm:NAME[:WEIGHTS_FILE]")
-    common.add_argument("--data", default="", help="shard folder (pipeline.convert); default: the demo photos")
-    common.add_argument("--part", default="", help="comma list of all,inv,eq; default: every part the backbone has")
+    common.add_argument(
+        "--backbone",
+        required=True,
+        help="export folder (train/export.py), training checkpoint (.pt), or timm:NAME[:WEIGHTS_FILE]",
+    )
+    common.add_argument(
+        "--data", default="", help="shard folder (pipeline.convert); default: the demo photos"
+    )
+    common.add_argument(
+        "--part", default="", help="comma list of all,inv,eq; default: every part the backbone has"
+    )
     common.add_argument("--pool", default="mean", choices=PROBE_POOLS)
     common.add_argument("--device", default="auto", help="auto | cpu | cuda[:i]")
-    common.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core, or OMP_NUM_THREADS)")
+    common.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (0: one per core, or OMP_NUM_THREADS)"
+    )
     common.add_argument("--batch-size", type=int, default=256)
     common.add_argument("--img-size", type=int, default=0, help="probe resolution; default: the training one")
     common.add_argument("--out", default="", help="write the results as JSON here")
@@ -292,7 +341,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     eq = sub.add_parser("equivariance", parents=[common], help="R² of θ regressed from pair embeddings")
     eq.add_argument("--split", default="val", help="comma list of splits whose images make the pairs")
     eq.add_argument("--transforms", default=",".join(TRANSFORMS))
-    eq.add_argument("--pairs", type=int, default=ProbeConfig.min_train_pairs, help="train pairs per family (at least)")
+    eq.add_argument(
+        "--pairs", type=int, default=ProbeConfig.min_train_pairs, help="train pairs per family (at least)"
+    )
     eq.add_argument("--samples", type=int, default=0, help="pairs per image (0: sized from --pairs)")
     eq.add_argument("--seeds", default="0,1,2", help="probe seeds (comma list): mean ± std over them")
     eq.add_argument("--target", default="signed", choices=TARGETS, help="see pipeline/pairs.py")
@@ -300,8 +351,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     eq.add_argument("--protocol", default="fast", choices=tuple(PROTOCOLS), help="see train/probe_fit.py")
     eq.add_argument("--hidden", type=int, default=0, help="MLP width (0: the protocol's)")
     eq.add_argument("--epochs", type=int, default=0, help="MLP epochs, early-stopped (0: the protocol's)")
-    eq.add_argument("--group-by", default="photo", choices=("photo", "image"),
-                    help="hold out whole source photos (default) or single images")
+    eq.add_argument(
+        "--group-by",
+        default="photo",
+        choices=("photo", "image"),
+        help="hold out whole source photos (default) or single images",
+    )
     eq.add_argument("--no-baselines", action="store_true", help="skip the random-init and pixel baselines")
     eq.add_argument("--max-images", type=int, default=0, help="use at most this many images (0: all)")
     lin = sub.add_parser("linear", parents=[common], help="linear-probe and k-NN top-1")
@@ -322,8 +377,10 @@ def _keep_parts(model: nn.Module, parts: tuple[str, ...]) -> nn.Module:
         raise ProbeError(f"--part {bad[0]!r}: choose from {', '.join(PARTS)}")
     missing = [p for p in parts if p not in model.parts]
     if missing:
-        raise ProbeError(f"--part {missing[0]}: this backbone has only the parts {', '.join(model.parts)} "
-                         f"(inv/eq need the split head: a training checkpoint or an export with head)")
+        raise ProbeError(
+            f"--part {missing[0]}: this backbone has only the parts {', '.join(model.parts)} "
+            f"(inv/eq need the split head: a training checkpoint or an export with head)"
+        )
     model.parts = tuple(p for p in model.parts if p in parts)
     return model
 
@@ -338,17 +395,33 @@ def run(args: argparse.Namespace) -> dict:
     threads = set_threads(args.threads, device)
     emb = _keep_parts(Embedder.from_backbone(bb, args.pool), tuple(p for p in args.part.split(",") if p))
     size = args.img_size or bb.img_size
-    record = {"what": f"probe-{args.probe}", "backbone": bb.name, "data": str(data_dir), "threads": threads,
-              "config": {k: v for k, v in vars(args).items() if k != "probe"} | {"img_size": size}}
+    record = {
+        "what": f"probe-{args.probe}",
+        "backbone": bb.name,
+        "data": str(data_dir),
+        "threads": threads,
+        "config": {k: v for k, v in vars(args).items() if k != "probe"} | {"img_size": size},
+    }
     if args.probe == "equivariance":
         samples = [s for split in args.split.split(",") for s in read_split(data_dir, split)]
         if args.max_images:
             samples = samples[: args.max_images]
-        cfg = ProbeConfig(transforms=tuple(t for t in args.transforms.split(",") if t), size=size,
-                          min_train_pairs=args.pairs, per_image=args.samples, seeds=_ints(args.seeds),
-                          target=args.target, pool=args.pool, mask=args.mask, protocol=args.protocol,
-                          hidden=args.hidden, epochs=args.epochs, group_by=args.group_by, baselines=() if args.no_baselines else BASELINES,
-                          batch_size=args.batch_size)
+        cfg = ProbeConfig(
+            transforms=tuple(t for t in args.transforms.split(",") if t),
+            size=size,
+            min_train_pairs=args.pairs,
+            per_image=args.samples,
+            seeds=_ints(args.seeds),
+            target=args.target,
+            pool=args.pool,
+            mask=args.mask,
+            protocol=args.protocol,
+            hidden=args.hidden,
+            epochs=args.epochs,
+            group_by=args.group_by,
+            baselines=() if args.no_baselines else BASELINES,
+            batch_size=args.batch_size,
+        )
         cfg.check()
         record.update(equivariance(embedders_for(emb, cfg.baselines), samples, cfg, device, args.quiet))
     else:
@@ -369,15 +442,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe == "equivariance":
         p, first = record["pairs"], next(iter(next(iter(record["results"].values())).values()))
         seeds = len(_ints(args.seeds))
-        print(f"pairs: {p['images']} images of {p['photos']} source photos x {p['per_image']} = {p['per_family']} "
-              f"per family ({next(iter(first.values()))['n_train']} train / {next(iter(first.values()))['n_test']} "
-              f"test for seed 0; split by source photo; {p['dropped_symmetric']} 90°-symmetric images dropped); "
-              f"{record['config']['img_size']} px, mask {args.mask}, pool {args.pool}, target {args.target}, "
-              f"protocol {args.protocol}; R² mean ± std over {seeds} probe seeds")
+        print(
+            f"pairs: {p['images']} images of {p['photos']} source photos x {p['per_image']} = {p['per_family']} "
+            f"per family ({next(iter(first.values()))['n_train']} train / {next(iter(first.values()))['n_test']} "
+            f"test for seed 0; split by source photo; {p['dropped_symmetric']} 90°-symmetric images dropped); "
+            f"{record['config']['img_size']} px, mask {args.mask}, pool {args.pool}, target {args.target}, "
+            f"protocol {args.protocol}; R² mean ± std over {seeds} probe seeds"
+        )
         print(format_equivariance(record))
-        print("R² near 1: θ can be read from the pair's features; near 0: the features ignore it. A backbone "
-              "says something only where it beats `random` (same architecture, untrained); `pixels` = the "
-              "16x16 image. all = backbone tokens, inv/eq = the split head's parts.")
+        print(
+            "R² near 1: θ can be read from the pair's features; near 0: the features ignore it. A backbone "
+            "says something only where it beats `random` (same architecture, untrained); `pixels` = the "
+            "16x16 image. all = backbone tokens, inv/eq = the split head's parts."
+        )
     else:
         print(format_linear(record["results"]))
     if args.out:

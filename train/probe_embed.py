@@ -33,8 +33,16 @@ class Embedder(nn.Module):
     """A frozen backbone (+ its split head): images (B, 3, S, S) in [0, 1] -> {part: (B, D)} pooled by
     `pool` (mean | cls | grid2 | tokens)."""
 
-    def __init__(self, model: nn.Module, head: nn.Linear | None, d_inv: int, pool: str, mean, std,
-                 num_prefix_tokens: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Linear | None,
+        d_inv: int,
+        pool: str,
+        mean,
+        std,
+        num_prefix_tokens: int,
+    ):
         super().__init__()
         if pool not in PROBE_POOLS:
             raise ProbeError(f"--pool must be one of {', '.join(PROBE_POOLS)}, got {pool!r}")

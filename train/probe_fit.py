@@ -82,8 +82,15 @@ class FitConfig:
 
 PROTOCOLS = {
     "fast": FitConfig(),
-    "sie": FitConfig(hidden=1024, epochs=50, weight_decay=0.0, optimizer="adam", standardise=False,
-                     early_stop=False, max_dim=0),
+    "sie": FitConfig(
+        hidden=1024,
+        epochs=50,
+        weight_decay=0.0,
+        optimizer="adam",
+        standardise=False,
+        early_stop=False,
+        max_dim=0,
+    ),
 }
 
 
@@ -107,8 +114,15 @@ def _project(x_train: torch.Tensor, x_test: torch.Tensor, dim: int) -> tuple[tor
     return (x_train - mean) @ v, (x_test - mean) @ v
 
 
-def fit_predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torch.Tensor, loss_fn,
-                cfg: FitConfig, groups: torch.Tensor) -> torch.Tensor:
+def fit_predict(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    x_test: torch.Tensor,
+    loss_fn,
+    cfg: FitConfig,
+    groups: torch.Tensor,
+) -> torch.Tensor:
     """Train `model` on (x, y), early-stopped on held-out groups when cfg.early_stop; -> predictions
     on x_test. The best epoch by validation loss (epoch 0, the untrained model, included) predicts."""
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -125,7 +139,9 @@ def fit_predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
         with torch.no_grad():
             return float(loss_fn(model(x_val), y_val))
 
-    best, best_state, stale = (val_loss(), copy.deepcopy(model.state_dict()), 0) if cfg.early_stop else (0, None, 0)
+    best, best_state, stale = (
+        (val_loss(), copy.deepcopy(model.state_dict()), 0) if cfg.early_stop else (0, None, 0)
+    )
     for _ in range(cfg.epochs):
         model.train()
         for idx in torch.randperm(len(x_fit), generator=gen).to(x.device).split(cfg.batch_size):
@@ -150,8 +166,14 @@ def fit_predict(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_test: torc
         return model(x_test)
 
 
-def regress_r2(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torch.Tensor,
-               fit: FitConfig | None = None, test_fraction: float = 0.25) -> dict:
+def regress_r2(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    fit: FitConfig | None = None,
+    test_fraction: float = 0.25,
+) -> dict:
     """R² of targets y regressed from [f1, f2] by the MLP, on pairs of held-out groups.
 
     f1, f2: (N, D) embeddings of x and x'; y: (N, q) targets; groups: (N,) the source photo of each
@@ -159,8 +181,9 @@ def regress_r2(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torc
     """
     fit = fit or FitConfig()
     if len(groups.unique()) < 3:
-        raise ProbeError(f"the equivariance probe needs pairs from at least 3 source photos, "
-                         f"got {len(groups.unique())}")
+        raise ProbeError(
+            f"the equivariance probe needs pairs from at least 3 source photos, got {len(groups.unique())}"
+        )
     gen = torch.Generator().manual_seed(fit.seed + 1)
     is_test = group_split(groups.cpu(), test_fraction, gen).to(f1.device)
     x = torch.cat([f1, f2], dim=1).float()  # (N, 2D)
@@ -192,21 +215,39 @@ def regress_r2(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torc
     }
 
 
-def over_seeds(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, fit: FitConfig,
-               seeds: tuple[int, ...], test_fraction: float = 0.25) -> dict:
+def over_seeds(
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    fit: FitConfig,
+    seeds: tuple[int, ...],
+    test_fraction: float = 0.25,
+) -> dict:
     """regress_r2 once per probe seed -> {"r2", "r2_std", "r2_sie", "r2_sie_std", "r2_seeds",
     "n_train", "n_test"} (mean and std over seeds; n_* of the first seed, the split varies)."""
     runs = [regress_r2(f1, f2, y, groups, replace(fit, seed=s), test_fraction) for s in seeds]
     r2 = torch.tensor([r["r2"] for r in runs], dtype=torch.float64)
     sie = torch.tensor([r["r2_sie"] for r in runs], dtype=torch.float64)
-    std = (lambda t: float(t.std()) if len(t) > 1 else 0.0)
-    return {"r2": float(r2.mean()), "r2_std": std(r2), "r2_sie": float(sie.mean()), "r2_sie_std": std(sie),
-            "r2_seeds": [round(float(v), 6) for v in r2], "n_train": runs[0]["n_train"],
-            "n_test": runs[0]["n_test"]}
+    std = lambda t: float(t.std()) if len(t) > 1 else 0.0
+    return {
+        "r2": float(r2.mean()),
+        "r2_std": std(r2),
+        "r2_sie": float(sie.mean()),
+        "r2_sie_std": std(sie),
+        "r2_seeds": [round(float(v), 6) for v in r2],
+        "n_train": runs[0]["n_train"],
+        "n_test": runs[0]["n_test"],
+    }
 
 
-def linear_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor,
-                fit: FitConfig | None = None) -> float:
+def linear_top1(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    fit: FitConfig | None = None,
+) -> float:
     """Top-1 accuracy of softmax regression fitted on standardised train features, scored on val."""
     fit = fit or FitConfig(epochs=100, batch_size=1024, lr=1e-3, weight_decay=1e-4, patience=10)
     n_classes = int(max(y_train.max(), y_val.max())) + 1
@@ -220,8 +261,15 @@ def linear_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tenso
     return float((pred.argmax(1).cpu() == y_val.cpu()).float().mean())
 
 
-def knn_top1(f_train: torch.Tensor, y_train: torch.Tensor, f_val: torch.Tensor, y_val: torch.Tensor,
-             k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+def knn_top1(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """DINO's weighted k-NN: cosine similarity, the k nearest vote with weight exp(sim / T)."""
     train = F.normalize(f_train.float(), dim=1)
     n_classes = int(max(y_train.max(), y_val.max())) + 1

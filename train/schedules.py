@@ -54,14 +54,19 @@ class Schedules:
 
     def weight_decay(self, step: int) -> float:
         o = self.cfg.optim
-        return o.weight_decay if o.weight_decay_end < 0 else cosine(o.weight_decay, o.weight_decay_end, step, self.total)
+        return (
+            o.weight_decay
+            if o.weight_decay_end < 0
+            else cosine(o.weight_decay, o.weight_decay_end, step, self.total)
+        )
 
     def temperatures(self, step: int) -> tuple[float, float]:
         """(class-token, patch) teacher temperatures at a step."""
         d = self.cfg.model.dino
         steps = round(d.warmup_temp_epochs * self.steps_per_epoch)
-        return warmup(d.warmup_teacher_temp, d.teacher_temp, step, steps), warmup(d.warmup_patch_temp, d.patch_temp,
-                                                                                  step, steps)
+        return warmup(d.warmup_teacher_temp, d.teacher_temp, step, steps), warmup(
+            d.warmup_patch_temp, d.patch_temp, step, steps
+        )
 
     def momentum(self, step: int) -> float:
         return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
@@ -71,7 +76,9 @@ class Schedules:
         out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
         if hasattr(method, "update_teacher"):
             temp, patch = self.temperatures(step)
-            out.update({"sched/teacher_temp": temp, "sched/patch_temp": patch, "sched/momentum": self.momentum(step)})
+            out.update(
+                {"sched/teacher_temp": temp, "sched/patch_temp": patch, "sched/momentum": self.momentum(step)}
+            )
         return out
 
     def before_step(self, method: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:

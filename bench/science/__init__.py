@@ -25,5 +25,22 @@ from bench.science.report import COLOURS, r2_chart, report, summarise
 from bench.science.runs import probe_run, run_dir, train_command, trained
 from bench.science.sizes import FAMILIES, METHODS, SIZES, Size
 
-__all__ = ["COLOURS", "FAMILIES", "METHODS", "SIZES", "Size", "_idx", "fetch", "is_val_photo", "prepare_data",
-           "probe_run", "r2_chart", "report", "run_dir", "source_photos", "summarise", "train_command", "trained"]
+__all__ = [
+    "COLOURS",
+    "FAMILIES",
+    "METHODS",
+    "SIZES",
+    "Size",
+    "_idx",
+    "fetch",
+    "is_val_photo",
+    "prepare_data",
+    "probe_run",
+    "r2_chart",
+    "report",
+    "run_dir",
+    "source_photos",
+    "summarise",
+    "train_command",
+    "trained",
+]

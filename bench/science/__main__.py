@@ -21,14 +21,18 @@ KEEP = ("train.json", "probe.json", "recon.png", "config.json", "metrics.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.science", description="the science run, in resumable parts")
+    ap = argparse.ArgumentParser(
+        prog="python -m bench.science", description="the science run, in resumable parts"
+    )
     ap.add_argument("--size", choices=tuple(SIZES), default="gpu")
     ap.add_argument("--work", default="", help="data, runs and probe results (default: runs/science-<size>)")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--methods", default="", help="comma list (default: the size's methods)")
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
-    ap.add_argument("--copy-results", default="", help="copy each probed run's small files (no checkpoints) here")
+    ap.add_argument(
+        "--copy-results", default="", help="copy each probed run's small files (no checkpoints) here"
+    )
     args = ap.parse_args(argv)
     size = SIZES[args.size]
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
@@ -72,11 +76,16 @@ def main(argv: list[str] | None = None) -> int:
                     shutil.copyfile(run / name, dst / name)
     if "report" in parts:
         # Every probed run found, also those whose results were copied back from another machine.
-        records = [json.loads((run_dir(work, m, s) / "probe.json").read_text()) for m, s in runs
-                   if (run_dir(work, m, s) / "probe.json").is_file()]
+        records = [
+            json.loads((run_dir(work, m, s) / "probe.json").read_text())
+            for m, s in runs
+            if (run_dir(work, m, s) / "probe.json").is_file()
+        ]
         if not records or not (work / "baselines.json").is_file():
-            raise SystemExit(f"science: no probed runs (or no baselines.json) under {work}; run the train and "
-                             f"probe parts first")
+            raise SystemExit(
+                f"science: no probed runs (or no baselines.json) under {work}; run the train and "
+                f"probe parts first"
+            )
         baselines = json.loads((work / "baselines.json").read_text())
         path = report(work, args.size, size, records, baselines, data)
         log(f"wrote {path}")

@@ -70,7 +70,6 @@ NOT_PHOTOS = (
 )
 
 
-
 def source_photos(raw: Path) -> list[Path]:
     """Every photo in the fetched packages: RGB or greyscale, short side >= 240 px, not a mask or chart."""
     found = []

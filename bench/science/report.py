@@ -28,9 +28,16 @@ from bench.science.runs import run_dir, train_command
 from bench.science.sizes import Size
 
 HEADLINE = ("grid2/signed", "all")
-COLOURS = {"vicreg": (120, 120, 120), "sie": (70, 130, 200), "xattn": (230, 150, 40), "path": (200, 50, 60),
-           "path@lam30": (240, 120, 130), "path@sum": (140, 20, 40), "random": (190, 190, 160),
-           "pixels": (60, 160, 90)}
+COLOURS = {
+    "vicreg": (120, 120, 120),
+    "sie": (70, 130, 200),
+    "xattn": (230, 150, 40),
+    "path": (200, 50, 60),
+    "path@lam30": (240, 120, 130),
+    "path@sum": (140, 20, 40),
+    "random": (190, 190, 160),
+    "pixels": (60, 160, 90),
+}
 
 
 def _value(eq: dict, setting: str, family: str, model: str, part: str) -> dict | None:
@@ -48,7 +55,11 @@ def summarise(records: list[dict], baselines: dict) -> dict:
         for setting in settings:
             for family in families:
                 for part in ("all", "eq"):
-                    vals = [v["r2"] for r in mine if (v := _value(r["equivariance"], setting, family, "backbone", part))]
+                    vals = [
+                        v["r2"]
+                        for r in mine
+                        if (v := _value(r["equivariance"], setting, family, "backbone", part))
+                    ]
                     if not vals:
                         continue
                     # one training seed has no spread to report: null, not a misleading 0
@@ -73,12 +84,16 @@ def summarise(records: list[dict], baselines: dict) -> dict:
     for method in methods:
         mine = [r for r in records if r["method"] == method and "diagnostics" in r]
         for when in ("init", "final"):
-            for key in (mine[0]["diagnostics"][when] if mine else {}):
+            for key in mine[0]["diagnostics"][when] if mine else {}:
                 short = key.removeprefix("diag/")
-                summary[f"diag.{method}.{short}.{when}"] = round(float(np.mean([r["diagnostics"][when][key] for r in mine])), 5)
+                summary[f"diag.{method}.{short}.{when}"] = round(
+                    float(np.mean([r["diagnostics"][when][key] for r in mine])), 5
+                )
     first = records[0]["equivariance"][settings[0]]
     summary["seeds"] = sorted({r["seed"] for r in records})
-    summary["probe_seeds"] = len(next(iter(next(iter(first["results"].values())).values()))["all"]["r2_seeds"])
+    summary["probe_seeds"] = len(
+        next(iter(next(iter(first["results"].values())).values()))["all"]["r2_seeds"]
+    )
     summary["pairs"] = next(iter(next(iter(first["results"].values())).values()))["all"]["n_train"]
     return summary
 
@@ -111,7 +126,10 @@ def r2_chart(summary: dict, path: Path, title: str, family: str = "rotation") ->
                 continue
             std = summary.get(f"r2_std.{name}.{family}.{group}") or 0.0
             xa, xb = x0 + j * bar, x0 + (j + 1) * bar - 1
-            d.rectangle([xa, min(y_of(0), y_of(mean)), xb, max(y_of(0), y_of(mean))], fill=COLOURS.get(name, (0, 0, 0)))
+            d.rectangle(
+                [xa, min(y_of(0), y_of(mean)), xb, max(y_of(0), y_of(mean))],
+                fill=COLOURS.get(name, (0, 0, 0)),
+            )
             xc = (xa + xb) / 2
             d.line([(xc, y_of(mean - std)), (xc, y_of(mean + std))], fill="black", width=1)
         d.text((x0, H - bottom + 8), group, fill="black", font=font)
@@ -120,8 +138,13 @@ def r2_chart(summary: dict, path: Path, title: str, family: str = "rotation") ->
         d.text((left + 28 + j * 115, 32), name, fill="black", font=font)
     d.text((left, 10), title, fill="black", font=font)
     # PIL's built-in font has no "²", "θ" or "±".
-    d.text((left, H - 30), f"R^2 of {family} from frozen (x, g(x)) embeddings, held-out source photos; groups: "
-           "pool/target.part; bar: mean over training seeds, whisker: +-std", fill=(90, 90, 90), font=font)
+    d.text(
+        (left, H - 30),
+        f"R^2 of {family} from frozen (x, g(x)) embeddings, held-out source photos; groups: "
+        "pool/target.part; bar: mean over training seeds, whisker: +-std",
+        fill=(90, 90, 90),
+        font=font,
+    )
     img.save(path)
 
 
@@ -130,30 +153,55 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], baseline
     runs were probed on, so a report assembled on another machine still names it."""
     slugs = {r["device_slug"] for r in records}
     if len(slugs) > 1:
-        raise SystemExit(f"science: the runs were probed on different devices ({', '.join(sorted(slugs))}); "
-                         f"report them separately (--methods/--seeds)")
+        raise SystemExit(
+            f"science: the runs were probed on different devices ({', '.join(sorted(slugs))}); "
+            f"report them separately (--methods/--seeds)"
+        )
     slug = slugs.pop()
     rows = []
     for r in records:
         for setting, eq in r["equivariance"].items():
             for family, by_model in eq["results"].items():
                 for part, v in by_model["backbone"].items():
-                    rows.append({"method": r["method"], "seed": r["seed"], "setting": setting, "family": family,
-                                 "part": part, **v})
-        trained_ = (run_dir(work, r["method"], r["seed"]) / "train.json")
+                    rows.append(
+                        {
+                            "method": r["method"],
+                            "seed": r["seed"],
+                            "setting": setting,
+                            "family": family,
+                            "part": part,
+                            **v,
+                        }
+                    )
+        trained_ = run_dir(work, r["method"], r["seed"]) / "train.json"
         timing = json.loads(trained_.read_text()) if trained_.is_file() else {}
-        rows.append({"method": r["method"], "seed": r["seed"], "probe": "timing", "probe_s": r["probe_s"],
-                     "train_s": timing.get("wall_s"), "steps": timing.get("step"),
-                     "git_sha": r["provenance"]["git_sha"]})
+        rows.append(
+            {
+                "method": r["method"],
+                "seed": r["seed"],
+                "probe": "timing",
+                "probe_s": r["probe_s"],
+                "train_s": timing.get("wall_s"),
+                "steps": timing.get("step"),
+                "git_sha": r["provenance"]["git_sha"],
+            }
+        )
     summary = summarise(records, baselines)
     config = {
-        "size": size_name, **asdict(size), "headline": "/".join(HEADLINE),
+        "size": size_name,
+        **asdict(size),
+        "headline": "/".join(HEADLINE),
         "data": {k: v for k, v in data.items() if k not in ("sources", "val_sources")},
-        "n_source_photos": len(data.get("sources", [])), "n_probe_photos": len(data.get("val_sources", [])),
-        "command": {m: train_command(work, size, m, 0, data.get("n_train_crops", 1))[2:] for m in size.methods},
+        "n_source_photos": len(data.get("sources", [])),
+        "n_probe_photos": len(data.get("val_sources", [])),
+        "command": {
+            m: train_command(work, size, m, 0, data.get("n_train_crops", 1))[2:] for m in size.methods
+        },
     }
     path = _provenance.write_result("science", config, rows, summary, device=slug)
-    r2_chart(summary, _provenance.RESULTS_DIR / f"science-{slug}-r2.png", f"science run ({size_name}, {slug})")
+    r2_chart(
+        summary, _provenance.RESULTS_DIR / f"science-{slug}-r2.png", f"science run ({size_name}, {slug})"
+    )
     for method in size.methods:
         grid = run_dir(work, method, min(summary["seeds"])) / "recon.png"
         if grid.is_file():

@@ -71,7 +71,9 @@ def train_all(work: Path, size: Size, methods, seeds, n_train: int) -> None:
 
 def _probe_settings(size: Size) -> list[tuple[str, str]]:
     """(pool, target) combinations probed: every pool on the signed target, |φ| on mean pooling."""
-    return [(pool, "signed") for pool in size.probe_pools] + [("mean", t) for t in size.probe_targets if t != "signed"]
+    return [(pool, "signed") for pool in size.probe_pools] + [
+        ("mean", t) for t in size.probe_targets if t != "signed"
+    ]
 
 
 def _probe(bb, samples, size: Size, device: torch.device, baselines: tuple[str, ...]) -> dict:
@@ -84,9 +86,16 @@ def _probe(bb, samples, size: Size, device: torch.device, baselines: tuple[str, 
     for pool, target in _probe_settings(size):
         emb = Embedder.from_backbone(bb, pool)
         emb.parts = tuple(p for p in emb.parts if p in ("all", "eq"))
-        cfg = ProbeConfig(transforms=size.probe_families, size=size.img_size, min_train_pairs=size.probe_pairs,
-                          seeds=size.probe_seeds, target=target, pool=pool, hidden=size.probe_hidden,
-                          baselines=baselines)
+        cfg = ProbeConfig(
+            transforms=size.probe_families,
+            size=size.img_size,
+            min_train_pairs=size.probe_pairs,
+            seeds=size.probe_seeds,
+            target=target,
+            pool=pool,
+            hidden=size.probe_hidden,
+            baselines=baselines,
+        )
         models = embedders_for(emb, baselines)
         if baselines:  # the baseline pass probes only the baselines
             models.pop("backbone")
@@ -134,15 +143,23 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
     start = time.time()
     bb = load_backbone(run / "ckpt" / "last.pt")
     samples = read_split(work / "probe", "train", size.probe_images)
-    record = {"method": method, "seed": seed, "backbone": bb.name, "equivariance": _probe(bb, samples, size, device, ()),
-              "diagnostics": train_diagnostics(run),
-              "provenance": provenance(device), "device_slug": device_slug(device),
-              "probe_s": round(time.time() - start, 1)}
+    record = {
+        "method": method,
+        "seed": seed,
+        "backbone": bb.name,
+        "equivariance": _probe(bb, samples, size, device, ()),
+        "diagnostics": train_diagnostics(run),
+        "provenance": provenance(device),
+        "device_slug": device_slug(device),
+        "probe_s": round(time.time() - start, 1),
+    }
     out.write_text(json.dumps(record, indent=2) + "\n")
     setting, first = next(iter(record["equivariance"].items()))
     family, by_model = next(iter(first["results"].items()))
-    log(f"probed {method} seed {seed} in {record['probe_s']} s: {family} R² ({setting}, backbone) "
-        f"{by_model['backbone']['all']['r2']:.3f}")
+    log(
+        f"probed {method} seed {seed} in {record['probe_s']} s: {family} R² ({setting}, backbone) "
+        f"{by_model['backbone']['all']['r2']:.3f}"
+    )
     return record
 
 
@@ -157,7 +174,9 @@ def probe_baselines(work: Path, size: Size, device: torch.device) -> dict:
         return json.loads(out.read_text())
     ckpt = next(iter(sorted((work / "runs").glob("*/ckpt/last.pt"))), None)
     if ckpt is None:
-        raise SystemExit(f"science: no checkpoint under {work / 'runs'} to take the baselines' architecture from")
+        raise SystemExit(
+            f"science: no checkpoint under {work / 'runs'} to take the baselines' architecture from"
+        )
     samples = read_split(work / "probe", "train", size.probe_images)
     record = {"equivariance": _probe(load_backbone(ckpt), samples, size, device, BASELINES)}
     out.write_text(json.dumps(record, indent=2) + "\n")

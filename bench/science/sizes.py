@@ -54,9 +54,18 @@ class Size:
 SIZES = {
     # ViT-S/16 at 112 px (7x7 tokens: grid2 needs an even grid, so mean and tokens), batch 256, 1500 steps.
     "gpu": Size(
-        methods=GPU_METHODS, img_size=112, batch_size=256, steps=1500, probe_pools=("mean", "tokens"),
-        overrides=["--optim.base_lr=5e-4", "--data.workers=8", "--run.ckpt_every=250", "--run.recon_every=500",
-                   "--run.log_every=25"],
+        methods=GPU_METHODS,
+        img_size=112,
+        batch_size=256,
+        steps=1500,
+        probe_pools=("mean", "tokens"),
+        overrides=[
+            "--optim.base_lr=5e-4",
+            "--data.workers=8",
+            "--run.ckpt_every=250",
+            "--run.recon_every=500",
+            "--run.log_every=25",
+        ],
     ),
     # The demo presets' tiny ViT (4 blocks, patch 8) at 32 px (4x4 tokens), rotation only (the family
     # where the papers differ most), batch 32, lr 1e-3; one thread per process: on 2 shared cores two
@@ -64,11 +73,32 @@ SIZES = {
     # pairs, 3 probe seeds, parts all and eq, one setting: grid2 pooling, signed φ, MLP width 128)
     # ~3 min per run; the other pools and |φ| are left to the GPU size.
     "cpu": Size(
-        methods=CPU_METHODS, img_size=32, batch_size=32, steps=300, crops_train=3_000, crops_val=600,
-        crop_px=48, fmnist_train=2_000, fmnist_val=500, probe_images=600, probe_families=("rotation",),
-        probe_pools=("grid2",), probe_targets=("signed",), probe_hidden=128, linear=False, device="cpu",
+        methods=CPU_METHODS,
+        img_size=32,
+        batch_size=32,
+        steps=300,
+        crops_train=3_000,
+        crops_val=600,
+        crop_px=48,
+        fmnist_train=2_000,
+        fmnist_val=500,
+        probe_images=600,
+        probe_families=("rotation",),
+        probe_pools=("grid2",),
+        probe_targets=("signed",),
+        probe_hidden=128,
+        linear=False,
+        device="cpu",
         threads=1,
-        overrides=["--optim.base_lr=1e-3", "--data.workers=1", "--run.ckpt_every=100", "--run.recon_every=150",
-                   "--run.log_every=20", "--run.device=cpu", "--run.threads=1", "--data.aug.transforms=rotation"],
+        overrides=[
+            "--optim.base_lr=1e-3",
+            "--data.workers=1",
+            "--run.ckpt_every=100",
+            "--run.recon_every=150",
+            "--run.log_every=20",
+            "--run.device=cpu",
+            "--run.threads=1",
+            "--data.aug.transforms=rotation",
+        ],
     ),
 }

@@ -18,8 +18,15 @@ PARTS = ["env", "wheels", "parity", "kernels", "step", "pipeline", "gpu", "fp32"
 
 def _run(out: Path, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}
-    return subprocess.run(["bash", str(SCRIPT), str(out), *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(out), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def _part(out: Path, name: str) -> dict:
@@ -37,15 +44,28 @@ def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
         part = _part(out, name)
         assert part["dry_run"] and part["provenance"]["versions"]["torch"], part
         want = "skipped" if name == "wheels" else "ok"
-        assert part["status"] == want, (part, (out / f"{PARTS.index(name):02d}-{name}.log").read_text()[-2000:]
-                                        if want == "ok" else "")
+        assert part["status"] == want, (
+            part,
+            (out / f"{PARTS.index(name):02d}-{name}.log").read_text()[-2000:] if want == "ok" else "",
+        )
         if want == "ok":
             assert (out / f"{PARTS.index(name):02d}-{name}.log").is_file()
-    for bench in ("kernels-cpu.json", "step-vits16-path-cpu.json", "step-vits16-vicreg-cpu.json", "pipeline-cpu.json"):
+    for bench in (
+        "kernels-cpu.json",
+        "step-vits16-path-cpu.json",
+        "step-vits16-vicreg-cpu.json",
+        "pipeline-cpu.json",
+    ):
         record = json.loads((out / bench).read_text())
         assert record["rows"] and "git_sha" in record, bench
     kernels = json.loads((out / "kernels-cpu.json").read_text())["config"]
-    assert kernels["preset"] == "demo-xattn-path" and kernels["xattn_shape_B_H_Nq_Nk_D"] == [1, 3, 128, 128, 32]
+    assert kernels["preset"] == "demo-xattn-path" and kernels["xattn_shape_B_H_Nq_Nk_D"] == [
+        1,
+        3,
+        128,
+        128,
+        32,
+    ]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ran"] == [p for p in PARTS if p != "wheels"]
     assert summary["skipped"] == {"wheels": "no --wheels folder given"}
@@ -56,8 +76,16 @@ def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
 
 def test_a_part_killed_by_its_time_box_still_leaves_its_files(tmp_path):
     out = tmp_path / "out"
-    done = _run(out, "--dry-run", "--only", "env,step,pipeline", "--part-budget", "step=2",
-                "--part-budget", "pipeline=2")
+    done = _run(
+        out,
+        "--dry-run",
+        "--only",
+        "env,step,pipeline",
+        "--part-budget",
+        "step=2",
+        "--part-budget",
+        "pipeline=2",
+    )
     assert done.returncode == 0, done.stderr
     step = _part(out, "step")
     assert step["status"] == "timeout" and step["time_box_s"] == 2 and step["exit_code"] in (124, 137)
@@ -77,9 +105,14 @@ def test_parts_past_the_deadline_are_skipped_with_the_reason(tmp_path):
     assert json.loads((out / "summary.json").read_text())["ran"] == []
 
 
-@pytest.mark.parametrize("args, match", [(["--part-budget", "nope=3"], "unknown part 'nope'"),
-                                         (["--budget", "ten"], "is not a whole number"),
-                                         (["--wheels", "/nonexistent"], "is not a folder")])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--part-budget", "nope=3"], "unknown part 'nope'"),
+        (["--budget", "ten"], "is not a whole number"),
+        (["--wheels", "/nonexistent"], "is not a folder"),
+    ],
+)
 def test_bad_arguments_are_one_error_line(tmp_path, args, match):
     done = _run(tmp_path / "out", *args)
     assert done.returncode == 2 and done.stderr.startswith("error: ") and match in done.stderr

@@ -61,8 +61,18 @@ def test_list_covers_everything_dali_imports_at_the_installed_versions():
         needed.update(_closure(name))
     missing = sorted(set(needed) - set(pins) - provided)
     assert not missing, f"bench/offline_extras.txt lacks {missing} (needed by {DALI} as installed here)"
-    for must in ("optree", "gast", "astunparse", "nvidia-nvjpeg", "nvidia-libnvcomp-cu13", "nvidia-nvjpeg2k-cu13",
-                 "nvidia-nvtiff-cu13", "nvidia-nvimgcodec-cu13", "webdataset", "braceexpand"):
+    for must in (
+        "optree",
+        "gast",
+        "astunparse",
+        "nvidia-nvjpeg",
+        "nvidia-libnvcomp-cu13",
+        "nvidia-nvjpeg2k-cu13",
+        "nvidia-nvtiff-cu13",
+        "nvidia-nvimgcodec-cu13",
+        "webdataset",
+        "braceexpand",
+    ):
         assert must in pins, must
     stale = {n: (v, needed[n]) for n, v in pins.items() if n in needed and v != needed[n]}
     assert not stale, f"pins differ from the versions installed and tested here (pinned, installed): {stale}"
@@ -74,13 +84,22 @@ def _fake_wheel(folder: Path, dist: str, module: str, payload: int = 3000) -> No
     with zipfile.ZipFile(folder / f"{dist}-1.0-py3-none-any.whl", "w") as whl:
         whl.writestr(f"{module}/__init__.py", f"BLOB = {os.urandom(payload).hex()!r}\n")
         whl.writestr(f"{tag}.dist-info/METADATA", f"Metadata-Version: 2.1\nName: {dist}\nVersion: 1.0\n")
-        whl.writestr(f"{tag}.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        whl.writestr(
+            f"{tag}.dist-info/WHEEL",
+            "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+        )
         whl.writestr(f"{tag}.dist-info/RECORD", "")
 
 
 def _run(*args, env=None):
-    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env={**os.environ, **(env or {})},
-                          timeout=300, check=False)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.fixture
@@ -103,8 +122,10 @@ def test_pack_cuts_checksummed_parts_and_install_verifies_them(packed, tmp_path)
     assert len(files) >= 2 and all(f.stat().st_size <= 4096 for f in files)
     sums = (parts / "SHA256SUMS").read_text()
     assert all(f" {f.name}\n" in sums for f in files) and ".whl" in sums
-    assert (parts / "MANIFEST").read_text().split() == ["nvidia_dali_fake-1.0-py3-none-any.whl",
-                                                        "webdataset-1.0-py3-none-any.whl"]
+    assert (parts / "MANIFEST").read_text().split() == [
+        "nvidia_dali_fake-1.0-py3-none-any.whl",
+        "webdataset-1.0-py3-none-any.whl",
+    ]
     done = _run("install", str(parts), str(tmp_path / "site"), env=env)
     assert done.returncode == 0, done.stderr
     assert "import nvidia.dali works" in done.stdout and (tmp_path / "site" / "nvidia" / "dali").is_dir()
@@ -115,7 +136,11 @@ def test_install_names_a_damaged_part(packed, tmp_path):
     with open(parts / "p2", "r+b") as f:
         f.write(b"X")
     done = _run("install", str(parts), str(tmp_path / "site"), env=env)
-    assert done.returncode == 1 and done.stderr.startswith("error: damaged or missing part(s)") and "p2" in done.stderr
+    assert (
+        done.returncode == 1
+        and done.stderr.startswith("error: damaged or missing part(s)")
+        and "p2" in done.stderr
+    )
 
 
 def test_install_names_a_package_without_its_wheel(packed, tmp_path):

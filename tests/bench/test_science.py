@@ -52,7 +52,9 @@ def test_every_method_gets_the_same_budget(size_name, tmp_path):
     assert all(f == flags["vicreg"] for f in flags.values())
     for method, cmd in commands.items():
         preset = cmd[cmd.index("--preset") + 1]
-        cfg = load_config(preset, [a for a in cmd[cmd.index("--preset") + 2 :] if a.startswith("--") and "=" in a])
+        cfg = load_config(
+            preset, [a for a in cmd[cmd.index("--preset") + 2 :] if a.startswith("--") and "=" in a]
+        )
         assert cfg.model.method == method.split("@")[0]
         assert cfg.data.img_size == size.img_size and cfg.data.batch_size == size.batch_size
         steps = cfg.optim.epochs * (3000 // size.batch_size)
@@ -62,8 +64,15 @@ def test_every_method_gets_the_same_budget(size_name, tmp_path):
 
 
 def _cell(r2: float) -> dict:
-    return {"r2": r2, "r2_std": 0.01, "r2_sie": r2, "r2_sie_std": 0.01, "r2_seeds": [r2] * 3, "n_train": 5000,
-            "n_test": 1500}
+    return {
+        "r2": r2,
+        "r2_std": 0.01,
+        "r2_sie": r2,
+        "r2_sie_std": 0.01,
+        "r2_seeds": [r2] * 3,
+        "n_train": 5000,
+        "n_test": 1500,
+    }
 
 
 def _records(seeds=(0, 1), methods=("vicreg", "path")):
@@ -71,15 +80,37 @@ def _records(seeds=(0, 1), methods=("vicreg", "path")):
     out = []
     for m in methods:
         for s in seeds:
-            eq = {setting: {"pairs": {}, "results": {f: {"backbone": {"all": _cell(float(rng.uniform(-0.1, 1))),
-                                                                      "eq": _cell(0.5)}}
-                                                      for f in ("rotation", "blur")}}
-                  for setting in ("mean/signed", "grid2/signed")}
-            out.append({"method": m, "seed": s, "equivariance": eq, "probe_s": 1.0, "device_slug": "cpu",
-                        "provenance": provenance("cpu")})
-    baselines = {"equivariance": {setting: {"results": {f: {"random": {"all": _cell(0.3)}, "pixels": {"all": _cell(0.6)}}
-                                                        for f in ("rotation", "blur")}}
-                                  for setting in ("mean/signed", "grid2/signed")}}
+            eq = {
+                setting: {
+                    "pairs": {},
+                    "results": {
+                        f: {"backbone": {"all": _cell(float(rng.uniform(-0.1, 1))), "eq": _cell(0.5)}}
+                        for f in ("rotation", "blur")
+                    },
+                }
+                for setting in ("mean/signed", "grid2/signed")
+            }
+            out.append(
+                {
+                    "method": m,
+                    "seed": s,
+                    "equivariance": eq,
+                    "probe_s": 1.0,
+                    "device_slug": "cpu",
+                    "provenance": provenance("cpu"),
+                }
+            )
+    baselines = {
+        "equivariance": {
+            setting: {
+                "results": {
+                    f: {"random": {"all": _cell(0.3)}, "pixels": {"all": _cell(0.6)}}
+                    for f in ("rotation", "blur")
+                }
+            }
+            for setting in ("mean/signed", "grid2/signed")
+        }
+    }
     return out, baselines
 
 
@@ -89,8 +120,11 @@ def test_summary_names_follow_design():
     for m in ("vicreg", "path"):
         for f in ("rotation", "blur"):
             assert {f"r2.{m}.{f}", f"r2_std.{m}.{f}", f"r2.{m}.{f}.mean/signed.eq"} <= set(summary)
-    mine = [r["equivariance"]["grid2/signed"]["results"]["rotation"]["backbone"]["all"]["r2"]
-            for r in records if r["method"] == "path"]
+    mine = [
+        r["equivariance"]["grid2/signed"]["results"]["rotation"]["backbone"]["all"]["r2"]
+        for r in records
+        if r["method"] == "path"
+    ]
     assert summary["r2.path.rotation"] == pytest.approx(np.mean(mine), abs=1e-4)
     assert summary["r2_std.path.rotation"] == pytest.approx(np.std(mine, ddof=1), abs=1e-4)
     assert summary["r2.pixels.rotation"] == 0.6 and summary["r2.random.rotation"] == 0.3

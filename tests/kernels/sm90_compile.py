@@ -59,18 +59,31 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: i
             return "*fp32" if n in FP32_PTRS else "*" + dtype
         return "i32"
 
-    src = ASTSource(fn=JITFunction(fn), signature={n: kind(n) for n in names},
-                    constexprs={(names.index(k),): v for k, v in constexprs.items()})
+    src = ASTSource(
+        fn=JITFunction(fn),
+        signature={n: kind(n) for n in names},
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
     log = io.StringIO()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with contextlib.redirect_stdout(log):
-        kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                options={"num_warps": num_warps, "num_stages": num_stages})
+        kernel = triton.compile(
+            src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages}
+        )
     wall, seconds = time.perf_counter() - t0, _cpu_seconds() - cpu0
     spills = [int(m) for m in re.findall(r"(\d+) bytes spill stores", log.getvalue())]
-    return {"kernel": fn.__name__, "dtype": dtype, "constexprs": constexprs, "num_warps": num_warps,
-            "num_stages": num_stages, "seconds": round(seconds, 2), "wall_seconds": round(wall, 2), "shared": kernel.metadata.shared,
-            "spill_stores": max(spills) if spills else None, "wgmma": "wgmma" in kernel.asm["ptx"]}
+    return {
+        "kernel": fn.__name__,
+        "dtype": dtype,
+        "constexprs": constexprs,
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+        "seconds": round(seconds, 2),
+        "wall_seconds": round(wall, 2),
+        "shared": kernel.metadata.shared,
+        "spill_stores": max(spills) if spills else None,
+        "wgmma": "wgmma" in kernel.asm["ptx"],
+    }
 
 
 def gpu_test_set(quick: bool) -> list[tuple]:
@@ -84,15 +97,35 @@ def gpu_test_set(quick: bool) -> list[tuple]:
             for fn, kind, extra in ((xa._xattn_fwd, "fwd", {}), (xa._xattn_bwd, "bwd", {"STORE_DKDV": True})):
                 configs = xa.candidates(kind, dtype, d)
                 for config in configs[:1] if quick else configs:
-                    jobs.append((fn, TYPE[dtype], {"HEAD_D": d, "PRECISION": precision, **extra, **config.kwargs},
-                                 config.num_warps, config.num_stages))
+                    jobs.append(
+                        (
+                            fn,
+                            TYPE[dtype],
+                            {"HEAD_D": d, "PRECISION": precision, **extra, **config.kwargs},
+                            config.num_warps,
+                            config.num_stages,
+                        )
+                    )
             jobs.append((xa._xattn_bwd_delta, TYPE[dtype], {"HEAD_D": d, "BLOCK_M": xa._DELTA_BLOCK_M}, 4, 1))
         block_r, block_p, warps = rl._blocks(RECON_P)
         for norm_pix in (False, True):
             for bias_grad in (False, True):
-                jobs.append((rl._recon_fwd, TYPE[dtype], {"NORM_PIX": norm_pix, "WRITE_GRAD": True,
-                                                          "BIAS_GRAD": bias_grad, "IMAGES": False,
-                                                          "BLOCK_R": block_r, "BLOCK_P": block_p}, warps, 1))
+                jobs.append(
+                    (
+                        rl._recon_fwd,
+                        TYPE[dtype],
+                        {
+                            "NORM_PIX": norm_pix,
+                            "WRITE_GRAD": True,
+                            "BIAS_GRAD": bias_grad,
+                            "IMAGES": False,
+                            "BLOCK_R": block_r,
+                            "BLOCK_P": block_p,
+                        },
+                        warps,
+                        1,
+                    )
+                )
     return jobs
 
 

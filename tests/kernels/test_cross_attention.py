@@ -111,12 +111,23 @@ def test_mixed_dtypes_fail_clearly():
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 # vits16-xattn-path's decoder: the packed K·196 queries × 392 keys of the cross block, 196 × 196 self-attention;
 # then odd shapes and the other head dims
-@pytest.mark.parametrize("shape", [(8, 3, 392, 392, 64), (16, 3, 196, 196, 64), (8, 3, 196, 392, 64),
-                                   (4, 3, 197, 50, 128), (16, 6, 392, 196, 32), (3, 3, 1, 197, 64)],
-                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (8, 3, 392, 392, 64),
+        (16, 3, 196, 196, 64),
+        (8, 3, 196, 392, 64),
+        (4, 3, 197, 50, 128),
+        (16, 6, 392, 196, 32),
+        (3, 3, 1, 197, 64),
+    ],
+    ids=lambda s: "x".join(map(str, s)),
+)
 def test_parity_gpu(compiled_kernels, shape, dtype):
     _check(*_inputs(*shape, dtype, device="cuda"), dtype)
 
@@ -131,7 +142,9 @@ def test_backward_is_reproducible_gpu(compiled_kernels):
     second = _grads(lambda *a: _CrossAttention.apply(*a[:3], 0.125), q, k, v, dout)
     for name, a, b in zip(("out", "dq", "dk", "dv"), first, second):
         if name == "dq":
-            assert (a.float() - b.float()).abs().max().item() <= 2 * torch.finfo(torch.bfloat16).eps * a.abs().max()
+            assert (a.float() - b.float()).abs().max().item() <= 2 * torch.finfo(
+                torch.bfloat16
+            ).eps * a.abs().max()
         else:
             assert torch.equal(a, b), name
 

@@ -55,8 +55,15 @@ def test_fallback_warns_once_and_matches_reference():
     # a fresh CPU process asking for Triton without the interpreter: one warning, then the reference
     env = {**os.environ, "EQRECON_KERNELS": "triton", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", FALLBACK_SCRIPT], cwd=root, env=env, capture_output=True, check=False,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", FALLBACK_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
     assert done.stderr.count("RuntimeWarning") == 1, done.stderr
     assert "TRITON_INTERPRET is not 1; falling back to the PyTorch reference" in done.stderr
@@ -104,8 +111,10 @@ def test_auto_keeps_the_fastest_and_times_each_shape_once(fake_timer, capsys):
     assert _backend.auto_choice("xattn", key, make) == "sdpa-flash_attention"
     assert len(calls) == 3  # the second call reuses the first call's timing
     record = kernels.choices()["xattn bfloat16 8x3x392x392x64"]
-    assert record == {"chosen": "sdpa-flash_attention",
-                      "ms": {"triton": 0.8, "sdpa-flash_attention": 0.5, "sdpa-cudnn_attention": None}}
+    assert record == {
+        "chosen": "sdpa-flash_attention",
+        "ms": {"triton": 0.8, "sdpa-flash_attention": 0.5, "sdpa-cudnn_attention": None},
+    }
     err = capsys.readouterr().err
     assert err.count("eqrecon.kernels: xattn bfloat16 8x3x392x392x64 -> sdpa-flash_attention") == 1, err
     # a new shape is timed again, independently
@@ -166,8 +175,15 @@ def test_kernels_and_model_import_without_triton_and_fall_back_once():
     env = {**os.environ, "EQRECON_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, "-c", NO_TRITON_SCRIPT], cwd=root, env=env, capture_output=True,
-                          check=False, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", NO_TRITON_SCRIPT],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
     assert done.stderr.count("RuntimeWarning") == 1, done.stderr
     assert "triton does not import (ModuleNotFoundError" in done.stderr

@@ -181,7 +181,9 @@ def test_linear_bad_shapes_fail_clearly(interpreted_kernels):
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("norm_pix", [False, True], ids=["plain", "norm_pix"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"]
+)
 def test_parity_gpu(compiled_kernels, dtype, norm_pix):
     shape = (32, 2, 196, 768)
     pred, target = _data(shape, dtype, device="cuda")

@@ -25,16 +25,24 @@ def _compile(tmp_path, *flags: str) -> dict:
     # an empty cache, or a config compiled before is timed at ~0 s and its ptxas report is missing
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=str(tmp_path))
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run([sys.executable, str(Path(__file__).with_name("sm90_compile.py")), *flags], cwd=root,
-                          env={**env, "PYTHONPATH": str(root)}, capture_output=True, text=True, timeout=900,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("sm90_compile.py")), *flags],
+        cwd=root,
+        env={**env, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _check_rows(rows: list[dict]) -> None:
     for r in rows:
-        where = f"{r['kernel']} {r['dtype']} {r['constexprs']} warps={r['num_warps']} stages={r['num_stages']}"
+        where = (
+            f"{r['kernel']} {r['dtype']} {r['constexprs']} warps={r['num_warps']} stages={r['num_stages']}"
+        )
         assert r["shared"] <= SMEM_LIMIT, f"{where}: {r['shared']} B of shared memory"
         assert r["spill_stores"] == 0, f"{where}: spills {r['spill_stores']} B per thread (ptxas -v)"
         # 16-bit dots are wgmma, except the D=128 backward: wgmma needs 64-row blocks, and every 64×64

@@ -15,9 +15,17 @@ from train.config import load_config
 from train.loop import build_optimizer, build_scheduler, train_step
 
 STEPS = 20
-TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", "--data.batch_size=2",
-        "--model.dec_depth=2", "--model.dec_width=64", "--model.dec_heads=2",
-        "--data.loader=reference", "--data.workers=1")
+TINY = (
+    "--data.img_size=32",
+    "--model.depth=2",
+    "--model.expander=64,64",
+    "--data.batch_size=2",
+    "--model.dec_depth=2",
+    "--model.dec_width=64",
+    "--model.dec_heads=2",
+    "--data.loader=reference",
+    "--data.workers=1",
+)
 
 
 def _run(cfg, batches, monkeypatch, mode: str) -> list[float]:

@@ -35,7 +35,9 @@ class ParametrizedNet(nn.Module):
         archi_str = str(equivariant_size) + "-" + str(equivariant_size)
         self.predictor = [int(x) for x in archi_str.split("-")]
         self.args = args
-        self.num_weights_each = [self.predictor[i] * self.predictor[i + 1] for i in range(len(self.predictor) - 1)]
+        self.num_weights_each = [
+            self.predictor[i] * self.predictor[i + 1] for i in range(len(self.predictor) - 1)
+        ]
         self.num_params_each = self.num_weights_each
         self.cum_params = [0] + list(np.cumsum(self.num_params_each))
         self.hypernet = HyperNet(latent_size, int(self.cum_params[-1]), self.args)
@@ -56,9 +58,18 @@ class ParametrizedNet(nn.Module):
 
 def default_args(batch_size: int) -> SimpleNamespace:
     """main.py's defaults for the loss and the predictor."""
-    return SimpleNamespace(sim_coeff=10.0, equi_factor=4.5, std_coeff=10.0, cov_coeff=1.0, batch_size=batch_size,
-                           bias_hypernet=False, bias_pred=False, hypernetwork="linear", predictor="",
-                           predictor_relu=False)
+    return SimpleNamespace(
+        sim_coeff=10.0,
+        equi_factor=4.5,
+        std_coeff=10.0,
+        cov_coeff=1.0,
+        batch_size=batch_size,
+        bias_hypernet=False,
+        bias_pred=False,
+        hypernetwork="linear",
+        predictor="",
+        predictor_relu=False,
+    )
 
 
 def sie_forward_loss(args, x_inv, y_inv, x_equi, y_equi, predictor, z):
@@ -90,5 +101,10 @@ def sie_forward_loss(args, x_inv, y_inv, x_equi, y_equi, predictor, z):
         + args.std_coeff * pred_std_loss
         + args.cov_coeff * cov_loss
     )
-    return loss, {"repr_loss_inv": repr_loss_inv, "repr_loss_equi": repr_loss_equi, "std_loss": std_loss,
-                  "pred_std_loss": pred_std_loss, "cov_loss": cov_loss}
+    return loss, {
+        "repr_loss_inv": repr_loss_inv,
+        "repr_loss_equi": repr_loss_equi,
+        "std_loss": std_loss,
+        "pred_std_loss": pred_std_loss,
+        "cov_loss": cov_loss,
+    }

@@ -91,4 +91,3 @@ def test_sie_predictor_is_bias_free_linear():
         torch.testing.assert_close(pred(2 * z, t_a), 2 * pred(z, t_a))  # linear in z
         torch.testing.assert_close(pred(z, 3 * t_a), 3 * pred(z, t_a))  # linear in the code
         assert not torch.allclose(pred(z, t_a), pred(z, t_b))
-

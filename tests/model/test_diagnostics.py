@@ -25,8 +25,13 @@ def test_recon_errors_own_equals_other_when_the_step_is_ignored():
     assert out["diag/recon.own"] == pytest.approx(out["diag/recon.other"], rel=1e-6)
     exact = recon_errors(targets, targets)
     assert exact["diag/recon.own"] == 0.0 and exact["diag/recon.other"] > 1.0
-    assert set(exact) == {"diag/recon.own", "diag/recon.other", "diag/recon.own.k1", "diag/recon.own.k2",
-                          "diag/recon.own.k3"}
+    assert set(exact) == {
+        "diag/recon.own",
+        "diag/recon.other",
+        "diag/recon.own.k1",
+        "diag/recon.own.k2",
+        "diag/recon.own.k3",
+    }
     assert torch.equal(difference_images(targets, targets), torch.zeros_like(targets))
 
 

@@ -18,7 +18,10 @@ from pipeline.errors import ConfigError
 from tests.model.oracles import dino_official, dinov2_official, ibot_official
 
 TOL = {"rtol": 1e-6, "atol": 1e-9}
-FP32_TOL = {"rtol": 1e-5, "atol": 1e-7}  # against the Sinkhorn oracle's own targets, which it computes in fp32
+FP32_TOL = {
+    "rtol": 1e-5,
+    "atol": 1e-7,
+}  # against the Sinkhorn oracle's own targets, which it computes in fp32
 B, K, L, N = 4, 32, 3, 16  # images per rank, prototypes, local crops, patches per crop (4×4 grid)
 
 
@@ -120,9 +123,19 @@ def test_dino_loss_rejects_mismatched_crops():
 
 
 def _ibot_official(**kw):
-    return ibot_official.iBOTLoss(K, K, ngcrops=2, nlcrops=L, warmup_teacher_temp=0.04, teacher_temp=0.07,
-                                  warmup_teacher_temp2=0.04, teacher_temp2=0.07, warmup_teacher_temp_epochs=3,
-                                  nepochs=5, **kw).double()
+    return ibot_official.iBOTLoss(
+        K,
+        K,
+        ngcrops=2,
+        nlcrops=L,
+        warmup_teacher_temp=0.04,
+        teacher_temp=0.07,
+        warmup_teacher_temp2=0.04,
+        teacher_temp2=0.07,
+        warmup_teacher_temp_epochs=3,
+        nepochs=5,
+        **kw,
+    ).double()
 
 
 def test_ibot_loss_and_centres_match_official_over_steps():
@@ -210,7 +223,11 @@ def test_dinov2_ibot_patch_loss_with_sinkhorn_matches_official():
     want_targets = official.sinkhorn_knopp_teacher(t_masked, TEMP, torch.tensor([m]))
     weights = (1 / masks.sum(-1).clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]  # the collate's
     # ssl_meta_arch: forward_masked(...) * loss_scales (2) * ibot_loss_scale (1 / 2 global crops)
-    want = official.forward_masked(s_masked, want_targets, masks, n_masked_patches=m, masks_weight=weights) * 2 / 2
+    want = (
+        official.forward_masked(s_masked, want_targets, masks, n_masked_patches=m, masks_weight=weights)
+        * 2
+        / 2
+    )
     (want_grad,) = torch.autograd.grad(want, s_masked)
 
     torch.testing.assert_close(dino.sinkhorn_knopp(t_masked, TEMP), want_targets.double(), **FP32_TOL)
@@ -321,13 +338,21 @@ def test_two_ranks_match_the_oracle_on_the_concatenated_batch(tmp_path):
     s_patch = inputs["s_patch"].clone().requires_grad_(True)
     teacher, t_patch = inputs["teacher"], inputs["t_patch"]
     masks = inputs["masks"].view(2, W * B, 4, 4)
-    want = official((s_cls[:2].flatten(0, 1), s_patch.flatten(0, 1)), (teacher.flatten(0, 1), t_patch.flatten(0, 1)),
-                    s_cls[2:].flatten(0, 1), list(masks), EPOCH)
+    want = official(
+        (s_cls[:2].flatten(0, 1), s_patch.flatten(0, 1)),
+        (teacher.flatten(0, 1), t_patch.flatten(0, 1)),
+        s_cls[2:].flatten(0, 1),
+        list(masks),
+        EPOCH,
+    )
     want_d_student, want_d_s_patch = torch.autograd.grad(want["loss"], (s_cls, s_patch))
-    want_sk_cls = dinov2_official.DINOLoss(K).sinkhorn_knopp_teacher(teacher.flatten(0, 1), TEMP).view(2, W * B, K)
+    want_sk_cls = (
+        dinov2_official.DINOLoss(K).sinkhorn_knopp_teacher(teacher.flatten(0, 1), TEMP).view(2, W * B, K)
+    )
     flat_masks = inputs["masks"].flatten(0, 1)
     want_sk_patch = dinov2_official.iBOTPatchLoss(K).sinkhorn_knopp_teacher(
-        t_patch.flatten(0, 1)[flat_masks], TEMP, torch.tensor([int(flat_masks.sum())]))
+        t_patch.flatten(0, 1)[flat_masks], TEMP, torch.tensor([int(flat_masks.sum())])
+    )
 
     for name in ("center", "center2"):
         want_c = getattr(official, name).flatten()
@@ -359,8 +384,9 @@ def test_two_ranks_match_the_oracle_on_the_concatenated_batch(tmp_path):
 def test_block_masks_draw_for_draw_as_ibot():
     """Seeded alike, iBOT's ImageFolderMask (pred_ratio 0 0.3, var 0 0.2) and block_masks make the
     same masks: the same ratio distribution and the same blocks."""
-    official = ibot_official.iBOTMaskGenerator(patch_size=16, pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2],
-                                              pred_aspect_ratio=(0.3, 1 / 0.3))
+    official = ibot_official.iBOTMaskGenerator(
+        patch_size=16, pred_ratio=[0.0, 0.3], pred_ratio_var=[0.0, 0.2], pred_aspect_ratio=(0.3, 1 / 0.3)
+    )
     crops = [torch.zeros(3, 224, 224)] * 2  # the two global crops of one image: a 14×14 grid
     random.seed(9)
     want = [torch.from_numpy(m).flatten() for _ in range(100) for m in official.masks_for(crops)]
@@ -416,9 +442,13 @@ def test_losses_run_in_fp32_under_autocast():
 
     def terms():
         targets = dino.sinkhorn_knopp(teacher, TEMP)
-        return torch.stack([dino.dino_loss(student, targets.view(2, B, K)),
-                            dino.ibot_patch_loss(patches, dino.teacher_softmax(patches, torch.zeros(K), TEMP), masks),
-                            dino.koleo_loss(student[0])])
+        return torch.stack(
+            [
+                dino.dino_loss(student, targets.view(2, B, K)),
+                dino.ibot_patch_loss(patches, dino.teacher_softmax(patches, torch.zeros(K), TEMP), masks),
+                dino.koleo_loss(student[0]),
+            ]
+        )
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = terms()

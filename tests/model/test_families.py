@@ -34,16 +34,20 @@ COMBOS = [
 def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFamily, Batch]:
     cfg = variant_config(variant, *overrides)
     torch.manual_seed(0)
-    fam = DinoConfig(family=family, out_dim=64, hidden_dim=32, bottleneck_dim=16,
-                     norm_last_layer=family != "dinov2")
+    fam = DinoConfig(
+        family=family, out_dim=64, hidden_dim=32, bottleneck_dim=16, norm_last_layer=family != "dinov2"
+    )
     method = DinoFamily(cfg.model, cfg.data, fam, equivariant=eq)
     batch = make_batch(cfg, batch_size=4)
     gen = torch.Generator().manual_seed(1)
     grid = method.encoder.grid
     masks = dino.block_masks(2 * 4, (grid, grid), random.Random(2), ranges=((0.2, 0.5),))
     masks[0] = False  # one crop unmasked, as half of iBOT's are
-    multi = dataclasses.replace(batch, local=torch.randn(4, LOCAL, 3, LOCAL_SIZE, LOCAL_SIZE, generator=gen),
-                                masks=masks.view(4, 2, -1))
+    multi = dataclasses.replace(
+        batch,
+        local=torch.randn(4, LOCAL, 3, LOCAL_SIZE, LOCAL_SIZE, generator=gen),
+        masks=masks.view(4, 2, -1),
+    )
     return method, multi
 
 
@@ -66,7 +70,9 @@ def test_encode_tokens_equals_the_split_encoder():
         encode_tokens(enc, batch.local[:, 0, :, :12, :12])
 
 
-@pytest.mark.parametrize(("family", "eq", "variant", "overrides"), COMBOS, ids=[f"{f}-{e}" for f, e, *_ in COMBOS])
+@pytest.mark.parametrize(
+    ("family", "eq", "variant", "overrides"), COMBOS, ids=[f"{f}-{e}" for f, e, *_ in COMBOS]
+)
 def test_terms_finite_and_gradients_reach_the_student_only(family, eq, variant, overrides):
     method, batch = _build(family, eq, variant, *overrides)
     method.train()
@@ -78,7 +84,9 @@ def test_terms_finite_and_gradients_reach_the_student_only(family, eq, variant, 
     assert want <= out.keys(), out.keys()
     assert all(torch.isfinite(v).all() for v in out.values()), out
     weights = {"ibot": 1.0, "koleo": 0.1}
-    inv = out["loss/inv.dino"] + sum(w * out[f"loss/inv.{k}"] for k, w in weights.items() if f"loss/inv.{k}" in out)
+    inv = out["loss/inv.dino"] + sum(
+        w * out[f"loss/inv.{k}"] for k, w in weights.items() if f"loss/inv.{k}" in out
+    )
     torch.testing.assert_close(out["loss/inv"].detach(), inv)
     out["loss"].backward()
     trained = {n: p for n, p in method.named_parameters() if p.requires_grad}
@@ -132,7 +140,9 @@ def test_state_dict_restores_student_teacher_and_centres_exactly():
     restored.eval()
     want, got = method(batch), restored(batch)
     assert all(torch.equal(want[k], got[k]) for k in want)
-    assert torch.equal(method.center, restored.center) and torch.equal(method.patch_center, restored.patch_center)
+    assert torch.equal(method.center, restored.center) and torch.equal(
+        method.patch_center, restored.patch_center
+    )
 
 
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:

@@ -64,7 +64,9 @@ def test_reconstruct_shapes(name, overrides, shape):
         assert tuple(pred.shape) == shape and not pred.requires_grad and torch.isfinite(pred).all()
 
 
-@pytest.mark.parametrize("name, overrides", [(n, ()) for n in VARIANTS] + [("path-xattn", ("--model.pool=cls",))])
+@pytest.mark.parametrize(
+    "name, overrides", [(n, ()) for n in VARIANTS] + [("path-xattn", ("--model.pool=cls",))]
+)
 def test_every_parameter_gets_a_gradient(name, overrides):
     """An unused parameter breaks DDP (or silently never trains): each must get a non-zero gradient."""
     cfg, method = _build(name, *overrides)
@@ -127,16 +129,29 @@ def test_path_method_matches_between_triton_and_reference():
     here = Path(__file__).resolve().parent
     code = f"import sys; sys.path.insert(0, {str(here)!r}); import test_methods; test_methods.triton_vs_reference()"
     env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=here.parents[1], env=env, capture_output=True, check=False,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=here.parents[1],
+        env=env,
+        capture_output=True,
+        check=False,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_no_weight_decay_names():
     _, method = _build("path-xattn")
     names = method.no_weight_decay()
-    assert {"encoder.backbone.pos_embed", "encoder.backbone.cls_token", "encoder.head.bias",
-            "decoder.step_embed", "decoder.view_embed", "decoder.norm.weight"} <= names
+    assert {
+        "encoder.backbone.pos_embed",
+        "encoder.backbone.cls_token",
+        "encoder.head.bias",
+        "decoder.step_embed",
+        "decoder.view_embed",
+        "decoder.norm.weight",
+    } <= names
     assert "encoder.head.weight" not in names and "decoder.head.weight" not in names
 
 
@@ -149,7 +164,11 @@ def test_no_weight_decay_names():
         ("demo", ("--data.img_size=36",), "data.img_size=36 is not divisible by model.patch_size=8"),
         ("demo", ("--model.d_inv=128",), "model.d_inv=128 must be in"),
         ("demo-sie", ("--model.d_inv=0",), "model.d_inv=0 must be in"),
-        ("demo-xattn-path", ("--model.dec_heads=5",), "model.dec_width=96 is not divisible by model.dec_heads=5"),
+        (
+            "demo-xattn-path",
+            ("--model.dec_heads=5",),
+            "model.dec_width=96 is not divisible by model.dec_heads=5",
+        ),
         ("demo-xattn-path", ("--model.dec_heads=2",), "head dim model.dec_width / model.dec_heads = 48"),
         ("demo-xattn-path", ("--model.dec_depth=0",), "model.dec_depth must be >= 1"),
         ("demo", ("--data.aug.k=0",), "data.aug.k=0"),
@@ -219,5 +238,7 @@ def test_sie_is_conditioned_on_g_and_on_the_crop_flip_difference():
     shifted[:, CROP2] += 0.1
     x = torch.randn(len(batch), method.predictor.d)
     with torch.no_grad():
-        assert not torch.allclose(method.predictor(x, code), method.predictor(x, method.transformation_code(shifted)))
+        assert not torch.allclose(
+            method.predictor(x, code), method.predictor(x, method.transformation_code(shifted))
+        )
     assert all(p.bias is None for p in method.predictor.modules() if isinstance(p, torch.nn.Linear))

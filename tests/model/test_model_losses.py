@@ -70,8 +70,13 @@ def test_sie_loss_and_predictor_match_the_official_code():
     inv, eq, terms = sie_loss(x_inv, y_inv, x_eq, y_eq, ours_pred(x_eq, code))
     want, want_terms = official.sie_forward_loss(args, x_inv, y_inv, x_eq, y_eq, theirs_pred, code)
     torch.testing.assert_close(inv + eq, want, atol=1e-6, rtol=1e-6)
-    for ours, theirs in (("sim", "repr_loss_inv"), ("pred", "repr_loss_equi"), ("std", "std_loss"),
-                         ("pred_std", "pred_std_loss"), ("cov", "cov_loss")):
+    for ours, theirs in (
+        ("sim", "repr_loss_inv"),
+        ("pred", "repr_loss_equi"),
+        ("std", "std_loss"),
+        ("pred_std", "pred_std_loss"),
+        ("cov", "cov_loss"),
+    ):
         torch.testing.assert_close(terms[ours].double(), want_terms[theirs].double(), atol=1e-6, rtol=1e-6)
     params_ours, params_theirs = [ours_pred.hypernet.weight], [theirs_pred.hypernet.net[0].weight]
     got = torch.autograd.grad(inv + eq, inputs + params_ours)
@@ -100,7 +105,12 @@ def _two_rank_worker(rank: int, world: int, init_file: str, full: dict, results)
         c = full["b"][rank * b : (rank + 1) * b].clone().requires_grad_()
         loss, terms = vicreg_loss(a, c)
         loss.backward()
-        results[rank] = {"std": terms["std"].item(), "cov": terms["cov"].item(), "grad_a": a.grad, "grad_b": c.grad}
+        results[rank] = {
+            "std": terms["std"].item(),
+            "cov": terms["cov"].item(),
+            "grad_a": a.grad,
+            "grad_b": c.grad,
+        }
     finally:
         dist.destroy_process_group()
 

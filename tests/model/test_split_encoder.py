@@ -39,7 +39,7 @@ def test_parts_are_the_head_channels_of_the_backbone_tokens():
     with torch.no_grad():
         tokens = enc.backbone.forward_features(x)
         out = enc(x)
-        z = enc.head(tokens[:, enc.backbone.num_prefix_tokens:])  # (B, N, d_patch)
+        z = enc.head(tokens[:, enc.backbone.num_prefix_tokens :])  # (B, N, d_patch)
     torch.testing.assert_close(enc.forward_features(x), tokens)
     d_inv = cfg.model.d_inv
     torch.testing.assert_close(out.z_inv_tokens, z[..., :d_inv])

@@ -18,8 +18,13 @@ from pipeline.errors import ConfigError
 def _student(seed: int = 0) -> nn.Module:
     """A small encoder + DINO head: linear, LayerNorm, BatchNorm (a buffer), dropout, weight-norm head."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 12), nn.LayerNorm(12), nn.BatchNorm1d(12), nn.Dropout(0.5),
-                         DINOHead(12, 16, hidden_dim=20, bottleneck_dim=8))
+    return nn.Sequential(
+        nn.Linear(6, 12),
+        nn.LayerNorm(12),
+        nn.BatchNorm1d(12),
+        nn.Dropout(0.5),
+        DINOHead(12, 16, hidden_dim=20, bottleneck_dim=8),
+    )
 
 
 def _perturb(module: nn.Module, seed: int) -> None:

@@ -125,7 +125,9 @@ def test_oddities_kept_reencoded_or_skipped_with_reason(tree, converted):
         if src.mode in ("I;16", "I"):
             ref = Image.fromarray((np.asarray(src) // 257).astype(np.uint8))
         else:
-            ref = Image.alpha_composite(Image.new("RGBA", src.size, "white"), src.convert("RGBA")).convert("L")
+            ref = Image.alpha_composite(Image.new("RGBA", src.size, "white"), src.convert("RGBA")).convert(
+                "L"
+            )
         diff = np.abs(np.asarray(im.convert("L"), float) - np.asarray(ref, float))
         assert im.size == src.size and diff.mean() < 8, (rel, diff.mean())
     got = {x["path"]: x["reason"] for x in meta["skipped"]}
@@ -153,8 +155,9 @@ def test_index_matches_dali_wds2idx(converted, tmp_path):
         pytest.skip("DALI's wds2idx is not installed")
     for rec in meta["shards"][:3]:
         ref = tmp_path / (rec["name"] + ".idx")
-        subprocess.run([sys.executable, str(tool), str(out / rec["name"]), str(ref)], check=True,
-                       capture_output=True)
+        subprocess.run(
+            [sys.executable, str(tool), str(out / rec["name"]), str(ref)], check=True, capture_output=True
+        )
         assert ref.read_text() == (out / rec["name"]).with_suffix(".idx").read_text()
 
 
@@ -183,8 +186,13 @@ def test_dali_cpu_reader_reads_keys_and_labels(tree, converted):
 
         @pipeline_def(batch_size=n, num_threads=1, device_id=None)
         def pipe(tars=tars):
-            jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                             ext=["jpg", "cls"], missing_component_behavior="skip", name="r")
+            jpg, cls = fn.readers.webdataset(
+                paths=tars,
+                index_paths=[t[:-4] + ".idx" for t in tars],
+                ext=["jpg", "cls"],
+                missing_component_behavior="skip",
+                name="r",
+            )
             return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls, jpg
 
         p = pipe()
@@ -201,8 +209,22 @@ def test_dali_cpu_reader_reads_keys_and_labels(tree, converted):
 def test_strict_fails_naming_the_files(tree, tmp_path, capsys):
     with pytest.raises(cv.ConvertError, match="no label.*ILSVRC2012_val_00000099|ILSVRC2012_val_00000099"):
         cv.convert(tree[0], tmp_path / "a", strict=True, workers=1, quiet=True)
-    assert cv.main(["--src", str(tree[0]), "--out", str(tmp_path / "b"), "--split", "train", "--strict",
-                    "--workers", "1"]) == 1
+    assert (
+        cv.main(
+            [
+                "--src",
+                str(tree[0]),
+                "--out",
+                str(tmp_path / "b"),
+                "--split",
+                "train",
+                "--strict",
+                "--workers",
+                "1",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert err.startswith("error: --strict: 3 input file(s)")
     for name in ("truncated.JPEG", "empty.JPEG", "garbage.JPEG"):
@@ -311,7 +333,9 @@ def test_folder_of_class_folders_and_unknown_val_class(tmp_path):
         (tmp_path / "plain" / cls).mkdir(parents=True)
         shutil.copy(PHOTOS / "train/cat/cat_train_00.jpg", tmp_path / "plain" / cls / "x.jpg")
     meta = cv.convert(tmp_path / "plain", tmp_path / "o1", workers=1, quiet=True)
-    assert meta["classes"] == ["a", "b"] and meta["splits"] == {"train": {"count": 2, "shards": 1, "skipped": 0}}
+    assert meta["classes"] == ["a", "b"] and meta["splits"] == {
+        "train": {"count": 2, "shards": 1, "skipped": 0}
+    }
 
     src = tmp_path / "split"
     (src / "train" / "a").mkdir(parents=True)
@@ -340,8 +364,14 @@ def test_bad_input_is_one_clear_line(tmp_path, case, capsys):
 def test_cli_end_to_end(tree, tmp_path):
     """The real command line (a subprocess): exit status, summary with skipped files and images/s."""
     run = [sys.executable, "-m", "pipeline.convert"]
-    ok = subprocess.run(run + ["--src", str(tree[0]), "--out", str(tmp_path), "--shard-size", "5",
-                               "--workers", "2"], check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        run + ["--src", str(tree[0]), "--out", str(tmp_path), "--shard-size", "5", "--workers", "2"],
+        check=False,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "images/s" in ok.stdout and "skipped train/n01484850/empty.JPEG: empty file" in ok.stdout
 
@@ -355,8 +385,9 @@ def test_bench_synthetic_jpegs_are_imagenet_sized_and_convert_as_they_are(tmp_pa
     make_imagenet_like(tmp_path / "b", 8, classes=3, workers=2)
     files = sorted((tmp_path / "a").rglob("*.JPEG"))
     assert len(files) == 8 and len({f.parent.name for f in files}) == 3
-    assert [f.read_bytes() for f in files] == [(tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
-                                               for f in files]
+    assert [f.read_bytes() for f in files] == [
+        (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes() for f in files
+    ]
     assert len({f.read_bytes() for f in files}) == 8
     for f in files:
         with Image.open(f) as im:

@@ -33,9 +33,19 @@ def class_folders(root: Path, classes=("cat", "coffee", "rocket"), per_class: in
     return root
 
 
-def run_cli(*args: str, timeout: float = 120, prefix: tuple[str, ...] = (), **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*prefix, *CLI, *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, check=False, **kw)
+def run_cli(
+    *args: str, timeout: float = 120, prefix: tuple[str, ...] = (), **kw
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, *CLI, *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=False,
+        **kw,
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
@@ -90,7 +100,9 @@ def test_out_inside_src_is_neither_a_class_nor_images(tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = cv.convert(src, resumed_out, shard_size=4, workers=1, quiet=True)
     assert resumed["classes"] == ref["classes"] and shards(resumed) == shards(ref)
-    assert not [x for x in resumed["skipped"] + resumed["ignored"] if "wds" in str(x)]  # nor src/wds, an older output
+    assert not [
+        x for x in resumed["skipped"] + resumed["ignored"] if "wds" in str(x)
+    ]  # nor src/wds, an older output
 
 
 def test_out_inside_the_train_folder_of_an_imagenet_layout(tmp_path):
@@ -129,8 +141,13 @@ def wait_for_lock(out: Path, pid: int, timeout: float = 60) -> None:
 def test_second_converter_into_the_same_out_exits_at_once_naming_the_holder(tmp_path):
     every_class = sorted(p.name for p in (PHOTOS / "train").iterdir())
     src, out = class_folders(tmp_path / "src", every_class, per_class=8), tmp_path / "out"  # ~1 s of work
-    first = subprocess.Popen([*CLI, "--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1"],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*CLI, "--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for_lock(out, first.pid)
         os.kill(first.pid, signal.SIGSTOP)  # the holder is mid-conversion for as long as this test needs
@@ -144,7 +161,9 @@ def test_second_converter_into_the_same_out_exits_at_once_naming_the_holder(tmp_
         _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err
     cv.verify(out)  # the holder's dataset is whole: the second converter touched nothing
-    assert run_cli("--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1").returncode == 0
+    assert (
+        run_cli("--src", str(src), "--out", str(out), "--shard-size", "2", "--workers", "1").returncode == 0
+    )
 
 
 # ----------------------------------------------------------------------- entries that are not converted
@@ -160,7 +179,9 @@ def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
     os.symlink("self.jpg", cat / "self.jpg")
     os.symlink("..", cat / "loop")  # a folder that leads back to its parent
     os.mkfifo(cat / "pipe.jpg")  # reading it would block forever
-    shutil.copy(PHOTOS / "train/cat/cat_train_06.jpg", cat / "._cat_train_00.jpg")  # hidden: listed, not converted
+    shutil.copy(
+        PHOTOS / "train/cat/cat_train_06.jpg", cat / "._cat_train_00.jpg"
+    )  # hidden: listed, not converted
     (src / "coffee" / ".cache").mkdir()
     shutil.copy(PHOTOS / "train/cat/cat_train_07.jpg", src / "coffee" / ".cache" / "x.jpg")
     (src / "coffee" / "locked.jpg").write_bytes((PHOTOS / "train/coffee/coffee_train_05.jpg").read_bytes())
@@ -170,8 +191,9 @@ def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
     (src / "rocket" / "closed").chmod(0)
     out = tmp_path / "out"
     try:
-        proc = run_cli("--src", str(src), "--out", str(out), "--shard-size", "4", "--workers", "2",
-                       prefix=unprivileged())
+        proc = run_cli(
+            "--src", str(src), "--out", str(out), "--shard-size", "4", "--workers", "2", prefix=unprivileged()
+        )
     finally:
         (src / "rocket" / "closed").chmod(0o755)
     assert proc.returncode == 0, proc.stderr
@@ -203,8 +225,9 @@ def test_val_csv_naming_an_unknown_wnid_says_so(tmp_path):
     shutil.copy(PHOTOS / "train/cat/cat_train_00.jpg", src / "train/n01/a.JPEG")
     for i in (1, 2, 3):
         shutil.copy(PHOTOS / "val/cat/cat_val_00.jpg", src / f"val/ILSVRC2012_val_{i:08d}.JPEG")
-    (src / cv.VAL_CSV).write_text("ImageId,PredictionString\n"
-                                  "ILSVRC2012_val_00000001,n01 1 2 3 4\nILSVRC2012_val_00000002,n99 1 2 3 4\n")
+    (src / cv.VAL_CSV).write_text(
+        "ImageId,PredictionString\nILSVRC2012_val_00000001,n01 1 2 3 4\nILSVRC2012_val_00000002,n99 1 2 3 4\n"
+    )
     meta = cv.convert(src, tmp_path / "out", workers=1, quiet=True)
     got = {x["path"]: x["reason"] for x in meta["skipped"]}
     assert got == {
@@ -247,8 +270,13 @@ def small_tmpfs(tmp_path):
     """A 120 KB file system: a real full disk (ENOSPC). Needs root and a kernel that lets it mount."""
     mnt = tmp_path / "small"
     mnt.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mnt)],
-                                           capture_output=True, check=False).returncode != 0:
+    if (
+        os.geteuid() != 0
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=120k", "tmpfs", str(mnt)], capture_output=True, check=False
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a small tmpfs here (needs root); the EFBIG test covers the same path")
     yield mnt
     subprocess.run(["umount", str(mnt)], check=True)
@@ -266,8 +294,17 @@ def test_full_disk_is_one_line_and_a_rerun_completes(tmp_path, request, fault):
         out = tmp_path / "moved"
     else:
         out = tmp_path / "out"
-        proc = run_cli("--src", str(src), "--out", str(out), "--shard-size", "3", "--workers", "2",
-                       preexec_fn=limit_file_size(40_000))
+        proc = run_cli(
+            "--src",
+            str(src),
+            "--out",
+            str(out),
+            "--shard-size",
+            "3",
+            "--workers",
+            "2",
+            preexec_fn=limit_file_size(40_000),
+        )
         one_error_line(proc, str(out), "File too large", "file-size limit")
     assert not list(out.glob("*.tmp")), "a failed shard write must give its space back"
     assert not (out / "dataset.json").exists()
@@ -292,8 +329,14 @@ def test_ctrl_c_in_a_resumed_two_worker_run(tmp_path):
         shutil.copytree(tmp_path / "ref", out)
         for victim in sorted(out.glob("*.tar"))[::3]:  # an interrupted earlier run: a third still to write
             victim.unlink()
-        proc = subprocess.Popen([*CLI, "--src", str(src), "--out", str(out), *args], cwd=REPO, text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        proc = subprocess.Popen(
+            [*CLI, "--src", str(src), "--out", str(out), *args],
+            cwd=REPO,
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
         wait_for_lock(out, proc.pid)
         time.sleep(delay)
         os.killpg(proc.pid, signal.SIGINT)

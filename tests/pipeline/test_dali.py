@@ -32,17 +32,35 @@ from pipeline.shards import parse_labels, verify_shard
 
 G_ATOL = 5e-4
 VIEW_MEAN, VIEW_MAX = 2e-3, 0.1
-FAMILIES = [("color",), ("blur",), ("rotation",), ("translation",), ("rotation", "translation", "color", "blur")]
-DEVICES = ["cpu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="needs a CUDA GPU")])]
+FAMILIES = [
+    ("color",),
+    ("blur",),
+    ("rotation",),
+    ("translation",),
+    ("rotation", "translation", "color", "blur"),
+]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "gpu",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+    ),
+]
 
 NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not installed")
 pytestmark = NEEDS_DALI
 
 
 def small_cfg(data: Path | str = "", **aug) -> DataConfig:
-    return DataConfig(dir=str(data), batch_size=8, workers=1, img_size=32, target_size=24, shuffle_buffer=16,
-                      aug=PathConfig(**aug))
+    return DataConfig(
+        dir=str(data),
+        batch_size=8,
+        workers=1,
+        img_size=32,
+        target_size=24,
+        shuffle_buffer=16,
+        aug=PathConfig(**aug),
+    )
 
 
 def photos(n: int = 8) -> list[torch.Tensor]:
@@ -94,19 +112,26 @@ def test_batch_shapes_dtypes_ranges_and_labels(demo_shards):
         th = batch.theta
         aug = cfg.aug
         assert th[:, IDX["rot_deg"]].abs().max() <= aug.rot_deg
-        assert th[:, IDX["tx_px"]:IDX["ty_px"] + 1].abs().max() <= aug.translate_px
+        assert th[:, IDX["tx_px"] : IDX["ty_px"] + 1].abs().max() <= aug.translate_px
         assert th[:, IDX["hue"]].abs().max() <= aug.hue
         sigma = th[:, IDX["blur_sigma"]]
         assert sigma.min() >= aug.blur_sigma[0] and sigma.max() <= aug.blur_sigma[1]
         for box in (th[:, 8:12], th[:, 13:17]):
             y0, x0, h, w = box.unbind(1)
-            assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
+            assert (
+                (y0 >= 0).all()
+                and (x0 >= 0).all()
+                and (y0 + h <= 1 + 1e-6).all()
+                and (x0 + w <= 1 + 1e-6).all()
+            )
             assert (h * w >= aug.crop_scale[0] - 0.02).all()
         assert set(th[:, IDX["flip1"]].tolist()) <= {0.0, 1.0}
         labels += batch.label.tolist()
     # one epoch on one rank reads every sample once: the labels are exactly the dataset's
     meta = json.loads((demo_shards / "dataset.json").read_text())
-    want = [c for s in meta["shards"] if s["split"] == "train" for _, c in verify_shard(demo_shards / s["name"])]
+    want = [
+        c for s in meta["shards"] if s["split"] == "train" for _, c in verify_shard(demo_shards / s["name"])
+    ]
     assert sorted(labels) == sorted(want)
 
 
@@ -121,7 +146,7 @@ def test_inactive_families_are_identity_and_k0(demo_shards):
 def test_parse_labels():
     raw = torch.zeros(4, 16, dtype=torch.uint8)
     for i, text in enumerate([b"7", b"123", b"", b"x"]):
-        raw[i, :len(text)] = torch.tensor(list(text), dtype=torch.uint8)
+        raw[i, : len(text)] = torch.tensor(list(text), dtype=torch.uint8)
     assert parse_labels(raw).tolist() == [7, 123, -1, -1]
 
 
@@ -234,7 +259,7 @@ def test_corrupt_jpeg_is_named(shard_copy):
     fields = tar.with_suffix(".idx").read_text().splitlines()[1].split()
     offset, size = int(fields[1]), int(fields[2])
     data = bytearray(tar.read_bytes())
-    data[offset:offset + size] = bytes(size)  # same length: the index still fits, the JPEG is gone
+    data[offset : offset + size] = bytes(size)  # same length: the index still fits, the JPEG is gone
     tar.write_bytes(bytes(data))
     with pytest.raises(ShardError, match="shard .*train-000001.tar is corrupt"):
         for _ in build_dali_loader(small_cfg(shard_copy), shard_copy):
@@ -255,13 +280,16 @@ def test_g_parity_on_identical_u(families, device):
     """g_θ and g_θk alone: u is the same pre-sized image in both pipelines."""
     cfg = DataConfig(img_size=48, aug=PathConfig(transforms=families))
     images = [F.resize(im, [48, 48], antialias=True) for im in photos()]
-    theta = sample_theta(cfg.aug, torch.full((len(images), 2), 48.0, dtype=torch.float64),
-                         torch.Generator().manual_seed(3))
+    theta = sample_theta(
+        cfg.aug, torch.full((len(images), 2), 48.0, dtype=torch.float64), torch.Generator().manual_seed(3)
+    )
     theta[:, 8:18] = torch.tensor([0, 0, 1, 1, 0, 0, 0, 1, 1, 0], dtype=torch.float32)  # whole image, no flip
     _, v2, tg = render_batch(images, theta, cfg, device, 0 if device == "gpu" else None)
     _, r2, rt = reference_views(images, theta, cfg)
     worst = []
-    for t, a, b in [(1.0, v2, r2)] + [(float(t), tg[:, k], rt[:, k]) for k, t in enumerate(path_steps(cfg.aug.k))]:
+    for t, a, b in [(1.0, v2, r2)] + [
+        (float(t), tg[:, k], rt[:, k]) for k, t in enumerate(path_steps(cfg.aug.k))
+    ]:
         mx, mean = compare(denorm(a, cfg), denorm(b, cfg), valid_region(theta, t, 48, cfg.aug), f"t={t}")
         worst.append(mx)
         assert mx <= G_ATOL, f"{families} t={t:.3f}: max |Δ| {mx:.2e} (mean {mean:.2e}) > {G_ATOL}"
@@ -279,8 +307,10 @@ def test_sample_parity_with_crops_and_flips(families, device):
     theta[:4, IDX["flip2"]] = 1.0  # make sure flips of u are exercised
     v1, v2, tg = render_batch(images, theta, cfg, device, 0 if device == "gpu" else None)
     r1, r2, rt = reference_views(images, theta, cfg)
-    outputs = [("view1", v1, r1, torch.ones(len(images), 56, 56, dtype=torch.bool)),
-               ("view2", v2, r2, valid_region(theta, 1.0, 56, cfg.aug))]
+    outputs = [
+        ("view1", v1, r1, torch.ones(len(images), 56, 56, dtype=torch.bool)),
+        ("view2", v2, r2, valid_region(theta, 1.0, 56, cfg.aug)),
+    ]
     for k, t in enumerate(path_steps(cfg.aug.k).tolist()):
         outputs.append((f"target{k + 1}", tg[:, k], rt[:, k], valid_region(theta, t, 40, cfg.aug)))
     for name, a, b, mask in outputs:

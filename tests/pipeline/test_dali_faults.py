@@ -24,8 +24,14 @@ pytestmark = NEEDS_DALI
 
 
 def _cfg(data_dir: Path) -> DataConfig:
-    return DataConfig(dir=str(data_dir), img_size=16, batch_size=8, workers=1, shuffle_buffer=8,
-                      aug=PathConfig(transforms=("rotation",), k=0))
+    return DataConfig(
+        dir=str(data_dir),
+        img_size=16,
+        batch_size=8,
+        workers=1,
+        shuffle_buffer=8,
+        aug=PathConfig(transforms=("rotation",), k=0),
+    )
 
 
 def _truncate(tars: list[Path]) -> None:

@@ -37,8 +37,13 @@ def test_demo_shards_hold_every_photo_once(demo_shards: Path):
         for key, label in verify_shard(demo_shards / rec["name"], len(classes), rec["sha256"]):
             assert (rec["split"], key) not in keys
             keys[rec["split"], key] = label
-    want = {(p.relative_to(demo.PHOTOS).parts[0], p.relative_to(demo.PHOTOS / p.parts[-3]).with_suffix("").as_posix()):
-            classes.index(p.parent.name) for p in demo.PHOTOS.rglob("*.jpg")}
+    want = {
+        (
+            p.relative_to(demo.PHOTOS).parts[0],
+            p.relative_to(demo.PHOTOS / p.parts[-3]).with_suffix("").as_posix(),
+        ): classes.index(p.parent.name)
+        for p in demo.PHOTOS.rglob("*.jpg")
+    }
     assert keys == want
     for split in ("train", "val"):  # several shards per split, so rank sharding has work to split
         assert sum(r["split"] == split for r in meta["shards"]) >= 2
@@ -62,7 +67,9 @@ def test_cache_is_reused_and_rebuilt_when_stale(tmp_path, monkeypatch):
     next(iter(sorted(photos.rglob("*.jpg")))).unlink()
     monkeypatch.setattr(demo, "PHOTOS", photos)
     meta = json.loads((demo.ensure_demo_shards(tmp_path / "cache") / "dataset.json").read_text())
-    assert meta["splits"]["train"]["count"] + meta["splits"]["val"]["count"] == len(list(photos.rglob("*.jpg")))
+    assert meta["splits"]["train"]["count"] + meta["splits"]["val"]["count"] == len(
+        list(photos.rglob("*.jpg"))
+    )
 
 
 def _build(cache: str) -> str:
@@ -97,13 +104,19 @@ def test_demo_shards_decode_with_dali_cpu(demo_shards: Path, split: str):
 
     @pipeline_def(batch_size=n, num_threads=1, device_id=None)
     def pipe():
-        jpg, cls = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
-                                         ext=["jpg", "cls"], missing_component_behavior="skip", name="r")
+        jpg, cls = fn.readers.webdataset(
+            paths=tars,
+            index_paths=[t[:-4] + ".idx" for t in tars],
+            ext=["jpg", "cls"],
+            missing_component_behavior="skip",
+            name="r",
+        )
         return fn.decoders.image(jpg, device="cpu", output_type=types.RGB), cls
 
     p = pipe()
     p.build()
     images, labels = p.run()
     assert sorted(int(bytes(labels.at(i))) for i in range(n)) == sorted(
-        meta["classes"].index(q.parent.name) for q in (demo.PHOTOS / split).rglob("*.jpg"))
+        meta["classes"].index(q.parent.name) for q in (demo.PHOTOS / split).rglob("*.jpg")
+    )
     assert all(images.at(i).shape[2] == 3 and min(images.at(i).shape[:2]) >= 150 for i in range(n))

@@ -25,8 +25,15 @@ DALI = pytest.param("dali", 1, marks=NEEDS_DALI)
 def _cfg(data_dir, loader: str, workers: int) -> DataConfig:
     # 64 demo photos, a global batch of 16: 4 batches per epoch on 1 rank and on each of 2 ranks. θ (crop
     # boxes, flips, rotation) identifies a batch; colour, blur and targets would only cost time.
-    return DataConfig(dir=str(data_dir), loader=loader, img_size=16, batch_size=16, workers=workers,
-                      shuffle_buffer=16, aug=PathConfig(transforms=("rotation",), k=0))
+    return DataConfig(
+        dir=str(data_dir),
+        loader=loader,
+        img_size=16,
+        batch_size=16,
+        workers=workers,
+        shuffle_buffer=16,
+        aug=PathConfig(transforms=("rotation",), k=0),
+    )
 
 
 def _build(cfg: DataConfig, rank: int, world: int):
@@ -34,7 +41,9 @@ def _build(cfg: DataConfig, rank: int, world: int):
     return build(cfg, cfg.dir, rank, world)
 
 
-def drive(loader, total: int, epoch: int = 0, state: dict | None = None) -> tuple[list[torch.Tensor], list[dict]]:
+def drive(
+    loader, total: int, epoch: int = 0, state: dict | None = None
+) -> tuple[list[torch.Tensor], list[dict]]:
     """train/loop.py's calling order for `total` batches -> (θ of each batch, the state after each batch)."""
     thetas, states, resumed = [], [], state is not None
     if resumed:
@@ -70,14 +79,18 @@ def test_a_checkpoint_at_every_position_resumes_into_the_straight_run(demo_shard
         # reference loader used to end its running epoch there ("streams ended after 0 of 4 batches")
         straight, states = drive(_build(cfg, rank, world), EPOCHS * length)
         assert len(straight) == EPOCHS * length
-        assert [(s["epoch"], s["batch"]) for s in states[:length + 1]] == [(0, b) for b in range(1, length + 1)] + [(1, 1)]
+        assert [(s["epoch"], s["batch"]) for s in states[: length + 1]] == [
+            (0, b) for b in range(1, length + 1)
+        ] + [(1, 1)]
         assert not torch.equal(straight[0], straight[length])  # epoch 1 is reshuffled, not epoch 0 again
         for done in range(1, length + 2):  # every position of epoch 0 and the first of epoch 1
             state = states[done - 1]
             rest, _ = drive(_build(cfg, rank, world), EPOCHS * length - done, state["epoch"], state)
             assert len(rest) == EPOCHS * length - done, (rank, done)
             for i, (got, want) in enumerate(zip(rest, straight[done:])):
-                assert torch.equal(got, want), f"rank {rank}: resumed after batch {done}, batch {done + i} differs"
+                assert torch.equal(got, want), (
+                    f"rank {rank}: resumed after batch {done}, batch {done + i} differs"
+                )
 
 
 @pytest.mark.parametrize("loader, workers", [("reference", 0), DALI])

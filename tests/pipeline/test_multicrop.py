@@ -78,9 +78,9 @@ def test_local_params_respect_the_recipe(recipe):
     assert area.min() >= lo - slack and area.max() <= hi + slack, (area.min(), area.max())
     assert area.max() > hi - 0.02 and area.min() < lo + 0.02  # the whole range is used
     assert ratio.min() >= 3 / 4 - 0.02 and ratio.max() <= 4 / 3 + 0.02
-    assert p[:, :IDX["ty_px"] + 1].abs().max() == 0  # local crops are never rotated or translated
+    assert p[:, : IDX["ty_px"] + 1].abs().max() == 0  # local crops are never rotated or translated
     assert torch.equal(p[:, CROP2], torch.tensor([[0.0, 0, 1, 1]]).double().expand(2000, 4))
-    jittered = p[:, IDX["brightness"]:IDX["hue"] + 1].ne(0).any(1)
+    jittered = p[:, IDX["brightness"] : IDX["hue"] + 1].ne(0).any(1)
     for name in ("brightness", "contrast", "saturation", "hue"):
         assert p[:, IDX[name]].abs().max() <= getattr(mc, name) + 1e-6
         assert p[jittered, IDX[name]].abs().max() > 0.9 * getattr(mc, name)
@@ -88,7 +88,12 @@ def test_local_params_respect_the_recipe(recipe):
     blurred = sigma > 0
     assert sigma[blurred].min() >= 0.1 and sigma.max() <= 2.0
     # the probabilities: 2000 draws put each rate within ±0.04 of its p (> 4 standard deviations)
-    for rate, want in [(jittered, 0.8), (blurred, 0.5), (p[:, IDX["flip1"]] > 0.5, 0.5), (p[:, GREY] > 0.5, 0.2)]:
+    for rate, want in [
+        (jittered, 0.8),
+        (blurred, 0.5),
+        (p[:, IDX["flip1"]] > 0.5, 0.5),
+        (p[:, GREY] > 0.5, 0.2),
+    ]:
         assert abs(rate.double().mean() - want) < 0.04, (rate.double().mean(), want)
     assert set(p[:, GREY].tolist()) | set(p[:, IDX["flip1"]].tolist()) <= {0.0, 1.0}
 
@@ -117,9 +122,11 @@ def test_same_seed_epoch_key_same_crops_and_masks():
     b = sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=3)
     for x, y in zip(a, b):
         assert torch.equal(x, y)
-    for other in [sample_multicrop("n01440764/x_2", (480, 640), data, mc, epoch=3),
-                  sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=4),
-                  sample_multicrop("n01440764/x_1", (480, 640), dataclasses.replace(data, seed=1), mc, epoch=3)]:
+    for other in [
+        sample_multicrop("n01440764/x_2", (480, 640), data, mc, epoch=3),
+        sample_multicrop("n01440764/x_1", (480, 640), data, mc, epoch=4),
+        sample_multicrop("n01440764/x_1", (480, 640), dataclasses.replace(data, seed=1), mc, epoch=3),
+    ]:
         assert not torch.equal(a.local, other.local) and not torch.equal(a.theta, other.theta)
     # the local crops have a generator of their own: not a copy of θ's draws
     assert not torch.equal(a.local[0, :8], a.theta[:8])
@@ -137,10 +144,15 @@ def test_masks_per_global_crop():
 
 
 def test_bad_config_is_one_config_error_naming_the_field():
-    for field, value, match in [("n_local", -1, "multicrop.n_local"), ("local_scale", (0.3, 0.2), "local_scale"),
-                                ("global_size", 100, "global_size=100 is not a multiple"),
-                                ("local_size", 90, "local_size=90 is not a multiple"), ("grey_p", 1.5, "grey_p"),
-                                ("blur_sigma", (0.0, 2.0), "blur_sigma"), ("saturation", 1.0, "saturation")]:
+    for field, value, match in [
+        ("n_local", -1, "multicrop.n_local"),
+        ("local_scale", (0.3, 0.2), "local_scale"),
+        ("global_size", 100, "global_size=100 is not a multiple"),
+        ("local_size", 90, "local_size=90 is not a multiple"),
+        ("grey_p", 1.5, "grey_p"),
+        ("blur_sigma", (0.0, 2.0), "blur_sigma"),
+        ("saturation", 1.0, "saturation"),
+    ]:
         with pytest.raises(ConfigError, match=match):
             global_data_config(DataConfig(), dataclasses.replace(MULTICROP["ibot"], **{field: value}))
 
@@ -171,8 +183,15 @@ def test_render_local_crops_semantics():
     assert (grey - grey[:1]).abs().max() < 1e-5 and (denorm(out[0], data).std(0)).max() > 0.01
     assert (out[3] - out[0]).abs().mean() > 0.01  # blurred
     assert out[3].std() < out[0].std()
-    px = denorm(render_local_crops(img, sample_local_params(SMALL, tuple(img.shape[-2:]),
-                                                            torch.Generator().manual_seed(0)), SMALL, data), data)
+    px = denorm(
+        render_local_crops(
+            img,
+            sample_local_params(SMALL, tuple(img.shape[-2:]), torch.Generator().manual_seed(0)),
+            SMALL,
+            data,
+        ),
+        data,
+    )
     assert px.min() >= -1e-5 and px.max() <= 1 + 1e-5
     assert render_local_crops(img, torch.zeros(0, LOCAL_DIM), SMALL, data).shape == (0, 3, 16, 16)
     with pytest.raises(ValueError, match="params must be"):
@@ -201,8 +220,13 @@ def test_the_path_acts_on_global_crop_2_only():
 def rendered_batch(data: DataConfig, mc: MultiCropConfig, n: int = 4) -> Batch:
     samples = [multicrop_sample(img, key, data, mc, epoch=0) for key, img in photos(n)]
     views1, views2, targets, thetas, local, masks = zip(*samples)
-    batch = Batch(torch.stack(views1), torch.stack(views2), torch.stack(targets), torch.stack(thetas),
-                  torch.full((n,), -1))
+    batch = Batch(
+        torch.stack(views1),
+        torch.stack(views2),
+        torch.stack(targets),
+        torch.stack(thetas),
+        torch.full((n,), -1),
+    )
     return collate_multicrop(batch, list(zip(local, masks)))
 
 
@@ -229,7 +253,9 @@ def test_a_rendered_multicrop_batch_trains_ibot_with_path(one_thread):
     assert cfg.model.patch_size == SMALL.patch_size
     data = global_data_config(cfg.data, SMALL)
     torch.manual_seed(0)
-    method = DinoFamily(cfg.model, data, DinoConfig(family="ibot", out_dim=64, hidden_dim=32, bottleneck_dim=16))
+    method = DinoFamily(
+        cfg.model, data, DinoConfig(family="ibot", out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    )
     out = method(rendered_batch(data, SMALL))
     assert {"loss/inv.dino", "loss/inv.ibot", "loss/eq"} <= out.keys()
     assert torch.isfinite(out["loss"])
@@ -309,14 +335,19 @@ def test_dali_draws_the_local_params_by_the_same_rule():
     slack = 2 / hw.min()
     assert area.min() >= mc.local_scale[0] - slack and area.max() <= mc.local_scale[1] + slack
     assert ratio.min() >= 3 / 4 - 0.03 and ratio.max() <= 4 / 3 + 0.03
-    assert p[:, :IDX["ty_px"] + 1].abs().max() == 0
+    assert p[:, : IDX["ty_px"] + 1].abs().max() == 0
     assert torch.equal(p[:, CROP2], torch.tensor([[0.0, 0, 1, 1]]).double().expand(len(p), 4))
     for name in ("brightness", "contrast", "saturation", "hue"):
         assert p[:, IDX[name]].abs().max() <= getattr(mc, name) + 1e-6
     sigma = p[:, IDX["blur_sigma"]]
     assert sigma[sigma > 0].min() >= 0.1 and sigma.max() <= 2.0
-    jittered = p[:, IDX["brightness"]:IDX["hue"] + 1].ne(0).any(1)
-    for rate, want in [(jittered, 0.8), (sigma > 0, 0.5), (p[:, IDX["flip1"]] > 0.5, 0.5), (p[:, GREY] > 0.5, 0.2)]:
+    jittered = p[:, IDX["brightness"] : IDX["hue"] + 1].ne(0).any(1)
+    for rate, want in [
+        (jittered, 0.8),
+        (sigma > 0, 0.5),
+        (p[:, IDX["flip1"]] > 0.5, 0.5),
+        (p[:, GREY] > 0.5, 0.2),
+    ]:
         assert abs(rate.double().mean() - want) < 0.1, (rate.double().mean(), want)
     ref = torch.stack([render_local_crops(img, q, mc, data) for (_, img), q in zip(keyed, params[0])])
     mx, mean = max_mean(local, ref, data)
@@ -353,11 +384,23 @@ def test_local_crops_in_a_checkpointed_reader_graph(demo_shards):
     files = [Path(s.path) for s in split_shards(demo_shards, "train", indexed=True)]
 
     def pipeline(checkpoint=None):
-        pipe = Pipeline(batch_size=4, num_threads=1, device_id=None, seed=3, enable_checkpointing=True,
-                        checkpoint=checkpoint, prefetch_queue_depth=1)
+        pipe = Pipeline(
+            batch_size=4,
+            num_threads=1,
+            device_id=None,
+            seed=3,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+            prefetch_queue_depth=1,
+        )
         with pipe:
-            jpg = fn.readers.webdataset(paths=[str(f) for f in files], ext=["jpg"], random_shuffle=True,
-                                        index_paths=[str(f.with_suffix(".idx")) for f in files], initial_fill=8)
+            jpg = fn.readers.webdataset(
+                paths=[str(f) for f in files],
+                ext=["jpg"],
+                random_shuffle=True,
+                index_paths=[str(f.with_suffix(".idx")) for f in files],
+                initial_fill=8,
+            )
             shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
             img = fn.decoders.image(jpg, device="cpu", output_type=types.RGB, adjust_orientation=False)
             theta = dali_theta(shape[0], shape[1], data.aug)
@@ -428,11 +471,15 @@ def test_the_dali_loader_resumes_its_local_crops_and_masks(demo_shards):
     rest = list(resumed)
     assert len(rest) == 2
     for a, b in zip(rest, straight[2:]):
-        assert torch.equal(a.local, b.local) and torch.equal(a.masks, b.masks) and torch.equal(a.view2, b.view2)
+        assert (
+            torch.equal(a.local, b.local) and torch.equal(a.masks, b.masks) and torch.equal(a.view2, b.view2)
+        )
 
 
 def test_batch_to_and_pin_memory_keep_the_multicrop_fields():
-    base = Batch(*(torch.zeros(2, 3, 4, 4) for _ in range(3)), torch.zeros(2, 19), torch.zeros(2, dtype=torch.long))
+    base = Batch(
+        *(torch.zeros(2, 3, 4, 4) for _ in range(3)), torch.zeros(2, 19), torch.zeros(2, dtype=torch.long)
+    )
     full = with_multicrop(base, torch.ones(2, 1, 3, 2, 2), torch.ones(2, 2, 4, dtype=torch.bool))
     for batch in (base, full):
         moved = batch.to("cpu", non_blocking=False)

@@ -66,8 +66,15 @@ def test_theta_ranges_cover_table2_defaults():
     cfg = PathConfig()
     th = _theta(4000, cfg).double()
     assert th.shape == (4000, THETA_DIM) and th.dtype == torch.float64
-    for name, half in [("rot_deg", 45), ("tx_px", 10), ("ty_px", 10), ("brightness", 0.4), ("contrast", 0.4),
-                       ("saturation", 0.4), ("hue", 0.1)]:
+    for name, half in [
+        ("rot_deg", 45),
+        ("tx_px", 10),
+        ("ty_px", 10),
+        ("brightness", 0.4),
+        ("contrast", 0.4),
+        ("saturation", 0.4),
+        ("hue", 0.1),
+    ]:
         col = th[:, IDX[name]]
         assert col.abs().max() <= half + 1e-6, name
         assert col.min() < -0.95 * half and col.max() > 0.95 * half, f"{name} does not span ±{half}"
@@ -75,7 +82,9 @@ def test_theta_ranges_cover_table2_defaults():
     assert sigma.min() >= 0.1 - 1e-6 and sigma.max() <= 2.0 + 1e-6 and sigma.max() > 1.9
     for crop in (CROP1, CROP2):
         y0, x0, h, w = th[:, crop].unbind(1)
-        assert (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
+        assert (
+            (y0 >= 0).all() and (x0 >= 0).all() and (y0 + h <= 1 + 1e-6).all() and (x0 + w <= 1 + 1e-6).all()
+        )
         area = h * w
         assert area.min() > 0.19 and area.max() <= 1 + 1e-6
         ratio = (w * 500) / (h * 375)  # w/h in pixels
@@ -103,12 +112,15 @@ def test_sampling_is_deterministic_by_seed():
     assert not torch.equal(_theta(16, seed=7), _theta(16, seed=8))
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"transforms": ("rotation", "shear")}, "unknown transformation 'shear'"),
-    ({"k": -1}, "path.k"),
-    ({"brightness": 1.2}, "brightness"),
-    ({"blur_sigma": (2.0, 0.1)}, "blur_sigma"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"transforms": ("rotation", "shear")}, "unknown transformation 'shear'"),
+        ({"k": -1}, "path.k"),
+        ({"brightness": 1.2}, "brightness"),
+        ({"blur_sigma": (2.0, 0.1)}, "blur_sigma"),
+    ],
+)
 def test_bad_path_config_is_a_one_line_error(bad, match):
     with pytest.raises(ConfigError, match=match):
         _theta(1, PathConfig(**bad))
@@ -158,7 +170,9 @@ def _centroid(img: torch.Tensor) -> tuple[float, float]:
     return float((m.sum(0) * xs).sum() / m.sum()), float((m.sum(1) * ys).sum() / m.sum())
 
 
-@pytest.mark.parametrize("rot, tx, ty", [(30.0, 0.0, 0.0), (-45.0, 7.0, -4.0), (0.0, -9.0, 6.0), (90.0, 3.0, 2.0)])
+@pytest.mark.parametrize(
+    "rot, tx, ty", [(30.0, 0.0, 0.0), (-45.0, 7.0, -4.0), (0.0, -9.0, 6.0), (90.0, 3.0, 2.0)]
+)
 def test_affine_matrix_says_where_a_mark_moves(rot, tx, ty):
     H, W, ref = 64, 80, 224
     img = torch.zeros(1, 3, H, W)
@@ -255,7 +269,12 @@ def test_g_ranges_and_theta_scale_come_from_one_table():
     lo, hi = g_ranges(PathConfig(transforms=("blur", "rotation")))
     assert lo == [-45.0] + [0.0] * 6 + [0.1] and hi == [45.0] + [0.0] * 6 + [2.0]  # inactive: identity
     assert list(G_FIELDS) == list(THETA_FIELDS[:G_DIM])
-    assert FAMILY_FIELDS["translation"] == ("tx_px", "ty_px") and FAMILIES == ("rotation", "translation", "color", "blur")
+    assert FAMILY_FIELDS["translation"] == ("tx_px", "ty_px") and FAMILIES == (
+        "rotation",
+        "translation",
+        "color",
+        "blur",
+    )
 
 
 def test_crop_box_pixels_clamps_any_box_inside_the_image():

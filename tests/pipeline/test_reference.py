@@ -37,7 +37,9 @@ def _cfg(data_dir: Path, **kw) -> DataConfig:
 
 def _samples(data_dir: Path, split: str = "train") -> list[dict]:
     meta = json.loads((data_dir / "dataset.json").read_text())
-    return [s for r in meta["shards"] if r["split"] == split for s in read_shard(data_dir / r["name"], r["count"])]
+    return [
+        s for r in meta["shards"] if r["split"] == split for s in read_shard(data_dir / r["name"], r["count"])
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -68,7 +70,9 @@ def _epoch(loader) -> list[Batch]:
 
 def _same(a: list[Batch], b: list[Batch]) -> bool:
     fields = ("view1", "view2", "targets", "theta", "label")
-    return len(a) == len(b) and all(torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields)
+    return len(a) == len(b) and all(
+        torch.equal(getattr(x, f), getattr(y, f)) for x, y in zip(a, b) for f in fields
+    )
 
 
 # --- one sample ----------------------------------------------------------------------------------------
@@ -95,8 +99,11 @@ def test_crop_resize_crops_the_fractional_box_then_flips():
     # sampled boxes are whole pixels of the source, recovered exactly from the float32 fractions
     theta = sample_theta_for("any", (300, 250), DataConfig(), 0)
     top, left, h, w = crop_box_pixels(theta[CROP2], (300, 250))
-    assert torch.allclose(theta[CROP2].double(), torch.tensor([top / 300, left / 250, h / 300, w / 250],
-                                                              dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(
+        theta[CROP2].double(),
+        torch.tensor([top / 300, left / 250, h / 300, w / 250], dtype=torch.float64),
+        atol=1e-6,
+    )
 
 
 def test_make_views_shapes_ranges_and_target_size(demo_shards):
@@ -128,7 +135,10 @@ def test_loader_yields_the_documented_batch_with_right_labels(demo_shards, catal
         assert b.view1.shape == b.view2.shape == (4, 3, SIZE, SIZE)
         assert b.targets.shape == (4, 2, 3, 16, 16) and b.theta.shape == (4, THETA_DIM)
         assert b.label.shape == (4,) and b.label.dtype == torch.int64
-        assert all(t.dtype == torch.float32 and t.device.type == "cpu" for t in (b.view1, b.view2, b.targets, b.theta))
+        assert all(
+            t.dtype == torch.float32 and t.device.type == "cpu"
+            for t in (b.view1, b.view2, b.targets, b.theta)
+        )
         assert b.view1.min() >= -2.2 and b.view1.max() <= 2.7  # ImageNet-normalised [0, 1] pixels
         keys = find(b.theta)
         assert b.label.tolist() == [catalogue[k][0] for k in keys]
@@ -152,8 +162,13 @@ def test_a_sample_is_augmented_the_same_whatever_the_worker_count(demo_shards, c
     for workers in (0, 2):
         cfg = _cfg(demo_shards, workers=workers)
         find = _key_finder(catalogue, cfg, epoch=0)
-        views.append({k: v for b in _epoch(build_reference_loader(cfg, demo_shards))
-                      for k, v in zip(find(b.theta), b.view2)})
+        views.append(
+            {
+                k: v
+                for b in _epoch(build_reference_loader(cfg, demo_shards))
+                for k, v in zip(find(b.theta), b.view2)
+            }
+        )
     assert views[0].keys() == views[1].keys() == catalogue.keys()
     assert all(torch.equal(views[0][k], views[1][k]) for k in views[0])
 
@@ -207,7 +222,10 @@ def test_resume_continues_exactly_where_the_run_stopped(three_shards):
         resumed.load_state_dict({**state, "batch": position})
         resumed.set_epoch(0)  # what a trainer calls at the top of the epoch: keeps the position
         assert _same(_epoch(resumed), full[position:]), position
-        assert (resumed.state_dict()["epoch"], resumed.state_dict()["batch"]) == (0, 6)  # finished, not rolled on
+        assert (resumed.state_dict()["epoch"], resumed.state_dict()["batch"]) == (
+            0,
+            6,
+        )  # finished, not rolled on
     with pytest.raises(ConfigError, match="workers"):
         build_reference_loader(_cfg(three_shards, workers=1), three_shards).load_state_dict(state)
     # a DALI loader's state: its batch count is kept (the epoch ends on time), the order is ours
@@ -252,11 +270,18 @@ def test_shard_count_disagreeing_with_dataset_json_is_an_error(copied):
         _epoch(build_reference_loader(_cfg(copied, workers=0), copied))
 
 
-@pytest.mark.parametrize("change, error, match", [
-    ({"batch_size": 80, "workers": 1}, ConfigError, "cannot fill one batch of 40"),
-    ({"aug": PathConfig(transforms=("rotation", "shear"))}, ConfigError, "unknown transformation 'shear'"),
-    ({"split": "test"}, DataError, "no 'test' shards"),
-])
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        ({"batch_size": 80, "workers": 1}, ConfigError, "cannot fill one batch of 40"),
+        (
+            {"aug": PathConfig(transforms=("rotation", "shear"))},
+            ConfigError,
+            "unknown transformation 'shear'",
+        ),
+        ({"split": "test"}, DataError, "no 'test' shards"),
+    ],
+)
 def test_bad_settings_are_clear_errors(demo_shards, change, error, match):
     with pytest.raises(error, match=match):
         build_reference_loader(_cfg(demo_shards, **change), demo_shards, rank=0, world_size=2)

@@ -35,8 +35,15 @@ NEEDS_DALI = pytest.mark.skipif(not dali_available(), reason="NVIDIA DALI is not
 
 
 def _cfg(data_dir, loader: str, **kw) -> DataConfig:
-    base = {"dir": str(data_dir), "loader": loader, "img_size": 16, "batch_size": 16, "workers": 1,
-            "shuffle_buffer": 16, "aug": PathConfig(transforms=("rotation",), k=0)}
+    base = {
+        "dir": str(data_dir),
+        "loader": loader,
+        "img_size": 16,
+        "batch_size": 16,
+        "workers": 1,
+        "shuffle_buffer": 16,
+        "aug": PathConfig(transforms=("rotation",), k=0),
+    }
     return DataConfig(**{**base, **kw})
 
 
@@ -63,8 +70,11 @@ def test_rank_ranges_partition_the_samples_every_epoch(total, world):
 
 def test_pieces_cut_a_range_at_tar_boundaries():
     shards = [Shard(Path(f"s{i}.tar"), n, None) for i, n in enumerate((8, 8, 5))]
-    assert [(s.path.name, a, z) for s, a, z in pieces(shards, 6, 18)] == [("s0.tar", 6, 8), ("s1.tar", 0, 8),
-                                                                          ("s2.tar", 0, 2)]
+    assert [(s.path.name, a, z) for s, a, z in pieces(shards, 6, 18)] == [
+        ("s0.tar", 6, 8),
+        ("s1.tar", 0, 8),
+        ("s2.tar", 0, 2),
+    ]
     assert pieces(shards, 8, 8) == []
 
 
@@ -138,8 +148,9 @@ def test_split_shards_lists_dataset_json_and_skips_empty_shards(copied):
         split_shards(copied, "test")
 
 
-@pytest.mark.parametrize("text, match", [("{", "dataset.json is missing or unreadable"),
-                                         ('{"classes": []}', "lists no shards")])
+@pytest.mark.parametrize(
+    "text, match", [("{", "dataset.json is missing or unreadable"), ('{"classes": []}', "lists no shards")]
+)
 def test_bad_dataset_json_is_named(copied, text, match):
     (copied / "dataset.json").write_text(text)
     with pytest.raises(DataError, match=match):

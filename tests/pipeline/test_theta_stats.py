@@ -43,8 +43,14 @@ def path_thetas(cfg: PathConfig, n: int = N, seed: int = 3) -> np.ndarray:
 
 CONFIGS = {
     "defaults": PathConfig(),
-    "se2-wide": PathConfig(transforms=("se2",), rot_deg=90.0, translate_px=4.0, crop_scale=(0.5, 1.0),
-                           crop_ratio=(0.5, 2.0), flip_p=0.2),
+    "se2-wide": PathConfig(
+        transforms=("se2",),
+        rot_deg=90.0,
+        translate_px=4.0,
+        crop_scale=(0.5, 1.0),
+        crop_ratio=(0.5, 2.0),
+        flip_p=0.2,
+    ),
 }
 
 
@@ -65,8 +71,10 @@ def test_dali_theta_has_the_distribution_of_path_sample_theta(name):
         if i < len(lo):
             assert lo[i] <= d.min() and d.max() <= hi[i], f"{field}: DALI left [{lo[i]}, {hi[i]}]"
         p = ks_2samp(d, r).pvalue
-        assert p > P_MIN, f"{field}: KS p = {p:.2g}; DALI mean {d.mean():.4f} sd {d.std():.4f}, " \
-                          f"path mean {r.mean():.4f} sd {r.std():.4f}"
+        assert p > P_MIN, (
+            f"{field}: KS p = {p:.2g}; DALI mean {d.mean():.4f} sd {d.std():.4f}, "
+            f"path mean {r.mean():.4f} sd {r.std():.4f}"
+        )
     assert set(active_families(cfg)) <= {"rotation", "translation", "color", "blur"}
 
 

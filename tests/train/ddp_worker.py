@@ -1,6 +1,6 @@
 """torchrun worker for test_ddp: train/main.py's own build + train, then save this rank's parameters.
 
-    python -m torch.distributed.run ... tests/train/ddp_worker.py OUT_DIR [train/main.py arguments]
+python -m torch.distributed.run ... tests/train/ddp_worker.py OUT_DIR [train/main.py arguments]
 """
 
 from __future__ import annotations

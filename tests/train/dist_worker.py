@@ -47,8 +47,15 @@ from train.loop import build_optimizer, build_scheduler
 
 GLOBAL_BATCH, LOCAL_CROPS, LOCAL_SIZE = 8, 2, 16
 # 32 px views, patch 8 (a 4x4 grid), vit_tiny cut to 2 blocks: a step takes well under a second.
-TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", f"--data.batch_size={GLOBAL_BATCH}",
-        "--optim.epochs=10", "--optim.warmup_epochs=1", "--optim.clip_grad=1.0")
+TINY = (
+    "--data.img_size=32",
+    "--model.depth=2",
+    "--model.expander=64,64",
+    f"--data.batch_size={GLOBAL_BATCH}",
+    "--optim.epochs=10",
+    "--optim.warmup_epochs=1",
+    "--optim.clip_grad=1.0",
+)
 PRESETS = {"vicreg": "demo-vicreg", "dinov2": "demo"}  # the DINO family rides on the demo's path method
 STEPS_PER_EPOCH = 2  # the schedule: 10 epochs of 2 steps, warm-up over the first 2
 
@@ -69,11 +76,17 @@ def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
 
     def smooth(n: int, size: int) -> torch.Tensor:  # (n, 3, size, size) photo-like: 4x4 noise upsampled
         coarse = torch.randn(n, 3, 4, 4, generator=gen)
-        return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+        return torch.nn.functional.interpolate(
+            coarse, size=(size, size), mode="bilinear", align_corners=False
+        )
 
-    fields = {"view1": smooth(b, s), "view2": smooth(b, s), "targets": smooth(b * k, t).reshape(b, k, 3, t, t),
-              "theta": sample_theta(cfg.data.aug, torch.full((b, 2), 256), gen),
-              "label": torch.full((b,), -1, dtype=torch.long)}
+    fields = {
+        "view1": smooth(b, s),
+        "view2": smooth(b, s),
+        "targets": smooth(b * k, t).reshape(b, k, 3, t, t),
+        "theta": sample_theta(cfg.data.aug, torch.full((b, 2), 256), gen),
+        "label": torch.full((b,), -1, dtype=torch.long),
+    }
     if not multicrop:
         return Batch(**fields)
     grid = (s // cfg.model.patch_size,) * 2
@@ -84,7 +97,7 @@ def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
 
 def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
     n = len(batch) // world
-    parts = {f.name: getattr(batch, f.name)[rank * n:(rank + 1) * n] for f in dataclasses.fields(batch)}
+    parts = {f.name: getattr(batch, f.name)[rank * n : (rank + 1) * n] for f in dataclasses.fields(batch)}
     return type(batch)(**parts)
 
 
@@ -93,8 +106,9 @@ def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model_state_dict(model).items()}
 
 
-def run(cfg: Config, method_name: str, strategy: str, resume: Path | None, steps: int, save_at: int,
-        out: Path) -> dict:
+def run(
+    cfg: Config, method_name: str, strategy: str, resume: Path | None, steps: int, save_at: int, out: Path
+) -> dict:
     """One training run from step 0 (or from the state at `resume`); returns what rank 0 records."""
     rank, world, device = dist.get_rank(), dist.get_world_size(), torch.device("cpu")
     model = wrap_model(build(method_name), DistConfig(strategy=strategy), device, world)
@@ -114,8 +128,15 @@ def run(cfg: Config, method_name: str, strategy: str, resume: Path | None, steps
     record: dict = {"losses": [], "grad_norms": []}
     if is_dino:  # teacher tensors whose layout is not their student's (FSDP: DTensor shards of one placement)
         pairs = zip(unwrap(model).teacher.module.named_parameters(), unwrap(model)._student().parameters())
-        record["teacher_layout"] = [name for (name, t), s in pairs if type(t) is not type(s) or (
-            isinstance(t, DTensor) and (t.placements != s.placements or t.to_local().shape != s.to_local().shape))]
+        record["teacher_layout"] = [
+            name
+            for (name, t), s in pairs
+            if type(t) is not type(s)
+            or (
+                isinstance(t, DTensor)
+                and (t.placements != s.placements or t.to_local().shape != s.to_local().shape)
+            )
+        ]
         record["teacher_sharded"] = all(isinstance(t, DTensor) for t in unwrap(model).teacher.parameters())
     model.train()
     while step < steps:
@@ -125,8 +146,9 @@ def run(cfg: Config, method_name: str, strategy: str, resume: Path | None, steps
         out_terms = model(batch)
         out_terms["loss"].backward()
         if "grad_mismatch" not in record:  # trainable parameters without a gradient, frozen ones with one
-            record["grad_mismatch"] = [n for n, p in unwrap(model).named_parameters()
-                                       if (p.grad is None) == p.requires_grad]
+            record["grad_mismatch"] = [
+                n for n, p in unwrap(model).named_parameters() if (p.grad is None) == p.requires_grad
+            ]
         record["grad_norms"].append(clip_grad_norm(unwrap(model).parameters(), cfg.optim.clip_grad).item())
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -142,8 +164,12 @@ def run(cfg: Config, method_name: str, strategy: str, resume: Path | None, steps
         record["losses"].append(loss.item() / world)
         step += 1
         if step == save_at:
-            state = {"model": model_state_dict(model), "optimizer": optimizer_state_dict(model, optimizer),
-                     "scheduler": scheduler.state_dict(), "step": step}
+            state = {
+                "model": model_state_dict(model),
+                "optimizer": optimizer_state_dict(model, optimizer),
+                "scheduler": scheduler.state_dict(),
+                "step": step,
+            }
             if rank == 0:
                 torch.save(state, out)
     record["model"] = model_state_dict(model)
@@ -157,7 +183,9 @@ def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--method", choices=tuple(PRESETS), default="vicreg")
-    parser.add_argument("--runs", nargs="+", required=True, help="STRATEGY or STRATEGY:FROM, e.g. ddp fsdp ddp:fsdp")
+    parser.add_argument(
+        "--runs", nargs="+", required=True, help="STRATEGY or STRATEGY:FROM, e.g. ddp fsdp ddp:fsdp"
+    )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--save-at", type=int, default=2)
     args = parser.parse_args(argv)
@@ -169,7 +197,9 @@ def main(argv: list[str]) -> None:
         strategy, _, source = spec.partition(":")
         name = spec.replace(":", "-from-")
         resume = args.out / f"{source}-state.pt" if source else None
-        record = run(cfg, args.method, strategy, resume, args.steps, args.save_at, args.out / f"{name}-state.pt")
+        record = run(
+            cfg, args.method, strategy, resume, args.steps, args.save_at, args.out / f"{name}-state.pt"
+        )
         if dist.get_rank() == 0:
             torch.save(record, args.out / f"{name}.pt")
     dist.destroy_process_group()

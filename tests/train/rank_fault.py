@@ -32,7 +32,9 @@ class FaultyLoader:
         for batch in self.loader:
             self.served += 1
             if self.served == FAULT_BATCH and int(os.environ["RANK"]) == FAULT_RANK:
-                raise DataError(f"injected fault: rank {FAULT_RANK}'s shard is damaged at batch {FAULT_BATCH}")
+                raise DataError(
+                    f"injected fault: rank {FAULT_RANK}'s shard is damaged at batch {FAULT_BATCH}"
+                )
             yield batch
 
 

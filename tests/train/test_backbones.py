@@ -20,8 +20,25 @@ from train.main import main
 def trained(tmp_path_factory, demo_shards) -> tuple[Path, Path]:
     """A real 1-step demo run (depth 1, 32 px): its checkpoint and its export folder."""
     tmp = tmp_path_factory.mktemp("backbones")
-    assert main(["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(tmp / "run"),
-                 "--steps", "1", "--data.img_size=32", "--model.depth=1"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cpu",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(tmp / "run"),
+                "--steps",
+                "1",
+                "--data.img_size=32",
+                "--model.depth=1",
+            ]
+        )
+        == 0
+    )
     ckpt = tmp / "run" / "ckpt" / "last.pt"
     return ckpt, export.export(ckpt, tmp / "backbone")
 

@@ -21,9 +21,19 @@ from train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 # 64 demo photos in batches of 32: 2 steps per epoch, 6 steps in all; a checkpoint every 2 steps.
-SMALL = ["--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=32",
-         "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.ckpt_every=2", "--run.recon_every=100",
-         "--run.log_every=1"]
+SMALL = [
+    "--preset",
+    "demo",
+    "--device",
+    "cpu",
+    "--data.img_size=32",
+    "--data.batch_size=32",
+    "--optim.epochs=3",
+    "--optim.warmup_epochs=1",
+    "--run.ckpt_every=2",
+    "--run.recon_every=100",
+    "--run.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +64,11 @@ def test_checkpoints_load_with_weights_only_and_name_their_format(stopped_run):
     assert state["format"] == checkpoint.FORMAT and state["step"] == 4 and state["world_size"] == 1
     assert state["run_dir"] == str(stopped_run.resolve())
     assert isinstance(state["rng"][0]["numpy"]["key"], torch.Tensor)
-    assert sorted(p.name for p in (stopped_run / "ckpt").iterdir()) == ["last.pt", "step-000002.pt", "step-000004.pt"]
+    assert sorted(p.name for p in (stopped_run / "ckpt").iterdir()) == [
+        "last.pt",
+        "step-000002.pt",
+        "step-000004.pt",
+    ]
 
 
 def test_rng_state_round_trips_every_generator():
@@ -72,7 +86,13 @@ def test_a_legacy_checkpoint_with_numpy_rng_still_resumes_to_the_same_weights(st
     state = torch.load(stopped_run / "ckpt" / "last.pt", weights_only=True)
     for rng in state["rng"]:
         key = rng["numpy"]
-        rng["numpy"] = ("MT19937", key["key"].numpy().astype(np.uint32), key["pos"], key["has_gauss"], key["gauss"])
+        rng["numpy"] = (
+            "MT19937",
+            key["key"].numpy().astype(np.uint32),
+            key["pos"],
+            key["has_gauss"],
+            key["gauss"],
+        )
     for new_key in ("format", "version", "run_dir"):
         del state[new_key]
     legacy = tmp_path / "legacy" / "ckpt" / "step-000004.pt"
@@ -83,19 +103,25 @@ def test_a_legacy_checkpoint_with_numpy_rng_still_resumes_to_the_same_weights(st
 
     assert main(["--resume", str(legacy), "--out", str(tmp_path / "from-legacy")]) == 0
     assert main(["--resume", str(stopped_run / "ckpt" / "last.pt"), "--out", str(tmp_path / "from-new")]) == 0
-    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("from-legacy", "from-new"))
+    a, b = (
+        torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True)
+        for run in ("from-legacy", "from-new")
+    )
     assert a["step"] == b["step"] == 6
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), name
 
 
-@pytest.mark.parametrize("damage, words", [
-    ("missing", ["no such checkpoint"]),
-    ("empty", ["the file is empty"]),
-    ("truncated", ["not a readable training checkpoint, truncated"]),
-    ("text", ["not a readable training checkpoint"]),
-    ("foreign", ["not an eqrecon training checkpoint (keys weights)"]),
-])
+@pytest.mark.parametrize(
+    "damage, words",
+    [
+        ("missing", ["no such checkpoint"]),
+        ("empty", ["the file is empty"]),
+        ("truncated", ["not a readable training checkpoint, truncated"]),
+        ("text", ["not a readable training checkpoint"]),
+        ("foreign", ["not an eqrecon training checkpoint (keys weights)"]),
+    ],
+)
 def test_a_bad_resume_file_is_one_line_naming_it(stopped_run, tmp_path, damage, words, capsys):
     bad = tmp_path / "bad.pt"
     good = (stopped_run / "ckpt" / "last.pt").read_bytes()
@@ -172,9 +198,23 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     """A file-size limit below the checkpoint's size: the same OSError path as a full disk."""
     run = copy_run(stopped_run, tmp_path / "run")
     size = (run / "ckpt" / "step-000004.pt").stat().st_size
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), "--resume", str(run / "ckpt" / "last.pt"),
-                           "--steps", "5"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size(size // 2), env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train" / "main.py"),
+            "--resume",
+            str(run / "ckpt" / "last.pt"),
+            "--steps",
+            "5",
+        ],
+        check=False,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(size // 2),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
@@ -184,7 +224,9 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_keeps_the_previous(
     assert checkpoint.read(run / "ckpt" / "last.pt")["step"] == 4
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders (the file-size test covers it)")
+@pytest.mark.skipif(
+    os.geteuid() == 0, reason="root writes into read-only folders (the file-size test covers it)"
+)
 def test_a_read_only_run_folder_is_one_line(stopped_run, tmp_path, capsys):
     run = copy_run(stopped_run, tmp_path / "run")
     (run / "ckpt").chmod(0o555)

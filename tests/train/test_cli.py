@@ -13,8 +13,14 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train" / "main.py"), *args], cwd=cwd,
-                          check=False, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "train" / "main.py"), *args],
+        cwd=cwd,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def one_error_line(proc: subprocess.CompletedProcess) -> str:
@@ -33,11 +39,14 @@ def test_unknown_config_key(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--preset", "vits8-everything"], ["unknown preset 'vits8-everything'; choose from demo"]),
-    (["--resume", "nowhere/ckpt/last.pt"], ["--resume nowhere/ckpt/last.pt: no such checkpoint"]),
-    (["--steps", "many"], ["--run.steps=many: cannot parse as int"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--preset", "vits8-everything"], ["unknown preset 'vits8-everything'; choose from demo"]),
+        (["--resume", "nowhere/ckpt/last.pt"], ["--resume nowhere/ckpt/last.pt: no such checkpoint"]),
+        (["--steps", "many"], ["--run.steps=many: cannot parse as int"]),
+    ],
+)
 def test_more_errors_in_process(args, words, capsys):
     from train.main import main  # the same entry point, without paying a process start per case
 
@@ -50,7 +59,9 @@ def test_more_errors_in_process(args, words, capsys):
 
 def test_missing_data_folder(tmp_path):
     missing = tmp_path / "no-shards-here"
-    proc = run_main("--preset", "demo", "--device", "cpu", "--data", str(missing), "--out", str(tmp_path / "run"))
+    proc = run_main(
+        "--preset", "demo", "--device", "cpu", "--data", str(missing), "--out", str(tmp_path / "run")
+    )
     assert proc.returncode == 2
     line = one_error_line(proc)
     assert str(missing) in line and "does not exist" in line and "pipeline.convert" in line
@@ -73,12 +84,26 @@ def test_gpu_preset_without_a_gpu(tmp_path):
 
 
 def test_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path, demo_shards):
-    proc = run_main("--preset", "demo-vicreg", "--device", "cpu", "--data", str(demo_shards), "--out",
-                    str(tmp_path / "run"), "--steps", "3", "--model.sim_coeff=nan", "--data.img_size=32")
+    proc = run_main(
+        "--preset",
+        "demo-vicreg",
+        "--device",
+        "cpu",
+        "--data",
+        str(demo_shards),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "3",
+        "--model.sim_coeff=nan",
+        "--data.img_size=32",
+    )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss/inv = nan at step 1 ("), proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: non-finite loss/inv = nan at step 1 ("), (
+        proc.stderr
+    )
     assert not (tmp_path / "run" / "ckpt").exists()  # nothing is saved from a poisoned step
 
 
@@ -108,8 +133,13 @@ def test_help_lists_every_field_with_type_and_default_and_every_preset(capsys):
     for key, value in leaf_keys(Config()):
         line = next((line for line in lines if line.strip().startswith(f"--{key}=")), None)
         assert line is not None, f"--{key} is missing from --help"
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() if isinstance(
-            value, bool) else (str(value) or '""')
+        shown = (
+            ",".join(map(str, value))
+            if isinstance(value, tuple)
+            else str(value).lower()
+            if isinstance(value, bool)
+            else (str(value) or '""')
+        )
         assert shown in line, (key, line)
     assert "--model.depth=INT" in text and "--data.aug.blur_sigma=FLOAT,FLOAT" in text
     assert "--model.expander=INT,..." in text and "--run.tensorboard=BOOL" in text
@@ -136,8 +166,17 @@ def test_print_config_round_trips_through_config(tmp_path, capsys):
     from train.cli import parse_config
 
     with pytest.raises(SystemExit) as done:
-        parse_config(["--preset", "demo-sie", "--model.lam=0.25", "--data.aug.transforms=rotation,blur",
-                      "--steps", "7", "--print-config"])
+        parse_config(
+            [
+                "--preset",
+                "demo-sie",
+                "--model.lam=0.25",
+                "--data.aug.transforms=rotation,blur",
+                "--steps",
+                "7",
+                "--print-config",
+            ]
+        )
     assert done.value.code == 0
     printed = capsys.readouterr().out
     saved = tmp_path / "cfg.json"
@@ -169,7 +208,10 @@ def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
     RunLog(tmp_path, cfg, Env(), 0, 1).close()
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["kernels"] == "ref" and saved["device"] == "cpu" and saved["device_name"]
-    assert saved["versions"]["torch"] == torch.__version__ and {"triton", "dali", "cuda", "python"} <= saved["versions"].keys()
+    assert (
+        saved["versions"]["torch"] == torch.__version__
+        and {"triton", "dali", "cuda", "python"} <= saved["versions"].keys()
+    )
     assert "git_sha" in saved and saved["world_size"] == 1
     assert parse_config(["--config", str(tmp_path / "config.json")]) == cfg
 
@@ -178,12 +220,15 @@ def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
     assert parse_config(["--config", str(tmp_path / "config.json")]).run.resume == ""  # repeats, not resumes
 
 
-@pytest.mark.parametrize("content, words", [
-    ('{"preset": "demo", "model": {"lamda": 2}}', ["unknown key model.lamda", "lam"]),
-    ('{"preset": "demo", "data": {"batch_size": "big"}}', ["data.batch_size='big' is not a int"]),
-    ('{"preset": "demo", "model": {"depth": -1}}', ["--model.depth=-1 must be >= 0"]),
-    ("{not json", ["not valid JSON"]),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ('{"preset": "demo", "model": {"lamda": 2}}', ["unknown key model.lamda", "lam"]),
+        ('{"preset": "demo", "data": {"batch_size": "big"}}', ["data.batch_size='big' is not a int"]),
+        ('{"preset": "demo", "model": {"depth": -1}}', ["--model.depth=-1 must be >= 0"]),
+        ("{not json", ["not valid JSON"]),
+    ],
+)
 def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, words, capsys):
     from train.main import main
 
@@ -208,8 +253,18 @@ def test_resume_auto_with_config_is_one_command_for_start_and_requeue(tmp_path, 
     base = tmp_path / "base.json"
     cfg = parse_config(["--preset", "demo", "--data.img_size=32", "--data.batch_size=32", "--optim.epochs=2"])
     base.write_text(json.dumps(__import__("train.config", fromlist=["to_dict"]).to_dict(cfg)))
-    command = ["--config", str(base), "--resume", "auto", "--out", str(tmp_path / "run"), "--device", "cpu",
-               "--data", str(demo_shards)]
+    command = [
+        "--config",
+        str(base),
+        "--resume",
+        "auto",
+        "--out",
+        str(tmp_path / "run"),
+        "--device",
+        "cpu",
+        "--data",
+        str(demo_shards),
+    ]
     assert main([*command, "--steps", "1"]) == 0
     resumed = parse_config(command)
     assert resumed.run.resume.endswith("step-000001.pt") and resumed.run.out == str(tmp_path / "run")
@@ -227,7 +282,26 @@ def test_a_truncated_shard_under_the_default_loader_is_one_line(tmp_path, demo_s
     shutil.copytree(demo_shards, data)
     shard = min(data.glob("train-*.tar"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    assert main(["--preset", "demo", "--device", "cpu", "--data", str(data), "--out", str(tmp_path / "run"),
-                 "--steps", "1", "--data.img_size=32", "--data.loader=dali"]) == 2
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cpu",
+                "--data",
+                str(data),
+                "--out",
+                str(tmp_path / "run"),
+                "--steps",
+                "1",
+                "--data.img_size=32",
+                "--data.loader=dali",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("error: ") and str(shard) in err and "truncated" in err, err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(shard) in err and "truncated" in err, (
+        err
+    )

@@ -20,8 +20,16 @@ def test_every_preset_loads_and_round_trips(name):
 
 
 def test_presets_pick_their_method():
-    expected = {"demo": "path", "demo-vicreg": "vicreg", "demo-sie": "sie", "demo-xattn": "xattn",
-                "vits16-vicreg": "vicreg", "vits16-sie": "sie", "vits16-xattn": "xattn", "vits16-path": "path"}
+    expected = {
+        "demo": "path",
+        "demo-vicreg": "vicreg",
+        "demo-sie": "sie",
+        "demo-xattn": "xattn",
+        "vits16-vicreg": "vicreg",
+        "vits16-sie": "sie",
+        "vits16-xattn": "xattn",
+        "vits16-path": "path",
+    }
     assert {n: load_config(n).model.method for n in expected} == expected
 
 
@@ -30,34 +38,52 @@ def test_paper_presets_match_the_paper_setting(name):
     cfg = load_config(name)
     assert (cfg.model.backbone, cfg.model.patch_size, cfg.data.img_size) == ("vit_small_patch16_224", 16, 224)
     assert (cfg.model.d_patch, cfg.model.d_inv, cfg.model.lam) == (512, 256, 1.0)
-    assert (cfg.data.batch_size, cfg.optim.base_lr, cfg.optim.epochs, cfg.optim.name) == (2048, 1e-4, 800, "adamw")
+    assert (cfg.data.batch_size, cfg.optim.base_lr, cfg.optim.epochs, cfg.optim.name) == (
+        2048,
+        1e-4,
+        800,
+        "adamw",
+    )
     assert cfg.data.aug.k == (2 if cfg.model.method == "path" else 0)
     assert (cfg.data.aug.rot_deg, cfg.data.aug.translate_px, cfg.data.aug.hue) == (45.0, 10.0, 0.1)
 
 
 def test_overrides_parse_every_field_type():
-    cfg = load_config("demo", ["--model.lam=0.5", "--data.batch_size", "32", "--model.norm_pix=true",
-                               "--data.aug.transforms=rotation,blur", "--data.aug.blur_sigma=0.2,1.5",
-                               "--run.out=/tmp/x", "--model.expander=64,64,32"])
+    cfg = load_config(
+        "demo",
+        [
+            "--model.lam=0.5",
+            "--data.batch_size",
+            "32",
+            "--model.norm_pix=true",
+            "--data.aug.transforms=rotation,blur",
+            "--data.aug.blur_sigma=0.2,1.5",
+            "--run.out=/tmp/x",
+            "--model.expander=64,64,32",
+        ],
+    )
     assert cfg.model.lam == 0.5 and cfg.data.batch_size == 32 and cfg.model.norm_pix is True
     assert cfg.data.aug.transforms == ("rotation", "blur") and cfg.data.aug.blur_sigma == (0.2, 1.5)
     assert cfg.run.out == "/tmp/x" and cfg.model.expander == (64, 64, 32)
     assert load_config("demo").model.lam == 1.0  # presets are rebuilt, never mutated
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--model.lamda=2"], ["unknown config key --model.lamda", "'lamda'", "lam"]),
-    (["--nosection.x=1"], ["unknown config key --nosection.x", "fields:"]),
-    (["--data.aug.k=two"], ["--data.aug.k=two", "int"]),
-    (["--data.aug.blur_sigma=1"], ["--data.aug.blur_sigma=1", "2 comma-separated"]),
-    (["--model.norm_pix=maybe"], ["--model.norm_pix=maybe"]),
-    (["--data=3"], ["--data is a section"]),
-    (["--run.device=tpu"], ["--run.device=tpu", "auto, cpu, cuda"]),
-    (["--optim.name=sgd"], ["--optim.name=sgd", "adamw"]),
-    (["--data.batch_size=0"], ["--data.batch_size=0", "positive"]),
-    (["--run.steps"], ["--run.steps needs a value"]),
-    (["positional"], ["unexpected argument 'positional'"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model.lamda=2"], ["unknown config key --model.lamda", "'lamda'", "lam"]),
+        (["--nosection.x=1"], ["unknown config key --nosection.x", "fields:"]),
+        (["--data.aug.k=two"], ["--data.aug.k=two", "int"]),
+        (["--data.aug.blur_sigma=1"], ["--data.aug.blur_sigma=1", "2 comma-separated"]),
+        (["--model.norm_pix=maybe"], ["--model.norm_pix=maybe"]),
+        (["--data=3"], ["--data is a section"]),
+        (["--run.device=tpu"], ["--run.device=tpu", "auto, cpu, cuda"]),
+        (["--optim.name=sgd"], ["--optim.name=sgd", "adamw"]),
+        (["--data.batch_size=0"], ["--data.batch_size=0", "positive"]),
+        (["--run.steps"], ["--run.steps needs a value"]),
+        (["positional"], ["unexpected argument 'positional'"]),
+    ],
+)
 def test_bad_overrides_are_one_line_errors_naming_the_key(args, words):
     with pytest.raises(ConfigError) as err:
         load_config("demo", args)
@@ -79,23 +105,32 @@ def test_saved_config_with_an_unknown_key_is_rejected():
         from_dict(saved)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--model.depth=-1"], ["--model.depth=-1 must be >= 0"]),
-    (["--data.img_size=60"], ["--data.img_size=60 is not divisible by --model.patch_size=8"]),
-    (["--model.d_inv=128"], ["--model.d_inv=128 must be in (0, --model.d_patch=128)"]),
-    (["--data.aug.k=-1"], ["--data.aug.k=-1 must be >= 0"]),
-    (["--optim.base_lr=0"], ["--optim.base_lr=0.0 must be positive"]),
-    (["--optim.base_lr=nan"], ["--optim.base_lr=nan must be positive"]),
-    (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
-    (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
-    (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
-    (["--model.decoder=xattn-path", "--model.dec_heads=5"], ["model.dec_width=96 is not divisible by model.dec_heads=5"]),
-    (["--data.aug.transforms=zoom"], ["unknown transformation 'zoom'"]),
-    (["--run.keep_ckpts=0"], ["--run.keep_ckpts=0 must be positive"]),
-    (["--model.backbone=vit_tiny_patch99"], ["--model.backbone=vit_tiny_patch99 is not a timm model name"]),
-    (["--model.decoder=xattn"], ["--model.decoder=xattn is not a path decoder"]),
-    (["--data.aug.k=0"], ["--data.aug.k=0: the path method reconstructs K >= 1"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model.depth=-1"], ["--model.depth=-1 must be >= 0"]),
+        (["--data.img_size=60"], ["--data.img_size=60 is not divisible by --model.patch_size=8"]),
+        (["--model.d_inv=128"], ["--model.d_inv=128 must be in (0, --model.d_patch=128)"]),
+        (["--data.aug.k=-1"], ["--data.aug.k=-1 must be >= 0"]),
+        (["--optim.base_lr=0"], ["--optim.base_lr=0.0 must be positive"]),
+        (["--optim.base_lr=nan"], ["--optim.base_lr=nan must be positive"]),
+        (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
+        (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
+        (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
+        (
+            ["--model.decoder=xattn-path", "--model.dec_heads=5"],
+            ["model.dec_width=96 is not divisible by model.dec_heads=5"],
+        ),
+        (["--data.aug.transforms=zoom"], ["unknown transformation 'zoom'"]),
+        (["--run.keep_ckpts=0"], ["--run.keep_ckpts=0 must be positive"]),
+        (
+            ["--model.backbone=vit_tiny_patch99"],
+            ["--model.backbone=vit_tiny_patch99 is not a timm model name"],
+        ),
+        (["--model.decoder=xattn"], ["--model.decoder=xattn is not a path decoder"]),
+        (["--data.aug.k=0"], ["--data.aug.k=0: the path method reconstructs K >= 1"]),
+    ],
+)
 def test_impossible_values_are_config_errors_naming_the_key(args, words):
     with pytest.raises(ConfigError) as err:
         check_model(load_config("demo", args))  # what the CLI runs

@@ -21,9 +21,28 @@ HERE = Path(__file__).resolve().parent
 
 def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "ddp_worker.py"),
-           str(tmp_path), "--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
-           "--steps", "2", "--data.img_size=32", "--data.batch_size=16", "--data.workers=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "ddp_worker.py"),
+        str(tmp_path),
+        "--preset",
+        "demo",
+        "--device",
+        "cpu",
+        "--data",
+        str(demo_shards),
+        "--out",
+        str(run),
+        "--steps",
+        "2",
+        "--data.img_size=32",
+        "--data.batch_size=16",
+        "--data.workers=1",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -42,33 +61,76 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
 @pytest.mark.slow
 def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
     """Per-rank loader positions and RNG states come back: the resumed 2-rank run ends bit-identical."""
-    common = ["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--data.img_size=32",
-              "--data.batch_size=32", "--optim.epochs=3", "--optim.warmup_epochs=1"]
+    common = [
+        "--preset",
+        "demo",
+        "--device",
+        "cpu",
+        "--data",
+        str(demo_shards),
+        "--data.img_size=32",
+        "--data.batch_size=32",
+        "--optim.epochs=3",
+        "--optim.warmup_epochs=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def torchrun(*args):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train" / "main.py"), *args]
-        proc = subprocess.run(cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train" / "main.py"),
+            *args,
+        ]
+        proc = subprocess.run(
+            cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     torchrun(*common, "--out", str(tmp_path / "straight"))
     torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3")
     torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"))
-    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split"))
+    a, b = (
+        torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split")
+    )
     assert a["step"] == b["step"] == 6 and a["loader"] == b["loader"] and len(a["loader"]) == 2
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-LONG = ["--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=16", "--data.workers=1",
-        "--optim.epochs=1000", "--run.log_every=1"]  # far longer than any test waits
+LONG = [
+    "--preset",
+    "demo",
+    "--device",
+    "cpu",
+    "--data.img_size=32",
+    "--data.batch_size=16",
+    "--data.workers=1",
+    "--optim.epochs=1000",
+    "--run.log_every=1",
+]  # far longer than any test waits
 
 
 @pytest.mark.slow
 def test_an_error_on_rank_1_is_its_one_line_and_the_job_ends_at_once(tmp_path, demo_shards):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "rank_fault.py"), "1", "3", *LONG, "--data", str(demo_shards), "--out", str(tmp_path / "run")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(HERE / "rank_fault.py"),
+        "1",
+        "3",
+        *LONG,
+        "--data",
+        str(demo_shards),
+        "--out",
+        str(tmp_path / "run"),
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=600)
@@ -94,10 +156,26 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path, demo_shards):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train" / "main.py"), *LONG, "--data", str(demo_shards), "--out", str(run)]
-    agent = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train" / "main.py"),
+        *LONG,
+        "--data",
+        str(demo_shards),
+        "--out",
+        str(run),
+    ]
+    agent = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:

@@ -26,9 +26,19 @@ from train.schedules import Schedules
 
 ROOT = Path(__file__).resolve().parents[2]
 # 32 px global crops, 2 local crops of 16 px at patch 8, 16 images: 4 steps per epoch on the demo photos.
-SMALL = ["--run.device=cpu", "--data.img_size=32", "--data.multicrop.global_size=32", "--data.multicrop.local_size=16",
-         "--data.multicrop.n_local=2", "--data.batch_size=16", "--data.workers=1", "--optim.epochs=2",
-         "--optim.warmup_epochs=1", "--run.log_every=1", "--data.loader=reference"]
+SMALL = [
+    "--run.device=cpu",
+    "--data.img_size=32",
+    "--data.multicrop.global_size=32",
+    "--data.multicrop.local_size=16",
+    "--data.multicrop.n_local=2",
+    "--data.batch_size=16",
+    "--data.workers=1",
+    "--optim.epochs=2",
+    "--optim.warmup_epochs=1",
+    "--run.log_every=1",
+    "--data.loader=reference",
+]
 TERMS = {"demo-dino": ("dino",), "demo-ibot": ("dino", "ibot"), "demo-dinov2": ("dino", "ibot", "koleo")}
 
 
@@ -39,17 +49,28 @@ def metrics(run: Path) -> dict[int, dict]:
 @pytest.mark.parametrize("preset", list(TERMS))
 def test_demo_presets_train_log_every_term_and_checkpoint_the_teacher(preset, tmp_path, demo_shards):
     run = tmp_path / "run"
-    assert main(["--preset", preset, *SMALL, "--data", str(demo_shards), "--out", str(run), "--steps", "2"]) == 0
+    assert (
+        main(["--preset", preset, *SMALL, "--data", str(demo_shards), "--out", str(run), "--steps", "2"]) == 0
+    )
     rows = metrics(run)
     assert sorted(rows) == [1, 2]
-    want = {"loss", "loss/inv", "loss/eq", *(f"loss/inv.{t}" for t in TERMS[preset]),
-            "sched/teacher_temp", "sched/patch_temp", "sched/momentum", "sched/weight_decay"}
+    want = {
+        "loss",
+        "loss/inv",
+        "loss/eq",
+        *(f"loss/inv.{t}" for t in TERMS[preset]),
+        "sched/teacher_temp",
+        "sched/patch_temp",
+        "sched/momentum",
+        "sched/weight_decay",
+    }
     for row in rows.values():
         assert want <= row.keys() and all(math.isfinite(row[k]) for k in want), row
     assert not ({"loss/inv.ibot", "loss/inv.koleo"} - want) & rows[1].keys()  # only the family's own terms
     assert rows[1]["sched/teacher_temp"] == 0.04 < rows[2]["sched/teacher_temp"]  # warming up
-    assert rows[1]["sched/weight_decay"] == pytest.approx(0.04) and rows[1]["sched/momentum"] == pytest.approx(
-        0.992 if preset == "demo-dinov2" else 0.996)
+    assert rows[1]["sched/weight_decay"] == pytest.approx(0.04) and rows[1][
+        "sched/momentum"
+    ] == pytest.approx(0.992 if preset == "demo-dinov2" else 0.996)
     state = torch.load(run / "ckpt" / "last.pt", weights_only=True)["model"]
     assert any(k.startswith("teacher.module.encoder.") for k in state)
     assert "center" in state and "patch_center" in state
@@ -73,8 +94,10 @@ def test_schedules_take_the_recipe_values():
 
 
 def test_layer_wise_lr_decay_and_the_patch_embed_scale():
-    cfg = load_config("demo-dinov2", ["--data.img_size=32", "--data.multicrop.global_size=32",
-                                      "--data.multicrop.local_size=16"])
+    cfg = load_config(
+        "demo-dinov2",
+        ["--data.img_size=32", "--data.multicrop.global_size=32", "--data.multicrop.local_size=16"],
+    )
     method = build_method(cfg.model, cfg.data)
     optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, torch.device("cpu"))
     lr = peak_lr(cfg.optim, cfg.data.batch_size)
@@ -106,39 +129,63 @@ def test_diagnostics_leave_the_teacher_centres_alone(demo_shards):
     assert all(torch.equal(a, b) for a, b in zip(before, method.buffers()))
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["--model.family=ibot"], "--model.family=ibot needs multi-crop: --data.multicrop.enabled=true"),
-    (["--data.multicrop.enabled=true"], "--data.multicrop.enabled=true needs a DINO family"),
-    (["--preset-ibot", "--data.multicrop.patch_size=16"], "must equal --model.patch_size=8"),
-    (["--preset-ibot", "--data.img_size=32"], "the global crops are the views"),
-    (["--preset-ibot", "--model.dino.family=dino"], "the family is --model.family"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--model.family=ibot"], "--model.family=ibot needs multi-crop: --data.multicrop.enabled=true"),
+        (["--data.multicrop.enabled=true"], "--data.multicrop.enabled=true needs a DINO family"),
+        (["--preset-ibot", "--data.multicrop.patch_size=16"], "must equal --model.patch_size=8"),
+        (["--preset-ibot", "--data.img_size=32"], "the global crops are the views"),
+        (["--preset-ibot", "--model.dino.family=dino"], "the family is --model.family"),
+    ],
+)
 def test_inconsistent_multicrop_settings_are_one_line(overrides, message):
     preset = "demo-ibot" if overrides[0] == "--preset-ibot" else "demo"
-    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
+    with pytest.raises(
+        ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")
+    ):
         load_config(preset, [o for o in overrides if o != "--preset-ibot"])
 
 
 def _torchrun(*args: str) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train" / "main.py"), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train" / "main.py"),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("preset", "strategy", "loader"), [("demo-ibot", "ddp", "dali"),
-                                                          ("demo-dinov2", "fsdp", "reference")])
+@pytest.mark.parametrize(
+    ("preset", "strategy", "loader"), [("demo-ibot", "ddp", "dali"), ("demo-dinov2", "fsdp", "reference")]
+)
 def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, preset, strategy, loader):
     """2 Gloo ranks: 3 steps + resume to 6 == 6 straight, bit for bit: student, teacher, centres,
     optimizer, loader (DALI's in-graph local crops too); the losses of every step too."""
-    common = ["--preset", preset, "--device", "cpu", *SMALL, f"--data.loader={loader}", "--data", str(demo_shards),
-              f"--dist.strategy={strategy}"]
+    common = [
+        "--preset",
+        preset,
+        "--device",
+        "cpu",
+        *SMALL,
+        f"--data.loader={loader}",
+        "--data",
+        str(demo_shards),
+        f"--dist.strategy={strategy}",
+    ]
     _torchrun(*common, "--out", str(tmp_path / "straight"), "--steps", "6")
     _torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3")
     _torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"), "--run.steps=6")
-    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split"))
+    a, b = (
+        torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split")
+    )
     assert a["step"] == b["step"] == 6 and a["loader"] == b["loader"] and a["scheduler"] == b["scheduler"]
     assert a["model"].keys() == b["model"].keys()
     assert {"center", "patch_center"} <= a["model"].keys()
@@ -148,17 +195,25 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, preset
     ma, mb = metrics(tmp_path / "straight"), metrics(tmp_path / "split")
     assert sorted(ma) == sorted(mb) == [1, 2, 3, 4, 5, 6]
     for step in ma:
-        assert {k: v for k, v in mb[step].items() if "time" not in k and "per_s" not in k} == \
-               {k: v for k, v in ma[step].items() if "time" not in k and "per_s" not in k}, step
+        assert {k: v for k, v in mb[step].items() if "time" not in k and "per_s" not in k} == {
+            k: v for k, v in ma[step].items() if "time" not in k and "per_s" not in k
+        }, step
 
 
 def test_the_step_bench_times_demo_ibot_with_its_crops_and_teacher(demo_shards):
     from bench import step
 
-    small = ["--data.img_size=32", "--data.multicrop.global_size=32", "--data.multicrop.local_size=16",
-             "--data.multicrop.n_local=2", f"--data.dir={demo_shards}", "--data.loader=reference"]
-    rows = step.bench_preset("demo-ibot", small, ["synthetic", "loader"], torch.device("cpu"), warmup=1, steps=1,
-                             peak=1e11)
+    small = [
+        "--data.img_size=32",
+        "--data.multicrop.global_size=32",
+        "--data.multicrop.local_size=16",
+        "--data.multicrop.n_local=2",
+        f"--data.dir={demo_shards}",
+        "--data.loader=reference",
+    ]
+    rows = step.bench_preset(
+        "demo-ibot", small, ["synthetic", "loader"], torch.device("cpu"), warmup=1, steps=1, peak=1e11
+    )
     assert [(r["method"], r["source"]) for r in rows] == [("ibot+path", "synthetic"), ("ibot+path", "loader")]
     batch = step.synthetic_batches(load_config("demo-ibot", small), torch.device("cpu"), n=1)[0]
     assert batch.local.shape == (16, 2, 3, 16, 16) and batch.masks.shape == (16, 2, 16) and batch.masks.any()

@@ -42,9 +42,26 @@ TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", "--da
 
 
 def _torchrun(out: Path, method: str) -> dict[str, dict]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
-           str(out), "--method", method, "--steps", str(STEPS), "--save-at", str(SAVE_AT),
-           "--runs", "ddp", "fsdp", "ddp:fsdp", "fsdp:ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        str(out),
+        "--method",
+        method,
+        "--steps",
+        str(STEPS),
+        "--save-at",
+        str(SAVE_AT),
+        "--runs",
+        "ddp",
+        "fsdp",
+        "ddp:fsdp",
+        "fsdp:ddp",
+    ]
     # The reference kernels: the strategy is under test here, not the Triton interpreter.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
     proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
@@ -92,7 +109,10 @@ def test_fsdp_loss_curve_and_grad_norms_match_ddp(worker_runs, method):
     _close(rec["fsdp"]["losses"], rec["ddp"]["losses"], f"{method}: FSDP loss vs DDP")
     _close(rec["fsdp"]["grad_norms"], rec["ddp"]["grad_norms"], f"{method}: FSDP grad norm vs DDP")
     moved = [k for k, v in rec["fsdp"]["model"].items() if not torch.equal(v, rec["fsdp-state"]["model"][k])]
-    assert "encoder.backbone.blocks.1.attn.qkv.weight" in moved or "eq.encoder.backbone.blocks.1.attn.qkv.weight" in moved
+    assert (
+        "encoder.backbone.blocks.1.attn.qkv.weight" in moved
+        or "eq.encoder.backbone.blocks.1.attn.qkv.weight" in moved
+    )
     _assert_states_close(rec["fsdp"]["model"], rec["ddp"]["model"], WEIGHT_ATOL)
     for strategy in ("ddp", "fsdp"):
         assert rec[strategy]["grad_mismatch"] == [], f"{strategy}: gradients on the wrong parameters"
@@ -111,8 +131,9 @@ def test_checkpoints_have_the_one_process_keys_and_full_tensors(worker_runs, met
     assert fsdp["optimizer"]["state"].keys() == ddp["optimizer"]["state"].keys()
     for name, state in ddp["optimizer"]["state"].items():
         for key, value in state.items():
-            torch.testing.assert_close(fsdp["optimizer"]["state"][name][key], value, rtol=1e-3, atol=1e-6,
-                                       msg=f"{name}.{key}")
+            torch.testing.assert_close(
+                fsdp["optimizer"]["state"][name][key], value, rtol=1e-3, atol=1e-6, msg=f"{name}.{key}"
+            )
     assert fsdp["step"] == ddp["step"] == SAVE_AT and fsdp["scheduler"] == ddp["scheduler"]
 
 
@@ -121,16 +142,23 @@ def test_checkpoints_have_the_one_process_keys_and_full_tensors(worker_runs, met
 def test_a_state_saved_under_one_strategy_continues_under_the_other(worker_runs, method):
     rec = worker_runs(method)
     for resumed, straight in (("ddp-from-fsdp", "ddp"), ("fsdp-from-ddp", "fsdp")):
-        _close(rec[resumed]["losses"], rec[straight]["losses"][SAVE_AT:], f"{method}: {resumed} vs {straight}")
-        _close(rec[resumed]["grad_norms"], rec[straight]["grad_norms"][SAVE_AT:], f"{method}: {resumed} norms")
+        _close(
+            rec[resumed]["losses"], rec[straight]["losses"][SAVE_AT:], f"{method}: {resumed} vs {straight}"
+        )
+        _close(
+            rec[resumed]["grad_norms"], rec[straight]["grad_norms"][SAVE_AT:], f"{method}: {resumed} norms"
+        )
         _assert_states_close(rec[resumed]["model"], rec[straight]["model"], WEIGHT_ATOL)
 
 
 def _teacher_pairs(state: dict) -> list[tuple[str, str]]:
     """(teacher key, the student key it follows): DinoFamily's teacher copies {encoder: eq.encoder, head}."""
     prefix = "teacher.module."
-    return [(k, ("eq." + k[len(prefix):]) if k.startswith(prefix + "encoder.") else k[len(prefix):])
-            for k in state if k.startswith(prefix)]
+    return [
+        (k, ("eq." + k[len(prefix) :]) if k.startswith(prefix + "encoder.") else k[len(prefix) :])
+        for k in state
+        if k.startswith(prefix)
+    ]
 
 
 @pytest.mark.slow
@@ -145,7 +173,9 @@ def test_ema_teacher_under_fsdp_is_sharded_like_the_student_and_equals_the_formu
         for teacher, student in pairs:
             torch.testing.assert_close(after[student], before[student], rtol=0, atol=0, msg=student)
             want = m * before[teacher] + (1 - m) * after[student]
-            torch.testing.assert_close(after[teacher], want, rtol=1e-6, atol=1e-7, msg=f"{strategy}: {teacher}")
+            torch.testing.assert_close(
+                after[teacher], want, rtol=1e-6, atol=1e-7, msg=f"{strategy}: {teacher}"
+            )
         assert rec[strategy]["teacher_layout"] == [], rec[strategy]["teacher_layout"]
         assert rec[strategy]["teacher_sharded"] == (strategy == "fsdp")
         moved = [t for t, _ in pairs if not torch.equal(after[t], before[t])]
@@ -215,9 +245,12 @@ def test_a_state_of_another_model_is_a_checkpoint_error_naming_keys(tiny):
     state = model_state_dict(method)
     state["encoder.extra.weight"] = state.pop("encoder.head.weight")
     state["encoder.head.bias"] = state["encoder.head.bias"][:3]
-    with pytest.raises(CheckpointError, match=r"run/ckpt/last.pt does not fit.*missing encoder.head.weight.*"
-                                              r"unexpected encoder.extra.weight, other shapes encoder.head.bias "
-                                              r"\(3,\) \(this model: \(128,\)\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"run/ckpt/last.pt does not fit.*missing encoder.head.weight.*"
+        r"unexpected encoder.extra.weight, other shapes encoder.head.bias "
+        r"\(3,\) \(this model: \(128,\)\)",
+    ):
         load_model_state_dict(method, state, where="run/ckpt/last.pt")
 
 
@@ -228,7 +261,9 @@ def test_clip_grad_norm_returns_the_global_norm_and_clips(tiny):
         p.grad = torch.randn_like(p)
     want = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]).double()).float()
     torch.testing.assert_close(clip_grad_norm(params, 0.0), want, rtol=1e-5, atol=0)
-    torch.testing.assert_close(clip_grad_norm(params, 1.0), want, rtol=1e-5, atol=0)  # before clipping, as torch's
+    torch.testing.assert_close(
+        clip_grad_norm(params, 1.0), want, rtol=1e-5, atol=0
+    )  # before clipping, as torch's
     after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params]))
     torch.testing.assert_close(after, torch.tensor(1.0), rtol=1e-4, atol=1e-4)
 
@@ -238,9 +273,14 @@ def test_bad_dist_config_is_one_line_error():
         wrap_model(nn.Linear(2, 2), DistConfig(strategy="zero3"), torch.device("cpu"), 2)
     with pytest.raises(ConfigError, match=r"--dist.param_dtype=fp16 is not one of auto, bf16, fp32"):
         wrap_model(nn.Linear(2, 2), DistConfig(param_dtype="fp16"), torch.device("cpu"), 2)
-    with pytest.raises(ConfigError, match=r"--dist.param_dtype=bf16 needs the bf16 autocast of --run.amp=bf16"):
+    with pytest.raises(
+        ConfigError, match=r"--dist.param_dtype=bf16 needs the bf16 autocast of --run.amp=bf16"
+    ):
         wrap_model(nn.Linear(2, 2), DistConfig(strategy="fsdp", param_dtype="bf16"), torch.device("cpu"), 2)
-    assert param_dtype(DistConfig(), amp=True) == torch.bfloat16 and param_dtype(DistConfig(), amp=False) == torch.float32
+    assert (
+        param_dtype(DistConfig(), amp=True) == torch.bfloat16
+        and param_dtype(DistConfig(), amp=False) == torch.float32
+    )
     with pytest.raises(ConfigError, match=r"holds no timm.models.vision_transformer.Block"):
         wrap_model(nn.Linear(2, 2), DistConfig(strategy="fsdp"), torch.device("cpu"), 2)
 
@@ -254,21 +294,43 @@ def test_main_trains_under_fsdp_and_resumes_under_ddp(tmp_path, demo_shards):
     resume under DDP ends where a straight DDP run ends."""
     if "dist" not in {f.name for f in dataclasses.fields(Config)}:
         pytest.skip("train/config.py has no dist section yet (train/distributed.py is wired in at the merge)")
-    common = ["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--data.img_size=32",
-              "--data.batch_size=16", "--data.workers=1", "--optim.epochs=2", "--optim.warmup_epochs=1"]
+    common = [
+        "--preset",
+        "demo",
+        "--device",
+        "cpu",
+        "--data",
+        str(demo_shards),
+        "--data.img_size=32",
+        "--data.batch_size=16",
+        "--data.workers=1",
+        "--optim.epochs=2",
+        "--optim.warmup_epochs=1",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
 
     def torchrun(*args: str) -> None:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               str(ROOT / "train" / "main.py"), *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(ROOT / "train" / "main.py"),
+            *args,
+        ]
+        proc = subprocess.run(
+            cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600
+        )
         assert proc.returncode == 0, proc.stderr[-4000:]
 
     torchrun(*common, "--out", str(tmp_path / "straight"))
     torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3", "--dist.strategy=fsdp")
     assert (tmp_path / "split" / "recon.png").exists()  # every rank ran the decoder, rank 0 wrote
     torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"), "--dist.strategy=ddp")
-    a, b = (torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=False) for run in ("straight", "split"))
+    a, b = (
+        torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=False) for run in ("straight", "split")
+    )
     assert a["step"] == b["step"] == 8 and b["config"]["dist"]["strategy"] == "ddp"
     # 8 steps at the demo's peak lr 5e-3 x 16 / 256 (see WEIGHT_ATOL).
     _assert_states_close(b["model"], a["model"], atol=8 * 5e-3 * 16 / 256)
@@ -279,4 +341,8 @@ def test_main_trains_under_fsdp_and_resumes_under_ddp(tmp_path, demo_shards):
 
     straight, split = losses("straight"), losses("split")
     assert 3 in split and split.keys() - {3} == straight.keys()
-    _close([split[s] for s in sorted(straight)], [straight[s] for s in sorted(straight)], "resumed vs straight loss")
+    _close(
+        [split[s] for s in sorted(straight)],
+        [straight[s] for s in sorted(straight)],
+        "resumed vs straight loss",
+    )

@@ -22,8 +22,26 @@ ROOT = Path(__file__).resolve().parents[2]
 def _train(tmp: Path, demo_shards: Path, pool: str) -> Path:
     """A real 1-step run of the demo preset (tiny: depth 1 at 32 px) -> its checkpoint."""
     run = tmp / f"run-{pool}"
-    assert main(["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
-                 "--steps", "1", "--data.img_size=32", "--model.depth=1", f"--model.pool={pool}"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cpu",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(run),
+                "--steps",
+                "1",
+                "--data.img_size=32",
+                "--model.depth=1",
+                f"--model.pool={pool}",
+            ]
+        )
+        == 0
+    )
     return run / "ckpt" / "last.pt"
 
 
@@ -51,7 +69,7 @@ def test_timm_local_dir_gives_the_trained_features(ckpts, exported, pool):
     x = _images()
     with torch.no_grad():
         tokens = enc.forward_features(x)  # (B, prefix + N, D)
-        want = tokens[:, enc.backbone.num_prefix_tokens:].mean(1) if pool == "mean" else tokens[:, 0]
+        want = tokens[:, enc.backbone.num_prefix_tokens :].mean(1) if pool == "mean" else tokens[:, 0]
         got = model(x)  # (B, D)
         assert got.shape == want.shape == (3, enc.embed_dim)
         assert (got - want).abs().max() <= 1e-5
@@ -93,11 +111,15 @@ def test_loading_is_strict(exported, tmp_path, change):
 
 
 def test_another_img_size_resamples_the_position_embedding(ckpts, tmp_path, capsys):
-    assert export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b48"), "--img-size", "48"]) == 0
+    assert (
+        export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b48"), "--img-size", "48"]) == 0
+    )
     model = export.load_export(tmp_path / "b48")
     assert timm.data.resolve_data_config(model=model)["input_size"] == (3, 48, 48)
     assert model(_images(2, 48)).shape == (2, 192)
-    assert export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b30"), "--img-size", "30"]) == 2
+    assert (
+        export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b30"), "--img-size", "30"]) == 2
+    )
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--img-size 30: must be a positive multiple of the patch size 8" in err
 
@@ -123,13 +145,16 @@ def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind, words", [
-    ("missing", "no such checkpoint"),
-    ("empty", "the file is empty"),
-    ("garbage", "not a readable training checkpoint"),
-    ("truncated", "not a readable training checkpoint"),
-    ("foreign", "not an eqrecon training checkpoint"),
-])
+@pytest.mark.parametrize(
+    "kind, words",
+    [
+        ("missing", "no such checkpoint"),
+        ("empty", "the file is empty"),
+        ("garbage", "not a readable training checkpoint"),
+        ("truncated", "not a readable training checkpoint"),
+        ("foreign", "not an eqrecon training checkpoint"),
+    ],
+)
 def test_a_bad_checkpoint_is_one_line(ckpts, tmp_path, capsys, kind, words):
     ckpt = _bad_checkpoint(tmp_path, kind, ckpts["mean"].resolve())
     err = _one_line(capsys, "--ckpt", str(ckpt), "--out", str(tmp_path / "out"))
@@ -171,12 +196,21 @@ def test_a_damaged_export_file_is_an_export_error(exported, tmp_path, name):
 
 def test_the_script_runs_from_anywhere(ckpts, tmp_path):
     out = tmp_path / "backbone"
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "export.py"), "--ckpt", str(ckpts["cls"]),
-                           "--out", str(out)], cwd=tmp_path, check=False, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train" / "export.py"), "--ckpt", str(ckpts["cls"]), "--out", str(out)],
+        cwd=tmp_path,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert f'timm.create_model("local-dir:{out}", pretrained=True)' in proc.stdout
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "split_head.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "split_head.safetensors",
+    ]
 
 
 # ------------------------------------------------------------------------- the DINO family's teacher
@@ -186,10 +220,29 @@ def test_the_script_runs_from_anywhere(ckpts, tmp_path):
 def ibot_ckpt(tmp_path_factory, demo_shards) -> Path:
     """A real 2-step demo-ibot run at 32 px (the teacher has moved off its initial copy, not onto the student)."""
     run = tmp_path_factory.mktemp("ibot") / "run"
-    assert main(["--preset", "demo-ibot", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
-                 "--steps", "2", "--data.img_size=32", "--data.multicrop.global_size=32",
-                 "--data.multicrop.local_size=16", "--data.multicrop.n_local=2", "--model.depth=1",
-                 "--data.loader=reference"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo-ibot",
+                "--device",
+                "cpu",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(run),
+                "--steps",
+                "2",
+                "--data.img_size=32",
+                "--data.multicrop.global_size=32",
+                "--data.multicrop.local_size=16",
+                "--data.multicrop.n_local=2",
+                "--model.depth=1",
+                "--data.loader=reference",
+            ]
+        )
+        == 0
+    )
     return run / "ckpt" / "last.pt"
 
 
@@ -199,7 +252,9 @@ def test_the_dino_family_exports_its_teacher_by_default(ibot_ckpt, tmp_path, wei
     state = torch.load(ibot_ckpt, weights_only=True)["model"]
     prefix = "eq.encoder." if weights == "student" else "teacher.module.encoder."
     saved, head = load_file(out / "model.safetensors"), load_file(out / "split_head.safetensors")
-    assert saved.keys() == {k[len(prefix) + len("backbone."):] for k in state if k.startswith(prefix + "backbone.")}
+    assert saved.keys() == {
+        k[len(prefix) + len("backbone.") :] for k in state if k.startswith(prefix + "backbone.")
+    }
     for name, value in saved.items():
         assert torch.equal(value, state[f"{prefix}backbone.{name}"]), name
     assert torch.equal(head["weight"], state[f"{prefix}head.weight"])
@@ -219,9 +274,37 @@ def test_the_equivariance_probe_runs_on_an_exported_teacher(ibot_ckpt, tmp_path,
 
     out = export.export(ibot_ckpt, tmp_path / "backbone")
     result = tmp_path / "eq.json"
-    assert probe.main(["equivariance", "--backbone", str(out), "--data", str(demo_shards), "--split", "val",
-                       "--transforms", "rotation", "--samples", "2", "--hidden", "16", "--epochs", "2",
-                       "--seeds", "0", "--pairs", "20", "--no-baselines", "--quiet", "--device", "cpu",
-                       "--out", str(result)]) == 0
+    assert (
+        probe.main(
+            [
+                "equivariance",
+                "--backbone",
+                str(out),
+                "--data",
+                str(demo_shards),
+                "--split",
+                "val",
+                "--transforms",
+                "rotation",
+                "--samples",
+                "2",
+                "--hidden",
+                "16",
+                "--epochs",
+                "2",
+                "--seeds",
+                "0",
+                "--pairs",
+                "20",
+                "--no-baselines",
+                "--quiet",
+                "--device",
+                "cpu",
+                "--out",
+                str(result),
+            ]
+        )
+        == 0
+    )
     record = json.loads(result.read_text())
     assert record["what"] == "probe-equivariance" and "rotation" in json.dumps(record["results"])

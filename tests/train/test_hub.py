@@ -21,8 +21,25 @@ ROOT = Path(__file__).resolve().parents[2]
 def trained(tmp_path_factory, demo_shards) -> tuple[Path, Path]:
     """A real 1-step demo run (depth 1, 32 px) and its export folder."""
     tmp = tmp_path_factory.mktemp("hub")
-    assert main(["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(tmp / "run"),
-                 "--steps", "1", "--data.img_size=32", "--model.depth=1"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cpu",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(tmp / "run"),
+                "--steps",
+                "1",
+                "--data.img_size=32",
+                "--model.depth=1",
+            ]
+        )
+        == 0
+    )
     ckpt = tmp / "run" / "ckpt" / "last.pt"
     return ckpt, export.export(ckpt, tmp / "backbone")
 
@@ -30,8 +47,9 @@ def trained(tmp_path_factory, demo_shards) -> tuple[Path, Path]:
 def test_hub_entry_point_returns_the_exported_model_and_head(trained):
     ckpt, folder = trained
     model = torch.hub.load(str(ROOT), "eqrecon_backbone", path=str(folder), source="local")
-    same, head, d_inv = torch.hub.load(str(ROOT), "eqrecon_backbone", path=str(folder), with_head=True,
-                                       source="local")
+    same, head, d_inv = torch.hub.load(
+        str(ROOT), "eqrecon_backbone", path=str(folder), with_head=True, source="local"
+    )
     enc = export.load_method(ckpt)[0].encoder
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -49,10 +67,19 @@ def test_hub_entry_point_on_a_folder_that_is_no_export(tmp_path):
 def test_hub_load_from_a_fresh_python_elsewhere(trained, tmp_path):
     """As a user calls it: another folder, no PYTHONPATH; torch.hub alone makes the repository importable."""
     _, folder = trained
-    code = (f"import torch; m = torch.hub.load({str(ROOT)!r}, 'eqrecon_backbone', path={str(folder)!r}, "
-            f"source='local'); print(tuple(m(torch.zeros(1, 3, 32, 32)).shape))")
+    code = (
+        f"import torch; m = torch.hub.load({str(ROOT)!r}, 'eqrecon_backbone', path={str(folder)!r}, "
+        f"source='local'); print(tuple(m(torch.zeros(1, 3, 32, 32)).shape))"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=False, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "(1, 192)"

@@ -42,8 +42,13 @@ def test_weight_decay_skips_biases_norms_and_tokens():
     exempt = {names[id(p)] for p in no_decay["params"]}
     assert decayed.isdisjoint(exempt) and decayed | exempt == set(names.values())
     assert "encoder.backbone.blocks.0.attn.qkv.weight" in decayed and "encoder.head.weight" in decayed
-    for name in ("encoder.backbone.pos_embed", "encoder.backbone.cls_token", "encoder.backbone.blocks.0.norm1.weight",
-                 "encoder.backbone.blocks.0.attn.qkv.bias", "encoder.head.bias"):
+    for name in (
+        "encoder.backbone.pos_embed",
+        "encoder.backbone.cls_token",
+        "encoder.backbone.blocks.0.norm1.weight",
+        "encoder.backbone.blocks.0.attn.qkv.bias",
+        "encoder.head.bias",
+    ):
         assert name in exempt
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
 
@@ -79,7 +84,12 @@ def test_a_non_finite_term_stops_before_the_weights_change_and_is_named(demo_bat
     opt = build_optimizer(cfg.optim, method, cfg.data.batch_size, torch.device("cpu"))
     sched = build_scheduler(opt, cfg.optim, cfg.data.batch_size, 4)
     terms = train_step(method, batch, opt, sched, step=0, clip_grad=3.0)
-    assert all(math.isfinite(v) for v in terms.values()) and {"loss", "loss/inv", "loss/eq", "grad_norm"} <= set(terms)
+    assert all(math.isfinite(v) for v in terms.values()) and {
+        "loss",
+        "loss/inv",
+        "loss/eq",
+        "grad_norm",
+    } <= set(terms)
     before = {n: p.detach().clone() for n, p in method.named_parameters()}
     batch.targets[0, 0, 0, 0, 0] = float("nan")  # only the reconstruction term sees it
     with pytest.raises(NonFiniteLoss, match=r"non-finite loss/eq = nan at step 8 \(") as err:
@@ -98,8 +108,24 @@ def test_cuda_trains_in_bf16_with_fused_adamw(tmp_path, demo_shards):
     model = nn.Linear(4, 4).cuda()
     assert build_optimizer(OptimConfig(), model, 256, torch.device("cuda")).defaults["fused"] is True
     run = tmp_path / "run"
-    assert main(["--preset", "demo", "--device", "cuda", "--data", str(demo_shards), "--out", str(run),
-                 "--steps", "4", "--run.log_every=1"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cuda",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(run),
+                "--steps",
+                "4",
+                "--run.log_every=1",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in rows)
     assert json.loads((run / "config.json").read_text())["device"] == "cuda:0"

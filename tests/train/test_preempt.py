@@ -22,13 +22,24 @@ from train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
 # 64 photos in batches of 32: 2 steps per epoch; 10 epochs = 20 steps, long enough to be stopped early.
-SMALL = ["--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=32",
-         "--optim.epochs=10", "--optim.warmup_epochs=1", "--run.recon_every=100", "--run.log_every=1",
-         "--data.workers=1"]
+SMALL = [
+    "--preset",
+    "demo",
+    "--device",
+    "cpu",
+    "--data.img_size=32",
+    "--data.batch_size=32",
+    "--optim.epochs=10",
+    "--optim.warmup_epochs=1",
+    "--run.recon_every=100",
+    "--run.log_every=1",
+    "--data.workers=1",
+]
 
 
 def when_training(run: Path, action) -> threading.Thread:
     """Call action() once the run has logged its first step."""
+
     def wait() -> None:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -77,20 +88,37 @@ def _children(pid: int) -> list[int]:
 
 
 def _rank_of(pid: int) -> int:
-    env = dict(item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item)
+    env = dict(
+        item.split("=", 1) for item in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in item
+    )
     return int(env["RANK"])
 
 
 def torchrun(*args: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train" / "main.py"), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(ROOT / "train" / "main.py"),
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
-def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto_matches(tmp_path, demo_shards):
+def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto_matches(
+    tmp_path, demo_shards
+):
     common = [*SMALL, "--data", str(demo_shards), "--optim.epochs=4"]  # 8 steps
     run, straight = tmp_path / "run", tmp_path / "straight"
     agent = torchrun(*common, "--out", str(run))

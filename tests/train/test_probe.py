@@ -46,7 +46,9 @@ def test_r2_formulas_match_sklearn_and_sie():
     # The two differ when the dimensions have different scales: the global mean inflates SS_tot.
     assert probe_fit.r2_global(pred, y) > probe_fit.r2_per_dim(pred, y) + 0.05
     # 1-D: identical; a constant dimension predicted exactly scores 1 (scikit-learn's convention).
-    assert probe_fit.r2_per_dim(pred[:, :1], y[:, :1]) == pytest.approx(probe_fit.r2_global(pred[:, :1], y[:, :1]))
+    assert probe_fit.r2_per_dim(pred[:, :1], y[:, :1]) == pytest.approx(
+        probe_fit.r2_global(pred[:, :1], y[:, :1])
+    )
     const = torch.ones(10, 1)
     assert probe_fit.r2_per_dim(const, const) == 1.0
 
@@ -145,8 +147,15 @@ class Blind(nn.Module):
 
 
 def _cfg(**kw) -> probe.ProbeConfig:
-    base = {"size": 48, "per_image": 8, "seeds": (0, 1, 2), "aug": PathConfig(ref_size=48), "mask": "none",
-                "baselines": (), "group_by": "image"}
+    base = {
+        "size": 48,
+        "per_image": 8,
+        "seeds": (0, 1, 2),
+        "aug": PathConfig(ref_size=48),
+        "mask": "none",
+        "baselines": (),
+        "group_by": "image",
+    }
     return probe.ProbeConfig(**(base | kw))
 
 
@@ -154,9 +163,16 @@ def test_equivariance_probe_end_to_end_with_synthetic_backbones(monkeypatch):
     monkeypatch.setitem(probe_fit.PROTOCOLS, "fast", FAST)
     samples = _blob_jpegs(40)
     # translations of ±10 px at 48 px keep the blob inside the frame
-    exact = probe.equivariance({"backbone": Centroid()}, samples, _cfg(transforms=("rotation", "translation")),
-                               CPU, quiet=True)
-    assert exact["pairs"] == {"images": 40, "photos": 40, "per_image": 8, "per_family": 320, "dropped_symmetric": 0}
+    exact = probe.equivariance(
+        {"backbone": Centroid()}, samples, _cfg(transforms=("rotation", "translation")), CPU, quiet=True
+    )
+    assert exact["pairs"] == {
+        "images": 40,
+        "photos": 40,
+        "per_image": 8,
+        "per_family": 320,
+        "dropped_symmetric": 0,
+    }
     assert exact["results"]["rotation"]["backbone"]["all"]["r2"] > 0.95, exact
     assert exact["results"]["translation"]["backbone"]["all"]["r2"] > 0.98, exact
     blind = probe.equivariance({"backbone": Blind()}, samples, _cfg(), CPU, quiet=True)
@@ -183,8 +199,15 @@ def test_pairs_follow_the_path_semantics():
     samples = _blob_jpegs(3)
     cfg = PathConfig(ref_size=48)
     pairs = P.render_pairs(samples, "rotation", cfg, 48, per_image=4, seed=0, mask="none")
-    assert pairs.x2.shape == (12, 3, 48, 48) and pairs.theta.shape == (12, 1) and pairs.x1.shape == (3, 3, 48, 48)
-    assert pairs.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and pairs.anchor.tolist() == pairs.groups.tolist()
+    assert (
+        pairs.x2.shape == (12, 3, 48, 48)
+        and pairs.theta.shape == (12, 1)
+        and pairs.x1.shape == (3, 3, 48, 48)
+    )
+    assert (
+        pairs.groups.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+        and pairs.anchor.tolist() == pairs.groups.tolist()
+    )
     assert pairs.theta.abs().max() <= cfg.rot_deg and pairs.theta.std() > 0
     # Image 0's pairs are g_θ(centre view) for θ drawn by pipeline.path with only rotation active,
     # rendered by the reference pipeline: one semantics for training and probing.
@@ -259,7 +282,9 @@ def demo_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     method = build_method(cfg.model, cfg.data)
     path = tmp_path_factory.mktemp("run") / "last.pt"
-    torch.save({"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path)
+    torch.save(
+        {"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path
+    )
     return path, method
 
 
@@ -294,7 +319,9 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
     assert probe_embed.load_backbone(tmp_path / "backbone").img_size == 64
     plain = timm.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained=True).eval()
     with torch.no_grad():  # what a timm user gets: the pooled features the probe reads as "all"
-        assert torch.allclose(plain(probe_normalise(x, probe_embed.load_backbone(path))), want["all"], atol=1e-5)
+        assert torch.allclose(
+            plain(probe_normalise(x, probe_embed.load_backbone(path))), want["all"], atol=1e-5
+        )
     headed = load(tmp_path / "backbone")
     assert headed.parts == ("all", "inv", "eq")
     got = headed(x)

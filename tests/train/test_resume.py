@@ -10,8 +10,18 @@ from train.main import main
 
 # 64 demo photos in batches of 32: 2 steps per epoch; a 3-epoch schedule, stopped at step 3 (mid-epoch,
 # mid-cosine), so the resume must restore the loader position, the schedule and the optimizer moments.
-SMALL = ["--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=32",
-         "--optim.epochs=3", "--optim.warmup_epochs=1", "--run.ckpt_every=2", "--run.recon_every=2"]
+SMALL = [
+    "--preset",
+    "demo",
+    "--device",
+    "cpu",
+    "--data.img_size=32",
+    "--data.batch_size=32",
+    "--optim.epochs=3",
+    "--optim.warmup_epochs=1",
+    "--run.ckpt_every=2",
+    "--run.recon_every=2",
+]
 
 
 def metrics(run):
@@ -32,7 +42,9 @@ def test_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     for i, state in a["optimizer"]["state"].items():
-        torch.testing.assert_close(b["optimizer"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(
+            b["optimizer"]["state"][i]["exp_avg_sq"], state["exp_avg_sq"], rtol=1e-4, atol=1e-9
+        )
     assert a["scheduler"] == b["scheduler"] and a["loader"] == b["loader"]
 
     ma, mb = metrics(straight), metrics(split)
@@ -43,7 +55,11 @@ def test_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
             assert abs(mb[step][term] - ma[step][term]) <= 1e-4 * abs(ma[step][term]), (step, term)
     assert ma[6]["loss"] != ma[1]["loss"]
     assert (split / "recon.png").is_file() and sorted(p.name for p in (split / "recon").iterdir()) == [
-        "step-000002.png", "step-000003.png", "step-000004.png", "step-000006.png"]
+        "step-000002.png",
+        "step-000003.png",
+        "step-000004.png",
+        "step-000006.png",
+    ]
 
 
 def test_a_fresh_run_refuses_a_folder_that_holds_one(tmp_path, demo_shards, capsys):

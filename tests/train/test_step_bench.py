@@ -11,8 +11,15 @@ from bench import _provenance, step
 
 
 def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
-    rows = step.bench_preset("demo-xattn", ["--data.img_size=32", f"--data.dir={demo_shards}"],
-                             ["synthetic", "loader"], torch.device("cpu"), warmup=1, steps=2, peak=1e11)
+    rows = step.bench_preset(
+        "demo-xattn",
+        ["--data.img_size=32", f"--data.dir={demo_shards}"],
+        ["synthetic", "loader"],
+        torch.device("cpu"),
+        warmup=1,
+        steps=2,
+        peak=1e11,
+    )
     assert [(r["method"], r["source"]) for r in rows] == [("xattn", "synthetic"), ("xattn", "loader")]
     for r in rows:
         phases = r["data_ms"] + r["forward_ms"] + r["backward_ms"] + r["optimizer_ms"]
@@ -27,7 +34,9 @@ def test_defaults_per_device():
     presets, sources, steps, warmup, over = step.resolve_defaults(args, overrides, cuda=True)
     assert (steps, warmup) == (20, 5)
     # CUDA: vits16 at one GPU's batch, synthetic only (the demo photos cannot fill a batch of 256)
-    assert presets == list(step.GPU_PRESETS) and sources == ["synthetic"] and over == ["--data.batch_size=256"]
+    assert (
+        presets == list(step.GPU_PRESETS) and sources == ["synthetic"] and over == ["--data.batch_size=256"]
+    )
     presets, sources, _, _, over = step.resolve_defaults(args, overrides, cuda=False)
     assert presets == list(step.CPU_PRESETS) and sources == ["synthetic", "loader"] and over == []
     args, overrides = step.parse(["--data", "/shards", "--data.batch_size=64"])
@@ -35,13 +44,24 @@ def test_defaults_per_device():
     assert sources == ["synthetic", "loader"] and over == ["--data.batch_size=64", "--data.dir=/shards"]
 
 
-def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(tmp_path, demo_shards, one_thread,
-                                                                       monkeypatch):
+def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(
+    tmp_path, demo_shards, one_thread, monkeypatch
+):
     # the CPU defaults (synthetic + the demo shards at the preset's own batch), shrunk to one step;
     # bench/results of the tree is left alone (its CPU figures are made on purpose)
     monkeypatch.setattr(_provenance, "RESULTS_DIR", tmp_path / "results")
-    argv = ["--presets", "demo-vicreg", "--steps", "1", "--warmup", "1", "--data.img_size=32",
-            f"--data.dir={demo_shards}", "--out", str(tmp_path)]
+    argv = [
+        "--presets",
+        "demo-vicreg",
+        "--steps",
+        "1",
+        "--warmup",
+        "1",
+        "--data.img_size=32",
+        f"--data.dir={demo_shards}",
+        "--out",
+        str(tmp_path),
+    ]
     assert step.main(argv) == 0
     per_preset = json.loads((tmp_path / "step-demo-vicreg-cpu.json").read_text())
     whole = json.loads((tmp_path / "step-cpu.json").read_text())

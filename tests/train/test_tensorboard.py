@@ -14,9 +14,27 @@ def test_tensorboard_gets_every_metric_and_the_recon_grid(tmp_path, demo_shards)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    assert main(["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(run),
-                 "--steps", "3", "--data.img_size=32", "--run.log_every=1", "--run.recon_every=2",
-                 "--run.tensorboard=true"]) == 0
+    assert (
+        main(
+            [
+                "--preset",
+                "demo",
+                "--device",
+                "cpu",
+                "--data",
+                str(demo_shards),
+                "--out",
+                str(run),
+                "--steps",
+                "3",
+                "--data.img_size=32",
+                "--run.log_every=1",
+                "--run.recon_every=2",
+                "--run.tensorboard=true",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "images": 0})
     events.Reload()
