@@ -42,7 +42,7 @@ train: setup
 	@$(PY) -c "from pipeline.demo import ensure_demo_shards; print('demo shards:', ensure_demo_shards())"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py --preset demo --out $(RUN) $(TRAIN_ARGS)
 	$(PY) train/export.py --ckpt $(RUN)/ckpt/last.pt --out $(RUN)/backbone
-	$(PY) train/probe.py equivariance --backbone $(RUN)/backbone --split train,val --transforms rotation,translation --part all,eq --pool grid2 --out $(RUN)/probe-equivariance.json
+	$(PY) train/probe.py equivariance --backbone $(RUN)/backbone --split train,val --transforms rotation,translation --part all,eq --out $(RUN)/probe-equivariance.json
 	@echo ""
 	@echo "run:             $(RUN)  (config.json, metrics.jsonl, ckpt/last.pt)"
 	@echo "reconstructions: $(RUN)/recon.png  (rows: view 1 | view 2 | targets | predictions | |prediction - target|)"

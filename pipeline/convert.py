@@ -33,19 +33,15 @@ from __future__ import annotations
 
 import argparse
 import errno
-import fcntl
 import hashlib
 import io
 import json
-import multiprocessing
 import os
 import random
 import re
 import signal
-import socket
 import sys
 import tarfile
-import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -54,6 +50,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.convert_proc import lock_out, worker_pool
 from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
 from pipeline.shards import index_text, verify_shard
@@ -316,70 +313,6 @@ def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_cla
 
 
 @contextmanager
-def _sigint_held_back():
-    """Hold Ctrl-C back while pool workers are forked or terminated, and raise it afterwards.
-    Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
-    multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
-    run goes on) or leaves their locks held."""
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
-        yield  # signals go to the main thread only; and a caller's own handler is left alone
-        return
-    came = []
-    signal.signal(signal.SIGINT, lambda *_: came.append(True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    if came:
-        raise KeyboardInterrupt
-
-
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-@contextmanager
-def _pool(workers: int):
-    """A pool whose workers ignore Ctrl-C: the parent alone handles it and terminates them. A worker
-    that died of KeyboardInterrupt printed a traceback, and one that died holding the task queue's
-    lock made the parent's terminate() wait forever."""
-    # fork: the workers need nothing but this module and the plan, and start instantly
-    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with _sigint_held_back():
-        pool = ctx.Pool(workers, initializer=_ignore_sigint)
-    try:
-        yield pool
-    finally:
-        with _sigint_held_back():
-            pool.terminate()
-
-
-@contextmanager
-def _lock(out: Path):
-    """Hold an exclusive lock on out for the whole conversion: two converters into one folder delete
-    each other's unfinished shards and leave a dataset.json that fails --verify. The lock file
-    stays (removing it would let a third converter lock a new file while a second holds the old)."""
-    with open(os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f.read().strip() or "a process that is starting"
-            raise ConvertError(
-                f"{out} is being written by another converter ({holder}); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        f.truncate(0)
-        f.write(
-            f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-        )
-        f.flush()
-        yield
-
-
-@contextmanager
 def _writing(out: Path):
     """OS errors writing below out -> one ConvertError line naming the path."""
     try:
@@ -413,7 +346,7 @@ def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
                 on_done(write_shard(task))
                 bar.update(len(task[-1]))
         else:
-            with _pool(workers) as pool:
+            with worker_pool(workers) as pool:
                 for rec in pool.imap_unordered(write_shard, tasks):
                     on_done(rec)
                     bar.update(rec["count"] + len(rec["skipped"]))
@@ -450,7 +383,7 @@ def convert(
         )
     with _writing(out):
         out.mkdir(parents=True, exist_ok=True)
-        with _lock(out):
+        with lock_out(out):
             try:
                 return _convert(src, out, split, shard_size, workers, seed, strict, quiet)
             except KeyboardInterrupt:
@@ -490,7 +423,7 @@ def _convert(
         (out, known.get(name), plan, chunk, len(classes)) for s in plans for name, chunk, plan in plans[s]
     ]
     if workers > 1 and sum(c[1] is not None for c in candidates) > 1:  # resuming ImageNet re-reads ~140 GB
-        with _pool(workers) as pool:
+        with worker_pool(workers) as pool:
             good = pool.map(_check, candidates, chunksize=1)
     else:
         good = [_check(c) for c in candidates]

@@ -30,8 +30,8 @@ import torch
 from pipeline.batch import DataConfig
 
 # The calls into the view graph, kept in one place (pipeline/dali.py owns the DALI pixel semantics).
-from pipeline.dali import GREY as GREY_WEIGHTS
-from pipeline.dali import apply_g, crop_resize, sample_crop
+from pipeline.dali_ops import GREY as GREY_WEIGHTS
+from pipeline.dali_ops import apply_g, crop_resize, sample_crop
 from pipeline.multicrop import (
     COLOUR,
     GREY,

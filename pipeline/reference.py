@@ -57,8 +57,7 @@ from pipeline.path import (
     sample_theta,
     validate,
 )
-from pipeline.shards import Shard, epoch_length, parse_label, pieces, rank_range, read_shard
-from pipeline.shards import split_shards as shards_of_split
+from pipeline.shards import Shard, epoch_length, parse_label, pieces, rank_range, read_shard, split_shards
 
 # ---------------------------------------------------------------------------------------------------
 # Pure functions: one sample's pixels
@@ -482,12 +481,6 @@ class ReferenceLoader:
 # Entry point
 
 
-def split_shards(data_dir: Path, split: str) -> list[tuple[Path, int]]:
-    """Deprecated (train/probe.py's import until it moves to `pipeline.shards.split_shards`): the split's
-    shards as (tar path, sample count)."""
-    return [(s.path, s.count) for s in shards_of_split(data_dir, split)]
-
-
 def build_reference_loader(
     cfg: DataConfig,
     data_dir: str | Path,
@@ -505,7 +498,7 @@ def build_reference_loader(
             f"data.batch_size={cfg.batch_size} leaves no sample per rank with {world_size} ranks"
         )
     data_dir = Path(data_dir)
-    shards = shards_of_split(data_dir, cfg.split)
+    shards = split_shards(data_dir, cfg.split)
     total = sum(s.count for s in shards)
     if epoch_length(total, world_size, per_rank_batch) == 0:
         raise ConfigError(

@@ -5,10 +5,11 @@ step 0 or from `cfg.run.resume`, and stops after `cfg.run.steps` if set. `train_
 optimizer step and is what `bench/step.py` times. Rank 0 writes the run folder:
 
     config.json    resolved config; provenance: git SHA, device and its name, library versions,
-                   which kernel path ran ("triton" | "ref"), world size
+                   which kernel path ran ("triton" | "ref") and auto mode's per-shape choices, world size
+                   (train/runlog.py writes it, metrics.jsonl and the recon grid)
     metrics.jsonl  every `run.log_every` steps: step, epoch, lr, every loss term, grad norm, times, images/s
     ckpt/          step-NNNNNN.pt and last.pt -> the newest one (train/checkpoint.py)
-    recon.png      view 1 | view 2 | targets | predictions (also recon/step-NNNNNN.png)
+    recon.png      view 1 | view 2 | targets | predictions | |prediction - target| (also recon/step-NNNNNN.png)
     tensorboard/   the same scalars and the recon grid, with run.tensorboard=true
 
 SIGTERM or SIGUSR1 (a cluster's preemption notice) on any rank: every rank finishes the same step,
@@ -19,7 +20,6 @@ itself, so under torchrun it must be sent to the workers only.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -34,9 +34,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from tqdm import tqdm
 
-from model.diagnostics import diagnostics, difference_images
+from model.diagnostics import diagnostics
 from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from train import checkpoint
 from train.config import Config, OptimConfig, to_dict
@@ -50,7 +49,8 @@ from train.distributed import (
     optimizer_state_dict,
     unwrap,
 )
-from train.provenance import git_sha, provenance
+from train.provenance import git_sha
+from train.runlog import RunLog, kernel_path, save_recon_grid  # noqa: F401 (re-exported)
 from train.schedules import Schedules, scaled_param_groups
 
 
@@ -302,126 +302,6 @@ def restore(
 
 
 # --- rank 0's outputs -----------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows: int = 8) -> bool:
-    """One row per sample: view 1, view 2, the K targets, the K' predictions and |prediction -
-    target| per step, un-normalised to [0, 1] at the target resolution. False when the method reconstructs nothing. path None: only
-    take part in the reconstruction (the other ranks under FSDP)."""
-    from torchvision.utils import save_image
-
-    was_training = method.training
-    method.eval()
-    try:
-        pred = method.reconstruct(batch)
-    finally:
-        method.train(was_training)
-    if pred is None or path is None:
-        return pred is not None
-    n = min(rows, len(batch))
-    size = pred.shape[-2:]
-    views = [
-        nn.functional.interpolate(
-            v[:n].float(), size=size, mode="bilinear", antialias=True, align_corners=False
-        )
-        for v in (batch.view1, batch.view2)
-    ]
-    targets = method.targets(batch)[:n].float()  # what each prediction is scored against
-    m = torch.tensor(mean, device=pred.device).view(1, 1, 3, 1, 1)
-    s = torch.tensor(std, device=pred.device).view(1, 1, 3, 1, 1)
-    # |prediction - its own target| in pixel units: a decoder that ignores the step shows it here
-    diff = difference_images(pred[:n] * s, targets * s).clamp(0, 1)
-    # (n, 3, Ht, Wt) x 2 + (n, K, ...) targets + (n, K', ...) predictions -> (n, 2 + K + K', 3, Ht, Wt)
-    cells = torch.cat([torch.stack(views, 1), batch.targets[:n].float(), pred[:n].float()], 1)
-    cells = torch.cat([(cells * s + m).clamp(0, 1), diff], 1)  # + (n, K', ...) differences
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
-    return True
-
-
-class RunLog:
-    """Rank 0's progress bar, metrics.jsonl, config.json and (run.tensorboard) TensorBoard events;
-    a no-op on other ranks."""
-
-    def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
-        self.env, self.batch, self.tb = env, cfg.data.batch_size, None
-        if env.main:
-            prov = provenance(env.device)
-            meta = {
-                "git_sha": prov["git_sha"],
-                "device": str(env.device),
-                "device_name": prov["device"],
-                "versions": prov["versions"],
-                "kernels": kernel_path(env.device),
-                "world_size": env.world_size,
-                "config": to_dict(cfg),
-            }
-            try:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                (run_dir / "config.json").write_text(json.dumps(meta, indent=2) + "\n")
-            except OSError as err:
-                raise ConfigError(
-                    f"cannot write the run folder {run_dir}: {err.strerror or err}; pass a writable --out DIR"
-                ) from None
-            self.metrics = run_dir / "metrics.jsonl"
-            if cfg.run.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
-
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
-        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
-
-    def step(
-        self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float, write: bool
-    ) -> None:
-        if not self.env.main:
-            return
-        ips = self.batch / max(step_s, 1e-9)
-        self.bar.update(1)
-        # The bar shows the headline terms; metrics.jsonl keeps every sub-term.
-        self.bar.set_postfix_str(
-            f"{ips:.0f} img/s "
-            + " ".join(f"{k}={v:.3f}" for k, v in terms.items() if k in ("loss", "loss/inv", "loss/eq"))
-        )
-        if write:
-            row = {
-                "step": step,
-                "epoch": epoch,
-                "lr": lr,
-                **terms,
-                "step_time_s": step_s,
-                "data_time_s": data_s,
-                "images_per_s": ips,
-            }
-            with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
-                f.write(json.dumps(row) + "\n")
-            if self.tb is not None:
-                for name, value in row.items():
-                    if name != "step":
-                        self.tb.add_scalar(name, value, step)
-
-    def image(self, step: int, png: Path) -> None:
-        """The recon grid just written, as a TensorBoard image."""
-        if self.tb is not None and png.exists():
-            from PIL import Image
-
-            with Image.open(png) as image:
-                self.tb.add_image("recon", np.asarray(image.convert("RGB")), step, dataformats="HWC")
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-
-
-def kernel_path(device: torch.device) -> str:
-    """Which kernels this run's decoder uses on `device`: "triton" or "ref" (kernels._backend decides)."""
-    from kernels import _backend
-
-    try:
-        return "triton" if _backend.use_triton(torch.empty(0, device=device)) else "ref"
-    except ValueError as err:  # kernels._backend reports a bad EQRECON_KERNELS as a ValueError today
-        raise ConfigError(str(err)) from None
 
 
 # --- preemption -----------------------------------------------------------------------------------

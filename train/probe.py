@@ -49,7 +49,8 @@ from pipeline.pairs import (
     targets,
 )
 from pipeline.path import PathConfig
-from pipeline.reference import decode, read_shard, split_shards
+from pipeline.reference import decode
+from pipeline.shards import parse_label, read_shard, split_shards
 from train.probe_embed import PARTS, Embedder, PixelEmbedder, embed, load_backbone, random_twin
 from train.probe_fit import PROTOCOLS, knn_top1, linear_top1, over_seeds
 
@@ -123,12 +124,13 @@ def read_split(data: str | Path, split: str, limit: int = 0) -> list[tuple[bytes
         )
     samples: list[tuple[bytes, int]] = []
     try:
-        for shard, count in split_shards(folder, split):
-            for sample in read_shard(shard, count):
+        for shard in split_shards(folder, split):
+            for sample in read_shard(shard.path, shard.count):
                 if "jpg" not in sample:
-                    raise ProbeError(f"{shard}: sample {sample['__key__']!r} has no .jpg")
-                label = sample.get("cls", b"-1").decode("ascii", "replace").strip()
-                samples.append((sample["jpg"], int(label) if label.lstrip("-").isdigit() else -1))
+                    raise ProbeError(f"{shard.path}: sample {sample['__key__']!r} has no .jpg")
+                where = f"{shard.path}: {sample['__key__']}"
+                label = parse_label(sample["cls"], where) if "cls" in sample else -1
+                samples.append((sample["jpg"], label))
                 if limit and len(samples) >= limit:
                     return samples
     except (DataError, FileNotFoundError) as err:
@@ -292,7 +294,7 @@ def format_equivariance(record: dict) -> str:
     """Rows = family × model, columns = parts; each cell 'mean ± std' of r2 over the probe seeds."""
     results = record["results"]
     parts = [p for p in PARTS if any(p in by_part for fam in results.values() for by_part in fam.values())]
-    head = f"{'transformation':<13}{'features':<10}" + "".join(f"{p:>17}" for p in parts)
+    head = f"{'transformation':<15}{'features':<10}" + "".join(f"{p:>17}" for p in parts)
     lines = [head, "-" * len(head)]
     for family, by_model in results.items():
         for name, by_part in by_model.items():
@@ -300,7 +302,7 @@ def format_equivariance(record: dict) -> str:
                 f"{by_part[p]['r2']:>9.3f} ± {by_part[p]['r2_std']:.3f}" if p in by_part else f"{'':>17}"
                 for p in parts
             )
-            lines.append(f"{family if name == 'backbone' else '':<13}{name:<10}{cells}")
+            lines.append(f"{family if name == 'backbone' else '':<15}{name:<10}{cells}")
     return "\n".join(lines)
 
 

@@ -39,16 +39,7 @@ def test_explicit_triton_on_cpu_runs_interpreter(interpreted_kernels):
     assert use_triton(torch.zeros(1))
 
 
-FALLBACK_SCRIPT = """
-import torch
-from kernels import cross_attention, cross_attention_ref, recon_loss, recon_loss_ref
-q = torch.randn(1, 2, 9, 32, requires_grad=True)
-out = cross_attention(q, q, q)
-assert "_CrossAttention" not in type(out.grad_fn).__name__, "Triton ran without the interpreter"
-assert torch.equal(out, cross_attention_ref(q, q, q))
-assert torch.equal(recon_loss(q, q * 2), recon_loss_ref(q, q * 2))
-print("ok")
-"""
+WORKER = str(Path(__file__).with_name("fallback_worker.py"))
 
 
 def test_fallback_warns_once_and_matches_reference():
@@ -56,7 +47,7 @@ def test_fallback_warns_once_and_matches_reference():
     env = {**os.environ, "EQRECON_KERNELS": "triton", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-c", FALLBACK_SCRIPT],
+        [sys.executable, WORKER],
         cwd=root,
         env=env,
         capture_output=True,
@@ -148,35 +139,13 @@ def test_forced_modes_do_not_time(fake_timer, monkeypatch):
 # lazy triton: the package imports, and falls back, where triton does not import
 # ---------------------------------------------------------------------------------------------
 
-NO_TRITON_SCRIPT = """
-import importlib.abc, sys, warnings
-
-class BlockTriton(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "triton" or name.startswith("triton."):
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, BlockTriton())
-import torch
-import kernels, model  # noqa: F401
-assert "triton" not in sys.modules, "importing kernels/model imported triton"
-from kernels import cross_attention, cross_attention_ref, recon_loss, recon_loss_ref, self_attention
-q = torch.randn(1, 2, 9, 32, requires_grad=True)
-out = cross_attention(q, q, q)  # EQRECON_KERNELS=triton: falls back to the reference
-assert torch.equal(out, cross_attention_ref(q, q, q))
-assert torch.equal(recon_loss(q, q * 2), recon_loss_ref(q, q * 2))
-assert torch.allclose(self_attention(q, q, q), cross_attention_ref(q, q, q), atol=1e-6)
-print("ok")
-"""
-
 
 def test_kernels_and_model_import_without_triton_and_fall_back_once():
     env = {**os.environ, "EQRECON_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(
-        [sys.executable, "-c", NO_TRITON_SCRIPT],
+        [sys.executable, WORKER, "--no-triton"],
         cwd=root,
         env=env,
         capture_output=True,

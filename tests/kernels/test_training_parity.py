@@ -40,11 +40,13 @@ def _run(cfg, batches, monkeypatch, mode: str) -> list[float]:
     return losses
 
 
-def test_twenty_steps_match_with_kernels_on_and_off(interpreted_kernels, demo_shards, monkeypatch):
+def test_twenty_steps_match_with_kernels_on_and_off(
+    interpreted_kernels, demo_shards, monkeypatch, one_thread
+):
     cfg = load_config("demo-xattn-path", [*TINY, f"--data.dir={demo_shards}"])
     assert cfg.model.method == "path" and "xattn" in cfg.model.decoder
     batches = list(itertools.islice(iter(build_loader(cfg.data, 0, 1, "cpu")), 2))
-    torch.set_num_threads(1)  # the same reduction order in both runs' PyTorch parts
+    # one_thread: the same reduction order in both runs' PyTorch parts (restored afterwards)
     ref = _run(cfg, batches, monkeypatch, "ref")
     tri = _run(cfg, batches, monkeypatch, "triton")
     diffs = [abs(a - b) / abs(b) for a, b in zip(tri, ref)]

@@ -42,14 +42,9 @@ def _samples(data_dir: Path, split: str = "train") -> list[dict]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Render in-process (workers=0) on one thread, as DataLoader workers do: tiny images gain nothing
-    from intra-op threads, and on a loaded 2-core machine they made an epoch 15× slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Render in-process (workers=0) on one thread, as DataLoader workers do: tiny images gain nothing
+# from intra-op threads, and on a loaded 2-core machine they made an epoch 15x slower.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

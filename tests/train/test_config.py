@@ -19,18 +19,25 @@ def test_every_preset_loads_and_round_trips(name):
     assert from_dict(saved) == cfg
 
 
-def test_presets_pick_their_method():
-    expected = {
-        "demo": "path",
-        "demo-vicreg": "vicreg",
-        "demo-sie": "sie",
-        "demo-xattn": "xattn",
-        "vits16-vicreg": "vicreg",
-        "vits16-sie": "sie",
-        "vits16-xattn": "xattn",
-        "vits16-path": "path",
-    }
-    assert {n: load_config(n).model.method for n in expected} == expected
+@pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("demo")])
+def test_demo_presets_build_the_method_and_decoder_they_name(name):
+    """What a preset says it trains is what build_method builds (class by class, not by name)."""
+    from model import METHODS, build_method
+    from model.decoders import ConvDecoder, XAttnDecoder, XAttnPathDecoder
+    from model.families import DinoFamily
+
+    cfg = load_config(name)
+    method = build_method(cfg.model, cfg.data)
+    if cfg.model.family == "vicreg":
+        assert type(method) is METHODS[cfg.model.method]
+    else:
+        assert isinstance(method, DinoFamily) and method.family.family == cfg.model.family
+    decoder = getattr(method, "decoder", None)
+    if cfg.model.family == "vicreg" and cfg.model.method in ("path", "xattn"):
+        want = {"conv": ConvDecoder, "xattn": XAttnDecoder, "xattn-path": XAttnPathDecoder}[cfg.model.decoder]
+        assert type(decoder) is want
+    elif cfg.model.family == "vicreg":
+        assert decoder is None
 
 
 @pytest.mark.parametrize("name", PAPER)

@@ -1,0 +1,85 @@
+"""The converter's process control: the exclusive lock on --out, Ctrl-C, and the worker pool.
+
+with lock_out(out):              # a second converter into out exits at once naming the holder
+    with worker_pool(4) as pool:  # workers ignore Ctrl-C; the parent alone handles it
+        ...
+"""
+
+from __future__ import annotations
+
+import fcntl
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from pipeline.discover import LOCK
+from pipeline.errors import ConvertError
+
+
+@contextmanager
+def _sigint_held_back():
+    """Hold Ctrl-C back while pool workers are forked or terminated, and raise it afterwards.
+    Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
+    multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
+    run goes on) or leaves their locks held."""
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield  # signals go to the main thread only; and a caller's own handler is left alone
+        return
+    came = []
+    signal.signal(signal.SIGINT, lambda *_: came.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if came:
+        raise KeyboardInterrupt
+
+
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@contextmanager
+def worker_pool(workers: int):
+    """A pool whose workers ignore Ctrl-C: the parent alone handles it and terminates them. A worker
+    that died of KeyboardInterrupt printed a traceback, and one that died holding the task queue's
+    lock made the parent's terminate() wait forever."""
+    # fork: the workers need nothing but this module and the plan, and start instantly
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    with _sigint_held_back():
+        pool = ctx.Pool(workers, initializer=_ignore_sigint)
+    try:
+        yield pool
+    finally:
+        with _sigint_held_back():
+            pool.terminate()
+
+
+@contextmanager
+def lock_out(out: Path):
+    """Hold an exclusive lock on out for the whole conversion: two converters into one folder delete
+    each other's unfinished shards and leave a dataset.json that fails --verify. The lock file
+    stays (removing it would let a third converter lock a new file while a second holds the old)."""
+    with open(os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "a process that is starting"
+            raise ConvertError(
+                f"{out} is being written by another converter ({holder}); "
+                "wait for it to finish or choose another --out"
+            ) from None
+        f.truncate(0)
+        f.write(
+            f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
+        )
+        f.flush()
+        yield

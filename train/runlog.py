@@ -1,0 +1,158 @@
+"""What rank 0 writes into the run folder besides checkpoints: config.json with provenance,
+metrics.jsonl (and TensorBoard events with run.tensorboard=true), and the reconstruction grid.
+
+    log = RunLog(run_dir, cfg, env, start_step, stop_step)
+    log.step(step, epoch, lr, terms, step_s, data_s, write=True)   # a metrics.jsonl row, the progress bar
+    save_recon_grid(method, batch, mean, std, run_dir / "recon.png")  # view 1 | view 2 | targets | preds | |diff|
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from model.diagnostics import difference_images
+from pipeline.errors import ConfigError
+from train.config import Config, to_dict
+from train.provenance import provenance
+
+if TYPE_CHECKING:
+    from train.loop import Env
+
+
+@torch.no_grad()
+def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows: int = 8) -> bool:
+    """One row per sample: view 1, view 2, the K targets, the K' predictions and |prediction -
+    target| per step, un-normalised to [0, 1] at the target resolution. False when the method reconstructs nothing. path None: only
+    take part in the reconstruction (the other ranks under FSDP)."""
+    from torchvision.utils import save_image
+
+    was_training = method.training
+    method.eval()
+    try:
+        pred = method.reconstruct(batch)
+    finally:
+        method.train(was_training)
+    if pred is None or path is None:
+        return pred is not None
+    n = min(rows, len(batch))
+    size = pred.shape[-2:]
+    views = [
+        nn.functional.interpolate(
+            v[:n].float(), size=size, mode="bilinear", antialias=True, align_corners=False
+        )
+        for v in (batch.view1, batch.view2)
+    ]
+    targets = method.targets(batch)[:n].float()  # what each prediction is scored against
+    m = torch.tensor(mean, device=pred.device).view(1, 1, 3, 1, 1)
+    s = torch.tensor(std, device=pred.device).view(1, 1, 3, 1, 1)
+    # |prediction - its own target| in pixel units: a decoder that ignores the step shows it here
+    diff = difference_images(pred[:n] * s, targets * s).clamp(0, 1)
+    # (n, 3, Ht, Wt) x 2 + (n, K, ...) targets + (n, K', ...) predictions -> (n, 2 + K + K', 3, Ht, Wt)
+    cells = torch.cat([torch.stack(views, 1), batch.targets[:n].float(), pred[:n].float()], 1)
+    cells = torch.cat([(cells * s + m).clamp(0, 1), diff], 1)  # + (n, K', ...) differences
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
+    return True
+
+
+class RunLog:
+    """Rank 0's progress bar, metrics.jsonl, config.json and (run.tensorboard) TensorBoard events;
+    a no-op on other ranks."""
+
+    def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
+        self.env, self.batch, self.tb = env, cfg.data.batch_size, None
+        if env.main:
+            prov = provenance(env.device)
+            meta = {
+                "git_sha": prov["git_sha"],
+                "device": str(env.device),
+                "device_name": prov["device"],
+                "versions": prov["versions"],
+                "kernels": kernel_path(env.device),
+                "world_size": env.world_size,
+                "config": to_dict(cfg),
+            }
+            self.meta, self.config_json, self.choices = meta, run_dir / "config.json", {}
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                self.config_json.write_text(json.dumps(meta, indent=2) + "\n")
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot write the run folder {run_dir}: {err.strerror or err}; pass a writable --out DIR"
+                ) from None
+            self.metrics = run_dir / "metrics.jsonl"
+            if cfg.run.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
+        self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")
+
+    def step(
+        self, step: int, epoch: int, lr: float, terms: dict, step_s: float, data_s: float, write: bool
+    ) -> None:
+        if not self.env.main:
+            return
+        ips = self.batch / max(step_s, 1e-9)
+        self.bar.update(1)
+        # The bar shows the headline terms; metrics.jsonl keeps every sub-term.
+        self.bar.set_postfix_str(
+            f"{ips:.0f} img/s "
+            + " ".join(f"{k}={v:.3f}" for k, v in terms.items() if k in ("loss", "loss/inv", "loss/eq"))
+        )
+        if write:
+            self._record_kernel_choices()
+            row = {
+                "step": step,
+                "epoch": epoch,
+                "lr": lr,
+                **terms,
+                "step_time_s": step_s,
+                "data_time_s": data_s,
+                "images_per_s": ips,
+            }
+            with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
+                f.write(json.dumps(row) + "\n")
+            if self.tb is not None:
+                for name, value in row.items():
+                    if name != "step":
+                        self.tb.add_scalar(name, value, step)
+
+    def _record_kernel_choices(self) -> None:
+        """EQRECON_KERNELS=auto picks a kernel per shape on its first call: add what it kept to config.json."""
+        from kernels import choices
+
+        now = choices()
+        if now != self.choices:
+            self.choices = now
+            self.meta["kernel_choices"] = now
+            tmp = self.config_json.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
+            tmp.replace(self.config_json)
+
+    def image(self, step: int, png: Path) -> None:
+        """The recon grid just written, as a TensorBoard image."""
+        if self.tb is not None and png.exists():
+            from PIL import Image
+
+            with Image.open(png) as image:
+                self.tb.add_image("recon", np.asarray(image.convert("RGB")), step, dataformats="HWC")
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def kernel_path(device: torch.device) -> str:
+    """Which kernels this run's decoder uses on `device`: "triton" or "ref" (kernels._backend decides)."""
+    from kernels import _backend
+
+    # A mistyped EQRECON_KERNELS raises ConfigError here, before the run starts.
+    return "triton" if _backend.use_triton(torch.empty(0, device=device)) else "ref"
