@@ -97,7 +97,10 @@ def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
 
 def rank_slice(batch: Batch, rank: int, world: int) -> Batch:
     n = len(batch) // world
-    parts = {f.name: getattr(batch, f.name)[rank * n : (rank + 1) * n] for f in dataclasses.fields(batch)}
+    fields = {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    parts = {
+        k: v if v is None else v[rank * n : (rank + 1) * n] for k, v in fields.items()
+    }  # local/masks: None
     return type(batch)(**parts)
 
 
