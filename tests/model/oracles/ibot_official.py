@@ -8,7 +8,8 @@ all_reduce a no-op without a process group).
 `get_pred_ratio` and the body of `__getitem__` verbatim, with two edits so it runs without an image
 folder: the class no longer subclasses torchvision's ImageFolder (its *args/**kwargs went to it), and
 `__getitem__(index)` became `masks_for(crops)`, which takes the list of crops that
-`super().__getitem__(index)[0]` returned and returns the masks.
+`super().__getitem__(index)[0]` returned and returns the masks. One comment's two links were
+shortened to a mention, so that the repository points nowhere outside itself.
 """
 
 # fmt: off
@@ -170,8 +171,7 @@ class iBOTMaskGenerator:
             high = self.get_pred_ratio() * H * W
             
             if self.pred_shape == 'block':
-                # following BEiT (https://arxiv.org/abs/2106.08254), see at
-                # https://github.com/microsoft/unilm/blob/b94ec76c36f02fb2b0bf0dcb0b8554a2185173cd/beit/masking_generator.py#L55
+                # following BEiT's masking generator (its two reference links removed)
                 mask = np.zeros((H, W), dtype=bool)
                 mask_count = 0
                 while mask_count < high:
