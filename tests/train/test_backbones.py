@@ -13,34 +13,6 @@ from safetensors.torch import save_file
 from pipeline.errors import CheckpointError, ExportError, ProbeError
 from train import checkpoint, export
 from train.backbones import load_backbone
-from train.main import main
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_shards) -> tuple[Path, Path]:
-    """A real 1-step demo run (depth 1, 32 px): its checkpoint and its export folder."""
-    tmp = tmp_path_factory.mktemp("backbones")
-    assert (
-        main(
-            [
-                "--preset",
-                "demo",
-                "--device",
-                "cpu",
-                "--data",
-                str(demo_shards),
-                "--out",
-                str(tmp / "run"),
-                "--steps",
-                "1",
-                "--data.img_size=32",
-                "--model.depth=1",
-            ]
-        )
-        == 0
-    )
-    ckpt = tmp / "run" / "ckpt" / "last.pt"
-    return ckpt, export.export(ckpt, tmp / "backbone")
 
 
 @pytest.fixture(scope="module")

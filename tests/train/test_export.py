@@ -19,36 +19,10 @@ from train.main import main
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _train(tmp: Path, demo_shards: Path, pool: str) -> Path:
-    """A real 1-step run of the demo preset (tiny: depth 1 at 32 px) -> its checkpoint."""
-    run = tmp / f"run-{pool}"
-    assert (
-        main(
-            [
-                "--preset",
-                "demo",
-                "--device",
-                "cpu",
-                "--data",
-                str(demo_shards),
-                "--out",
-                str(run),
-                "--steps",
-                "1",
-                "--data.img_size=32",
-                "--model.depth=1",
-                f"--model.pool={pool}",
-            ]
-        )
-        == 0
-    )
-    return run / "ckpt" / "last.pt"
-
-
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory, demo_shards) -> dict[str, Path]:
+def ckpts(tmp_path_factory, tiny_run) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("export")
-    return {pool: _train(tmp, demo_shards, pool) for pool in ("mean", "cls")}
+    return {pool: tiny_run(tmp / f"run-{pool}", f"--model.pool={pool}") for pool in ("mean", "cls")}
 
 
 @pytest.fixture(scope="module")

@@ -12,36 +12,8 @@ import torch
 
 from pipeline.errors import ExportError
 from train import export
-from train.main import main
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, demo_shards) -> tuple[Path, Path]:
-    """A real 1-step demo run (depth 1, 32 px) and its export folder."""
-    tmp = tmp_path_factory.mktemp("hub")
-    assert (
-        main(
-            [
-                "--preset",
-                "demo",
-                "--device",
-                "cpu",
-                "--data",
-                str(demo_shards),
-                "--out",
-                str(tmp / "run"),
-                "--steps",
-                "1",
-                "--data.img_size=32",
-                "--model.depth=1",
-            ]
-        )
-        == 0
-    )
-    ckpt = tmp / "run" / "ckpt" / "last.pt"
-    return ckpt, export.export(ckpt, tmp / "backbone")
 
 
 def test_hub_entry_point_returns_the_exported_model_and_head(trained):
