@@ -16,7 +16,7 @@ NPROC = $$($(PY) -c "import torch; print(max(1, torch.cuda.device_count()))")
 # DALI ships Linux wheels only; elsewhere the reference loader is the input pipeline.
 EXTRAS := $(shell [ "$$(uname -s)" = Linux ] && echo dev,dali || echo dev)
 
-.PHONY: setup test test-fast train
+.PHONY: setup test test-fast test-lowest train
 
 setup: $(STAMP)
 
@@ -35,6 +35,11 @@ test: setup
 # The same suite without the tests marked slow (fault injection, multi-rank resume, preemption).
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
+
+# The suite again on the lowest versions pyproject.toml allows, in .venv-lowest (.ci/lowest says how).
+PYTEST_ARGS ?=
+test-lowest: setup
+	bash .ci/lowest $(PYTEST_ARGS)
 
 # Demo photos -> shards (cached), train the `demo` preset (GPU when present), export the backbone,
 # then probe it: R² of a small MLP regressing each transformation from (x, g_θ(x)) embeddings.

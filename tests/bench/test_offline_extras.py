@@ -56,6 +56,8 @@ def _closure(name: str, extras: frozenset = frozenset()) -> dict[str, str]:
 def test_list_covers_everything_dali_imports_at_the_installed_versions():
     pytest.importorskip("nvidia.dali")
     pins, provided = _listed()
+    if md.version(DALI) != pins[DALI]:  # e.g. `make test-lowest`, which installs the lowest allowed DALI
+        pytest.skip(f"the list is for {DALI}=={pins[DALI]}; {md.version(DALI)} is installed here")
     needed = _closure(DALI)
     for name in ("webdataset", "braceexpand"):
         needed.update(_closure(name))

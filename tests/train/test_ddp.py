@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from launch import MAIN, start, torchrun
 
 # Each rank runs train/main.py's own build + train (ddp_worker.py), then saves its parameters; the test
 # compares ranks. (BatchNorm running stats are rank 0's, broadcast by DDP before each forward: on CPU,
@@ -21,13 +19,8 @@ HERE = Path(__file__).resolve().parent
 
 def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "ddp_worker.py"),
+    torchrun(
+        HERE / "ddp_worker.py",
         str(tmp_path),
         "--preset",
         "demo",
@@ -42,10 +35,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
         "--data.img_size=32",
         "--data.batch_size=16",
         "--data.workers=1",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    )
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["last"].keys() == r1["last"].keys()
     for name in r0["last"]:
@@ -73,26 +63,9 @@ def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards)
         "--optim.epochs=3",
         "--optim.warmup_epochs=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-    def torchrun(*args):
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "train" / "main.py"),
-            *args,
-        ]
-        proc = subprocess.run(
-            cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-3000:]
-
-    torchrun(*common, "--out", str(tmp_path / "straight"))
-    torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3")
-    torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"))
+    torchrun(MAIN, *common, "--out", str(tmp_path / "straight"))
+    torchrun(MAIN, *common, "--out", str(tmp_path / "split"), "--steps", "3")
+    torchrun(MAIN, "--resume", str(tmp_path / "split" / "ckpt" / "last.pt"))
     a, b = (
         torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True) for run in ("straight", "split")
     )
@@ -116,23 +89,9 @@ LONG = [
 
 @pytest.mark.slow
 def test_an_error_on_rank_1_is_its_one_line_and_the_job_ends_at_once(tmp_path, demo_shards):
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(HERE / "rank_fault.py"),
-        "1",
-        "3",
-        *LONG,
-        "--data",
-        str(demo_shards),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = start(
+        HERE / "rank_fault.py", "1", "3", *LONG, "--data", str(demo_shards), "--out", str(tmp_path / "run")
+    )
     _, err = proc.communicate(timeout=600)
     ended = time.monotonic()
     assert proc.returncode != 0
@@ -156,26 +115,7 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path, demo_shards):
     run = tmp_path / "run"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "train" / "main.py"),
-        *LONG,
-        "--data",
-        str(demo_shards),
-        "--out",
-        str(run),
-    ]
-    agent = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    agent = start(MAIN, *LONG, "--data", str(demo_shards), "--out", str(run), output=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
         while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline:

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import MAIN, torchrun
 
 from model import build_method
 from model.diagnostics import diagnostics
@@ -24,7 +22,6 @@ from train.loop import build_optimizer, peak_lr
 from train.main import main
 from train.schedules import Schedules
 
-ROOT = Path(__file__).resolve().parents[2]
 # 32 px global crops, 2 local crops of 16 px at patch 8, 16 images: 4 steps per epoch on the demo photos.
 SMALL = [
     "--run.device=cpu",
@@ -148,18 +145,7 @@ def test_inconsistent_multicrop_settings_are_one_line(overrides, message):
 
 
 def _torchrun(*args: str) -> None:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "train" / "main.py"),
-        *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    torchrun(MAIN, *args, env={"EQRECON_KERNELS": "ref"})
 
 
 @pytest.mark.slow

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from dist_worker import build
+from launch import MAIN, torchrun
 from torch import nn
 
 from model import build_method
@@ -34,7 +32,6 @@ from train.distributed import (
 )
 from train.loop import build_optimizer
 
-ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS, SAVE_AT = 5, 2
 METHODS = ("vicreg", "dinov2")
@@ -42,13 +39,9 @@ TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", "--da
 
 
 def _torchrun(out: Path, method: str) -> dict[str, dict]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
+    # The reference kernels: the strategy is under test here, not the Triton interpreter.
+    torchrun(
+        WORKER,
         str(out),
         "--method",
         method,
@@ -61,11 +54,8 @@ def _torchrun(out: Path, method: str) -> dict[str, dict]:
         "fsdp",
         "ddp:fsdp",
         "fsdp:ddp",
-    ]
-    # The reference kernels: the strategy is under test here, not the Triton interpreter.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+        env={"EQRECON_KERNELS": "ref"},
+    )
     names = ("ddp", "fsdp", "ddp-from-fsdp", "fsdp-from-ddp", "ddp-state", "fsdp-state")
     return {n: torch.load(out / f"{n}.pt", weights_only=False) for n in names}
 
@@ -307,27 +297,11 @@ def test_main_trains_under_fsdp_and_resumes_under_ddp(tmp_path, demo_shards):
         "--optim.epochs=2",
         "--optim.warmup_epochs=1",
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "EQRECON_KERNELS": "ref"}
-
-    def torchrun(*args: str) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            str(ROOT / "train" / "main.py"),
-            *args,
-        ]
-        proc = subprocess.run(
-            cmd, cwd=ROOT, env=env, check=False, capture_output=True, text=True, timeout=600
-        )
-        assert proc.returncode == 0, proc.stderr[-4000:]
-
-    torchrun(*common, "--out", str(tmp_path / "straight"))
-    torchrun(*common, "--out", str(tmp_path / "split"), "--steps", "3", "--dist.strategy=fsdp")
+    ref = {"EQRECON_KERNELS": "ref"}
+    torchrun(MAIN, *common, "--out", str(tmp_path / "straight"), env=ref)
+    torchrun(MAIN, *common, "--out", str(tmp_path / "split"), "--steps", "3", "--dist.strategy=fsdp", env=ref)
     assert (tmp_path / "split" / "recon.png").exists()  # every rank ran the decoder, rank 0 wrote
-    torchrun("--resume", str(tmp_path / "split" / "ckpt" / "last.pt"), "--dist.strategy=ddp")
+    torchrun(MAIN, "--resume", str(tmp_path / "split" / "ckpt" / "last.pt"), "--dist.strategy=ddp", env=ref)
     a, b = (
         torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=False) for run in ("straight", "split")
     )

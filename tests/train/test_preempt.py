@@ -7,20 +7,18 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 import torch
+from launch import MAIN, start
 
 from train import checkpoint
 from train.loop import PREEMPTED_EXIT
 from train.main import main
 
-ROOT = Path(__file__).resolve().parents[2]
 # 64 photos in batches of 32: 2 steps per epoch; 10 epochs = 20 steps, long enough to be stopped early.
 SMALL = [
     "--preset",
@@ -94,26 +92,6 @@ def _rank_of(pid: int) -> int:
     return int(env["RANK"])
 
 
-def torchrun(*args: str) -> subprocess.Popen:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "train" / "main.py"),
-        *args,
-    ]
-    return subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto_matches(
@@ -121,7 +99,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto
 ):
     common = [*SMALL, "--data", str(demo_shards), "--optim.epochs=4"]  # 8 steps
     run, straight = tmp_path / "run", tmp_path / "straight"
-    agent = torchrun(*common, "--out", str(run))
+    agent = start(MAIN, *common, "--out", str(run))
 
     def signal_rank_1() -> None:
         workers = _children(agent.pid)
@@ -137,7 +115,7 @@ def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto
     assert state["loader"][0]["batch"] == state["loader"][1]["batch"]  # both ranks stopped at one step
 
     for args in (["--out", str(run), "--resume", "auto"], ["--out", str(straight)]):
-        proc = torchrun(*common, *args)
+        proc = start(MAIN, *common, *args)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 0, err[-3000:]
     a, b = last_weights(straight), last_weights(run)
@@ -151,7 +129,7 @@ def test_sigterm_to_the_torchrun_agent_reaches_the_workers_and_they_checkpoint(t
     """What a cluster does: it signals the launcher, which forwards SIGTERM to its workers and gives
     them 30 s before SIGKILL. (torchrun's agent does not forward SIGUSR1: that signal kills it.)"""
     run = tmp_path / "run"
-    agent = torchrun(*SMALL, "--data", str(demo_shards), "--out", str(run))
+    agent = start(MAIN, *SMALL, "--data", str(demo_shards), "--out", str(run))
     when_training(run, lambda: agent.send_signal(signal.SIGTERM))
     _, err = agent.communicate(timeout=600)
     assert agent.returncode != 0  # the agent re-raises the signal it got
