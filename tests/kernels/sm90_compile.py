@@ -59,11 +59,11 @@ def compile_sm90(fn, dtype: str, constexprs: dict, num_warps: int, num_stages: i
             return "*fp32" if n in FP32_PTRS else "*" + dtype
         return "i32"
 
-    signature = {n: kind(n) for n in names}
-    if "constexprs" in inspect.signature(ASTSource).parameters:  # triton >= 3.3: keyed by argument path
-        src = ASTSource(JITFunction(fn), signature, constexprs={(names.index(k),): v for k, v in constexprs.items()})
-    else:  # triton 3.2 (torch 2.6's, the lowest allowed): keyed by name
-        src = ASTSource(JITFunction(fn), signature, constants=dict(constexprs))
+    src = ASTSource(
+        fn=JITFunction(fn),
+        signature={n: kind(n) for n in names},
+        constexprs={(names.index(k),): v for k, v in constexprs.items()},
+    )
     log = io.StringIO()
     t0, cpu0 = time.perf_counter(), _cpu_seconds()
     with contextlib.redirect_stdout(log):
