@@ -31,6 +31,7 @@ loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -146,9 +147,11 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
     """Run warmup + steps train_steps; -> per-phase mean ms, step ms, samples/s, peak memory."""
     optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 1000)
-    schedules = Schedules(
-        cfg, 1000, total_steps(cfg.optim, 1000)
-    )  # the DINO family's teacher update is timed too
+    # The DINO family's teacher update is timed too, and the prototype layer's update (frozen only in
+    # the first epoch of a run): the steady state.
+    unfrozen = copy.deepcopy(cfg)
+    unfrozen.model.dino.freeze_last_layer_epochs = 0.0
+    schedules = Schedules(unfrozen, 1000, total_steps(cfg.optim, 1000))
     amp = device.type == "cuda" and cfg.run.amp == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = {p: [] for p in PHASES}

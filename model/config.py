@@ -30,6 +30,9 @@ class DinoConfig:
     warmup_patch_temp: float = 0.04
     warmup_temp_epochs: float = 30.0
     momentum: float = 0.996  # teacher EMA momentum at step 0 (iBOT 0.996, DINOv2 0.992), cosine to 1
+    freeze_last_layer_epochs: float = (
+        1.0  # no update of the prototype layer in these first epochs (all three: 1)
+    )
 
 
 @dataclass

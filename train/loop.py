@@ -205,6 +205,8 @@ def train_step(
             f"({', '.join(f'{k}={result[k]:.4g}' for k in names)}); "
             "lower --optim.base_lr or check the data"
         )
+    if schedules is not None:
+        schedules.before_optimizer(unwrap(model), step)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()

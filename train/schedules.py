@@ -3,6 +3,8 @@
     schedules = Schedules(cfg, steps_per_epoch, total)
     groups = scaled_param_groups(method, groups, cfg.optim, lr)  # layer-wise lr decay, patch-embed lr
     schedules.before_step(method, optimizer, step)             # weight decay, teacher temperatures
+    ...backward, clip
+    schedules.before_optimizer(method, step)                   # the frozen prototype layer
     ...optimizer.step()
     schedules.after_step(method, step)                         # the teacher's EMA update
 
@@ -15,6 +17,9 @@ as a straight one without saving anything: the step is in the checkpoint.
   / patch_temp over warmup_temp_epochs, then constant (DINO's `teacher_temp_schedule`).
 - Teacher momentum: model/teacher.py's cosine from model.dino.momentum to 1 over the schedule, the value
   of the step just taken (as DINO indexes `momentum_schedule[it]`).
+- Prototype layer (DINO family): no update while step < model.dino.freeze_last_layer_epochs x steps per
+  epoch (DINO's and iBOT's `cancel_gradients_last_layer`, DINOv2's `freeze_last_layer_epochs`): its
+  gradients are dropped after clipping, so the grad norm still counts them, as DINO's does.
 - Layer-wise lr decay (DINOv2's `get_vit_lr_decay_rate`): with D blocks, the patch embedding, position
   embedding, class/register tokens and the mask token are layer 0, block i is layer i + 1, everything
   else (final norm, heads, decoders) layer D + 1; a parameter's lr is scaled by decay^(D + 1 - layer),
@@ -71,13 +76,21 @@ class Schedules:
     def momentum(self, step: int) -> float:
         return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
 
+    def prototypes_frozen(self, step: int) -> bool:
+        return step < round(self.cfg.model.dino.freeze_last_layer_epochs * self.steps_per_epoch)
+
     def logged(self, method: nn.Module, step: int) -> dict[str, float]:
         """The step's schedule values for metrics.jsonl (sched/*): weight decay; teacher ones for the DINO family."""
         out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
         if hasattr(method, "update_teacher"):
             temp, patch = self.temperatures(step)
             out.update(
-                {"sched/teacher_temp": temp, "sched/patch_temp": patch, "sched/momentum": self.momentum(step)}
+                {
+                    "sched/teacher_temp": temp,
+                    "sched/patch_temp": patch,
+                    "sched/momentum": self.momentum(step),
+                    "sched/prototypes_frozen": float(self.prototypes_frozen(step)),
+                }
             )
         return out
 
@@ -90,6 +103,14 @@ class Schedules:
                     group["weight_decay"] = wd
         if hasattr(method, "set_temperatures"):
             method.set_temperatures(*self.temperatures(step))
+
+    def before_optimizer(self, method: nn.Module, step: int) -> None:
+        """After clipping, before optimizer.step: while the prototype layer is frozen its gradients are
+        dropped, so the optimizer leaves it and its moments alone (DINO's grad = None)."""
+        if hasattr(method, "update_teacher") and self.prototypes_frozen(step):
+            for name, p in method.named_parameters():
+                if ".last_layer." in name:
+                    p.grad = None
 
     def after_step(self, method: nn.Module, step: int) -> None:
         """After optimizer.step of step `step`: the teacher follows the student."""

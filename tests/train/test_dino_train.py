@@ -18,7 +18,7 @@ from model import build_method
 from model.diagnostics import diagnostics
 from pipeline.errors import ConfigError
 from train.config import load_config
-from train.loop import build_optimizer, peak_lr
+from train.loop import build_optimizer, build_scheduler, peak_lr, train_step
 from train.main import main
 from train.schedules import Schedules
 
@@ -88,6 +88,31 @@ def test_schedules_take_the_recipe_values():
     assert s.weight_decay(total // 2) == pytest.approx(0.22)
     # DINOv2's sqrt rule: base 4e-3 at batch 2048 -> 4e-3 * sqrt(2)
     assert peak_lr(load_config("vitl16-dinov2").optim, 2048) == pytest.approx(4e-3 * math.sqrt(2))
+
+
+def test_the_prototype_layer_is_frozen_in_the_first_epoch_only(demo_shards):
+    """DINO's cancel_gradients_last_layer: no update (nor Adam moments) of the prototype layer while
+    step < freeze_last_layer_epochs x steps per epoch; everything else trains from step 0."""
+    from pipeline import build_loader
+
+    cfg = load_config("demo-dino", [*SMALL, f"--data.dir={demo_shards}"])
+    assert cfg.model.dino.freeze_last_layer_epochs == 1.0
+    torch.manual_seed(0)
+    method = build_method(cfg.model, cfg.data)
+    optimizer = build_optimizer(cfg.optim, method, cfg.data.batch_size, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 2)
+    schedules = Schedules(cfg, 2, 10)  # 2 steps per epoch: steps 0 and 1 frozen
+    batch = next(iter(build_loader(cfg.data, device="cpu")))
+    prototypes = method.head.last_layer.parametrizations.weight.original1
+    mlp = method.head.mlp[0].weight
+    for step in range(3):
+        before = prototypes.detach().clone(), mlp.detach().clone()
+        terms = train_step(method, batch, optimizer, scheduler, step=step, clip_grad=3.0, schedules=schedules)
+        frozen = step < 2
+        assert torch.equal(prototypes, before[0]) == frozen, step
+        assert not torch.equal(mlp, before[1]), step
+        assert terms["sched/prototypes_frozen"] == float(frozen)
+    assert int(optimizer.state[prototypes]["step"]) == 1 and int(optimizer.state[mlp]["step"]) == 3
 
 
 def test_layer_wise_lr_decay_and_the_patch_embed_scale():
