@@ -41,7 +41,7 @@ from torch import nn
 from model import dino
 from model.config import DinoConfig, ModelConfig
 from model.encoder import SplitEncoder, SplitOutput
-from model.methods import METHODS, NO_DECAY_NAMES, Method
+from model.methods import METHODS, NO_DECAY_NAMES, VICReg
 from model.teacher import EMATeacher
 from pipeline.batch import Batch, DataConfig
 from pipeline.errors import ConfigError
@@ -118,7 +118,8 @@ class DinoFamily(nn.Module):
         self.cfg, self.family = cfg, family
         # The equivariant method owns the encoder and its decoder/predictor; its VICReg expander is
         # dropped (the family has its own head), so that no parameter is left without a gradient.
-        self.eq: Method = METHODS[EQUIVARIANT[equivariant]](dataclasses.replace(cfg, expander=()), data)
+        # (VICReg is every method's base class.)
+        self.eq: VICReg = METHODS[EQUIVARIANT[equivariant]](dataclasses.replace(cfg, expander=()), data)
         enc = self.eq.encoder
         self.head = dino.DINOHead(
             enc.d_inv,

@@ -251,8 +251,6 @@ class PathRecon(XAttn):
         return batch.targets
 
 
-Method = VICReg  # the base every method derives from (what model/families.py composes)
-
 METHODS: dict[str, type[VICReg]] = {"vicreg": VICReg, "sie": SIE, "xattn": XAttn, "path": PathRecon}
 
 
