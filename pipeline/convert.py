@@ -43,29 +43,21 @@ import signal
 import sys
 import tarfile
 import time
-import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
 from pipeline.convert_proc import lock_out, worker_pool
 from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
+from pipeline.encode import JPEG_QUALITY, Skip, encode_image
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
 from pipeline.shards import index_text, verify_shard
 
 FORMAT = "eqrecon-shards/1"
-JPEG_QUALITY = 95
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs per shard
 PROGRESS = ".convert-progress.jsonl"
 PREVIOUS = ".dataset-previous.json"  # dataset.json of the last complete run, while a new run is unfinished
 SHARD_RE = re.compile(r"^(?P<split>[a-z]+)-(?P<i>\d{6})\.(tar|idx)(\.tmp)?$")
 MTIME = 1_700_000_000  # fixed member mtime keeps shard bytes (and so their sha256) reproducible
-
-
-class _Skip(Exception):
-    """An input file that cannot become a sample; the message is the recorded reason."""
 
 
 class Interrupted(ConvertError):
@@ -91,49 +83,6 @@ def plan_shards(
             h.update(f"{it.key}\t{it.label}\t{it.rel}\n".encode())
         shards.append((f"{split}-{i // shard_size:06d}.tar", chunk, h.hexdigest()[:16]))
     return shards
-
-
-# ------------------------------------------------------------------------------------------ encoding
-
-
-def _to_baseline_jpeg(im: Image.Image) -> bytes:
-    grey = im.mode in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
-    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        # 16-bit greyscale: keep the top 8 bits (Pillow's own convert("L") would clip at 255)
-        a = np.asarray(im, dtype=np.float64)
-        im = Image.fromarray(np.clip(np.rint(a / 257.0), 0, 255).astype(np.uint8), "L")
-    elif im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(white, rgba).convert("L" if grey else "RGB")
-    elif im.mode not in ("L", "RGB"):
-        im = im.convert("L" if grey else "RGB")  # CMYK, P, 1, YCbCr, LAB, HSV
-    buf = io.BytesIO()
-    im.save(buf, format="JPEG", quality=JPEG_QUALITY, progressive=False, optimize=False)
-    return buf.getvalue()
-
-
-def encode_image(data: bytes) -> tuple[bytes, str | None]:
-    """Fully decode data -> (JPEG bytes to store, re-encoding note or None if stored as is)."""
-    if not data:
-        raise _Skip("empty file")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. corrupt EXIF: the pixels are what matters
-        try:
-            im = Image.open(io.BytesIO(data))
-            im.load()
-        except Image.UnidentifiedImageError:
-            raise _Skip("unreadable: not a recognised image format") from None
-        except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError ... on bad data
-            kind = "truncated" if "truncated" in str(e) else "undecodable"
-            raise _Skip(f"{kind}: {type(e).__name__}: {e}") from None
-        if im.format == "JPEG" and im.mode in ("RGB", "L"):
-            return data, None
-        note = f"{im.format} {im.mode}"
-        try:
-            return _to_baseline_jpeg(im), note
-        except Exception as e:  # noqa: BLE001 - same: any failure here is a property of the file
-            raise _Skip(f"undecodable: cannot convert {note} to JPEG: {e}") from None
 
 
 # ------------------------------------------------------------------------------------ shard writing
@@ -169,7 +118,7 @@ def write_shard(task: tuple[Path, str, str, str, list[Item]]) -> dict:
         try:
             data = (Path(src) / it.rel).read_bytes()
             jpeg, note = encode_image(data)
-        except _Skip as e:
+        except Skip as e:
             skipped.append({"split": it.split, "path": it.rel, "shard": name, "reason": str(e)})
             continue
         except OSError as e:
