@@ -66,6 +66,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Full tensors gathered to rank 0's CPU for saving; on load every rank holds the full dict and keeps its shard.
 SAVE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOAD_OPTIONS = StateDictOptions(full_state_dict=True)
+LOAD_UNSTEPPED = StateDictOptions(full_state_dict=True, strict=False)  # see load_optimizer_state_dict
 
 
 @dataclass
@@ -213,13 +214,28 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     return get_optimizer_state_dict(model, optimizer, options=SAVE_OPTIONS)
 
 
-def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+def load_optimizer_state_dict(
+    model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, unstepped: set[str] = frozenset()
+) -> None:
     """Collective: load an optimizer state saved by optimizer_state_dict (or, from an older
-    checkpoint, by `optimizer.state_dict()`, whose integer ids are translated to parameter names)."""
+    checkpoint, by `optimizer.state_dict()`, whose integer ids are translated to parameter names).
+    Every trainable parameter must have its state, except those in `unstepped`, which the optimizer
+    had not updated yet when the state was saved (train/schedules.py's frozen prototype layer): they
+    get a fresh state at their first update, as in a run that was never stopped."""
     first = next((p for g in state.get("param_groups", []) for p in g["params"]), None)
     if isinstance(first, int):
         state = _ids_to_names(unwrap(model), optimizer, state)
-    set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
+    trainable = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
+    lacking = trainable - state.get("state", {}).keys()
+    if not lacking or not lacking <= unstepped:
+        set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=LOAD_UNSTEPPED)
+    # The loader first gives every parameter a state (one step of zero gradients): drop it again for
+    # these, or their first real update would count one step too many in Adam's bias correction.
+    params = dict(unwrap(model).named_parameters())
+    for name in lacking:
+        optimizer.state.pop(params[name], None)
 
 
 def _ids_to_names(method: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:

@@ -284,7 +284,14 @@ def save_checkpoint(
 
 
 def restore(
-    state: dict, path: str | Path, model: nn.Module, optimizer, scheduler, loader, env: Env
+    state: dict,
+    path: str | Path,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    loader,
+    env: Env,
+    schedules: Schedules,
 ) -> tuple[int, int]:
     """Put a checkpoint read by checkpoint.read back into place; returns (step, epoch).
     Everything is checked (ranks, architecture) before anything is changed."""
@@ -295,7 +302,8 @@ def restore(
         )
     checkpoint.check_architecture(state, unwrap(model), path)
     load_model_state_dict(model, state["model"], where=str(path))  # collectives; each rank keeps its shard
-    load_optimizer_state_dict(model, optimizer, state["optimizer"])
+    unstepped = schedules.unstepped(unwrap(model), state["step"])
+    load_optimizer_state_dict(model, optimizer, state["optimizer"], unstepped)
     scheduler.load_state_dict(state["scheduler"])
     checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
@@ -376,7 +384,7 @@ def train(
     step, epoch, resumed = 0, 0, bool(cfg.run.resume)
     if resumed:
         state = resume_state if resume_state is not None else checkpoint.read(cfg.run.resume)
-        step, epoch = restore(state, cfg.run.resume, model, optimizer, scheduler, loader, env)
+        step, epoch = restore(state, cfg.run.resume, model, optimizer, scheduler, loader, env, schedules)
         del state, resume_state
     else:
         if (run_dir / "ckpt" / "last.pt").exists():

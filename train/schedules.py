@@ -77,7 +77,22 @@ class Schedules:
         return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
 
     def prototypes_frozen(self, step: int) -> bool:
-        return step < round(self.cfg.model.dino.freeze_last_layer_epochs * self.steps_per_epoch)
+        return step < self._frozen_steps()
+
+    def _frozen_steps(self) -> int:
+        return round(self.cfg.model.dino.freeze_last_layer_epochs * self.steps_per_epoch)
+
+    @staticmethod
+    def _prototypes(method: nn.Module) -> list[tuple[str, nn.Parameter]]:
+        """The DINO family's prototype layer(s); none for the other methods."""
+        if not hasattr(method, "update_teacher"):
+            return []
+        return [(n, p) for n, p in method.named_parameters() if ".last_layer." in n and p.requires_grad]
+
+    def unstepped(self, method: nn.Module, step: int) -> set[str]:
+        """The parameters the optimizer has not updated in the first `step` steps, so that a checkpoint
+        taken then holds no optimizer state for them: the prototype layer while it is frozen."""
+        return {n for n, _ in self._prototypes(method)} if step <= self._frozen_steps() else set()
 
     def logged(self, method: nn.Module, step: int) -> dict[str, float]:
         """The step's schedule values for metrics.jsonl (sched/*): weight decay; teacher ones for the DINO family."""
@@ -107,10 +122,9 @@ class Schedules:
     def before_optimizer(self, method: nn.Module, step: int) -> None:
         """After clipping, before optimizer.step: while the prototype layer is frozen its gradients are
         dropped, so the optimizer leaves it and its moments alone (DINO's grad = None)."""
-        if hasattr(method, "update_teacher") and self.prototypes_frozen(step):
-            for name, p in method.named_parameters():
-                if ".last_layer." in name:
-                    p.grad = None
+        if self.prototypes_frozen(step):
+            for _, p in self._prototypes(method):
+                p.grad = None
 
     def after_step(self, method: nn.Module, step: int) -> None:
         """After optimizer.step of step `step`: the teacher follows the student."""

@@ -115,6 +115,21 @@ def test_the_prototype_layer_is_frozen_in_the_first_epoch_only(demo_shards):
     assert int(optimizer.state[prototypes]["step"]) == 1 and int(optimizer.state[mlp]["step"]) == 3
 
 
+def test_a_resume_inside_the_frozen_epoch_equals_the_straight_run(tmp_path, demo_shards):
+    """A checkpoint of the first epoch holds no optimizer state for the still frozen prototype layer;
+    the resumed run creates it at the first update, as the straight run does."""
+    common = ["--preset", "demo-dino", *SMALL, "--data", str(demo_shards)]  # 4 steps per epoch, 8 in all
+    assert main([*common, "--out", str(tmp_path / "straight")]) == 0
+    assert main([*common, "--out", str(tmp_path / "split"), "--steps", "3"]) == 0
+    early = torch.load(tmp_path / "split" / "ckpt" / "last.pt", weights_only=True)
+    assert not [n for n in early["optimizer"]["state"] if ".last_layer." in n]
+    assert main(["--resume", str(tmp_path / "split" / "ckpt" / "last.pt")]) == 0
+    a, b = (torch.load(tmp_path / r / "ckpt" / "last.pt", weights_only=True) for r in ("straight", "split"))
+    assert a["step"] == b["step"] == 8 and [n for n in b["optimizer"]["state"] if ".last_layer." in n]
+    for name, value in a["model"].items():
+        assert torch.equal(b["model"][name], value), name
+
+
 def test_layer_wise_lr_decay_and_the_patch_embed_scale():
     cfg = load_config(
         "demo-dinov2",
