@@ -66,7 +66,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Full tensors gathered to rank 0's CPU for saving; on load every rank holds the full dict and keeps its shard.
 SAVE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOAD_OPTIONS = StateDictOptions(full_state_dict=True)
-LOAD_UNSTEPPED = StateDictOptions(full_state_dict=True, strict=False)  # see load_optimizer_state_dict
 
 
 @dataclass
@@ -225,17 +224,32 @@ def load_optimizer_state_dict(
     first = next((p for g in state.get("param_groups", []) for p in g["params"]), None)
     if isinstance(first, int):
         state = _ids_to_names(unwrap(model), optimizer, state)
-    trainable = {n for n, p in unwrap(model).named_parameters() if p.requires_grad}
-    lacking = trainable - state.get("state", {}).keys()
-    if not lacking or not lacking <= unstepped:
-        set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
-        return
-    set_optimizer_state_dict(model, optimizer, state, options=LOAD_UNSTEPPED)
-    # The loader first gives every parameter a state (one step of zero gradients): drop it again for
-    # these, or their first real update would count one step too many in Adam's bias correction.
     params = dict(unwrap(model).named_parameters())
-    for name in lacking:
-        optimizer.state.pop(params[name], None)
+    saved = state.get("state", {})
+    lacking = {n for n, p in params.items() if p.requires_grad} - saved.keys()
+    if lacking and lacking <= unstepped and saved:
+        # DCP's loader wants a state for every trainable parameter: load placeholders for these, then
+        # drop them, so that their first update starts a fresh state as in the straight run.
+        state = {**state, "state": {**saved, **_placeholders(params, saved, lacking)}}
+        set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
+        for name in lacking:
+            optimizer.state.pop(params[name], None)
+        return
+    set_optimizer_state_dict(model, optimizer, state, options=LOAD_OPTIONS)
+
+
+def _placeholders(params: dict[str, nn.Parameter], saved: dict, names: set[str]) -> dict[str, dict]:
+    """Zero optimizer states for `names`, shaped after the saved state of the largest parameter: its
+    per-element tensors (Adam's moments) at each parameter's full shape, the rest (`step`) as they are."""
+    template = max(saved, key=lambda n: params[n].numel())
+    full = tuple(params[template].shape)
+
+    def like(v, shape):
+        if not isinstance(v, torch.Tensor):
+            return v
+        return torch.zeros(shape if tuple(v.shape) == full else v.shape, dtype=v.dtype)
+
+    return {n: {k: like(v, tuple(params[n].shape)) for k, v in saved[template].items()} for n in names}
 
 
 def _ids_to_names(method: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
