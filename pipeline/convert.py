@@ -46,7 +46,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.convert_proc import lock_out, worker_pool
+from pipeline.convert_proc import lock_out, sigint_held_back, worker_pool
 from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
 from pipeline.encode import JPEG_QUALITY, Skip, encode_image
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
@@ -288,8 +288,10 @@ def _rewrite(path: Path, text: str) -> None:
 def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
     from tqdm import tqdm
 
-    bar = tqdm(total=total, unit="img", disable=quiet, desc="convert", smoothing=0.05)
+    bar = None
     try:
+        with sigint_held_back():  # a Ctrl-C inside tqdm's constructor would leave a half-built bar
+            bar = tqdm(total=total, unit="img", disable=quiet, desc="convert", smoothing=0.05)
         if workers == 1:
             for task in tasks:
                 on_done(write_shard(task))
@@ -300,7 +302,9 @@ def _run(tasks: list, workers: int, total: int, quiet: bool, on_done) -> None:
                     on_done(rec)
                     bar.update(rec["count"] + len(rec["skipped"]))
     finally:
-        bar.close()
+        if bar is not None:
+            with sigint_held_back():
+                bar.close()
 
 
 def convert(

@@ -22,11 +22,12 @@ from pipeline.errors import ConvertError
 
 
 @contextmanager
-def _sigint_held_back():
+def sigint_held_back():
     """Hold Ctrl-C back while pool workers are forked or terminated, and raise it afterwards.
     Python raises KeyboardInterrupt at whatever line runs when the signal comes; inside
     multiprocessing's fork hooks or terminate() it is swallowed ("Exception ignored", and the
-    run goes on) or leaves their locks held."""
+    run goes on) or leaves their locks held; inside tqdm's constructor (before 4.70) it leaves a
+    half-built bar whose __del__ prints a traceback."""
     if (
         threading.current_thread() is not threading.main_thread()
         or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
@@ -54,12 +55,12 @@ def worker_pool(workers: int):
     lock made the parent's terminate() wait forever."""
     # fork: the workers need nothing but this module and the plan, and start instantly
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with _sigint_held_back():
+    with sigint_held_back():
         pool = ctx.Pool(workers, initializer=_ignore_sigint)
     try:
         yield pool
     finally:
-        with _sigint_held_back():
+        with sigint_held_back():
             pool.terminate()
 
 
