@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from launch import cpu_args
 
 from train import export
 from train.main import main
@@ -15,8 +16,7 @@ def tiny_run(demo_shards):
     """-> run(out, *overrides): one real step of the demo preset, tiny, into `out`; its checkpoint."""
 
     def run(out: Path, *overrides: str) -> Path:
-        args = ["--preset", "demo", "--device", "cpu", "--data", str(demo_shards), "--out", str(out)]
-        assert main([*args, "--steps", "1", "--data.img_size=32", "--model.depth=1", *overrides]) == 0
+        assert main([*cpu_args(data=demo_shards, out=out, steps=1), "--model.depth=1", *overrides]) == 0
         return out / "ckpt" / "last.pt"
 
     return run

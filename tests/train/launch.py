@@ -1,5 +1,6 @@
-"""The one way the multi-rank tests start torchrun: CPU ranks (Gloo) on this machine, one thread each,
-the repository importable. `torchrun` waits and fails the test on a non-zero exit; `start` returns the
+"""How the train tests start runs. `cpu_args` begins every small run's argv (a preset on CPU at
+32 px). The multi-rank tests start torchrun one way: CPU ranks (Gloo) on this machine, one thread each,
+the repository importable; `torchrun` waits and fails the test on a non-zero exit, `start` returns the
 running agent for tests that signal it or its workers."""
 
 from __future__ import annotations
@@ -11,6 +12,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MAIN = ROOT / "train" / "main.py"
+
+
+def cpu_args(
+    preset: str = "demo", data: Path | None = None, out: Path | None = None, steps: int = 0
+) -> list[str]:
+    """The start of a small run's argv: `preset` on CPU at 32 px, reading `data`, writing `out`, for
+    `steps` steps (those given; each test adds what it varies)."""
+    args = ["--preset", preset, "--device", "cpu", "--data.img_size=32"]
+    args += ["--data", str(data)] if data else []
+    args += ["--out", str(out)] if out else []
+    return args + (["--steps", str(steps)] if steps else [])
 
 
 def command(script: Path, *args: str, nproc: int = 2) -> list[str]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import cpu_args
 
 from train import checkpoint
 from train.main import main
@@ -22,11 +23,7 @@ from train.main import main
 ROOT = Path(__file__).resolve().parents[2]
 # 64 demo photos in batches of 32: 2 steps per epoch, 6 steps in all; a checkpoint every 2 steps.
 SMALL = [
-    "--preset",
-    "demo",
-    "--device",
-    "cpu",
-    "--data.img_size=32",
+    *cpu_args(),
     "--data.batch_size=32",
     "--optim.epochs=3",
     "--optim.warmup_epochs=1",

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
+from launch import MAIN, ROOT, cpu_args
 
 
 def run_main(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(ROOT / "train" / "main.py"), *args],
+        [sys.executable, str(MAIN), *args],
         cwd=cwd,
         check=False,
         capture_output=True,
@@ -85,18 +84,8 @@ def test_gpu_preset_without_a_gpu(tmp_path):
 
 def test_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path, demo_shards):
     proc = run_main(
-        "--preset",
-        "demo-vicreg",
-        "--device",
-        "cpu",
-        "--data",
-        str(demo_shards),
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "3",
+        *cpu_args("demo-vicreg", data=demo_shards, out=tmp_path / "run", steps=3),
         "--model.sim_coeff=nan",
-        "--data.img_size=32",
     )
     assert proc.returncode == 1, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -285,17 +274,7 @@ def test_a_truncated_shard_under_the_default_loader_is_one_line(tmp_path, demo_s
     assert (
         main(
             [
-                "--preset",
-                "demo",
-                "--device",
-                "cpu",
-                "--data",
-                str(data),
-                "--out",
-                str(tmp_path / "run"),
-                "--steps",
-                "1",
-                "--data.img_size=32",
+                *cpu_args(data=data, out=tmp_path / "run", steps=1),
                 "--data.loader=dali",
             ]
         )

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import MAIN, start, torchrun
+from launch import MAIN, cpu_args, start, torchrun
 
 # Each rank runs train/main.py's own build + train (ddp_worker.py), then saves its parameters; the test
 # compares ranks. (BatchNorm running stats are rank 0's, broadcast by DDP before each forward: on CPU,
@@ -22,17 +22,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
     torchrun(
         HERE / "ddp_worker.py",
         str(tmp_path),
-        "--preset",
-        "demo",
-        "--device",
-        "cpu",
-        "--data",
-        str(demo_shards),
-        "--out",
-        str(run),
-        "--steps",
-        "2",
-        "--data.img_size=32",
+        *cpu_args(data=demo_shards, out=run, steps=2),
         "--data.batch_size=16",
         "--data.workers=1",
     )
@@ -52,13 +42,9 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
 def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
     """Per-rank loader positions and RNG states come back: the resumed 2-rank run ends bit-identical."""
     common = [
-        "--preset",
-        "demo",
-        "--device",
-        "cpu",
+        *cpu_args(),
         "--data",
         str(demo_shards),
-        "--data.img_size=32",
         "--data.batch_size=32",
         "--optim.epochs=3",
         "--optim.warmup_epochs=1",
@@ -75,11 +61,7 @@ def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards)
 
 
 LONG = [
-    "--preset",
-    "demo",
-    "--device",
-    "cpu",
-    "--data.img_size=32",
+    *cpu_args(),
     "--data.batch_size=16",
     "--data.workers=1",
     "--optim.epochs=1000",

@@ -14,11 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 from dist_worker import build
-from launch import MAIN, torchrun
+from launch import MAIN, cpu_args, torchrun
 from torch import nn
 
 from model import build_method
 from pipeline.errors import CheckpointError, ConfigError
+from tests.model.model_testing import TINY
 from train.config import Config, load_config
 from train.distributed import (
     DistConfig,
@@ -35,7 +36,6 @@ from train.loop import build_optimizer
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS, SAVE_AT = 5, 2
 METHODS = ("vicreg", "dinov2")
-TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", "--data.batch_size=8")
 
 
 def _torchrun(out: Path, method: str) -> dict[str, dict]:
@@ -285,13 +285,9 @@ def test_main_trains_under_fsdp_and_resumes_under_ddp(tmp_path, demo_shards):
     if "dist" not in {f.name for f in dataclasses.fields(Config)}:
         pytest.skip("train/config.py has no dist section yet (train/distributed.py is wired in at the merge)")
     common = [
-        "--preset",
-        "demo",
-        "--device",
-        "cpu",
+        *cpu_args(),
         "--data",
         str(demo_shards),
-        "--data.img_size=32",
         "--data.batch_size=16",
         "--data.workers=1",
         "--optim.epochs=2",

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from launch import cpu_args
 from safetensors.torch import load_file, save_file
 
 from train import checkpoint, export
@@ -197,17 +198,7 @@ def ibot_ckpt(tmp_path_factory, demo_shards) -> Path:
     assert (
         main(
             [
-                "--preset",
-                "demo-ibot",
-                "--device",
-                "cpu",
-                "--data",
-                str(demo_shards),
-                "--out",
-                str(run),
-                "--steps",
-                "2",
-                "--data.img_size=32",
+                *cpu_args("demo-ibot", data=demo_shards, out=run, steps=2),
                 "--data.multicrop.global_size=32",
                 "--data.multicrop.local_size=16",
                 "--data.multicrop.n_local=2",

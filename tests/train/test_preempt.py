@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import MAIN, start
+from launch import MAIN, cpu_args, start
 
 from train import checkpoint
 from train.loop import PREEMPTED_EXIT
@@ -21,11 +21,7 @@ from train.main import main
 
 # 64 photos in batches of 32: 2 steps per epoch; 10 epochs = 20 steps, long enough to be stopped early.
 SMALL = [
-    "--preset",
-    "demo",
-    "--device",
-    "cpu",
-    "--data.img_size=32",
+    *cpu_args(),
     "--data.batch_size=32",
     "--optim.epochs=10",
     "--optim.warmup_epochs=1",

@@ -5,17 +5,14 @@ from __future__ import annotations
 import json
 
 import torch
+from launch import cpu_args
 
 from train.main import main
 
 # 64 demo photos in batches of 32: 2 steps per epoch; a 3-epoch schedule, stopped at step 3 (mid-epoch,
 # mid-cosine), so the resume must restore the loader position, the schedule and the optimizer moments.
 SMALL = [
-    "--preset",
-    "demo",
-    "--device",
-    "cpu",
-    "--data.img_size=32",
+    *cpu_args(),
     "--data.batch_size=32",
     "--optim.epochs=3",
     "--optim.warmup_epochs=1",

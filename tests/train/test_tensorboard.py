@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from launch import cpu_args
 
 from train.main import main
 
@@ -17,17 +18,7 @@ def test_tensorboard_gets_every_metric_and_the_recon_grid(tmp_path, demo_shards)
     assert (
         main(
             [
-                "--preset",
-                "demo",
-                "--device",
-                "cpu",
-                "--data",
-                str(demo_shards),
-                "--out",
-                str(run),
-                "--steps",
-                "3",
-                "--data.img_size=32",
+                *cpu_args(data=demo_shards, out=run, steps=3),
                 "--run.log_every=1",
                 "--run.recon_every=2",
                 "--run.tensorboard=true",
