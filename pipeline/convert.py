@@ -404,13 +404,16 @@ def _convert(
 
         def on_done(rec):
             records[rec["name"]] = rec
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
+            try:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+            except OSError as e:  # a file object's error names no file: the message would name out
+                raise OSError(e.errno, e.strerror, str(out / PROGRESS)) from None
 
         try:
             _run(tasks, min(workers, max(len(tasks), 1)), todo, quiet, on_done)
-        except ConvertError:  # a full disk: the other workers' unfinished shards give their space back
-            for f in out.iterdir():
+        except (ConvertError, OSError):  # a full disk, met by a worker or by the progress log above
+            for f in out.iterdir():  # the workers' unfinished shards give their space back
                 if SHARD_RE.match(f.name) and f.name.endswith(".tmp"):
                     f.unlink(missing_ok=True)
             raise
