@@ -68,6 +68,16 @@ def load_meta(data_dir: str | Path) -> dict:
     return meta
 
 
+def dataset_is_labeled(meta: dict) -> bool:
+    """Whether dataset.json's samples carry class labels (`cls` members). `"labeled"` says so; a
+    dataset.json written before that key existed is labeled when it lists classes. A DataError when the
+    key is not a boolean (a hand-edited file): guessing would feed -1 labels to a classifier."""
+    labeled = meta.get("labeled", bool(meta.get("classes")))
+    if not isinstance(labeled, bool):
+        raise DataError(f'{META}: "labeled" is {labeled!r}, not true or false; re-run pipeline.convert')
+    return labeled
+
+
 def split_shards(data_dir: str | Path, split: str, indexed: bool = False) -> list[Shard]:
     """The split's non-empty shards in dataset.json order; each tar must exist, and with `indexed` its
     DALI index too, checked against the tar (`check_index`). Errors name the file."""
@@ -301,6 +311,7 @@ __all__ = [
     "Shard",
     "check_index",
     "check_sizes",
+    "dataset_is_labeled",
     "epoch_length",
     "index_text",
     "load_meta",

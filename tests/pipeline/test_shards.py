@@ -20,6 +20,7 @@ from pipeline.path import PathConfig
 from pipeline.reference import build_reference_loader, plan_streams
 from pipeline.shards import (
     Shard,
+    dataset_is_labeled,
     epoch_length,
     load_meta,
     parse_label,
@@ -155,6 +156,16 @@ def test_bad_dataset_json_is_named(copied, text, match):
     (copied / "dataset.json").write_text(text)
     with pytest.raises(DataError, match=match):
         load_meta(copied)
+
+
+def test_dataset_is_labeled_reads_the_key_and_falls_back_to_the_class_list(demo_shards):
+    assert dataset_is_labeled(load_meta(demo_shards)) is True
+    assert dataset_is_labeled({"labeled": False, "classes": [], "shards": []}) is False
+    assert dataset_is_labeled({"labeled": True, "classes": ["a"], "shards": []}) is True
+    assert dataset_is_labeled({"classes": ["a", "b"], "shards": []}) is True  # before the key existed
+    assert dataset_is_labeled({"classes": [], "shards": []}) is False
+    with pytest.raises(DataError, match="\"labeled\" is 'no', not true or false"):
+        dataset_is_labeled({"labeled": "no", "classes": ["a"], "shards": []})
 
 
 def test_read_shard_reads_a_slice_and_checks_the_count(demo_shards):
