@@ -1,0 +1,175 @@
+"""The equivariance probe's default readout: closed-form ridge regression, cross-validated over source
+photos, with the regularisation chosen by nested cross-validation on one fixed grid.
+
+    out = ridge_cv(x, y, groups, folds=4, assignments=4)   # x (N, F), y (N, T), groups (N,)
+    out["r2"], out["r2_std"], out["r2_assignments"]          # mean, std, one R² per fold assignment
+    paired(out_backbone, out_random)                         # per-assignment differences, same folds
+
+One fold assignment puts every source photo (group) in one of `folds` folds (a random permutation of
+the photos, dealt round-robin), so every photo is tested exactly once and never sits on both sides of
+a split. For each outer fold k the model is fitted on the other folds and predicts fold k; its α is
+the grid value with the least inner-CV error, the inner folds being the remaining outer folds (the
+same photos-held-out rule one level down). R² (scikit-learn's r2_score, uniform over the target's
+dimensions) is scored once on the N pooled out-of-fold predictions. Repeating over `assignments`
+random assignments (seeded: the same folds for every backbone given the same groups and seed) gives
+the spread, and the differences between two backbones per assignment are paired.
+
+Maths. Features are standardised once over all rows (label-free); each fit centres x and y on its
+training rows (the unpenalised intercept) and solves
+
+    w(α) = argmin ‖y_c - X_c w‖² + α‖w‖²,   α = a · F   for a in GRID  (F = feature count),
+
+through one eigendecomposition per training set for every α at once: of X_cᵀX_c (F×F) when F ≤ n,
+else of the centred Gram matrix X_cX_cᵀ (n×n, the dual form, for pool=tokens), both computed from
+one N×N or F×F product. α is relative to F because the standardised features' total variance is F
+per row; one grid then suits any pooling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.errors import ProbeError
+
+GRID = tuple(10.0**k for k in range(-3, 5))  # a: α = a · F, 1e-3 .. 1e4
+
+
+def assign_folds(groups: torch.Tensor, folds: int, assignments: int, seed: int = 0) -> torch.Tensor:
+    """(N,) group ids -> (assignments, N) fold index of each row: groups permuted, dealt round-robin."""
+    ids, inverse = torch.unique(groups.cpu(), return_inverse=True)
+    out = torch.empty(assignments, len(groups), dtype=torch.int64)
+    for a in range(assignments):
+        gen = torch.Generator().manual_seed(seed * 1009 + a)
+        fold_of_id = torch.empty(len(ids), dtype=torch.int64)
+        fold_of_id[torch.randperm(len(ids), generator=gen)] = torch.arange(len(ids)) % folds
+        out[a] = fold_of_id[inverse]
+    return out
+
+
+def _r2_columns(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-dimension R² (N, T), (N, T) -> (T,); a constant dimension scores 1 if exact, else 0."""
+    ss_res = ((y - pred) ** 2).sum(0)
+    ss_tot = ((y - y.mean(0)) ** 2).sum(0)
+    return torch.where(ss_tot > 0, 1 - ss_res / ss_tot.clamp_min(1e-300), (ss_res == 0).double())
+
+
+class _Solver:
+    """Ridge fits of standardised x (N, F) on y (N, T) for every α of the grid, on any training subset."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, alphas: tuple[float, ...]):
+        x = x.double()
+        self.x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)  # (N, F)
+        self.y = y.double().reshape(len(y), -1)  # (N, T)
+        self.alphas = torch.tensor(alphas, dtype=torch.float64) * self.x.shape[1]  # (A,)
+        self._gram: torch.Tensor | None = None
+
+    def predict(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
+        """Rows `train` -> predictions (A, n_test, T) on rows `test`, one per α."""
+        x_tr, x_te, y_tr = self.x[train], self.x[test], self.y[train]
+        y_mean = y_tr.mean(0)
+        yc = y_tr - y_mean  # (n, T)
+        n, f = x_tr.shape
+        if f <= n:  # primal: eig of X_cᵀX_c (F, F)
+            mean = x_tr.mean(0)
+            xc, xt = x_tr - mean, x_te - mean
+            lam, v = torch.linalg.eigh(xc.T @ xc)  # (F,), (F, F)
+            proj = v.T @ (xc.T @ yc)  # (F, T)
+            coef = v[None] @ (proj[None] / (lam[None, :, None].clamp_min(0) + self.alphas[:, None, None]))
+            return xt[None] @ coef + y_mean  # (A, n_test, T)
+        # dual: eig of the centred Gram X_cX_cᵀ (n, n); X_c x_tᵀ from the one N×N Gram of all rows
+        if self._gram is None:
+            self._gram = self.x @ self.x.T  # (N, N)
+        g_tr = self._gram[train][:, train]  # (n, n)
+        g_te = self._gram[test][:, train]  # (n_test, n)
+        col, total = g_tr.mean(0), g_tr.mean()
+        k_tr = g_tr - col[None] - col[:, None] + total
+        k_te = g_te - col[None] - g_te.mean(1, keepdim=True) + total
+        lam, q = torch.linalg.eigh(k_tr)  # (n,), (n, n)
+        proj = q.T @ yc  # (n, T)
+        dual = q[None] @ (proj[None] / (lam[None, :, None].clamp_min(0) + self.alphas[:, None, None]))
+        return k_te[None] @ dual + y_mean  # (A, n_test, T)
+
+
+def _out_of_fold(solver: _Solver, fold: torch.Tensor, folds: int) -> tuple[torch.Tensor, list[int]]:
+    """Nested CV over one fold assignment -> out-of-fold predictions (N, T) and the grid index chosen
+    for each outer fold."""
+    y = solver.y
+    pred = torch.empty_like(y)
+    chosen = []
+    for k in range(folds):
+        outer_test = fold == k
+        inner_err = torch.zeros(len(solver.alphas), dtype=torch.float64)
+        scale = y[~outer_test].var(0).clamp_min(1e-12)  # (T,): each dimension counts equally
+        for j in range(folds):
+            if j == k:
+                continue
+            test = fold == j
+            train = ~(test | outer_test)
+            err = (solver.predict(train, test) - y[test][None]) ** 2  # (A, n_j, T)
+            inner_err += (err.sum(1) / scale).sum(1)
+        best = int(torch.argmin(inner_err))
+        chosen.append(best)
+        pred[outer_test] = solver.predict(~outer_test, outer_test)[best]
+    return pred, chosen
+
+
+def ridge_cv(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    folds: int = 4,
+    assignments: int = 4,
+    alphas: tuple[float, ...] = GRID,
+    seed: int = 0,
+) -> dict:
+    """Cross-validated ridge R² of y (N, T) from x (N, F), folds over `groups` (N,) -> {
+    "r2", "r2_std" (over assignments), "r2_assignments" (one per assignment: pair these), "r2_dims"
+    (per target dimension, mean over assignments), "alpha" (the grid values a chosen, per assignment
+    and outer fold), "n", "groups", "folds", "assignments"}."""
+    if folds < 3:
+        raise ProbeError(f"ridge readout: folds {folds}: need at least 3 (the inner CV uses folds - 1)")
+    if assignments < 1:
+        raise ProbeError("ridge readout: need at least one fold assignment")
+    groups = torch.as_tensor(groups).reshape(-1)
+    n_groups = len(torch.unique(groups))
+    if n_groups < folds:
+        raise ProbeError(
+            f"the ridge readout's {folds}-fold cross-validation needs at least {folds} source photos, "
+            f"got {n_groups}"
+        )
+    if not (len(x) == len(y) == len(groups)):
+        raise ValueError(f"x, y, groups differ in length: {len(x)}, {len(y)}, {len(groups)}")
+    solver = _Solver(x.cpu(), y.cpu(), alphas)
+    r2, dims, chosen = [], [], []
+    for fold in assign_folds(groups, folds, assignments, seed):
+        pred, best = _out_of_fold(solver, fold, folds)
+        per_dim = _r2_columns(pred, solver.y)
+        r2.append(float(per_dim.mean()))
+        dims.append(per_dim)
+        chosen.append([alphas[b] for b in best])
+    r2_t = torch.tensor(r2, dtype=torch.float64)
+    return {
+        "r2": float(r2_t.mean()),
+        "r2_std": float(r2_t.std()) if len(r2) > 1 else 0.0,
+        "r2_assignments": [round(v, 6) for v in r2],
+        "r2_dims": [round(float(v), 6) for v in torch.stack(dims).mean(0)],
+        "alpha": chosen,
+        "n": len(x),
+        "groups": n_groups,
+        "folds": folds,
+        "assignments": assignments,
+    }
+
+
+def paired(a: dict, b: dict) -> dict:
+    """a minus b over the same fold assignments -> {"diff", "diff_std", "positive", "of"}."""
+    da, db = a["r2_assignments"], b["r2_assignments"]
+    if len(da) != len(db):
+        raise ValueError(f"paired differences need the same assignments: {len(da)} vs {len(db)}")
+    d = torch.tensor(da, dtype=torch.float64) - torch.tensor(db, dtype=torch.float64)
+    return {
+        "diff": float(d.mean()),
+        "diff_std": float(d.std()) if len(d) > 1 else 0.0,
+        "positive": int((d > 0).sum()),
+        "of": len(d),
+    }
