@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -323,6 +324,9 @@ def from_dict(d: dict, where: str = "saved config") -> Config:
     return build(Config, d, "")
 
 
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # a decimal number, as YAML 1.2 reads one
+
+
 def _typed(value: Any, tp: Any, key: str, where: str) -> Any:
     """A leaf value from JSON/YAML checked against its field type (ints are accepted as floats)."""
     if typing.get_origin(tp) is tuple:
@@ -333,6 +337,9 @@ def _typed(value: Any, tp: Any, key: str, where: str) -> Any:
         if len(inner) != len(value):
             raise ConfigError(f"{where}: {key}={value!r} must have {len(inner)} items")
         return tuple(_typed(v, t, key, where) for v, t in zip(value, inner))
+    if tp is float and isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        # YAML 1.1 (PyYAML) reads 1e-4 as the string "1e-4": it needs a dot (1.0e-4) to be a float.
+        return float(value)
     ok = (
         isinstance(value, bool)
         if tp is bool

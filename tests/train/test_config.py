@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from train.config import PRESETS, ConfigError, check_model, from_dict, load_config, to_dict
+from train.config import PRESETS, ConfigError, check_model, from_dict, load_config, load_file, to_dict
 
 PAPER = ("vits16-vicreg", "vits16-sie", "vits16-xattn", "vits16-path")
 
@@ -109,6 +109,26 @@ def test_saved_config_with_an_unknown_key_is_rejected():
     saved = to_dict(load_config("demo"))
     saved["run"]["colour"] = "red"
     with pytest.raises(ConfigError, match="RunConfig.colour"):
+        from_dict(saved)
+
+
+def test_a_yaml_config_with_an_exponent_float_loads(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-4` (no dot) as a string; a float field takes it as the number."""
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text("preset: demo\noptim:\n  base_lr: 1e-4\n  min_lr: 5E-7\n  betas: [0.9, 1e-1]\n")
+    assert yaml.safe_load(path.read_text())["optim"]["base_lr"] == "1e-4"  # what the parser hands over
+    cfg = load_file(path)
+    assert (cfg.optim.base_lr, cfg.optim.min_lr, cfg.optim.betas) == (1e-4, 5e-7, (0.9, 0.1))
+    assert type(cfg.optim.base_lr) is float
+
+
+@pytest.mark.parametrize("value", ["fast", "1e-4x", "", "nan", "0x10"])
+def test_a_string_that_is_not_a_number_is_still_refused_for_a_float(value):
+    saved = to_dict(load_config("demo"))
+    saved["optim"]["base_lr"] = value
+    with pytest.raises(ConfigError, match=f"optim.base_lr={value!r} is not a float"):
         from_dict(saved)
 
 
