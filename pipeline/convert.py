@@ -1,15 +1,20 @@
-"""ImageNet-style folder -> shuffled webdataset shards with DALI indices and a dataset.json.
+"""A folder of images (ImageNet-style or unlabeled) -> shuffled webdataset shards with DALI indices and a
+dataset.json.
 
-    python -m pipeline.convert --src IMAGENET --out SHARDS [--split train|val|all] [--shard-size N]
-                               [--workers N] [--seed S] [--strict]
+    python -m pipeline.convert --src FOLDER --out SHARDS [--labels auto|folders|none]
+                               [--split train|val|all] [--shard-size N] [--workers N] [--seed S] [--strict]
     python -m pipeline.convert --verify SHARDS
 
-Layouts read: SRC/train/<wnid>/*.JPEG, SRC/val/<wnid>/*.JPEG, a flat SRC/val/*.JPEG labelled by
-SRC/LOC_val_solution.csv, or SRC/<class>/* (any folder of class folders, converted as split "train").
-Class index = position of the folder name in the sorted train class folders.
+Labelled layouts (--labels folders): SRC/train/<wnid>/*.JPEG, SRC/val/<wnid>/*.JPEG, a flat
+SRC/val/*.JPEG labelled by SRC/LOC_val_solution.csv, or SRC/<class>/* (any folder of class folders,
+converted as split "train"). Class index = position of the folder name in the sorted train class
+folders. --labels none: every image anywhere below SRC is an unlabeled sample (train/ and val/ still
+name splits). --labels auto (the default) picks one from the tree (pipeline/discover.py) and the
+printed summary says which.
 
-One sample = `<key>.jpg` + `<key>.cls` (ASCII class index); key = the source path relative to its split
-folder, without extension, made tar-safe. Every image is fully decoded once: baseline RGB/greyscale
+One sample = `<key>.jpg` + `<key>.cls` (ASCII class index; no `.cls` in an unlabeled dataset, whose
+dataset.json says "labeled": false); key = the source path relative to its split folder, without
+extension, made tar-safe. Every image is fully decoded once: baseline RGB/greyscale
 JPEGs are stored byte for byte, everything else decodable (CMYK, PNG named .JPEG, palette, 16-bit) is
 re-encoded as a baseline JPEG, and undecodable/truncated/empty files are skipped and recorded.
 
@@ -47,10 +52,18 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.convert_proc import lock_out, sigint_held_back, worker_pool
-from pipeline.discover import IMAGE_EXTS, LOCK, SPLITS, VAL_CSV, Item, discover  # noqa: F401 (re-exported)
+from pipeline.discover import (  # noqa: F401 (re-exported)
+    IMAGE_EXTS,
+    LABELS,
+    LOCK,
+    SPLITS,
+    VAL_CSV,
+    Item,
+    discover,
+)
 from pipeline.encode import JPEG_QUALITY, Skip, encode_image
 from pipeline.errors import ConvertError, ShardError, UserError, one_line
-from pipeline.shards import index_text, verify_shard
+from pipeline.shards import dataset_is_labeled, index_text, verify_shard
 
 FORMAT = "eqrecon-shards/1"
 DEFAULT_SHARD_SIZE = 1000  # ~110 MB of ImageNet JPEGs per shard
@@ -89,11 +102,12 @@ def plan_shards(
 
 
 def _write_tar(path: Path, samples: list[tuple[str, bytes, int]]) -> list[tuple[str, int, int]]:
-    """Write samples (key, jpeg, label) -> [(member name, data offset, size)]."""
+    """Write samples (key, jpeg, label; -1: unlabeled, no .cls) -> [(member name, data offset, size)]."""
     members = []
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
         for key, jpeg, label in samples:
-            for ext, payload in (("jpg", jpeg), ("cls", str(label).encode())):
+            cls = [("cls", str(label).encode())] if label >= 0 else []
+            for ext, payload in [("jpg", jpeg), *cls]:
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size, info.mtime, info.mode = len(payload), MTIME, 0o644
                 tar.addfile(info, io.BytesIO(payload))
@@ -202,8 +216,9 @@ def verify(out: str | Path) -> None:
         if m and f.suffix == ".tar" and f.name not in listed:
             raise ShardError(f"{f.name}: shard file not listed in dataset.json")
     counts = dict.fromkeys(meta["splits"], 0)
+    labeled = dataset_is_labeled(meta)
     for rec in meta["shards"]:
-        samples = verify_shard(out / rec["name"], len(meta["classes"]), rec["sha256"])
+        samples = verify_shard(out / rec["name"], len(meta["classes"]), rec["sha256"], labeled)
         if len(samples) != rec["count"]:
             raise ShardError(f"{rec['name']}: holds {len(samples)} samples, dataset.json says {rec['count']}")
         counts[rec["split"]] += len(samples)
@@ -217,10 +232,15 @@ def verify(out: str | Path) -> None:
 # ---------------------------------------------------------------------------------------- converting
 
 
-def _known_records(out: Path, old: dict, classes: list[str]) -> dict[str, dict]:
+def _known_records(out: Path, old: dict, classes: list[str], labeled: bool) -> dict[str, dict]:
     """Records of finished shards from an earlier run into the same folder (complete or interrupted)."""
     records: dict[str, dict] = {}
     if old:
+        if dataset_is_labeled(old) != labeled:
+            had = "labeled" if dataset_is_labeled(old) else "unlabeled"
+            raise ConvertError(
+                f"{out} already holds {had} shards ({old.get('source')}); use a new --out or the same --labels"
+            )
         if old.get("classes") != classes:
             raise ConvertError(
                 f"{out} already holds shards of another class list ({old.get('source')}); use a new --out"
@@ -248,13 +268,15 @@ def _check(args: tuple) -> bool:
     return _still_good(*args)
 
 
-def _still_good(out: Path, rec: dict | None, plan: str, items: list[Item], n_classes: int) -> bool:
+def _still_good(
+    out: Path, rec: dict | None, plan: str, items: list[Item], n_classes: int, labeled: bool
+) -> bool:
     if rec is None or rec.get("plan") != plan:
         return False
     if rec["count"] == 0:
         return not (out / rec["name"]).exists()
     try:
-        samples = verify_shard(out / rec["name"], n_classes, rec["sha256"])
+        samples = verify_shard(out / rec["name"], n_classes, rec["sha256"], labeled)
     except ShardError:
         return False
     kept = {s["path"] for s in rec["skipped"]}
@@ -316,11 +338,15 @@ def convert(
     seed: int = 0,
     strict: bool = False,
     quiet: bool = False,
+    labels: str = "auto",
 ) -> dict:
-    """Convert an ImageNet-style folder into shards under out -> the dataset.json content."""
+    """Convert a folder of images (labels: auto, folders or none) into shards under out -> the
+    dataset.json content."""
     src, out = Path(src).expanduser().resolve(), Path(out).expanduser()
     if split not in (*SPLITS, "all"):
         raise ConvertError(f"--split must be train, val or all, not {split!r}")
+    if labels not in LABELS:
+        raise ConvertError(f"--labels must be one of {', '.join(LABELS)}, not {labels!r}")
     if shard_size < 1:
         raise ConvertError(f"--shard-size must be >= 1, not {shard_size}")
     workers = workers or os.cpu_count() or 1
@@ -338,7 +364,7 @@ def convert(
         out.mkdir(parents=True, exist_ok=True)
         with lock_out(out):
             try:
-                return _convert(src, out, split, shard_size, workers, seed, strict, quiet)
+                return _convert(src, out, split, shard_size, workers, seed, strict, quiet, labels)
             except KeyboardInterrupt:
                 raise Interrupted(
                     "interrupted: finished shards are kept; re-run the same command to resume"
@@ -346,11 +372,20 @@ def convert(
 
 
 def _convert(
-    src: Path, out: Path, split: str, shard_size: int, workers: int, seed: int, strict: bool, quiet: bool
+    src: Path,
+    out: Path,
+    split: str,
+    shard_size: int,
+    workers: int,
+    seed: int,
+    strict: bool,
+    quiet: bool,
+    labels: str,
 ) -> dict:
     """convert() once out exists and is locked."""
     # out inside src (--src D --out D/wds) must not become a class, nor its shards images
-    classes, items, pre_skipped, ignored = discover(src, split, exclude=os.path.realpath(out))
+    found = discover(src, split, exclude=os.path.realpath(out), labels=labels)
+    classes, items, pre_skipped, ignored = found.classes, found.items, found.skipped, found.ignored
     if strict and pre_skipped:
         raise ConvertError(_strict_message(pre_skipped))
     old = next(
@@ -361,7 +396,7 @@ def _convert(
         ),
         {},
     )
-    known = _known_records(out, old, classes)
+    known = _known_records(out, old, classes, found.labeled)
 
     plans = {s: plan_shards(items[s], s, shard_size, seed) for s in items}
     names = [name for s in plans for name, _, _ in plans[s]]
@@ -373,7 +408,9 @@ def _convert(
         and (f.name.endswith(".tmp") or f.with_suffix(".tar").name not in set(names))
     ]
     candidates = [
-        (out, known.get(name), plan, chunk, len(classes)) for s in plans for name, chunk, plan in plans[s]
+        (out, known.get(name), plan, chunk, len(classes), found.labeled)
+        for s in plans
+        for name, chunk, plan in plans[s]
     ]
     if workers > 1 and sum(c[1] is not None for c in candidates) > 1:  # resuming ImageNet re-reads ~140 GB
         with worker_pool(workers) as pool:
@@ -393,7 +430,9 @@ def _convert(
     todo = sum(len(t[-1]) for t in tasks)
     if not quiet:
         print(
-            f"{src}: {len(classes)} classes, "
+            f"{src}: labels: {found.labels_why}"
+            + (f", {len(classes)} classes" if found.labeled else "")
+            + "; "
             + ", ".join(f"{s} {len(items[s])} images in {len(plans[s])} shards" for s in plans)
             + f"; {len(records)} shards already done, {len(tasks)} to write with {workers} workers",
             flush=True,
@@ -423,7 +462,8 @@ def _convert(
     skipped = pre_skipped + [r for rec in ordered for r in rec["skipped"]]
     if strict and skipped:
         raise ConvertError(_strict_message(skipped))
-    meta = _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed)
+    settings = {"split": split, "labels": labels, "shard_size": shard_size, "seed": seed}
+    meta = _metadata(src, classes, found.labeled, plans, ordered, skipped, ignored, old, settings)
     _rewrite(out / "dataset.json", json.dumps(meta, indent=1) + "\n")
     (out / PROGRESS).unlink(missing_ok=True)
     (out / PREVIOUS).unlink(missing_ok=True)
@@ -432,7 +472,7 @@ def _convert(
     return meta
 
 
-def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_size, seed) -> dict:
+def _metadata(src, classes, labeled, plans, ordered, skipped, ignored, old, settings) -> dict:
     # splits converted earlier into the same folder (e.g. --split train, then --split val) are kept
     carried = (
         [s for s in old.get("shards", []) if s["split"] not in plans] if old.get("classes") == classes else []
@@ -450,6 +490,7 @@ def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_
     return {
         "format": FORMAT,
         "source": str(src),
+        "labeled": labeled,  # False: no sample has a .cls (pipeline.shards.dataset_is_labeled)
         "classes": classes,
         "splits": {s: splits[s] for s in SPLITS if s in splits},
         "shards": carried + [{k: r[k] for k in fields} for r in ordered if r["count"] > 0],
@@ -459,7 +500,7 @@ def _metadata(src, classes, plans, ordered, skipped, ignored, old, split, shard_
         + [{**x, "split": r["split"], "shard": r["name"]} for r in ordered for x in r["reencoded"]],
         "ignored": ignored,
         # settings that determine the shards (not --workers: any worker count writes the same bytes)
-        "settings": {"split": split, "shard_size": shard_size, "seed": seed, "jpeg_quality": JPEG_QUALITY},
+        "settings": {**settings, "jpeg_quality": JPEG_QUALITY},
     }
 
 
@@ -471,7 +512,8 @@ def _strict_message(skipped: list[dict]) -> str:
 
 def _summary(meta: dict, done: int, rate: float) -> None:
     for s, info in meta["splits"].items():
-        print(f"{s}: {info['count']} samples in {info['shards']} shards, {info['skipped']} skipped")
+        what = "samples" if meta["labeled"] else "unlabeled samples"
+        print(f"{s}: {info['count']} {what} in {info['shards']} shards, {info['skipped']} skipped")
     for x in meta["skipped"][:20]:
         print(f"  skipped {x['path']}: {x['reason']}")
     if len(meta["skipped"]) > 20:
@@ -484,9 +526,16 @@ def _summary(meta: dict, done: int, rate: float) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--src", help="ImageNet-style folder (train/, val/, LOC_val_solution.csv) or class folders"
+        "--src", help="folder of images: ImageNet-style (train/, val/, class folders) or unlabeled"
     )
     p.add_argument("--out", help="folder for shards and dataset.json (re-running resumes)")
+    p.add_argument(
+        "--labels",
+        default="auto",
+        choices=LABELS,
+        help="folders: class folders are labels (ImageNet-style); none: every image is an unlabeled sample, "
+        "folders are ignored; auto (default): folders for an ImageNet-style tree, else none",
+    )
     p.add_argument("--split", default="all", choices=("train", "val", "all"))
     p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
     p.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
@@ -505,7 +554,16 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if not args.src or not args.out:
             p.error("--src and --out are required (or --verify DIR)")
-        convert(args.src, args.out, args.split, args.shard_size, args.workers, args.seed, args.strict)
+        convert(
+            args.src,
+            args.out,
+            args.split,
+            args.shard_size,
+            args.workers,
+            args.seed,
+            args.strict,
+            labels=args.labels,
+        )
         return 0
     except KeyboardInterrupt:  # outside convert(): --verify, or before the conversion started
         print("error: interrupted", file=sys.stderr)

@@ -52,7 +52,9 @@ from pipeline.shards import (
     Shard,
     check_index,
     check_sizes,
+    dataset_is_labeled,
     epoch_length,
+    load_meta,
     parse_labels,
     pieces,
     rank_part,
@@ -79,10 +81,12 @@ def build_pipeline(
     num_shards: int = 1,
     external: tuple | None = None,
     checkpoint: str | None = None,
+    labeled: bool = True,
 ):
     """The DALI pipeline -> (pipeline, output names).
 
-    Reads `files` (tar shards, .idx beside each) with θ sampled in the graph, or, for parity tests,
+    Reads `files` (tar shards, .idx beside each; `.jpg` + `.cls` per sample, or `.jpg` alone when not
+    `labeled`, whose label is then -1) with θ sampled in the graph, or, for parity tests,
     `external` = (images, theta): callables returning a batch of decoded HWC uint8 images and a
     (B, THETA_DIM) float32 array, so DALI renders exactly the θ (and pixels) it is given.
     """
@@ -105,10 +109,10 @@ def build_pipeline(
     with pipe:
         if external is None:
             shuffle = cfg.shuffle_buffer > 0
-            jpg, cls = fn.readers.webdataset(
+            members = fn.readers.webdataset(
                 paths=[str(f) for f in files],
                 index_paths=[str(f.with_suffix(".idx")) for f in files],
-                ext=["jpg", "cls"],
+                ext=["jpg", "cls"] if labeled else ["jpg"],
                 missing_component_behavior="skip",
                 random_shuffle=shuffle,
                 initial_fill=max(1, cfg.shuffle_buffer),
@@ -119,6 +123,7 @@ def build_pipeline(
                 dont_use_mmap=True,
                 name=READER,
             )
+            jpg, cls = members if labeled else (members, None)
             # EXIF orientation is ignored, as PIL and torchvision.io do by default
             shape = fn.cast(fn.peek_image_shape(jpg, adjust_orientation=False), dtype=types.FLOAT)
             img = fn.decoders.image(
@@ -126,7 +131,9 @@ def build_pipeline(
             )
             H, W = shape[0], shape[1]
             theta = sample_theta(H, W, cfg.aug)
-            label = fn.pad(cls, fill_value=0, shape=[CLS_BYTES])
+            # zero bytes parse as -1 (`parse_labels`): the label of every sample of an unlabeled set
+            no_cls = fn.cast(shape[0:1] * 0.0, dtype=types.UINT8)
+            label = fn.pad(cls if labeled else no_cls, fill_value=0, shape=[CLS_BYTES])
         else:
             images, thetas = external
             img = fn.external_source(source=images, batch=True, layout="HWC", dtype=types.UINT8)
@@ -179,7 +186,7 @@ def _dali_reason(err: Exception) -> str:
     return next((ln for ln in after if ln), "unknown error")[:300]
 
 
-def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
+def _shard_error(err: Exception, shards: list[Shard], labeled: bool = True) -> ShardError:
     """A DALI failure while reading -> one line naming the shard.
 
     DALI's decode errors do not say which sample failed, so the shards this rank reads are checked
@@ -188,7 +195,7 @@ def _shard_error(err: Exception, shards: list[Shard]) -> ShardError:
     reason = _dali_reason(err)
     for shard in shards:
         try:
-            verify_shard(shard.path, sha256=shard.sha256)
+            verify_shard(shard.path, sha256=shard.sha256, labeled=labeled)
         except ShardError as bad:
             return ShardError(
                 f"shard {shard.path} is corrupt ({bad}; DALI: {reason}); re-run pipeline.convert "
@@ -223,6 +230,7 @@ class DaliLoader:
         )
         self.local_batch = cfg.batch_size // world_size
         self.shards = split_shards(data_dir, cfg.split)
+        self.labeled = dataset_is_labeled(load_meta(data_dir))  # unlabeled shards hold no .cls
         self.needed = [check_index(s) for s in self.shards]  # tar sizes, re-checked before every epoch
         self.files = [s.path for s in self.shards]
         self.samples = sum(s.count for s in self.shards)
@@ -306,7 +314,7 @@ class DaliLoader:
         except ShardError as e:
             return e
         lo, hi = rank_range(self.samples, self.rank, self.world_size, self.epoch)
-        return _shard_error(err, [shard for shard, _, _ in pieces(self.shards, lo, hi)])
+        return _shard_error(err, [shard for shard, _, _ in pieces(self.shards, lo, hi)], self.labeled)
 
     def _build(self, checkpoint: str | None):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -321,6 +329,7 @@ class DaliLoader:
             shard_id=rank_part(self.rank, self.world_size, self.epoch),
             num_shards=self.world_size,
             checkpoint=checkpoint,
+            labeled=self.labeled,
         )
         try:
             pipe.build()
@@ -330,7 +339,8 @@ class DaliLoader:
         if read != self.samples:
             raise ShardError(
                 f"the indexes of {self.files[0].parent} list {self.samples} samples but DALI reads "
-                f"{read}: some samples lack a .jpg or .cls member; re-run pipeline.convert"
+                f"{read}: some samples lack a {'.jpg or .cls' if self.labeled else '.jpg'} member; "
+                "re-run pipeline.convert"
             )
         try:  # the iterator runs the pipeline ahead right away, so decoding errors can surface here
             return DALIGenericIterator(

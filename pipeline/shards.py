@@ -2,11 +2,13 @@
 
 Format (written by `pipeline.convert`, read by both loaders, the probes and `convert --verify`):
 
-    DIR/dataset.json        {"format", "classes" (index order), "shards": [{"name", "split", "count",
-                             "sha256", ...}], ...}; a shard whose every file was skipped has count 0 and
-                             no tar
+    DIR/dataset.json        {"format", "labeled", "classes" (index order; [] when unlabeled), "shards":
+                             [{"name", "split", "count", "sha256", ...}], ...}; a shard whose every
+                             file was skipped has count 0 and no tar
     DIR/{split}-{i:06d}.tar one sample = `<key>.jpg` (JPEG bytes) then `<key>.cls` (the class index as
-                             ASCII digits), in that order, samples shuffled when written
+                             ASCII digits), in that order, samples shuffled when written; in an
+                             unlabeled dataset (`"labeled": false`, `dataset_is_labeled`) `<key>.jpg`
+                             alone, and loaders give label -1
     DIR/{split}-{i:06d}.idx DALI's webdataset index (wds2idx v1.2): `v1.2 <samples>`, then one line per
                              sample, `<ext> <data offset> <size> <member name>` for each of its members
 
@@ -225,11 +227,12 @@ def index_text(members: list[tuple[str, int, int]]) -> str:
 
 
 def verify_shard(
-    path: str | Path, n_classes: int | None = None, sha256: str | None = None
+    path: str | Path, n_classes: int | None = None, sha256: str | None = None, labeled: bool = True
 ) -> list[tuple[str, int]]:
-    """Check one shard completely -> [(key, label)] in tar order: the sha256 of dataset.json, the tar
-    structure (jpg then cls per sample, nothing truncated, end-of-archive marker), labels < n_classes,
-    and the index agreeing with the tar byte for byte. A ShardError names the shard and the fault."""
+    """Check one shard completely -> [(key, label)] in tar order (label -1 when not `labeled`): the
+    sha256 of dataset.json, the tar structure (jpg then cls per sample, or jpg alone when not `labeled`;
+    nothing truncated, end-of-archive marker), labels < n_classes, and the index agreeing with the tar
+    byte for byte. A ShardError names the shard and the fault."""
     path = Path(path)
     name = path.name
     try:
@@ -256,14 +259,15 @@ def verify_shard(
         if ext == "jpg":
             if info.size == 0:
                 raise ShardError(f"{name}: {info.name!r} is empty")
-            samples.append([key, None])
-        elif ext == "cls" and samples and samples[-1][0] == key and samples[-1][1] is None:
+            samples.append([key, None if labeled else -1])
+        elif labeled and ext == "cls" and samples and samples[-1][0] == key and samples[-1][1] is None:
             label = parse_label(data[info.offset_data : end], f"{name}: {info.name!r}")
             if n_classes is not None and label >= n_classes:
                 raise ShardError(f"{name}: {info.name!r} holds {label}, not a class index < {n_classes}")
             samples[-1][1] = label
         else:
-            raise ShardError(f"{name}: unexpected member {info.name!r} (want <key>.jpg then <key>.cls)")
+            want = "<key>.jpg then <key>.cls" if labeled else "<key>.jpg alone: the dataset is unlabeled"
+            raise ShardError(f"{name}: unexpected member {info.name!r} (want {want})")
     if samples and samples[-1][1] is None:
         raise ShardError(f"{name}: sample {samples[-1][0]!r} has no .cls")
     tail = max((o + (-(-s // 512) * 512) for _, o, s in members), default=0)
