@@ -147,6 +147,7 @@ def test_shards_are_shuffled_and_deterministic(tree, converted, tmp_path):
     assert [r["sha256"] for r in other["shards"]] != [r["sha256"] for r in meta["shards"]]
 
 
+@pytest.mark.integration  # launches DALI's wds2idx as a process
 def test_index_matches_dali_wds2idx(converted, tmp_path):
     """Our .idx files are byte-identical to what DALI's own wds2idx tool writes."""
     out, meta = converted
@@ -361,6 +362,7 @@ def test_bad_input_is_one_clear_line(tmp_path, case, capsys):
     assert err.startswith("error: ") and len(err.splitlines()) == 1 and str(src) in err
 
 
+@pytest.mark.integration  # launches the converter as a process
 def test_cli_end_to_end(tree, tmp_path):
     """The real command line (a subprocess): exit status, summary with skipped files and images/s."""
     run = [sys.executable, "-m", "pipeline.convert"]

@@ -116,6 +116,7 @@ def test_out_inside_the_train_folder_of_an_imagenet_layout(tmp_path):
         assert {s: v["count"] for s, v in meta["splits"].items()} == {"train": 6, "val": 3}
 
 
+@pytest.mark.integration  # launches the converter as a process
 def test_out_that_is_src_is_refused(tmp_path):
     src = class_folders(tmp_path / "src", per_class=1)
     one_error_line(run_cli("--src", str(src), "--out", str(src)), str(src), "is --src itself")
@@ -138,6 +139,7 @@ def wait_for_lock(out: Path, pid: int, timeout: float = 60) -> None:
     raise AssertionError(f"converter {pid} never took the lock on {out}")
 
 
+@pytest.mark.integration  # launches the converter as a process
 def test_second_converter_into_the_same_out_exits_at_once_naming_the_holder(tmp_path):
     every_class = sorted(p.name for p in (PHOTOS / "train").iterdir())
     src, out = class_folders(tmp_path / "src", every_class, per_class=8), tmp_path / "out"  # ~1 s of work
@@ -169,6 +171,7 @@ def test_second_converter_into_the_same_out_exits_at_once_naming_the_holder(tmp_
 # ----------------------------------------------------------------------- entries that are not converted
 
 
+@pytest.mark.integration  # launches the converter as a process
 def test_every_entry_not_converted_is_recorded_with_its_reason(tmp_path):
     src = class_folders(tmp_path / "src")
     cat = src / "cat"
@@ -240,6 +243,7 @@ def test_val_csv_naming_an_unknown_wnid_says_so(tmp_path):
 # ------------------------------------------------------------------------------ output-side OS errors
 
 
+@pytest.mark.integration  # launches the converter as a process
 def test_out_that_is_a_file_or_below_a_file(tmp_path):
     src, blocker = class_folders(tmp_path / "src", per_class=1), tmp_path / "a-file"
     blocker.write_text("x")
@@ -247,6 +251,7 @@ def test_out_that_is_a_file_or_below_a_file(tmp_path):
     one_error_line(run_cli("--src", str(src), "--out", str(blocker / "out")), str(blocker), "cannot write")
 
 
+@pytest.mark.integration  # launches the converter as a process
 @pytest.mark.parametrize("where", ["out", "parent"])
 def test_read_only_out(tmp_path, where):
     src, folder = class_folders(tmp_path / "src", per_class=1), tmp_path / "ro"
@@ -282,6 +287,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", str(mnt)], check=True)
 
 
+@pytest.mark.integration  # launches the converter as a process
 @pytest.mark.parametrize("fault", ["file_size_limit", "full_disk"])
 def test_full_disk_is_one_line_and_a_rerun_completes(tmp_path, request, fault):
     src = class_folders(tmp_path / "src", per_class=6)  # ~330 KB of JPEGs, ~55 KB per shard
@@ -316,6 +322,7 @@ def test_full_disk_is_one_line_and_a_rerun_completes(tmp_path, request, fault):
 # ------------------------------------------------------------------------------------------- Ctrl-C
 
 
+@pytest.mark.integration  # launches the converter as a process
 @pytest.mark.slow
 def test_ctrl_c_in_a_resumed_two_worker_run(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) at several moments of a
