@@ -16,8 +16,8 @@ class DinoConfig:
     family: str = ""  # set from model.family by build_method; model/families.py reads it
     out_dim: int = 8192  # K prototypes: DINOv2 65536, iBOT 8192
     hidden_dim: int = 2048  # DINO head: 3-layer MLP, hidden 2048, bottleneck 256
-    bottleneck_dim: int = 256
-    nlayers: int = 3
+    bottleneck_dim: int = 256  # DINO head bottleneck before the prototypes
+    nlayers: int = 3  # DINO head MLP layers before the bottleneck
     norm_last_layer: bool = True  # fix the prototypes' weight-norm gain at 1 (DINO, iBOT); DINOv2: False
     student_temp: float = 0.1  # model/dino.py's STUDENT_TEMP (this module imports no torch)
     center_momentum: float = 0.9  # model/dino.py's CENTER_MOMENTUM
@@ -25,10 +25,10 @@ class DinoConfig:
     koleo_weight: float = 0.1  # DINOv2
     # Teacher schedules (train/schedules.py): temperatures warm up linearly, the momentum follows a cosine to 1.
     teacher_temp: float = 0.07  # class-token teacher temperature after warm-up
-    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # class-token teacher temperature at step 0
     patch_temp: float = 0.07  # iBOT patch teacher temperature after warm-up
-    warmup_patch_temp: float = 0.04
-    warmup_temp_epochs: float = 30.0
+    warmup_patch_temp: float = 0.04  # iBOT patch teacher temperature at step 0
+    warmup_temp_epochs: float = 30.0  # epochs of the linear temperature warm-up
     momentum: float = 0.996  # teacher EMA momentum at step 0 (iBOT 0.996, DINOv2 0.992), cosine to 1
     freeze_last_layer_epochs: float = (
         1.0  # no update of the prototype layer in these first epochs (all three: 1)
@@ -44,22 +44,22 @@ class ModelConfig:
     backbone: str = "vit_small_patch16_224"  # a timm ViT name (tiny/small/base/large, patch 16)
     patch_size: int = 16  # overrides the timm default (the demo uses 8 at 64 px)
     depth: int = 0  # 0 = the timm model's depth
-    drop_path: float = 0.0
+    drop_path: float = 0.0  # stochastic depth rate of the ViT blocks (timm drop_path_rate)
     d_patch: int = 512  # linear head on the patch tokens: z = [z_inv | z_eq]
     d_inv: int = 256  # channels of z_inv; z_eq gets d_patch - d_inv (vicreg: all channels invariant)
     pool: str = "mean"  # pooling of z_inv tokens for the SSL loss: mean | cls
     decoder: str = "xattn-path"  # conv | xattn | xattn-path (path method); xattn method uses xattn
-    dec_width: int = 192
+    dec_width: int = 192  # xattn decoders: token width
     dec_depth: int = 6  # xattn decoders: block 1 cross-attention, the rest self-attention
-    dec_heads: int = 3
+    dec_heads: int = 3  # xattn decoders: attention heads
     conv_width: int = 256  # conv decoder: channels after the linear layer (halved per x2 stage)
     lam: float = 1.0  # weight of the equivariant (reconstruction or SIE prediction) loss
     norm_pix: bool = False  # per-patch normalised reconstruction targets
     recon_reduction: str = "mean"  # mean: per pixel; sum: per image, ‖û_k - u_k‖² as the path paper's Eq. 3
     mask_ratio: float = 0.0  # xattn: fraction of view-2 query tokens replaced by a mask token (Siamese MAE)
     sim_coeff: float = 25.0  # VICReg invariance / variance / covariance weights
-    std_coeff: float = 25.0
-    cov_coeff: float = 1.0
+    std_coeff: float = 25.0  # VICReg variance weight
+    cov_coeff: float = 1.0  # VICReg covariance weight
     expander: tuple[int, ...] = (2048, 2048, 2048)  # VICReg expander MLP widths on pooled z_inv
     equi_factor: float = 4.5  # SIE: weight of the prediction MSE relative to sim_coeff (official default)
     dino: DinoConfig = field(default_factory=DinoConfig)

@@ -21,21 +21,21 @@ class MultiCropConfig:
     enabled: bool = False  # two global crops (the views) + n_local local crops + iBOT masks
     n_local: int = 10  # L local crops per sample: iBOT 10, DINOv2 and DINO 8
     global_size: int = 224  # both global crops (view1, view2): must equal data.img_size (config check)
-    local_size: int = 96
+    local_size: int = 96  # the local crops' side in pixels (DINO family: 96)
     global_scale: tuple[float, float] = (
         0.25,
         1.0,
     )  # area fraction: iBOT 0.25-1, DINOv2 0.32-1 (= data.aug.crop_scale)
     local_scale: tuple[float, float] = (0.05, 0.25)  # iBOT 0.05-0.25, DINOv2 0.05-0.32
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # aspect ratio range (w/h) of the local crops
-    flip_p: float = 0.5
+    flip_p: float = 0.5  # horizontal flip probability of each local crop
     jitter_p: float = 0.8  # probability that the colour jitter is applied at all
     brightness: float = 0.4  # jitter factors 1 + δ, δ ~ U(±brightness) (torchvision ColorJitter)
-    contrast: float = 0.4
-    saturation: float = 0.2
+    contrast: float = 0.4  # contrast factor 1 + δ, δ ~ U(±contrast)
+    saturation: float = 0.2  # saturation factor 1 + δ, δ ~ U(±saturation)
     hue: float = 0.1  # hue shift ~ U(±hue)
-    grey_p: float = 0.2
-    blur_p: float = 0.5
+    grey_p: float = 0.2  # probability of greyscale
+    blur_p: float = 0.5  # probability of a Gaussian blur with σ ~ U(blur_sigma)
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # σ in local-crop pixels
     masks: bool = True  # draw iBOT's masks (ibot, dinov2); dino does without
     patch_size: int = 16  # the encoder's patch (model.patch_size): the mask grid is global_size / patch_size
@@ -46,7 +46,7 @@ class DataConfig:
     """Where the shards are and how samples are built from them."""
 
     dir: str = ""  # shard folder made by pipeline.convert; "" = the embedded demo photos (converted once)
-    split: str = "train"
+    split: str = "train"  # which split of the shards to train on (a name in dataset.json's splits)
     # auto (DALI when installed, else reference) | dali (GPU pipeline on CUDA, CPU pipeline otherwise) |
     # reference (PyTorch, the parity oracle)
     loader: str = "auto"
@@ -58,9 +58,9 @@ class DataConfig:
     # threads (at least 1; the GPU pipeline decodes with nvJPEG whatever the value)
     workers: int = 4
     shuffle_buffer: int = 2048  # samples held for shuffling (shards are already shuffled when written)
-    seed: int = 0
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
+    seed: int = 0  # the augmentation and sample-order seed (run.seed seeds the model)
+    mean: tuple[float, float, float] = IMAGENET_MEAN  # per-channel normalisation mean (RGB, 0-1)
+    std: tuple[float, float, float] = IMAGENET_STD  # per-channel normalisation std (RGB, 0-1)
     aug: PathConfig = field(default_factory=PathConfig)
     multicrop: MultiCropConfig = field(default_factory=MultiCropConfig)  # the DINO family's crops
 

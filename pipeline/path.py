@@ -102,13 +102,14 @@ BLUR_MIN_SIGMA = 0.1  # σ below this is identity (no blur)
 class PathConfig:
     """The augmentation path: active g families, their ranges (defaults: the path paper's Table 2), K."""
 
+    # the active families of g_θ (rotation, translation, color, blur; each alone or together)
     transforms: tuple[str, ...] = ("rotation", "translation", "color", "blur")
     rot_deg: float = 45.0  # rotation uniform in ±rot_deg
     translate_px: float = 10.0  # tx, ty uniform in ±translate_px (pixels at ref_size)
     brightness: float = 0.4  # δ uniform in ±brightness
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
+    contrast: float = 0.4  # contrast factor 1 + δ, δ uniform in ±contrast
+    saturation: float = 0.4  # saturation factor 1 + δ, δ uniform in ±saturation
+    hue: float = 0.1  # hue shift δh uniform in ±hue (a fraction of the colour circle)
     blur_sigma: tuple[float, float] = (0.1, 2.0)  # σ uniform in this range (pixels at ref_size)
     ref_size: int = 224  # resolution at which translate_px and blur_sigma are expressed
     k: int = 2  # number of intermediate targets

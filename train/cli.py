@@ -13,13 +13,14 @@ dataclasses stay the one source of truth.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import inspect
 import io
 import json
 import os
-import re
 import sys
+import textwrap
 import tokenize
 import typing
 from pathlib import Path
@@ -93,7 +94,8 @@ def _newest_checkpoint(cfg: Config) -> str:
 
 
 def _resumed(path: str, args: argparse.Namespace, overrides: list[str], auto: bool = False) -> Config:
-    """The checkpoint's config as the base; the run folder is the original run's unless --out is given.
+    """The checkpoint's config as the base; the run folder is the one holding the checkpoint's ckpt/
+    folder unless --out is given.
     With --resume auto, --config names the run's first base and is not an error (one requeue command)."""
     if args.config and not auto:
         raise ConfigError(
@@ -105,31 +107,49 @@ def _resumed(path: str, args: argparse.Namespace, overrides: list[str], auto: bo
     if args.preset and args.preset != cfg.preset:
         raise ConfigError(f"--preset {args.preset} does not match the checkpoint's preset {cfg.preset}")
     cfg.run.steps = 0  # the saved stop step does not carry over; pass --steps again to stop early
-    # Checkpoints record the absolute run folder; older ones only the config's (maybe empty) run.out.
-    cfg.run.out = state.get("run_dir") or cfg.run.out or str(Path(path).resolve().parent.parent)
+    # The run goes on in the folder that holds RUN/ckpt/FILE (a copied or moved run is its own), not
+    # in the one recorded inside, where it was written and which may be another run's now.
+    held = Path(path).resolve().parent
+    cfg.run.out = str(held.parent) if held.name == "ckpt" else ""
     cfg.run.resume = str(path)
-    return apply_overrides(cfg, overrides)
+    cfg = apply_overrides(cfg, overrides)
+    if not cfg.run.out:
+        raise ConfigError(
+            f"--resume {path} is not inside a run folder's ckpt/; pass --out DIR for the folder the "
+            "continued run writes to"
+        )
+    return cfg
 
 
 # --- help generated from the dataclass tree --------------------------------------------------------
 
 
 def _comments(cls: type) -> dict[str, str]:
-    """{field: the comment on its line} from the class source (the fields' documentation)."""
+    """{field: its description} from the class source: the comments inside the field's statement (on
+    its line, or inside a default that the formatter wrapped over several lines), else the block of
+    comment lines right above it. Wherever the formatter puts the comment, the field keeps it."""
     try:
-        source = inspect.getsource(cls)
+        source = textwrap.dedent(inspect.getsource(cls))
     except (OSError, TypeError):  # no source (a frozen build): help still lists types and defaults
         return {}
-    by_line = {
-        tok.start[0]: tok.string.lstrip("# ").strip()
+    comment = {
+        tok.start[0]: tok.string.lstrip("#").strip()
         for tok in tokenize.generate_tokens(io.StringIO(source).readline)
         if tok.type == tokenize.COMMENT
     }
+    lines = source.splitlines()
     out = {}
-    for number, line in enumerate(source.splitlines(), 1):
-        match = re.match(r"\s+(\w+)\s*:", line)
-        if match and number in by_line:
-            out[match.group(1)] = by_line[number]
+    for node in ast.parse(source).body[0].body:
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        inside = [comment[n] for n in range(node.lineno, node.end_lineno + 1) if n in comment]
+        above, n = [], node.lineno - 1
+        while n >= 1 and lines[n - 1].strip().startswith("#"):
+            above.insert(0, comment[n])
+            n -= 1
+        text = " ".join(inside or above)
+        if text:
+            out[node.target.id] = text
     return out
 
 

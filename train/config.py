@@ -30,10 +30,10 @@ class OptimConfig:
     name: str = "adamw"  # adamw (torch, fused on CUDA) | apex_adam | apex_lamb (apex when installed)
     base_lr: float = 1e-4  # lr = base_lr * global_batch / 256
     min_lr: float = 1e-6  # cosine floor
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.05  # AdamW weight decay (not on biases, norms, tokens)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's β1, β2
     epochs: float = 800.0  # the schedule's length; total steps = epochs * batches per epoch
-    warmup_epochs: float = 10.0
+    warmup_epochs: float = 10.0  # linear lr warm-up from 0 to the peak lr
     clip_grad: float = 3.0  # max global grad norm; 0 = off
     # The DINO recipes' schedules (train/schedules.py), off by default:
     lr_scaling: str = "linear"  # lr = base_lr * B / 256 | sqrt: base_lr * sqrt(B / 1024) (DINOv2)
