@@ -7,18 +7,15 @@ with lock_out(out):              # a second converter into out exits at once nam
 
 from __future__ import annotations
 
-import fcntl
 import multiprocessing
-import os
 import signal
-import socket
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.discover import LOCK
 from pipeline.errors import ConvertError
+from pipeline.folder_lock import hold
 
 
 @contextmanager
@@ -64,23 +61,15 @@ def worker_pool(workers: int):
             pool.terminate()
 
 
-@contextmanager
 def lock_out(out: Path):
-    """Hold an exclusive lock on out for the whole conversion: two converters into one folder delete
-    each other's unfinished shards and leave a dataset.json that fails --verify. The lock file
-    stays (removing it would let a third converter lock a new file while a second holds the old)."""
-    with open(os.open(out / LOCK, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = f.read().strip() or "a process that is starting"
-            raise ConvertError(
-                f"{out} is being written by another converter ({holder}); "
-                "wait for it to finish or choose another --out"
-            ) from None
-        f.truncate(0)
-        f.write(
-            f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n"
-        )
-        f.flush()
-        yield
+    """Hold an exclusive lock on out for the whole conversion (pipeline/folder_lock.py): two
+    converters into one folder delete each other's unfinished shards and leave a dataset.json that
+    fails --verify."""
+    return hold(
+        out,
+        LOCK,
+        lambda holder: ConvertError(
+            f"{out} is being written by another converter ({holder}); "
+            "wait for it to finish or choose another --out"
+        ),
+    )

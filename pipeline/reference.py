@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import io
 import random
+import signal
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -346,6 +347,15 @@ class _RankStreams(IterableDataset):
             yield batch
 
 
+def leave_stop_signals_to_the_parent(worker_id: int) -> None:
+    """A DataLoader worker ignores SIGTERM, SIGUSR1 and SIGINT: the main process decides when to stop
+    (the trainer checkpoints first) and shuts its workers down. torchrun's agent and Slurm signal the
+    whole process group; a worker that died of it (torch's own SIGTERM handler exits quietly) took
+    the main process down in the DataLoader before it could checkpoint."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _clean(e: DataError) -> str:
     # A DataLoader worker's exception comes back with the worker traceback in its message; keep the
     # last line, which is ours ("pipeline.errors.ShardError: shard ... is corrupt ...").
@@ -452,6 +462,7 @@ class ReferenceLoader:
             num_workers=workers,
             pin_memory=self.device.type == "cuda",
             prefetch_factor=2 if workers else None,
+            worker_init_fn=leave_stop_signals_to_the_parent,
         )
         it, error = iter(loader), None
         try:

@@ -20,6 +20,7 @@ itself, so under torchrun it must be sent to the workers only.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
@@ -50,7 +51,7 @@ from train.distributed import (
     unwrap,
 )
 from train.provenance import git_sha
-from train.runlog import RunLog, kernel_path, save_recon_grid  # noqa: F401 (re-exported)
+from train.runlog import RunLog, kernel_path, save_recon_grid, writing  # noqa: F401 (re-exported)
 from train.schedules import Schedules, scaled_param_groups
 
 
@@ -326,13 +327,17 @@ class Preempted(Exception):
 
 
 class PreemptionFlag:
-    """Catches SIGTERM and SIGUSR1 while training; `agreed(env)` is True on every rank at the same
-    step once any rank caught one (a MAX all-reduce), so all ranks checkpoint the same step."""
+    """Catches SIGTERM and SIGUSR1. During start-up (at_once, set by train/main.py before it parses
+    anything) a signal raises Preempted at once: there is nothing to save yet. From train() on it only
+    sets the flag: `agreed(env)` is True on every rank at the same step once any rank caught one, so
+    all ranks checkpoint the same step, and `by(env)` names the signal and the rank it was sent to."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
-    def __init__(self):
+    def __init__(self, at_once: bool = False):
         self.caught: int | None = None
+        self.at_once = at_once
+        self.signalled: tuple[int, int] | None = None  # (rank, signal) once agreed
         self.previous: dict = {}
 
     def __enter__(self):
@@ -347,13 +352,34 @@ class PreemptionFlag:
 
     def _catch(self, signum, frame) -> None:
         self.caught = signum
+        if self.at_once:
+            self.at_once = False
+            raise Preempted(
+                f"stopped by signal {signal.Signals(signum).name} during start-up, before any step; "
+                "nothing new to save: run the same command again (--resume auto continues from the "
+                "run's last checkpoint, if it has one)"
+            )
 
     def agreed(self, env: Env) -> bool:
         if env.world_size == 1:
-            return self.caught is not None
-        flag = torch.tensor([0 if self.caught is None else 1], device=env.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one int per step; the step itself syncs anyway
-        return bool(flag.item())
+            signals = [self.caught or 0]
+        else:
+            # Each rank fills its own slot (SUM): every rank learns who was signalled, and with what.
+            # A few ints per step; the step itself syncs anyway.
+            slots = torch.zeros(env.world_size, dtype=torch.int64, device=env.device)
+            slots[env.rank] = self.caught or 0
+            dist.all_reduce(slots)
+            signals = slots.tolist()
+        if not any(signals):
+            return False
+        rank = env.rank if self.caught else next(r for r, s in enumerate(signals) if s)
+        self.signalled = (rank, signals[rank])
+        return True
+
+    def by(self, env: Env) -> str:
+        """'signal SIGTERM', or 'signal SIGUSR1 to rank 1' on a rank that learnt it from the all-reduce."""
+        rank, signum = self.signalled or (env.rank, signal.SIGTERM)
+        return f"signal {signal.Signals(signum).name}" + (f" to rank {rank}" if rank != env.rank else "")
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -365,12 +391,23 @@ def run_dir_of(cfg: Config) -> Path:
 
 
 def train(
-    cfg: Config, model: nn.Module, optimizer, scheduler, loader, env: Env, resume_state: dict | None = None
+    cfg: Config,
+    model: nn.Module,
+    optimizer,
+    scheduler,
+    loader,
+    env: Env,
+    resume_state: dict | None = None,
+    preemption: PreemptionFlag | None = None,
 ) -> Path:
     """Run (or continue) the configured schedule; returns the run folder.
 
     Resumes from cfg.run.resume (resume_state: that file already read by checkpoint.read). Raises
-    Preempted after checkpointing when SIGTERM/SIGUSR1 arrived on any rank."""
+    Preempted after checkpointing when SIGTERM/SIGUSR1 arrived on any rank. preemption: the flag
+    train/main.py installed before start-up (None: train installs its own for its duration)."""
+    own_flag = preemption is None
+    preemption = PreemptionFlag() if own_flag else preemption
+    preemption.at_once = False  # from here a signal is answered by a checkpoint after its step
     method, run_dir = unwrap(model), run_dir_of(cfg)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -396,7 +433,7 @@ def train(
     amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
     log = RunLog(run_dir, cfg, env, step, stop)
     model.train()
-    with PreemptionFlag() as preemption:
+    with preemption if own_flag else contextlib.nullcontext():
         try:
             while step < stop:
                 if not resumed:
@@ -439,7 +476,7 @@ def train(
                         )
                     if preempted:
                         raise Preempted(
-                            f"stopped by signal {signal.Signals(preemption.caught or 15).name} "
+                            f"stopped by {preemption.by(env)} "
                             f"after step {step}; saved {saved or run_dir / 'ckpt'}; continue with "
                             f"--resume {run_dir / 'ckpt' / 'last.pt'} (or --out {run_dir} --resume auto)"
                         )
@@ -467,5 +504,6 @@ def train(
 def _copy(src: Path, dst: Path) -> None:
     if src.exists():
         tmp = dst.with_suffix(".tmp.png")
-        tmp.write_bytes(src.read_bytes())
-        os.replace(tmp, dst)
+        with writing(dst, "the reconstruction grid"):
+            tmp.write_bytes(src.read_bytes())
+            os.replace(tmp, dst)

@@ -11,6 +11,7 @@ error, 75 preempted (SIGTERM/SIGUSR1: a checkpoint was written; rerun with --res
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -26,7 +27,18 @@ from pipeline.errors import ConfigError, DataError, UserError, one_line
 from train.cli import parse_config
 from train.config import Config
 from train.distributed import unwrap, wrap_model
-from train.loop import Env, Preempted, build_optimizer, build_scheduler, seed_all, set_cpu_threads, train
+from train.loop import (
+    Env,
+    Preempted,
+    PreemptionFlag,
+    build_optimizer,
+    build_scheduler,
+    run_dir_of,
+    seed_all,
+    set_cpu_threads,
+    train,
+)
+from train.runlog import lock_run_folder
 
 __all__ = ["build", "init_distributed", "main", "parse_config", "resolve_data"]
 
@@ -119,6 +131,12 @@ def build(cfg: Config, env: Env):
 
 
 def main(argv: list[str]) -> int:
+    # First of all: a preemption signal during start-up exits 75 at once, not -15 (requeue wrappers).
+    with PreemptionFlag(at_once=True) as preemption, contextlib.ExitStack() as held:
+        return _main(argv, preemption, held)
+
+
+def _main(argv: list[str], preemption: PreemptionFlag, held: contextlib.ExitStack) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     where = f"[rank {os.environ.get('RANK', '0')}] " if world > 1 else ""
     if "TORCHELASTIC_RUN_ID" in os.environ:
@@ -126,10 +144,11 @@ def main(argv: list[str]) -> int:
     try:
         cfg = parse_config(argv)
         env = init_distributed(cfg.run.device, cfg.preset)
+        held.enter_context(lock_run_folder(run_dir_of(cfg), env))  # one training per run folder
         set_cpu_threads(cfg, env.device, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         resolve_data(cfg, env)
         model, optimizer, scheduler, loader = build(cfg, env)
-        run_dir = train(cfg, model, optimizer, scheduler, loader, env)
+        run_dir = train(cfg, model, optimizer, scheduler, loader, env, preemption=preemption)
     except Preempted as stop:
         print(f"preempted: {where}{stop}", file=sys.stderr, flush=True)
         code = stop.exit_code

@@ -1,29 +1,107 @@
 """What rank 0 writes into the run folder besides checkpoints: config.json with provenance,
 metrics.jsonl (and TensorBoard events with run.tensorboard=true), and the reconstruction grid.
 
-    log = RunLog(run_dir, cfg, env, start_step, stop_step)
+    with lock_run_folder(run_dir, env):   # one training per run folder; a second one is refused at once
+    log = RunLog(run_dir, cfg, env, start_step, stop_step)   # a resume drops metrics rows past its step
     log.step(step, epoch, lr, terms, step_s, data_s, write=True)   # a metrics.jsonl row, the progress bar
     save_recon_grid(method, batch, mean, std, run_dir / "recon.png")  # view 1 | view 2 | targets | preds | |diff|
+
+A write that fails mid-run (a full disk, a folder turned read-only) is one TrainingError line (`writing`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
 from model.diagnostics import difference_images
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, TrainingError
+from pipeline.folder_lock import hold
 from train.config import Config, to_dict
 from train.provenance import provenance
 
 if TYPE_CHECKING:
     from train.loop import Env
+
+RUN_LOCK = ".train.lock"  # flock'ed by the training that writes the folder; names its pid, host, start
+
+
+@contextlib.contextmanager
+def lock_run_folder(run_dir: Path, env: Env) -> Iterator[None]:
+    """Rank 0 holds run_dir's lock while the block runs (the converter's rule, pipeline/folder_lock.py):
+    two trainings into one folder would interleave their metrics and overwrite each other's
+    checkpoints. Collective: rank 0's refusal is every rank's error."""
+    with contextlib.ExitStack() as held:
+        error = None
+        if env.main:
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                held.enter_context(
+                    hold(run_dir, RUN_LOCK, lambda holder: ConfigError(_busy(run_dir, holder)))
+                )
+            except ConfigError as err:
+                error = str(err)
+            except OSError as err:
+                error = (
+                    f"cannot write the run folder {run_dir}: {err.strerror or err}; pass a writable --out DIR"
+                )
+        if env.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise ConfigError(error)
+        yield
+
+
+def _busy(run_dir: Path, holder: str) -> str:
+    return (
+        f"{run_dir} is being written by another training ({holder}); wait for it to end or pass "
+        "another --out (was the same job submitted twice?)"
+    )
+
+
+@contextlib.contextmanager
+def writing(path: Path, what: str) -> Iterator[None]:
+    """An OSError while writing path mid-run (a full disk, a folder turned read-only) -> one line."""
+    try:
+        yield
+    except OSError as err:
+        raise TrainingError(
+            f"cannot write {what} {path}: {err.strerror or err}; free some space or make the run folder "
+            "writable, then continue the run with --resume auto (its checkpoints so far are kept)"
+        ) from None
+
+
+def drop_rows_after(metrics: Path, step: int) -> None:
+    """A resumed run redoes the steps after its checkpoint: the earlier rows of those steps go, as
+    TensorBoard's purge_step drops their events; so does a row that a crash cut short."""
+    if not metrics.is_file():
+        return
+    lines = metrics.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if (_step_of(line) or step + 1) <= step]  # rows start at step 1
+    if len(kept) < len(lines):
+        tmp = metrics.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(metrics)
+
+
+def _step_of(line: str) -> int | None:
+    """A metrics row's step; None for a row cut short (no newline, not JSON)."""
+    try:
+        row = json.loads(line) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
+    return row.get("step") if isinstance(row, dict) and isinstance(row.get("step"), int) else None
 
 
 @torch.no_grad()
@@ -57,8 +135,9 @@ def save_recon_grid(method: nn.Module, batch, mean, std, path: Path | None, rows
     # (n, 3, Ht, Wt) x 2 + (n, K, ...) targets + (n, K', ...) predictions -> (n, 2 + K + K', 3, Ht, Wt)
     cells = torch.cat([torch.stack(views, 1), batch.targets[:n].float(), pred[:n].float()], 1)
     cells = torch.cat([(cells * s + m).clamp(0, 1), diff], 1)  # + (n, K', ...) differences
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
+    with writing(path, "the reconstruction grid"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(cells.flatten(0, 1).cpu(), path, nrow=cells.shape[1], padding=2, pad_value=1.0)
     return True
 
 
@@ -88,6 +167,8 @@ class RunLog:
                     f"cannot write the run folder {run_dir}: {err.strerror or err}; pass a writable --out DIR"
                 ) from None
             self.metrics = run_dir / "metrics.jsonl"
+            with writing(self.metrics, "the metrics log"):
+                drop_rows_after(self.metrics, start)
             if cfg.run.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
 
@@ -117,7 +198,8 @@ class RunLog:
                 "data_time_s": data_s,
                 "images_per_s": ips,
             }
-            with open(self.metrics, "a") as f:  # reopened per row: readable live, nothing lost on a crash
+            # reopened per row: readable live, nothing lost on a crash
+            with writing(self.metrics, "the metrics log"), open(self.metrics, "a") as f:
                 f.write(json.dumps(row) + "\n")
             if self.tb is not None:
                 for name, value in row.items():
@@ -133,8 +215,9 @@ class RunLog:
             self.choices = now
             self.meta["kernel_choices"] = now
             tmp = self.config_json.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
-            tmp.replace(self.config_json)
+            with writing(self.config_json, "the run's config"):
+                tmp.write_text(json.dumps(self.meta, indent=2) + "\n")
+                tmp.replace(self.config_json)
 
     def image(self, step: int, png: Path) -> None:
         """The recon grid just written, as a TensorBoard image."""

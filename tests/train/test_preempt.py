@@ -19,6 +19,8 @@ from train import checkpoint
 from train.loop import PREEMPTED_EXIT
 from train.main import main
 
+pytestmark = pytest.mark.integration  # every test here runs a whole training
+
 # 64 photos in batches of 32: 2 steps per epoch; 10 epochs = 20 steps, long enough to be stopped early.
 SMALL = [
     *cpu_args(),
@@ -90,22 +92,26 @@ def _rank_of(pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
-def test_sigterm_to_one_of_two_ranks_stops_both_at_the_same_step_and_resume_auto_matches(
+def test_sigusr1_to_one_of_two_ranks_stops_both_at_the_same_step_names_it_and_resume_auto_matches(
     tmp_path, demo_shards
 ):
+    """Rank 0 learns of the signal through the all-reduce: its line names the signal and the rank."""
     common = [*SMALL, "--data", str(demo_shards), "--optim.epochs=4"]  # 8 steps
     run, straight = tmp_path / "run", tmp_path / "straight"
     agent = start(MAIN, *common, "--out", str(run))
 
     def signal_rank_1() -> None:
         workers = _children(agent.pid)
-        os.kill(next(pid for pid in workers if _rank_of(pid) == 1), signal.SIGTERM)
+        os.kill(next(pid for pid in workers if _rank_of(pid) == 1), signal.SIGUSR1)
 
     when_training(run, signal_rank_1)
     _, err = agent.communicate(timeout=600)
     # torchrun itself exits 1 whenever a worker exits non-zero; its failure report carries the code.
     assert agent.returncode != 0 and re.search(r"exitcode\s*:\s*75", err), err[-3000:]
-    assert "preempted: [rank 1] stopped by signal SIGTERM" in err and "preempted: [rank 0]" in err
+    assert re.search(r"preempted: \[rank 1\] stopped by signal SIGUSR1 after step \d", err), err[-3000:]
+    assert re.search(r"preempted: \[rank 0\] stopped by signal SIGUSR1 to rank 1 after step \d", err), err[
+        -3000:
+    ]
     state = checkpoint.read(run / "ckpt" / "last.pt")
     assert 1 <= state["step"] < 8 and len(state["loader"]) == 2
     assert state["loader"][0]["batch"] == state["loader"][1]["batch"]  # both ranks stopped at one step
