@@ -32,7 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def photos(n: int, start: int = 0) -> list[Path]:
     """n of the embedded real photos (all classes mixed, as a camera roll would be)."""
-    return sorted(PHOTOS.glob("train/*/*.jpg"))[start : start + n]
+    chosen = sorted(PHOTOS.glob("train/*/*.jpg"))[start : start + n]
+    assert len(chosen) == n, f"the demo has no {n} photos from {start}"
+    return chosen
 
 
 def flat_folder(root: Path) -> dict:
@@ -123,7 +125,7 @@ def test_flat_folder_every_image_accounted_for(tmp_path, capsys):
 def test_nested_folder_every_image_accounted_for(tmp_path):
     want = nested_folder(tmp_path / "photos")
     out = tmp_path / "photos" / "shards"  # inside --src: never read as source
-    meta = cv.convert(tmp_path / "photos", out, shard_size=4, workers=2, quiet=True)
+    meta = cv.convert(tmp_path / "photos", out, shard_size=4, workers=1, quiet=True)
     check_accounted(want, out, meta)
     again = cv.convert(tmp_path / "photos", out, shard_size=4, workers=1, quiet=True)  # resumes: all kept
     assert again == meta
@@ -174,6 +176,29 @@ def test_labels_folders_on_a_flat_folder_is_one_line_naming_labels_none(tmp_path
     assert "no class folders" in err and "--labels none" in err
 
 
+def test_labels_none_keeps_train_and_val_as_splits(tmp_path, capsys):
+    src = tmp_path / "src"
+    class_tree(src / "train")
+    (src / "val").mkdir()
+    for photo in photos(3, 56):  # loose val images and no LOC_val_solution.csv
+        shutil.copy(photo, src / "val" / photo.name)
+    assert cv.main(["--src", str(src), "--out", str(tmp_path / "a"), "--workers", "1"]) == 1
+    err = capsys.readouterr().err  # auto: a train/val layout is labelled, and this one lacks its CSV
+    assert (
+        err.startswith("error: ")
+        and "LOC_val_solution.csv is missing; to convert it without labels, pass --labels none" in err
+    )
+    meta = cv.convert(src, tmp_path / "b", workers=1, quiet=True, labels="none")
+    assert meta["labeled"] is False and {s: v["count"] for s, v in meta["splits"].items()} == {
+        "train": 4,
+        "val": 3,
+    }
+    assert set(samples(tmp_path / "b")) == {
+        *(f"{c}/{p.stem}" for c in ("cat", "coffee") for p in (src / "train" / c).iterdir()),
+        *(p.stem for p in photos(3, 56)),
+    }
+
+
 def test_relabelling_into_the_same_out_is_refused(tmp_path):
     tree = class_tree(tmp_path / "tree")
     cv.convert(tree, tmp_path / "o", workers=1, quiet=True)
@@ -202,7 +227,7 @@ def loader_cfg(data_dir: Path, loader: str) -> DataConfig:
         loader=loader,
         img_size=16,
         batch_size=4,
-        workers=1,
+        workers=int(loader == "dali"),  # the reference in this process; DALI needs a thread
         shuffle_buffer=4,
         aug=PathConfig(transforms=("rotation",), k=1),
     )
