@@ -89,23 +89,34 @@ def test_loss_decreases_on_a_fixed_batch(name):
         assert last["loss/eq"] < 0.9 * first["loss/eq"], [h["loss/eq"] for h in history]
 
 
-@pytest.mark.parametrize("name", VARIANTS)
-def test_weights_trained_on_one_kernel_path_load_strictly_on_the_other(name, monkeypatch):
-    """A state_dict written under EQRECON_KERNELS=ref loads strictly into a model built under
-    triton/auto, and the same weights give the same loss there (run on the reference path here; the
-    kernels' own parity is tests/kernels/ and test_path_method_matches_between_triton_and_reference)."""
-    monkeypatch.setenv("EQRECON_KERNELS", "ref")
+# The variants whose decoder or reconstruction loss runs a kernel (vicreg and sie run none).
+KERNEL_VARIANTS = [name for name in VARIANTS if name not in ("vicreg", "sie")]
+
+
+@pytest.mark.parametrize("name", KERNEL_VARIANTS)
+def test_weights_trained_on_the_triton_path_load_strictly_into_a_reference_build(
+    name, monkeypatch, one_thread
+):
+    """One optimizer step through the Triton kernels (EQRECON_KERNELS=triton, interpreted on CPU), then
+    the weights load strictly into a model built under ref, where they give the loss the Triton path
+    gives: both paths share state_dict keys and semantics."""
+    monkeypatch.setenv("EQRECON_KERNELS", "triton")
     cfg, trained = _build(name, seed=0)
     batch = make_batch(cfg)
+    assert _backend.use_triton(batch.view1), "the Triton path would not run here"
+    torch.manual_seed(0)
+    trained(batch)["loss"].backward()
+    torch.optim.SGD(trained.parameters(), lr=0.05).step()
+    torch.manual_seed(1)  # the same mask draws (xattn's mask_ratio) for both forwards below
     with torch.no_grad():
-        want = trained(batch)["loss"]
-    for mode in ("triton", "auto"):
-        monkeypatch.setenv("EQRECON_KERNELS", mode)
-        _, other = _build(name, seed=1)  # other initial weights
-        other.load_state_dict(trained.state_dict(), strict=True)
-        monkeypatch.setenv("EQRECON_KERNELS", "ref")
-        with torch.no_grad():
-            assert torch.equal(other(batch)["loss"], want), mode
+        on_triton = trained(batch)["loss"]
+    monkeypatch.setenv("EQRECON_KERNELS", "ref")
+    _, other = _build(name, seed=1)  # other initial weights
+    other.load_state_dict(trained.state_dict(), strict=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        on_ref = other(batch)["loss"]
+    torch.testing.assert_close(on_ref, on_triton, rtol=1e-4, atol=1e-5)
 
 
 def triton_vs_reference() -> None:
