@@ -378,6 +378,7 @@ def test_cli_end_to_end(tree, tmp_path):
     assert "images/s" in ok.stdout and "skipped train/n01484850/empty.JPEG: empty file" in ok.stdout
 
 
+@pytest.mark.integration  # bench.synthetic's process pool (2 workers) must write the same files
 def test_bench_synthetic_jpegs_are_imagenet_sized_and_convert_as_they_are(tmp_path):
     """bench.synthetic, the benches' one generator: ImageNet's shapes and file sizes, the same files
     whatever the worker count, and baseline JPEGs the converter stores byte for byte."""

@@ -41,7 +41,7 @@ def _cfg(data_dir, loader: str, **kw) -> DataConfig:
         "loader": loader,
         "img_size": 16,
         "batch_size": 16,
-        "workers": 1,
+        "workers": int(loader == "dali"),  # the reference in this process (no worker); DALI needs a thread
         "shuffle_buffer": 16,
         "aug": PathConfig(transforms=("rotation",), k=0),
     }
