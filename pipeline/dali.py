@@ -27,7 +27,8 @@ skipping one; a state from another loader (no DALI checkpoint) replays the epoch
 
 Bad data is reported before it is read where possible: every shard and index listed in dataset.json
 must exist and agree, each tar's size is checked again before every epoch, and a sample that lacks its
-.jpg or .cls (which the reader skips) is an error, not a silent loss. Shards are read, not memory-mapped,
+.jpg or .cls (which the reader skips) is an error, not a silent loss; an unlabeled dataset (dataset.json
+"labeled": false) is read as .jpg alone, with label -1. Shards are read, not memory-mapped,
 so a shard damaged under a running reader is an error too, never SIGBUS. A decoding failure is traced to the damaged shard by checking this rank's shards against
 dataset.json.
 """
