@@ -54,6 +54,9 @@ class ModelConfig:
     dec_heads: int = 3  # xattn decoders: attention heads
     conv_width: int = 256  # conv decoder: channels after the linear layer (halved per x2 stage)
     lam: float = 1.0  # weight of the equivariant (reconstruction or SIE prediction) loss
+    grad_ratio: float = 0.0  # > 0: λ adapted so that diag/grad_ratio ‖∇λL_eq‖/‖∇L_inv‖ ≈ this; 0 = off
+    grad_ratio_every: int = 10  # the controller measures the ratio every N steps (1 forward + 2 backward)
+    lam_range: tuple[float, float] = (0.01, 1000.0)  # bounds of the adapted λ (model.lam is its start)
     norm_pix: bool = False  # per-patch normalised reconstruction targets
     recon_reduction: str = "mean"  # mean: per pixel; sum: per image, ‖û_k - u_k‖² as the path paper's Eq. 3
     mask_ratio: float = 0.0  # xattn: fraction of view-2 query tokens replaced by a mask token (Siamese MAE)

@@ -57,7 +57,7 @@ def grad_ratio(method: nn.Module, batch, out: dict | None = None) -> dict[str, f
     params = [p for p in method.encoder.parameters() if p.requires_grad]
     out = out if out is not None else method(batch)
     g_inv = torch.autograd.grad(out["loss/inv"], params, retain_graph=True, allow_unused=True)
-    eq = method.cfg.lam * out["loss/eq"]
+    eq = method.lam * out["loss/eq"]
     g_eq = torch.autograd.grad(eq, params, allow_unused=True) if eq.requires_grad else [None]
     n_inv, n_eq = _norm(g_inv), _norm(g_eq)
     return {
@@ -73,8 +73,8 @@ def _restore_buffers(method: nn.Module, saved: list[torch.Tensor]) -> None:
         buf.copy_(old)
 
 
-def diagnostics(method: nn.Module, batch) -> dict[str, float]:
-    """grad_ratio, plus recon_errors for methods that reconstruct; the model's mode is left as it was,
+def diagnostics(method: nn.Module, batch, recon: bool = True) -> dict[str, float]:
+    """grad_ratio, plus (recon) recon_errors for methods that reconstruct; the model's mode is left as it was,
     and so are its buffers: the DINO family's forward moves its teacher centres, which a diagnostic
     pass must not do (a run with diagnostics trains exactly as one without)."""
     saved = [b.detach().clone() for b in method.buffers()]
@@ -82,7 +82,7 @@ def diagnostics(method: nn.Module, batch) -> dict[str, float]:
         terms = grad_ratio(method, batch)
     finally:
         _restore_buffers(method, saved)
-    pred = method.reconstruct(batch)
+    pred = method.reconstruct(batch) if recon else None
     if pred is not None:
         terms.update(recon_errors(pred, method.targets(batch)))
     return terms

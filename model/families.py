@@ -116,6 +116,7 @@ class DinoFamily(nn.Module):
                 f"unknown equivariant part {equivariant!r}; choose from {', '.join(EQUIVARIANT)}"
             )
         self.cfg, self.family = cfg, family
+        self.lam = cfg.lam  # as VICReg.lam: the controller of model.grad_ratio moves it
         # The equivariant method owns the encoder and its decoder/predictor; its VICReg expander is
         # dropped (the family has its own head), so that no parameter is left without a gradient.
         # (VICReg is every method's base class.)
@@ -228,7 +229,7 @@ class DinoFamily(nn.Module):
         halves = [t.chunk(2) for t in student]
         o1, o2 = SplitOutput(*(h[0] for h in halves)), SplitOutput(*(h[1] for h in halves))
         out.update(self.eq.equivariance(batch, o1, o2))
-        out["loss"] = out["loss/inv"] + self.cfg.lam * out["loss/eq"]
+        out["loss"] = out["loss/inv"] + self.lam * out["loss/eq"]
         return out
 
     @torch.no_grad()

@@ -59,6 +59,8 @@ class VICReg(nn.Module):
     def __init__(self, cfg: ModelConfig, data: DataConfig):
         super().__init__()
         self.cfg = cfg
+        # λ, read at every forward: model.grad_ratio's controller (train/schedules.py) moves it in training.
+        self.lam = cfg.lam
         self.img_size = data.img_size
         self.encoder = SplitEncoder(cfg, data.img_size, all_invariant=self.all_invariant)
         self.expander = build_expander(self.encoder.d_inv, tuple(cfg.expander))
@@ -91,7 +93,7 @@ class VICReg(nn.Module):
         o1, o2 = self.encode(batch)
         out = self.invariance(o1, o2)
         out.update(self.equivariance(batch, o1, o2))
-        out["loss"] = out["loss/inv"] + self.cfg.lam * out["loss/eq"]
+        out["loss"] = out["loss/inv"] + self.lam * out["loss/eq"]
         return out
 
     @torch.no_grad()
@@ -169,7 +171,7 @@ class SIE(VICReg):
         out.update(
             {f"loss/{'eq' if k.startswith('pred') else 'inv'}.{k}": v.detach() for k, v in terms.items()}
         )
-        out["loss"] = inv + cfg.lam * eq
+        out["loss"] = inv + self.lam * eq
         return out
 
 

@@ -136,10 +136,15 @@ def total_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
     return max(1, round(cfg.epochs * steps_per_epoch))
 
 
+def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """Steps of the linear lr warm-up (at least one step of the schedule is left after it)."""
+    return min(round(cfg.warmup_epochs * steps_per_epoch), total_steps(cfg, steps_per_epoch) - 1)
+
+
 def lr_factor(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
     """Multiplier of the peak lr at a step: linear warm-up, then cosine down to min_lr."""
     total = total_steps(cfg, steps_per_epoch)
-    warmup = min(round(cfg.warmup_epochs * steps_per_epoch), total - 1)
+    warmup = warmup_steps(cfg, steps_per_epoch)
     floor = min(1.0, cfg.min_lr / peak_lr(cfg, global_batch))
 
     def factor(step: int) -> float:
@@ -247,6 +252,7 @@ def save_checkpoint(
     step: int,
     epoch: int,
     env: Env,
+    schedules: Schedules | None = None,
 ) -> Path | None:
     """Collective (every rank calls it); rank 0 writes ckpt/step-NNNNNN.pt (train/checkpoint.py).
 
@@ -265,6 +271,7 @@ def save_checkpoint(
             "epoch": epoch,
             "rng": rngs,
             "loader": positions,
+            "schedules": schedules.state_dict() if schedules is not None else {},  # the adapted λ
             "world_size": env.world_size,
             "config": to_dict(cfg),
             "run_dir": str(run_dir.resolve()),
@@ -306,6 +313,7 @@ def restore(
     unstepped = schedules.unstepped(unwrap(model), state["step"])
     load_optimizer_state_dict(model, optimizer, state["optimizer"], unstepped)
     scheduler.load_state_dict(state["scheduler"])
+    schedules.load_state_dict(state.get("schedules", {}))
     checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
     loader.load_state_dict(state["loader"][env.rank])
@@ -418,6 +426,11 @@ def train(
     total = total_steps(cfg.optim, steps_per_epoch)
     stop = min(total, cfg.run.steps) if cfg.run.steps else total
     schedules = Schedules(cfg, steps_per_epoch, total)
+    if schedules.lam.on and is_sharded(model):
+        raise ConfigError(
+            "--model.grad_ratio measures gradients with an extra backward that FSDP does not run; "
+            "use --dist.strategy=ddp or --model.grad_ratio=0 with a fixed --model.lam"
+        )
     step, epoch, resumed = 0, 0, bool(cfg.run.resume)
     if resumed:
         state = resume_state if resume_state is not None else checkpoint.read(cfg.run.resume)
@@ -431,7 +444,15 @@ def train(
             )
         seed_all(cfg.run.seed * 1000 + env.rank)  # per-rank streams (drop-path etc.); init was shared
     amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
-    log = RunLog(run_dir, cfg, env, step, stop)
+    as_run = {
+        "peak_lr": peak_lr(cfg.optim, cfg.data.batch_size),
+        "global_batch": cfg.data.batch_size,
+        "steps": total,
+        "epochs": cfg.optim.epochs,
+        "steps_per_epoch": steps_per_epoch,
+        "warmup_steps": warmup_steps(cfg.optim, steps_per_epoch),
+    }
+    log = RunLog(run_dir, cfg, env, step, stop, as_run)
     model.train()
     with preemption if own_flag else contextlib.nullcontext():
         try:
@@ -456,10 +477,13 @@ def train(
                     )
                     step, yielded = step + 1, yielded + 1
                     t_step = time.perf_counter() - t0
-                    if cfg.run.diagnostics and step % cfg.run.log_every == 0 and not is_sharded(model):
+                    logged = cfg.run.diagnostics and step % cfg.run.log_every == 0
+                    if (logged or schedules.lam.due(step)) and not is_sharded(model):
                         # Every rank (the SSL losses all-gather); rank 0 logs its own values.
                         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
-                            terms.update(diagnostics(method, batch))
+                            terms.update(diagnostics(method, batch, recon=logged))
+                        if schedules.lam.due(step):  # model.grad_ratio: λ for the next steps
+                            schedules.lam.update(terms["diag/grad.inv"], terms["diag/grad.eq"])
                     preempted = preemption.agreed(env) and step < stop  # at the last step: just finish
                     log.step(
                         step,
@@ -472,7 +496,7 @@ def train(
                     )
                     if step % cfg.run.ckpt_every == 0 or step == stop or preempted:
                         saved = save_checkpoint(
-                            run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env
+                            run_dir, cfg, model, optimizer, scheduler, loader, step, epoch, env, schedules
                         )
                     if preempted:
                         raise Preempted(

@@ -145,8 +145,20 @@ class RunLog:
     """Rank 0's progress bar, metrics.jsonl, config.json and (run.tensorboard) TensorBoard events;
     a no-op on other ranks."""
 
-    def __init__(self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int):
+    def __init__(
+        self, run_dir: Path, cfg: Config, env: Env, start: int, stop: int, as_run: dict | None = None
+    ):
+        """as_run: the schedule as it runs (peak_lr after scaling, steps, epochs, ...): into config.json
+        and the first line printed, so that a run's effective lr is never a guess from base_lr."""
         self.env, self.batch, self.tb = env, cfg.data.batch_size, None
+        if env.main and as_run:
+            print(
+                f"as run: peak lr {as_run['peak_lr']:.4g} ({cfg.optim.lr_scaling} scaling of base_lr "
+                f"{cfg.optim.base_lr:g} to batch {as_run['global_batch']}), {as_run['steps']} steps = "
+                f"{as_run['epochs']:g} epochs x {as_run['steps_per_epoch']} steps, warm-up "
+                f"{as_run['warmup_steps']} steps; this process runs steps {start + 1}..{stop}",
+                flush=True,
+            )
         if env.main:
             prov = provenance(env.device)
             meta = {
@@ -156,6 +168,7 @@ class RunLog:
                 "versions": prov["versions"],
                 "kernels": kernel_path(env.device),
                 "world_size": env.world_size,
+                "as_run": as_run or {},
                 "config": to_dict(cfg),
             }
             self.meta, self.config_json, self.choices = meta, run_dir / "config.json", {}

@@ -24,6 +24,11 @@ as a straight one without saving anything: the step is in the checkpoint.
   embedding, class/register tokens and the mask token are layer 0, block i is layer i + 1, everything
   else (final norm, heads, decoders) layer D + 1; a parameter's lr is scaled by decay^(D + 1 - layer),
   and the patch embedding's by optim.patch_embed_lr on top.
+- λ with model.grad_ratio = R > 0 (LamController): the one schedule that is not a function of the step.
+  Every model.grad_ratio_every steps the loop measures the backbone gradient norms of L_inv and λ·L_eq
+  (model/diagnostics.py); the controller keeps a moving average of log(‖∇L_eq‖/‖∇L_inv‖) per unit λ
+  and sets λ = R / exp(average), at most ×/÷ MAX_STEP per update, within model.lam_range. Its state
+  (three floats) is saved in the checkpoint, so a resumed run continues with the same λ bit for bit.
 """
 
 from __future__ import annotations
@@ -31,9 +36,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
+from model.config import ModelConfig
 from model.teacher import teacher_momentum
+from pipeline.errors import ConfigError
 from train.config import Config, OptimConfig
 
 # Names (the last components before the parameter name) that sit at layer 0, as DINOv2 lists them.
@@ -51,11 +59,87 @@ def warmup(start: float, end: float, step: int, steps: int) -> float:
     return end if step >= steps else start + (end - start) * step / steps
 
 
+class LamController:
+    """λ adapted so that the backbone gradient ratio ‖∇λL_eq‖/‖∇L_inv‖ tracks model.grad_ratio.
+
+    The measured ratio is linear in λ, so one measurement gives the unit ratio r = ratio / λ and the
+    λ that would have hit the target, R / r. r drifts slowly over training but is noisy from batch to
+    batch: an exponential moving average of log r (weight SMOOTH for the newest) smooths it, and each
+    update moves λ by at most a factor MAX_STEP, so one outlier batch cannot swing the loss weight."""
+
+    SMOOTH = 0.3
+    MAX_STEP = 2.0
+
+    def __init__(self, cfg: ModelConfig):
+        self.target, self.every, self.bounds = cfg.grad_ratio, cfg.grad_ratio_every, cfg.lam_range
+        if self.target < 0 or (self.target > 0 and self.every < 1):
+            raise ConfigError(
+                f"--model.grad_ratio={self.target} must be >= 0 (0 = off) and --model.grad_ratio_every="
+                f"{self.every} >= 1"
+            )
+        if self.target > 0 and not 0 < self.bounds[0] <= cfg.lam <= self.bounds[1]:
+            raise ConfigError(
+                f"--model.lam_range={self.bounds[0]},{self.bounds[1]} must be positive and hold the "
+                f"starting --model.lam={cfg.lam}"
+            )
+        if self.target > 0 and cfg.method == "vicreg":
+            raise ConfigError(
+                "--model.grad_ratio needs an equivariant part (model.method path, xattn or sie); "
+                "vicreg has no equivariant loss to weigh"
+            )
+        self.lam, self.log_unit, self.updates = float(cfg.lam), None, 0
+
+    @property
+    def on(self) -> bool:
+        return self.target > 0
+
+    def due(self, step: int) -> bool:
+        """Measure after step `step` (steps done, 1-based)?"""
+        return self.on and step % self.every == 0
+
+    def update(self, grad_inv: float, grad_eq: float) -> None:
+        """One measurement on this rank: ‖∇L_inv‖ and ‖∇λL_eq‖ at the current λ (diag/grad.inv,
+        diag/grad.eq). Ranks average log r, so every rank sets the same λ. A measurement with a
+        zero or non-finite norm (no equivariant gradient yet) leaves λ as it is."""
+        ok = grad_inv > 0 and grad_eq > 0 and math.isfinite(grad_inv) and math.isfinite(grad_eq)
+        log_unit = math.log(grad_eq / (self.lam * grad_inv)) if ok else 0.0
+        if dist.is_initialized():
+            both = torch.tensor([log_unit, float(ok)], dtype=torch.float64)
+            if dist.get_backend() == "nccl":
+                both = both.cuda()
+            dist.all_reduce(both)
+            ok = bool(both[1] == dist.get_world_size())
+            log_unit = float(both[0]) / dist.get_world_size()
+        if not ok:
+            return
+        prev = self.log_unit
+        self.log_unit = log_unit if prev is None else (1 - self.SMOOTH) * prev + self.SMOOTH * log_unit
+        wanted = self.target / math.exp(self.log_unit)
+        wanted = min(max(wanted, self.lam / self.MAX_STEP), self.lam * self.MAX_STEP)
+        self.lam = min(max(wanted, self.bounds[0]), self.bounds[1])
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"lam": self.lam, "log_unit": self.log_unit, "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam, self.log_unit, self.updates = state["lam"], state["log_unit"], state["updates"]
+
+
 class Schedules:
     """The schedules of one run: `steps_per_epoch` batches per epoch, the optimizer's total steps."""
 
     def __init__(self, cfg: Config, steps_per_epoch: int, total: int):
         self.cfg, self.steps_per_epoch, self.total = cfg, steps_per_epoch, total
+        self.lam = LamController(cfg.model)
+
+    def state_dict(self) -> dict:
+        """What a checkpoint keeps (the other schedules are functions of the step)."""
+        return {"lam": self.lam.state_dict()} if self.lam.on else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.lam.on and "lam" in state:
+            self.lam.load_state_dict(state["lam"])
 
     def weight_decay(self, step: int) -> float:
         o = self.cfg.optim
@@ -97,6 +181,8 @@ class Schedules:
     def logged(self, method: nn.Module, step: int) -> dict[str, float]:
         """The step's schedule values for metrics.jsonl (sched/*): weight decay; teacher ones for the DINO family."""
         out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
+        if self.lam.on:
+            out["sched/lam"] = self.lam.lam  # the λ this step trained with
         if hasattr(method, "update_teacher"):
             temp, patch = self.temperatures(step)
             out.update(
@@ -118,6 +204,8 @@ class Schedules:
                     group["weight_decay"] = wd
         if hasattr(method, "set_temperatures"):
             method.set_temperatures(*self.temperatures(step))
+        if self.lam.on:
+            method.lam = self.lam.lam
 
     def before_optimizer(self, method: nn.Module, step: int) -> None:
         """After clipping, before optimizer.step: while the prototype layer is frozen its gradients are
