@@ -550,6 +550,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{args.verify}: ok, {len(meta['shards'])} shards, "
                 + ", ".join(f"{s} {v['count']} samples" for s, v in meta["splits"].items())
+                + ("" if dataset_is_labeled(meta) else ", unlabeled")
             )
             return 0
         if not args.src or not args.out:

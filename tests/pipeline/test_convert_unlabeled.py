@@ -120,6 +120,8 @@ def test_flat_folder_every_image_accounted_for(tmp_path, capsys):
     )
     assert "train: 12 unlabeled samples in 3 shards, 1 skipped" in printed
     check_accounted(want, out, json.loads((out / "dataset.json").read_text()))
+    assert cv.main(["--verify", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"{out}: ok, 3 shards, train 12 samples, unlabeled"
 
 
 def test_nested_folder_every_image_accounted_for(tmp_path):
