@@ -37,12 +37,12 @@ def photos(n: int, start: int = 0) -> list[Path]:
     return chosen
 
 
-def flat_folder(root: Path) -> dict:
-    """root/*.jpg (real photos) plus a hidden file, a text file and a corrupt image ->
+def flat_folder(root: Path, n: int = 12) -> dict:
+    """root/*.jpg (n real photos) plus a hidden file, a text file and a corrupt image ->
     {"images": {rel: key}, "skipped": {rel: reason prefix}, "ignored": [rel]}."""
     root.mkdir(parents=True)
     images = {}
-    for photo in photos(12):
+    for photo in photos(n):
         shutil.copy(photo, root / photo.name)
         images[photo.name] = photo.stem
     (root / "broken.jpg").write_bytes(photos(1)[0].read_bytes()[:700])  # cut inside the scan data
@@ -264,8 +264,8 @@ def test_dali_loader_reads_jpg_alone_and_gives_label_minus_one(unlabeled_shards)
 @pytest.mark.integration
 def test_demo_training_and_export_on_an_unlabeled_folder(tmp_path):
     """The issue's "done when": convert a flat folder on the command line, train the demo preset on it
-    for 2 steps, export the backbone."""
-    flat_folder(tmp_path / "photos")
+    (its own batch of 16) for 2 steps, export the backbone."""
+    flat_folder(tmp_path / "photos", n=20)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
     def run(*argv: str) -> subprocess.CompletedProcess:
@@ -282,10 +282,12 @@ def test_demo_training_and_export_on_an_unlabeled_folder(tmp_path):
         return proc
 
     shards, runs = tmp_path / "shards", tmp_path / "run"
-    run("-m", "pipeline.convert", "--src", str(tmp_path / "photos"), "--out", str(shards), "--workers", "1")
+    converted = run("-m", "pipeline.convert", "--src", str(tmp_path / "photos"), "--out", str(shards))
+    assert "labels: none (auto: not a tree of class folders" in converted.stdout
+    assert "train: 20 unlabeled samples in 1 shards, 1 skipped" in converted.stdout
     run(
         "train/main.py",
-        *("--preset", "demo", "--device", "cpu", "--data.img_size=32", "--data.batch_size=4"),
+        *("--preset", "demo", "--device", "cpu", "--data.img_size=32"),
         *("--data", str(shards), "--out", str(runs), "--steps", "2"),
     )
     logged = [json.loads(line) for line in (runs / "metrics.jsonl").read_text().splitlines()]
