@@ -28,6 +28,7 @@ from pipeline.path import (
     affine_entries,
     blur_kernel_size,
     crop_box_pixels,
+    disc_mask,
     effective_sigma,
     g_ranges,
     path_steps,
@@ -231,14 +232,27 @@ def apply_g(u, theta, t: float, size: int, cfg: PathConfig, dev: str):
     return x
 
 
+def mask_disc(x, size: int, fill: float, dev: str):
+    """PathConfig.mask = disc: pixels outside the central disc (`path.disc_mask`) set to fill.
+    x: HWC [0, 1] at size×size; the mask is a constant (size, size, 3) 0/1 image, so the blend is exact."""
+    _, _, types = _fn()
+    inside = np.repeat(disc_mask(size).numpy().astype(np.float32)[:, :, None], 3, axis=2)
+    return x * types.Constant(inside, device=dev) + types.Constant(fill * (1.0 - inside), device=dev)
+
+
 def render(img, theta, H, W, cfg: DataConfig, dev: str):
     """Decoded image (HWC uint8 on dev) + θ -> (view1, view2, targets) normalised CHW; targets (K, 3, Ht, Wt)."""
     fn, _, types = _fn()
     aug = cfg.aug
     norm = {"mean": list(cfg.mean), "std": list(cfg.std), "output_layout": "CHW", "dtype": types.FLOAT}
-    view1 = fn.crop_mirror_normalize(crop_resize(img, theta, H, W, 1, cfg.img_size, dev), **norm)
+    disc = (lambda x, size: mask_disc(x, size, aug.fill, dev)) if aug.mask == "disc" else (lambda x, size: x)
+    view1 = fn.crop_mirror_normalize(
+        disc(crop_resize(img, theta, H, W, 1, cfg.img_size, dev), cfg.img_size), **norm
+    )
     u = crop_resize(img, theta, H, W, 2, cfg.img_size, dev)
-    view2 = fn.crop_mirror_normalize(apply_g(u, theta, 1.0, cfg.img_size, aug, dev), **norm)
+    view2 = fn.crop_mirror_normalize(
+        disc(apply_g(u, theta, 1.0, cfg.img_size, aug, dev), cfg.img_size), **norm
+    )
     if aug.k == 0:
         return view1, view2, None
     ts = cfg.out_target_size
@@ -246,7 +260,7 @@ def render(img, theta, H, W, cfg: DataConfig, dev: str):
     if ts != cfg.img_size:  # u itself resized, as the reference does (not a fresh crop of the source)
         u_t = fn.resize(u, size=[ts, ts], interp_type=types.INTERP_LINEAR, antialias=True)
     targets = [
-        fn.crop_mirror_normalize(apply_g(u_t, theta, float(t), ts, aug, dev), **norm)
+        fn.crop_mirror_normalize(disc(apply_g(u_t, theta, float(t), ts, aug, dev), ts), **norm)
         for t in path_steps(aug.k).tolist()
     ]
     return view1, view2, fn.stack(*targets, axis=0)

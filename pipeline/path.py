@@ -94,6 +94,7 @@ FAMILY_FIELDS = {
     "crop": ("crop2_y0", "crop2_x0", "crop2_h", "crop2_w"),
     "flip": ("flip2",),
 }
+MASKS = ("none", "disc")  # PathConfig.mask
 CROP_TRIES = 10  # torchvision's RandomResizedCrop draws this many (scale, ratio) pairs before its fallback
 BLUR_MIN_SIGMA = 0.1  # σ below this is identity (no blur)
 
@@ -114,6 +115,9 @@ class PathConfig:
     ref_size: int = 224  # resolution at which translate_px and blur_sigma are expressed
     k: int = 2  # number of intermediate targets
     fill: float = 0.0  # value (in [0, 1] pixel space, before normalisation) outside the warped image
+    # none | disc: also every pixel outside the central disc set to `fill`, in view 1, view 2 and every
+    # target, so that the corners (where a rotation's fill shows) tell nothing about θ (`disc_mask`)
+    mask: str = "none"
     crop_scale: tuple[float, float] = (0.2, 1.0)  # A1/A2 random-resized-crop area fraction
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)  # A1/A2 aspect ratio range (w/h, in pixels)
     flip_p: float = 0.5  # A1/A2 horizontal flip probability
@@ -133,9 +137,21 @@ def active_families(cfg: PathConfig) -> tuple[str, ...]:
     return tuple(f for f in FAMILIES if f in names)
 
 
+def disc_mask(size: int) -> torch.Tensor:
+    """(size, size) bool: pixel centres inside the disc of radius size/2 about the image centre. A
+    rotation about the centre maps the disc onto itself, so with everything outside it filled
+    (PathConfig.mask = disc) only the content inside can tell the angle."""
+    c = torch.arange(size, dtype=torch.float32) + 0.5 - size / 2
+    return c[:, None] ** 2 + c[None, :] ** 2 <= (size / 2) ** 2
+
+
 def validate(cfg: PathConfig) -> None:
     """Raise a one-line ValueError for an inconsistent path config."""
     active_families(cfg)
+    if cfg.mask not in MASKS:
+        raise ConfigError(f"path.mask {cfg.mask!r}: choose from {', '.join(MASKS)}")
+    if not 0 <= cfg.fill <= 1:
+        raise ConfigError(f"path.fill must be in [0, 1] (pixel space, before normalisation), got {cfg.fill}")
     if cfg.k < 0:
         raise ConfigError(f"path.k must be >= 0, got {cfg.k}")
     lo, hi = cfg.blur_sigma

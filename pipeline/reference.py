@@ -53,6 +53,7 @@ from pipeline.path import (
     affine_matrix,
     blur_kernel_size,
     crop_box_pixels,
+    disc_mask,
     effective_sigma,
     path_thetas,
     sample_theta,
@@ -202,7 +203,14 @@ def make_views(
         targets = apply_g(u.expand(K, -1, -1, -1), path_thetas(theta[None], K)[0], cfg.aug)
     else:
         targets = u.new_zeros(0, 3, T, T)
+    if cfg.aug.mask == "disc":  # the same disc on every image of the sample (path.disc_mask)
+        view1, view2, targets = (mask_disc(x, cfg.aug.fill) for x in (view1, view2, targets))
     return normalize(view1, cfg), normalize(view2, cfg), normalize(targets, cfg)
+
+
+def mask_disc(x: torch.Tensor, fill: float) -> torch.Tensor:
+    """(..., H, W) square images in [0, 1] -> the same with every pixel outside the central disc = fill."""
+    return torch.where(disc_mask(x.shape[-1]).to(x.device), x, torch.full_like(x, fill))
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from pipeline.path import (
     affine_matrix,
     blur_kernel_size,
     crop_box_pixels,
+    disc_mask,
     effective_sigma,
     g_ranges,
     interpolate,
@@ -119,6 +120,8 @@ def test_sampling_is_deterministic_by_seed():
         ({"k": -1}, "path.k"),
         ({"brightness": 1.2}, "brightness"),
         ({"blur_sigma": (2.0, 0.1)}, "blur_sigma"),
+        ({"mask": "circle"}, "path.mask 'circle': choose from none, disc"),
+        ({"fill": 2.0}, r"path.fill must be in \[0, 1\]"),
     ],
 )
 def test_bad_path_config_is_a_one_line_error(bad, match):
@@ -280,3 +283,73 @@ def test_g_ranges_and_theta_scale_come_from_one_table():
 def test_crop_box_pixels_clamps_any_box_inside_the_image():
     assert crop_box_pixels([0.25, 0.5, 0.5, 0.25], (100, 80)) == (25, 40, 50, 20)
     assert crop_box_pixels([0.999, 1.2, 0.9, 0.0], (10, 10)) == (9, 9, 1, 1)  # past the edge: 1 px inside
+
+
+# --- training without the corner shortcut (PathConfig.mask = disc) -------------------------------------
+
+
+def _sample_views(mask: str, seed: int = 5):
+    cfg = DataConfig(
+        img_size=40, target_size=24, aug=PathConfig(transforms=("rotation",), mask=mask, fill=0.5)
+    )
+    with Image.open(PHOTOS / "train" / "cat" / "cat_train_00.jpg") as im:
+        img = F.pil_to_tensor(im.convert("RGB"))
+    theta = sample_theta(
+        cfg.aug, torch.tensor([img.shape[-2:]], dtype=torch.float64), torch.Generator().manual_seed(seed)
+    )[0]
+    theta[IDX["rot_deg"]] = 40.0  # far enough that the black-free corners would show the fill
+    return cfg, [
+        x * torch.tensor(cfg.std).view(3, 1, 1) + torch.tensor(cfg.mean).view(3, 1, 1)
+        for x in make_views(img, theta, cfg)
+    ]
+
+
+def test_disc_mask_fills_outside_the_disc_in_both_views_and_every_target():
+    _, plain = _sample_views("none")
+    _, masked = _sample_views("disc")
+    for name, a, b in zip(("view1", "view2", "targets"), plain, masked):
+        inside = disc_mask(a.shape[-1])
+        assert inside.float().mean() == pytest.approx(math.pi / 4, abs=0.03), name
+        assert torch.allclose(b[..., ~inside], torch.full_like(b[..., ~inside], 0.5), atol=1e-6), name
+        torch.testing.assert_close(b[..., inside], a[..., inside], atol=1e-6, rtol=0, msg=name)
+    # the corners of the unmasked view 2 are the rotation's fill; the masked one has none left to read
+    corner = ~disc_mask(40)
+    assert not torch.allclose(plain[1][..., corner], masked[1][..., corner])
+
+
+def test_disc_mask_is_the_same_in_dali_and_the_reference():
+    """DALI <-> reference parity with mask=disc (rotation, random crops and flips): the disc and fill
+    agree exactly outside, the images within the view parity tolerance of tests/pipeline/test_dali.py."""
+    from pipeline import dali_available
+
+    if not dali_available():
+        pytest.skip("NVIDIA DALI is not installed")
+    from pipeline.dali import render_batch
+    from pipeline.reference import decode
+
+    cfg = DataConfig(
+        img_size=48,
+        target_size=32,
+        aug=PathConfig(transforms=("rotation", "translation"), mask="disc", fill=0.5),
+    )
+    files = sorted(PHOTOS.glob("train/*/*_00.jpg"))[:6]
+    images = [decode(f.read_bytes(), f.name) for f in files]
+    sizes = torch.tensor([im.shape[-2:] for im in images], dtype=torch.float64)
+    theta = sample_theta(cfg.aug, sizes, torch.Generator().manual_seed(11))
+    dali = render_batch(images, theta, cfg, "cpu", None)
+    refs = [make_views(im, th, cfg) for im, th in zip(images, theta)]
+    ref = [torch.stack([r[i] for r in refs]) for i in range(3)]
+    mean, std = torch.tensor(cfg.mean).view(3, 1, 1), torch.tensor(cfg.std).view(3, 1, 1)
+    for name, a, b in zip(("view1", "view2", "targets"), dali, ref):
+        a, b = a * std + mean, b * std + mean  # [0, 1] pixels
+        assert a.shape == b.shape, name
+        inside = disc_mask(a.shape[-1])
+        outside_a, outside_b = a[..., ~inside], b[..., ~inside]
+        assert torch.allclose(outside_a, torch.full_like(outside_a, 0.5), atol=1e-5), name
+        assert torch.allclose(outside_b, torch.full_like(outside_b, 0.5), atol=1e-5), name
+        diff = (a - b).abs()[..., inside]
+        assert float(diff.mean()) <= 2e-3 and float(diff.max()) <= 0.1, (
+            name,
+            float(diff.mean()),
+            float(diff.max()),
+        )
