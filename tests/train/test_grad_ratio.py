@@ -140,3 +140,15 @@ def test_stop_and_resume_with_grad_ratio_is_bit_identical(tmp_path, demo_shards)
     la = {r["step"]: r["sched/lam"] for r in _rows(straight)}
     lb = {r["step"]: r["sched/lam"] for r in _rows(split)}
     assert la == lb and len(set(la.values())) > 2
+
+
+def test_balanced_presets_and_their_paper_variants():
+    from train.config import PRESETS, load_config
+
+    for name in ("demo", "demo-xattn", "demo-xattn-path", "vits16-path", "vits16-xattn", "vits16-xattn-path"):
+        assert load_config(name).model.grad_ratio == 1.0, name
+    for name in ("demo-paper", "vits16-path-paper", "vits16-xattn-paper"):
+        cfg = load_config(name)
+        assert cfg.model.grad_ratio == 0.0 and cfg.model.lam == 1.0, name
+        assert load_config(name.removesuffix("-paper")).model.method == cfg.model.method
+    assert {"demo-paper", "vits16-path-paper", "vits16-xattn-paper"} <= set(PRESETS)
