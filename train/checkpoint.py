@@ -9,22 +9,30 @@ types only):
     rng         one dict per rank: python (random.getstate()), numpy (MT19937 key as an int64 tensor),
                 torch, cuda
     loader      one loader.state_dict() per rank
-    config      the resolved config (train.config.to_dict); run_dir: the absolute run folder
+    config      the resolved config (train.config.to_dict); run_dir: the absolute run folder it was
+                written in (a record only: a resume continues in the folder that now holds the file)
     git_sha
+    checksum    "sha256:<hex>" of everything above (`digest`), added last by `save`, checked by `read`
 
 Checkpoints written before the format key existed hold numpy's RNG tuple (an ndarray): they still
 resume, read with numpy's array types allowed in the unpickler (nothing else is).
 
 `save` writes `ckpt/step-NNNNNN.pt` through a temporary file, fsyncs and renames it, then points
 `ckpt/last.pt` at it: a crash or a full disk at any moment leaves the previous checkpoint loadable.
-`read` and `check_architecture` raise CheckpointError with one line naming the file and what is wrong.
+Step files are ordered by the step their name holds, never by the name (from step 1,000,000 the name
+has seven digits and sorts before `step-999000.pt` as text). `read` verifies the checksum, so a file
+whose bytes changed after the write (a bad disk, a partial copy) is refused as damaged even when its
+zip structure is intact. `read`, `check_architecture` and `check_param_groups` raise CheckpointError
+with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 import random
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -39,6 +47,7 @@ FORMAT = "eqrecon-train-checkpoint"
 FORMAT_VERSION = 1
 # What a checkpoint from before the format key holds; enough to tell it from someone else's file.
 LEGACY_KEYS = {"model", "optimizer", "scheduler", "step", "epoch", "rng", "loader", "world_size", "config"}
+STEP_FILE = re.compile(r"step-(\d+)\.pt")  # ckpt/step-NNNNNN.pt: at least six digits, more past 999,999
 
 
 # --- RNG states as tensors and plain types ---------------------------------------------------------
@@ -83,20 +92,64 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+# --- the checksum ---------------------------------------------------------------------------------
+
+
+def digest(state: dict) -> str:
+    """ "sha256:<hex>" of a checkpoint's contents: every tensor's dtype, shape and bytes and every other
+    value's type and repr, in the (pickle-preserved) order of the dicts and lists that hold them."""
+    h = hashlib.sha256()
+    _feed(h, state)
+    return f"sha256:{h.hexdigest()}"
+
+
+def _feed(h, value) -> None:
+    if isinstance(value, torch.Tensor):
+        t = value.detach().cpu().contiguous()
+        h.update(f"tensor {t.dtype} {tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())  # the raw bytes, any dtype (bf16 too)
+    elif isinstance(value, dict):
+        h.update(f"dict {len(value)};".encode())
+        for key, item in value.items():
+            _feed(h, key)
+            _feed(h, item)
+    elif isinstance(value, (list, tuple)):
+        h.update(f"{type(value).__name__} {len(value)};".encode())
+        for item in value:
+            _feed(h, item)
+    else:  # str, int, float (repr round-trips exactly), bool, None
+        h.update(f"{type(value).__name__} {value!r};".encode())
+
+
 # --- writing --------------------------------------------------------------------------------------
 
 
+def step_files(ckpt_dir: Path) -> list[tuple[int, Path]]:
+    """ckpt_dir's step files as (step, path), oldest first, ordered by the step their name holds."""
+    found = ((STEP_FILE.fullmatch(p.name), p) for p in ckpt_dir.glob("step-*.pt"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
 def save(ckpt_dir: Path, state: dict, step: int, keep: int) -> Path:
-    """Write ckpt_dir/step-NNNNNN.pt atomically, point last.pt at it, keep the newest `keep` step files.
+    """Write ckpt_dir/step-NNNNNN.pt atomically, point last.pt at it, keep `keep` step files: this
+    one and the newest older ones. Step files past `step` are removed: they belong to the schedule a
+    resume from an older checkpoint abandoned, and `--resume auto` must not return to them. Temporary
+    files that a killed write left behind are removed before writing.
 
     An OSError (full disk, read-only folder, quota) becomes a CheckpointError naming the path; the
     temporary file is removed and last.pt still points at the previous, complete checkpoint.
     """
     state = {"format": FORMAT, "version": FORMAT_VERSION, **state}
+    state["checksum"] = digest(state)  # last: `read` hashes everything before it
     path = ckpt_dir / f"step-{step:06d}.pt"
     tmp = None
     try:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
+        # Only rank 0 of the run that holds the folder writes here, and a failed write removes its
+        # own: any such file is a killed write's (kill -9 mid-save), checkpoint-sized, never reused.
+        for stale in ckpt_dir.glob(".step-*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
         fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{path.name}.", suffix=".tmp")
         # Through a Python file object: torch.save on a path reports a full disk as an opaque
         # "enforce fail" RuntimeError, on a file object as the OSError it is.
@@ -110,7 +163,9 @@ def save(ckpt_dir: Path, state: dict, step: int, keep: int) -> Path:
         link.unlink(missing_ok=True)
         link.symlink_to(path.name)
         os.replace(link, ckpt_dir / "last.pt")
-        for old in sorted(ckpt_dir.glob("step-*.pt"))[: -max(1, keep)]:
+        older = [p for s, p in step_files(ckpt_dir) if s < step]
+        later = [p for s, p in step_files(ckpt_dir) if s > step]
+        for old in later + older[: max(0, len(older) - (max(1, keep) - 1))]:
             old.unlink()
     except OSError as err:
         if tmp is not None:
@@ -147,8 +202,9 @@ def _numpy_globals() -> list:
 
 def read(path: str | Path, flag: str = "--resume") -> dict:
     """Load and check a training checkpoint (on the CPU, memory-mapped); CheckpointError when it is
-    missing, empty, truncated, not a torch file, or not eqrecon's. `flag` names the option the path came
-    from in the messages ("" for none)."""
+    missing, empty, truncated, unreadable, not a torch file, not eqrecon's, or damaged (its contents
+    differ from the checksum recorded at the write). `flag` names the option the path came from in the
+    messages ("" for none)."""
     path = Path(path)
     where = f"{flag} {path}" if flag else str(path)
     if not path.is_file():
@@ -163,9 +219,10 @@ def read(path: str | Path, flag: str = "--resume") -> dict:
             # types only, so a foreign pickle still cannot run code.
             with torch.serialization.safe_globals(_numpy_globals()):
                 state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        # torch reports a truncated zip as RuntimeError ("failed finding central directory") and a
-        # foreign pickle as UnpicklingError; either way the file is not a checkpoint we can resume.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
+        # torch reports a truncated zip as RuntimeError ("failed finding central directory"), or, cut
+        # inside its first records, as OSError (EINVAL), and a foreign pickle as UnpicklingError;
+        # either way the file is not a checkpoint we can resume.
         why = " ".join(str(err).split())[:200]
         raise CheckpointError(
             f"{where}: not a readable training checkpoint, truncated or not written by eqrecon ({why})"
@@ -182,13 +239,21 @@ def read(path: str | Path, flag: str = "--resume") -> dict:
             f"{where}: checkpoint format version {state['version']} is newer than "
             f"this eqrecon reads ({FORMAT_VERSION}); update eqrecon"
         )
+    if "checksum" in state:  # checkpoints from before the checksum have none to check
+        recorded = state["checksum"]
+        if digest({k: v for k, v in state.items() if k != "checksum"}) != recorded:
+            raise CheckpointError(
+                f"{where}: damaged: its contents differ from the checksum recorded when it was written "
+                "(bytes changed on disk or in a copy); resume from an older checkpoint of the run "
+                "(--resume auto skips damaged ones)"
+            )
     return state
 
 
 def newest(run_dir: Path) -> tuple[Path, dict] | None:
     """The newest readable ckpt/step-*.pt of a run folder with its contents, for `--resume auto`;
     unreadable ones are skipped with a warning. None when the folder holds none."""
-    for path in sorted((run_dir / "ckpt").glob("step-*.pt"), reverse=True):
+    for _, path in reversed(step_files(run_dir / "ckpt")):
         try:
             return path, read(path)
         except CheckpointError as err:
@@ -220,3 +285,72 @@ def check_architecture(state: dict, model: nn.Module, path: str | Path) -> None:
             f"--resume {path}: the checkpoint has {extra}, which this config's model lacks "
             f"(a different architecture){hint}"
         )
+
+
+# --- optimizer settings: the command's config, applied after the checkpoint's state ---------------
+
+
+def check_param_groups(state: dict, method: nn.Module, optimizer, path: str | Path) -> None:
+    """CheckpointError when this config groups the parameters into optimizer groups other than the
+    checkpoint's (--optim.layer_decay / --optim.patch_embed_lr decide the grouping): the saved
+    per-group state cannot be put back then. Checkpoints that number their parameters are left to the
+    loader, which counts them."""
+    saved = state["optimizer"].get("param_groups", [])
+    if any(not isinstance(p, str) for g in saved for p in g["params"]):
+        return
+    name_of = {id(p): n for n, p in method.named_parameters()}
+    built = [sorted(name_of[id(p)] for p in g["params"]) for g in optimizer.param_groups]
+    if built != [sorted(g["params"]) for g in saved]:
+        raise CheckpointError(
+            f"--resume {path}: this config puts the parameters into {len(built)} optimizer groups other "
+            f"than the checkpoint's {len(saved)} (--optim.layer_decay and --optim.patch_embed_lr decide "
+            "the grouping); resume with the checkpoint's values of those two"
+        )
+
+
+def optimizer_settings(optimizer, scheduler) -> tuple[list[dict], list[float]]:
+    """What the command's config built, before a checkpoint replaces it: each param group's settings
+    (betas, weight decay, ...; not its parameters) and the scheduler's peak lrs."""
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return groups, list(scheduler.base_lrs)
+
+
+def apply_settings(optimizer, scheduler, settings: tuple[list[dict], list[float]]) -> None:
+    """Put optimizer_settings' values back after loading a checkpoint, keeping its moments and step,
+    and set each group's lr to the config's schedule at the restored step (what a run started with
+    this config has there). With the checkpoint's own config every value is the one it restored."""
+    groups, base_lrs = settings
+    scheduler.base_lrs = list(base_lrs)
+    # LambdaLR's rule: lr = base_lr * factor(last_epoch), with the config's factor (lr_lambdas are
+    # never saved, so they are already this config's: epochs, warm-up, min_lr).
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(base_lrs, scheduler.lr_lambdas)]
+    for group, built, base, lr in zip(optimizer.param_groups, groups, base_lrs, lrs):
+        group.update({k: v for k, v in built.items() if k not in ("lr", "initial_lr")})
+        group["initial_lr"], group["lr"] = base, lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
+
+
+def optimizer_overrides(saved: dict, current: dict) -> list[str]:
+    """The optim.* settings in which this command differs from the run that wrote the checkpoint, as
+    "--optim.base_lr=0.003 (was 0.005)"; ConfigError for optim.name, whose state cannot carry over."""
+
+    def shown(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+    def plain(value):  # a saved tuple may come back as a list, an integral float as an int
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return float(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+    changed = [
+        (key, saved[key], value)
+        for key, value in current.items()
+        if key in saved and plain(saved[key]) != plain(value)
+    ]
+    for key, old, new in changed:
+        if key == "name":
+            raise CheckpointError(
+                f"--optim.name={new}: the checkpoint's optimizer state is {old}'s; a resumed run keeps "
+                f"its optimizer (drop --optim.name or start a new run)"
+            )
+    return [f"--optim.{key}={shown(new)} (was {shown(old)})" for key, old, new in changed]

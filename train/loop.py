@@ -302,17 +302,32 @@ def restore(
     schedules: Schedules,
 ) -> tuple[int, int]:
     """Put a checkpoint read by checkpoint.read back into place; returns (step, epoch).
-    Everything is checked (ranks, architecture) before anything is changed."""
+    Everything is checked (ranks, architecture, optimizer groups) before anything is changed.
+    The optimizer settings are this command's config (its --optim.* overrides, as DINOv2 recomputes
+    its schedules from the config), applied after the checkpoint's moments and step; one line names
+    the overrides."""
     if state["world_size"] != env.world_size:
         raise CheckpointError(
             f"--resume {path} was written by {state['world_size']} ranks but this run has "
             f"{env.world_size}: resume with --nproc_per_node={state['world_size']}"
         )
     checkpoint.check_architecture(state, unwrap(model), path)
+    checkpoint.check_param_groups(state, unwrap(model), optimizer, path)
+    overrides = checkpoint.optimizer_overrides(
+        state["config"].get("optim", {}), to_dict(schedules.cfg)["optim"]
+    )
+    built = checkpoint.optimizer_settings(optimizer, scheduler)
     load_model_state_dict(model, state["model"], where=str(path))  # collectives; each rank keeps its shard
     unstepped = schedules.unstepped(unwrap(model), state["step"])
     load_optimizer_state_dict(model, optimizer, state["optimizer"], unstepped)
     scheduler.load_state_dict(state["scheduler"])
+    checkpoint.apply_settings(optimizer, scheduler, built)
+    if overrides and env.main:
+        print(
+            f"--resume {path}: from step {state['step'] + 1} on {', '.join(overrides)} "
+            "(the optimizer's moments and step come from the checkpoint)",
+            flush=True,
+        )
     schedules.load_state_dict(state.get("schedules", {}))
     checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
@@ -394,7 +409,7 @@ class PreemptionFlag:
 
 
 def run_dir_of(cfg: Config) -> Path:
-    """The run folder: run.out (train/cli.py sets it to the original run's folder on --resume)."""
+    """The run folder: run.out (on --resume train/cli.py sets it to the folder holding RUN/ckpt/)."""
     return Path(cfg.run.out or f"runs/{cfg.preset}")
 
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from launch import cpu_args
 
 from train.main import main
+
+pytestmark = pytest.mark.integration  # every test here runs a training
 
 # 64 demo photos in batches of 32: 2 steps per epoch; a 3-epoch schedule, stopped at step 3 (mid-epoch,
 # mid-cosine), so the resume must restore the loader position, the schedule and the optimizer moments.
