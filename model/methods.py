@@ -261,18 +261,3 @@ def theta_scale(aug: PathConfig) -> torch.Tensor:
     from pipeline.path import theta_scale as path_theta_scale  # the one owner of the θ ranges
 
     return path_theta_scale(aug)
-
-
-def build_method(cfg: ModelConfig, data: DataConfig) -> nn.Module:
-    """The configured method, with its encoder at data.img_size and K = data.aug.k: model.method alone
-    (family vicreg), or the DINO family model.family with model.method as its equivariant part."""
-    if cfg.method not in METHODS:
-        raise ConfigError(f"unknown model.method {cfg.method!r}; choose from {', '.join(METHODS)}")
-    if cfg.family == "vicreg":
-        return METHODS[cfg.method](cfg, data)
-    import dataclasses
-
-    from model.families import DinoFamily  # it builds on this module's methods
-
-    equivariant = "none" if cfg.method == "vicreg" else cfg.method
-    return DinoFamily(cfg, data, dataclasses.replace(cfg.dino, family=cfg.family), equivariant=equivariant)
