@@ -72,20 +72,71 @@ def _triton():
     return _xattn_triton
 
 
-class _CrossAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        out, lse = _triton().forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        return out
+# The Triton path is two torch.library custom ops (forward and backward, each with a fake that gives
+# its output shapes), with the backward registered as the forward's autograd formula. torch.compile
+# then keeps each kernel in its graph as one opaque node (dynamo cannot trace a Triton launcher, least
+# of all the interpreter or the autotuner) and AOTAutograd puts the backward op in the backward graph.
+# In eager mode they run exactly what an autograd.Function would: the same launchers, the same saves.
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-        dq, dk, dv = _triton().backward(q, k, v, out, lse, dout, ctx.scale, need_dkdv)
-        return dq, dk, dv, None
+
+@torch.library.custom_op("eqrecon::cross_attention", mutates_args=())
+def _xattn_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out (B, H, Nq, D) in q's dtype, lse (B·H, Nq) fp32, log2 units)."""
+    return _triton().forward(q, k, v, scale)
+
+
+@_xattn_op.register_fake
+def _(q, k, v, scale):
+    b, h, n_q, d = q.shape
+    return q.new_empty((b, h, n_q, d)), q.new_empty((b * h, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("eqrecon::cross_attention_backward", mutates_args=())
+def _xattn_backward_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    dout: torch.Tensor,
+    scale: float,
+    need_dkdv: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv); dk and dv are empty (0,) tensors when need_dkdv is False (an op returns tensors)."""
+    dq, dk, dv = _triton().backward(q, k, v, out, lse, dout, scale, need_dkdv)
+    return (dq, dk, dv) if need_dkdv else (dq, q.new_empty(0), q.new_empty(0))
+
+
+@_xattn_backward_op.register_fake
+def _(q, k, v, out, lse, dout, scale, need_dkdv):
+    if not need_dkdv:
+        return torch.empty_like(q), q.new_empty(0), q.new_empty(0)
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _xattn_setup(ctx, inputs, output) -> None:
+    q, k, v, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _xattn_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    need_dkdv = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dq, dk, dv = _xattn_backward_op(q, k, v, out, lse, dout, ctx.scale, need_dkdv)
+    return dq, (dk if need_dkdv else None), (dv if need_dkdv else None), None
+
+
+_xattn_op.register_autograd(_xattn_backward, setup_context=_xattn_setup)
+
+
+def _cross_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """The Triton kernel with its gradient: (B, H, Nq, D) each of q; k, v (B, H, Nk, D) -> (B, H, Nq, D)."""
+    return _xattn_op(q, k, v, scale)[0]
 
 
 def _sdpa(backend_name: str):
@@ -106,7 +157,7 @@ SDPA_CANDIDATES = ("flash_attention", "efficient_attention", "cudnn_attention")
 
 # name -> f(q, k, v, scale): what auto mode times on CUDA
 IMPLEMENTATIONS = {
-    "triton": _CrossAttention.apply,
+    "triton": _cross_attention_triton,
     **{f"sdpa-{name}": _sdpa(name) for name in SDPA_CANDIDATES},
 }
 

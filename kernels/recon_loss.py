@@ -147,93 +147,182 @@ def _add_fp32_product(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> No
         acc.addmm_(a.float(), b.float())
 
 
-class _ReconLoss(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, pred, target, norm_pix: bool):
-        pred2 = _as_rows(pred)
-        target2, geometry = _target_rows(pred, target, "recon_loss")
-        grad = torch.empty_like(pred2) if ctx.needs_input_grad[0] else None
-        total, _ = _triton().sum_sq_and_grad(
-            pred2, target2, geometry, grad, norm_pix, NORM_PIX_EPS, 2.0 / pred.numel()
+def _traced(t: torch.Tensor) -> bool:
+    """True while `t` is being traced (torch.compile, AOTAutograd, export): a fake or functional
+    tensor, or any tracing mode active; then its value cannot be read on the host."""
+    modes = (torch._C._TorchDispatchModeKey.PROXY, torch._C._TorchDispatchModeKey.FAKE)
+    return (
+        torch.compiler.is_compiling()
+        or type(t) is not torch.Tensor
+        or any(torch._C._get_dispatch_mode(m) is not None for m in modes)
+    )
+
+
+def _scale_grad(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
+    """`_scaled` when running; while traced a plain product (reading grad_loss on the host is not
+    traceable; inductor fuses the product into the backward graph instead)."""
+    if _traced(grad_loss):
+        return grad * grad_loss.to(grad.dtype)
+    return _scaled(grad, grad_loss)
+
+
+# Each fused loss is a torch.library custom op that returns the loss and the gradients it computed in
+# the same pass (empty (0,) tensors for those not needed: an op returns tensors), with a fake that
+# gives their shapes and an autograd formula that hands the saved gradients back scaled by
+# grad_output. torch.compile then keeps the kernel in its graph as one opaque node (dynamo cannot trace
+# a Triton launcher, least of all the interpreter). Which gradients to compute is an argument, decided
+# by the public function from requires_grad and grad mode (an op's body sees no autograd context).
+
+
+@torch.library.custom_op("eqrecon::recon_loss", mutates_args=())
+def _recon_op(
+    pred: torch.Tensor, target: torch.Tensor, norm_pix: bool, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (loss fp32 0-dim, dL/dpred shaped like pred, or (0,) without need_grad)."""
+    pred2 = _as_rows(pred)
+    target2, geometry = _target_rows(pred, target, "recon_loss")
+    grad = torch.empty_like(pred2) if need_grad else None
+    total, _ = _triton().sum_sq_and_grad(
+        pred2, target2, geometry, grad, norm_pix, NORM_PIX_EPS, 2.0 / pred.numel()
+    )
+    return total / pred.numel(), grad.view(pred.shape) if need_grad else pred.new_empty(0)
+
+
+@_recon_op.register_fake
+def _(pred, target, norm_pix, need_grad):
+    loss = pred.new_empty((), dtype=torch.float32)
+    return loss, torch.empty_like(
+        pred, memory_format=torch.contiguous_format
+    ) if need_grad else pred.new_empty(0)
+
+
+def _recon_setup(ctx, inputs, output) -> None:
+    ctx.need_grad = inputs[3]
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _recon_backward(ctx, grad_loss, _dgrad):
+    (grad,) = ctx.saved_tensors
+    return (_scale_grad(grad, grad_loss) if ctx.need_grad else None), None, None, None
+
+
+_recon_op.register_autograd(_recon_backward, setup_context=_recon_setup)
+
+
+@torch.library.custom_op("eqrecon::recon_loss_linear", mutates_args=())
+def _recon_linear_op(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    target: torch.Tensor,
+    norm_pix: bool,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (loss fp32 0-dim, dL/dhidden like hidden, dL/dweight (P, C) fp32, dL/dbias (P,) fp32), each
+    gradient (0,) when not needed."""
+    p, c = weight.shape
+    h2 = _as_rows(hidden)  # (R, C)
+    r = h2.shape[0]
+    pred_shape = (*hidden.shape[:-1], p)
+    geometry = _image_geometry(torch.empty(pred_shape, device="meta"), target, "recon_loss_linear")
+    # images as (B·K, C, Ht, Wt) (a view when contiguous), or the patches as (R, P) rows
+    t2 = target.flatten(0, 1) if geometry is not None else _as_rows(target)
+    w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
+    numel = r * p
+    grad_h = torch.empty_like(h2) if need_h else None
+    grad_w = torch.zeros((p, c), device=hidden.device, dtype=torch.float32) if need_w else None
+    grad_b = torch.zeros((p,), device=hidden.device, dtype=torch.float32) if need_b else None
+    write_grad = need_h or need_w or need_b
+    # chunks of rows so that one chunk's pred is about the size of hidden (P/C chunks); with image
+    # targets a chunk is whole (b, k) images, since the kernel addresses them by (b, k, patch)
+    n_patches = pred_shape[-2] if geometry is not None else 1
+    chunk = max(1, -(-r // max(1, -(-p // c))))
+    chunk = -(-chunk // n_patches) * n_patches
+    total = torch.zeros((), device=hidden.device, dtype=torch.float32)
+    for start in range(0, r, chunk):
+        hc = h2[start : start + chunk]
+        pc = torch.addmm(b, hc, w.t())  # (rows, P) in hidden's dtype
+        if geometry is not None:
+            images = t2[start // n_patches : (start + hc.shape[0]) // n_patches]
+            tc = images[None]  # (1, images in chunk, C, Ht, Wt): a view, K folded into the batch
+            chunk_geometry = (images.shape[0], geometry[1], geometry[2])
+        else:
+            tc, chunk_geometry = t2[start : start + chunk], None
+        part, bias_part = _triton().sum_sq_and_grad(
+            pc,
+            tc,
+            chunk_geometry,
+            pc if write_grad else None,
+            norm_pix,
+            NORM_PIX_EPS,
+            2.0 / numel,
+            bias_grad=need_b,
         )
-        ctx.save_for_backward(grad.view(pred.shape) if grad is not None else None)
-        return total / pred.numel()
+        total += part
+        # pc now holds dL/dpred for these rows
+        if need_h:
+            torch.mm(pc, w, out=grad_h[start : start + chunk])
+        if need_w:
+            _add_fp32_product(grad_w, pc.t(), hc)
+        if need_b:
+            grad_b += bias_part
+    return (
+        total / numel,
+        grad_h.view(hidden.shape) if need_h else hidden.new_empty(0),
+        grad_w if need_w else hidden.new_empty(0, dtype=torch.float32),
+        grad_b if need_b else hidden.new_empty(0, dtype=torch.float32),
+    )
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return _scaled(grad, grad_loss) if grad is not None else None, None, None
+
+@_recon_linear_op.register_fake
+def _(hidden, weight, bias, target, norm_pix, need_h, need_w, need_b):
+    p, c = weight.shape
+    loss = hidden.new_empty((), dtype=torch.float32)
+    grad_h = (
+        torch.empty_like(hidden, memory_format=torch.contiguous_format) if need_h else hidden.new_empty(0)
+    )
+    grad_w = hidden.new_empty((p, c) if need_w else (0,), dtype=torch.float32)
+    grad_b = hidden.new_empty((p,) if need_b else (0,), dtype=torch.float32)
+    return loss, grad_h, grad_w, grad_b
 
 
-class _ReconLossLinear(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, target, norm_pix: bool):
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        p, c = weight.shape
-        h2 = _as_rows(hidden)  # (R, C)
-        r = h2.shape[0]
-        pred_shape = (*hidden.shape[:-1], p)
-        geometry = _image_geometry(torch.empty(pred_shape, device="meta"), target, "recon_loss_linear")
-        # images as (B·K, C, Ht, Wt) (a view when contiguous), or the patches as (R, P) rows
-        t2 = target.flatten(0, 1) if geometry is not None else _as_rows(target)
-        w, b = weight.to(hidden.dtype), bias.to(hidden.dtype)
-        numel = r * p
-        grad_h = torch.empty_like(h2) if need_h else None
-        grad_w = torch.zeros((p, c), device=hidden.device, dtype=torch.float32) if need_w else None
-        grad_b = torch.zeros((p,), device=hidden.device, dtype=torch.float32) if need_b else None
-        write_grad = need_h or need_w or need_b
-        # chunks of rows so that one chunk's pred is about the size of hidden (P/C chunks); with image
-        # targets a chunk is whole (b, k) images, since the kernel addresses them by (b, k, patch)
-        n_patches = pred_shape[-2] if geometry is not None else 1
-        chunk = max(1, -(-r // max(1, -(-p // c))))
-        chunk = -(-chunk // n_patches) * n_patches
-        total = torch.zeros((), device=hidden.device, dtype=torch.float32)
-        for start in range(0, r, chunk):
-            hc = h2[start : start + chunk]
-            pc = torch.addmm(b, hc, w.t())  # (rows, P) in hidden's dtype
-            if geometry is not None:
-                images = t2[start // n_patches : (start + hc.shape[0]) // n_patches]
-                tc = images[None]  # (1, images in chunk, C, Ht, Wt): a view, K folded into the batch
-                chunk_geometry = (images.shape[0], geometry[1], geometry[2])
-            else:
-                tc, chunk_geometry = t2[start : start + chunk], None
-            part, bias_part = _triton().sum_sq_and_grad(
-                pc,
-                tc,
-                chunk_geometry,
-                pc if write_grad else None,
-                norm_pix,
-                NORM_PIX_EPS,
-                2.0 / numel,
-                bias_grad=need_b,
-            )
-            total += part
-            # pc now holds dL/dpred for these rows
-            if need_h:
-                torch.mm(pc, w, out=grad_h[start : start + chunk])
-            if need_w:
-                _add_fp32_product(grad_w, pc.t(), hc)
-            if need_b:
-                grad_b += bias_part
-        ctx.save_for_backward(
-            grad_h.view(hidden.shape) if need_h else None,
-            grad_w if need_w else None,
-            grad_b if need_b else None,
-        )
-        ctx.param_dtypes = (weight.dtype, bias.dtype)
-        return total / numel
+def _recon_linear_setup(ctx, inputs, output) -> None:
+    _, weight, bias, _, _, need_h, need_w, need_b = inputs
+    ctx.needs = (need_h, need_w, need_b)
+    ctx.param_dtypes = (weight.dtype, bias.dtype)
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        w_dtype, b_dtype = ctx.param_dtypes
-        if grad_h is not None:
-            grad_h = _scaled(grad_h, grad_loss)
-        if grad_w is not None:
-            grad_w = (grad_w * grad_loss).to(w_dtype)
-        if grad_b is not None:
-            grad_b = (grad_b * grad_loss).to(b_dtype)
-        return grad_h, grad_w, grad_b, None, None
+
+def _recon_linear_backward(ctx, grad_loss, *_grads_of_grads):
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    need_h, need_w, need_b = ctx.needs
+    w_dtype, b_dtype = ctx.param_dtypes
+    grad_h = _scale_grad(grad_h, grad_loss) if need_h else None
+    grad_w = (grad_w * grad_loss).to(w_dtype) if need_w else None
+    grad_b = (grad_b * grad_loss).to(b_dtype) if need_b else None
+    return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+_recon_linear_op.register_autograd(_recon_linear_backward, setup_context=_recon_linear_setup)
+
+
+def _needs_grad(t: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def _recon_triton(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:
+    """The fused kernel with its gradient (the Triton path of `recon_loss`)."""
+    return _recon_op(pred, target, norm_pix, _needs_grad(pred))[0]
+
+
+def _recon_linear_triton(hidden, weight, bias, target, norm_pix: bool = False) -> torch.Tensor:
+    """The fused head + kernel with its gradients (the Triton path of `recon_loss_linear`)."""
+    needs = (_needs_grad(hidden), _needs_grad(weight), _needs_grad(bias))
+    return _recon_linear_op(hidden, weight, bias, target, norm_pix, *needs)[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,10 +372,10 @@ def recon_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False)
     """
     _check_pair(pred, target)
     args = (pred, target, bool(norm_pix))
-    chosen = _choose("recon", _ReconLoss.apply, recon_loss_ref, args, 1)
+    chosen = _choose("recon", _recon_triton, recon_loss_ref, args, 1)
     if chosen == "triton":
         _check_p(pred.shape[-1], "recon_loss")
-        return _ReconLoss.apply(*args)
+        return _recon_triton(*args)
     return (_compiled(recon_loss_ref) if chosen == "compile" else recon_loss_ref)(*args)
 
 
@@ -312,10 +401,10 @@ def recon_loss_linear(
     """recon_loss(hidden @ weightᵀ + bias, target, norm_pix) without materialising the prediction."""
     _check_linear(hidden, weight, bias, target)
     args = (hidden, weight, bias, target, bool(norm_pix))
-    chosen = _choose("recon_linear", _ReconLossLinear.apply, recon_loss_linear_ref, args, 3)
+    chosen = _choose("recon_linear", _recon_linear_triton, recon_loss_linear_ref, args, 3)
     if chosen == "triton":
         _check_p(weight.shape[0], "recon_loss_linear")
-        return _ReconLossLinear.apply(*args)
+        return _recon_linear_triton(*args)
     return (_compiled(recon_loss_linear_ref) if chosen == "compile" else recon_loss_linear_ref)(*args)
 
 
