@@ -52,6 +52,7 @@ class RunConfig:
     steps: int = 0  # stop after this step without changing the schedule; 0 = run the whole schedule
     resume: str = ""  # checkpoint to continue from; auto = the newest valid one in the run folder
     amp: str = "bf16"  # bf16 autocast on CUDA | off (CPU always runs fp32)
+    compile: str = "auto"  # torch.compile: auto (on for CUDA, off on CPU) | true | false (train/compile.py)
     log_every: int = 10  # a metrics.jsonl row every N steps (and at the last step)
     ckpt_every: int = 500  # ckpt/step-NNNNNN.pt every N steps (and at the last step, and on preemption)
     recon_every: int = 200  # reconstruction grid PNG every N steps (and at the end)

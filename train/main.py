@@ -25,8 +25,9 @@ import torch.distributed as dist
 
 from pipeline.errors import ConfigError, DataError, UserError, one_line
 from train.cli import parse_config
+from train.compile import wrap_compiled
 from train.config import Config
-from train.distributed import unwrap, wrap_model
+from train.distributed import unwrap
 from train.loop import (
     Env,
     Preempted,
@@ -124,7 +125,8 @@ def build(cfg: Config, env: Env):
     seed_all(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg.model, cfg.data).to(env.device)
     amp = env.device.type == "cuda" and cfg.run.amp == "bf16"
-    model = wrap_model(method, cfg.dist, env.device, env.world_size, amp=amp)  # DDP or FSDP (cfg.dist)
+    # DDP or FSDP (cfg.dist), compiled per run.compile
+    model = wrap_compiled(method, cfg.dist, cfg.run.compile, env.device, env.world_size, amp=amp)
     optimizer = build_optimizer(cfg.optim, unwrap(model), cfg.data.batch_size, env.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, len(loader))
     return model, optimizer, scheduler, loader
