@@ -23,7 +23,7 @@ iBOT does); DINOv2 runs the teacher head on the masked patches only.
 The batch: view1 and view2 are the two global crops (the path g_θ and its targets act on view2), and
 the DINO family reads the Batch's multi-crop fields (pipeline/batch.py): `local` (B, L, 3, h, w) local
 crops, None or L = 0 for none, and `masks` (B, 2, N) bool, iBOT's masks of the two global crops' N
-patch tokens (model/dino.block_masks).
+patch tokens (pipeline/masks.py).
 
 The student runs the global crops (masked) and the local crops (at their own size, position
 embedding resampled) through the encoder's timm ViT by `encode_tokens` below, an adapter: timm's

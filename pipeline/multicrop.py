@@ -38,7 +38,7 @@ Randomness. Like θ, everything a sample gets depends only on (seed, epoch, key)
 loader's generator (`reference.sample_theta_for`, so wiring multi-crop in leaves θ unchanged), the local
 parameters and the masks from generators of their own.
 
-Masks. iBOT's block masks (model.dino.block_masks) of the two global crops' (global_size / patch_size)²
+Masks. iBOT's block masks (pipeline/masks.py) of the two global crops' (global_size / patch_size)²
 patch tokens, each crop with its own ratio from {0, U(0.1, 0.5)} -> (2, N) bool, row-major patches.
 """
 
@@ -52,9 +52,9 @@ from typing import NamedTuple
 import torch
 import torchvision.transforms.v2.functional as F
 
-from model.dino import block_masks  # the DINO family owns the masking rule
 from pipeline.batch import Batch, DataConfig, MultiCropConfig  # the config lives beside DataConfig
 from pipeline.errors import ConfigError
+from pipeline.masks import block_masks
 from pipeline.path import CROP1, CROP2, IDX, THETA_DIM, THETA_FIELDS, PathConfig, sample_crop
 
 # The calls into the view pipeline, kept in one place (pipeline/reference.py owns the pixel semantics).

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from scipy import ndimage  # scikit-learn's dependency (the dev extra)
 
 from model import dino
+from pipeline import masks as ibot_masks
 from pipeline.errors import ConfigError
 from tests.model.oracles import dino_official, dinov2_official, ibot_official
 
@@ -391,7 +392,7 @@ def test_block_masks_draw_for_draw_as_ibot():
     random.seed(9)
     want = [torch.from_numpy(m).flatten() for _ in range(100) for m in official.masks_for(crops)]
     rng = random.Random(9)
-    got = [m for _ in range(100) for m in dino.block_masks(2, (14, 14), rng)]
+    got = [m for _ in range(100) for m in ibot_masks.block_masks(2, (14, 14), rng)]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert len(got) == len(want) == 200
 
@@ -402,13 +403,13 @@ def test_block_mask_draw_for_draw_as_dinov2():
     targets = [0, 5, 20, 60, 98, 150]
     want = [torch.from_numpy(official(n)) for n in targets]
     rng = random.Random(10)
-    got = [dino.block_mask((14, 14), n, rng, min_block=4, max_block=0.5 * 14 * 14) for n in targets]
+    got = [ibot_masks.block_mask((14, 14), n, rng, min_block=4, max_block=0.5 * 14 * 14) for n in targets]
     assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
 def test_mask_ratio_statistics_and_block_shapes():
     rng = random.Random(11)
-    masks = dino.block_masks(1000, (14, 14), rng)  # (1000, 196)
+    masks = ibot_masks.block_masks(1000, (14, 14), rng)  # (1000, 196)
     ratios = masks.float().mean(1)
     unmasked = (ratios == 0).float().mean().item()
     assert abs(unmasked - 0.5) < 0.06, unmasked  # 0 with probability 1/2 (binomial sd 0.016)
@@ -427,8 +428,8 @@ def test_block_mask_never_exceeds_the_target():
     rng = random.Random(12)
     for n in [1, 3, 10.5, 17, 40, 97.9]:
         for _ in range(20):
-            assert dino.block_mask((14, 14), n, rng).sum() <= n
-    assert math.isclose(dino.sample_mask_ratio(random.Random(0), ((0.2, 0.2),)), 0.2)
+            assert ibot_masks.block_mask((14, 14), n, rng).sum() <= n
+    assert math.isclose(ibot_masks.sample_mask_ratio(random.Random(0), ((0.2, 0.2),)), 0.2)
 
 
 def test_losses_run_in_fp32_under_autocast():

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from model_testing import make_batch, variant_config
 
-from model import dino
 from model.families import DinoConfig, DinoFamily, encode_tokens
+from pipeline import masks as ibot_masks
 from pipeline.batch import Batch
 from pipeline.errors import ConfigError
 
@@ -41,7 +41,7 @@ def _build(family: str, eq: str, variant: str, *overrides: str) -> tuple[DinoFam
     batch = make_batch(cfg, batch_size=4)
     gen = torch.Generator().manual_seed(1)
     grid = method.encoder.grid
-    masks = dino.block_masks(2 * 4, (grid, grid), random.Random(2), ranges=((0.2, 0.5),))
+    masks = ibot_masks.block_masks(2 * 4, (grid, grid), random.Random(2), ranges=((0.2, 0.5),))
     masks[0] = False  # one crop unmasked, as half of iBOT's are
     multi = dataclasses.replace(
         batch,

@@ -26,9 +26,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from model import build_method, dino
+from model import build_method
 from model.families import DinoConfig, DinoFamily
 from model.teacher import teacher_momentum
+from pipeline import masks as ibot_masks
 from pipeline.batch import Batch
 from pipeline.path import sample_theta
 from train.config import Config, load_config
@@ -90,7 +91,7 @@ def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
     if not multicrop:
         return Batch(**fields)
     grid = (s // cfg.model.patch_size,) * 2
-    masks = dino.block_masks(2 * b, grid, random.Random(step), ranges=((0.2, 0.5),)).view(b, 2, -1)
+    masks = ibot_masks.block_masks(2 * b, grid, random.Random(step), ranges=((0.2, 0.5),)).view(b, 2, -1)
     local = smooth(b * LOCAL_CROPS, LOCAL_SIZE).view(b, LOCAL_CROPS, 3, LOCAL_SIZE, LOCAL_SIZE)
     return Batch(**fields, local=local, masks=masks)
 
