@@ -118,6 +118,7 @@ def packed(tmp_path):
     return tmp_path / "parts", env
 
 
+@pytest.mark.integration
 def test_pack_cuts_checksummed_parts_and_install_verifies_them(packed, tmp_path):
     parts, env = packed
     files = sorted(parts.glob("p[0-9]*"))
@@ -133,6 +134,7 @@ def test_pack_cuts_checksummed_parts_and_install_verifies_them(packed, tmp_path)
     assert "import nvidia.dali works" in done.stdout and (tmp_path / "site" / "nvidia" / "dali").is_dir()
 
 
+@pytest.mark.integration
 def test_install_names_a_damaged_part(packed, tmp_path):
     parts, env = packed
     with open(parts / "p2", "r+b") as f:
@@ -145,6 +147,7 @@ def test_install_names_a_damaged_part(packed, tmp_path):
     )
 
 
+@pytest.mark.integration
 def test_install_names_a_package_without_its_wheel(packed, tmp_path):
     parts, env = packed
     listing = Path(env["LIST"])

@@ -42,6 +42,7 @@ def test_explicit_triton_on_cpu_runs_interpreter(interpreted_kernels):
 WORKER = str(Path(__file__).with_name("fallback_worker.py"))
 
 
+@pytest.mark.integration
 def test_fallback_warns_once_and_matches_reference():
     # a fresh CPU process asking for Triton without the interpreter: one warning, then the reference
     env = {**os.environ, "EQRECON_KERNELS": "triton", "TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": ""}
@@ -140,6 +141,7 @@ def test_forced_modes_do_not_time(fake_timer, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_kernels_and_model_import_without_triton_and_fall_back_once():
     env = {**os.environ, "EQRECON_KERNELS": "triton", "CUDA_VISIBLE_DEVICES": ""}
     env.pop("TRITON_INTERPRET", None)

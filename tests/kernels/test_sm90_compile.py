@@ -52,11 +52,13 @@ def _check_rows(rows: list[dict]) -> None:
             assert r["wgmma"], f"{where}: no wgmma in the sm_90 PTX"
 
 
+@pytest.mark.integration
 def test_kernels_compile_for_sm90(tmp_path):
     # the first bf16 D=64 candidate of each kernel, the recon loss in every variant
     _check_rows(_compile(tmp_path, "--quick")["rows"])
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_gpu_test_set_compiles_without_spills_within_budget(tmp_path):
     # every config the gpu tests can autotune over (pruned by dtype and head dim), compiled in turn

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 import torch
 
 from model import build_method
@@ -40,6 +41,7 @@ def _run(cfg, batches, monkeypatch, mode: str) -> list[float]:
     return losses
 
 
+@pytest.mark.integration
 def test_twenty_steps_match_with_kernels_on_and_off(
     interpreted_kernels, demo_shards, monkeypatch, one_thread
 ):

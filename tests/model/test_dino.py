@@ -325,6 +325,7 @@ def _rank_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two spawned processes that import torch and timm: ~20-40 s on 2 busy cores
 def test_two_ranks_match_the_oracle_on_the_concatenated_batch(tmp_path):
     mp.spawn(_rank_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=W, join=True)

@@ -167,6 +167,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.slow  # two spawned processes that import torch and timm: ~30 s on 2 busy cores
 def test_two_ddp_ranks_keep_student_teacher_and_centres_identical(tmp_path):
     mp.spawn(_ddp_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)

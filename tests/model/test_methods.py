@@ -140,6 +140,7 @@ def triton_vs_reference() -> None:
         torch.testing.assert_close(g_tri[n], g_ref[n], rtol=1e-3, atol=1e-6, msg=lambda m, n=n: f"{n}: {m}")
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_path_method_matches_between_triton_and_reference():
     """Run in a fresh interpreter: triton fixes interpreter mode at its first import."""

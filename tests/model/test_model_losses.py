@@ -115,6 +115,7 @@ def _two_rank_worker(rank: int, world: int, init_file: str, full: dict, results)
         dist.destroy_process_group()
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_vicreg_statistics_are_global_under_distributed(tmp_path):
     """Two Gloo ranks with half the batch each: variance/covariance equal the full batch's, and each

@@ -60,6 +60,7 @@ def _run(data_dir: str, when: str, report) -> None:
         report.put((type(e).__name__, str(e)))
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("when", ["running", "between"])
 def test_a_shard_truncated_under_the_reader_is_a_named_error(demo_shards, tmp_path, when):

@@ -76,6 +76,7 @@ def _build(cache: str) -> str:
     return str(demo.ensure_demo_shards(cache))
 
 
+@pytest.mark.integration
 def test_concurrent_ranks_share_one_conversion(tmp_path):
     """Every torchrun rank calls ensure_demo_shards on the same fresh cache at the same time."""
     ctx = multiprocessing.get_context("fork")

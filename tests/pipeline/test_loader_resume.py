@@ -66,6 +66,7 @@ def drive(
     return thetas, states
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("world", [1, 2])
 @pytest.mark.parametrize("loader, workers", [("reference", 0), ("reference", 2), DALI])
 def test_a_checkpoint_at_every_position_resumes_into_the_straight_run(demo_shards, loader, workers, world):

@@ -431,6 +431,7 @@ def _loader_cfg(demo_shards, loader: str) -> DataConfig:
     return global_data_config(data, dataclasses.replace(SMALL, enabled=True))
 
 
+@pytest.mark.integration
 def test_both_loaders_yield_multicrop_batches_alike(demo_shards):
     """build_loader with data.multicrop: the reference and the DALI loader give the same fields and
     shapes, local crops with matching pixel statistics over an epoch, and iBOT masks with iBOT's ratios."""

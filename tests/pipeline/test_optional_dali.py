@@ -62,6 +62,7 @@ def test_with_dali_auto_is_dali(demo_shards):
         assert isinstance(build_loader(_cfg(demo_shards, "auto"), device="cpu"), DaliLoader)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_dali_is_optional():
     """This file's no-DALI test and the reference loader's main tests (batches, resume, bad shards), in a

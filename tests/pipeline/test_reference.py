@@ -118,6 +118,7 @@ def test_make_views_shapes_ranges_and_target_size(demo_shards):
 # --- the loader ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_loader_yields_the_documented_batch_with_right_labels(demo_shards, catalogue):
     cfg = _cfg(demo_shards, target_size=16, aug=PathConfig(k=2))
     loader = build_loader(cfg)  # the public entry, dispatching to the reference backend
@@ -141,6 +142,7 @@ def test_loader_yields_the_documented_batch_with_right_labels(demo_shards, catal
     assert sorted(seen) == sorted(catalogue)  # every photo exactly once
 
 
+@pytest.mark.integration
 def test_same_seed_same_batches_other_seed_or_epoch_differs(demo_shards):
     cfg = _cfg(demo_shards)
     first = _epoch(build_reference_loader(cfg, demo_shards))
@@ -152,6 +154,7 @@ def test_same_seed_same_batches_other_seed_or_epoch_differs(demo_shards):
     assert len(second) == len(first) and not _same(first, second)
 
 
+@pytest.mark.integration
 def test_a_sample_is_augmented_the_same_whatever_the_worker_count(demo_shards, catalogue):
     views = []
     for workers in (0, 2):
@@ -168,6 +171,7 @@ def test_a_sample_is_augmented_the_same_whatever_the_worker_count(demo_shards, c
     assert all(torch.equal(views[0][k], views[1][k]) for k in views[0])
 
 
+@pytest.mark.integration
 def test_ranks_get_disjoint_samples_and_the_same_number_of_batches(demo_shards, catalogue):
     # 64 samples over 3 ranks × 2 workers: contiguous ranges of 21/21/22 samples (pipeline.shards), each
     # cut into 64 // 3 // 2 = 10 batches of 2, so the longer range drops its extra samples
@@ -201,6 +205,7 @@ def test_interleave_is_round_robin_over_streams_with_batches_left():
     assert interleave([1, 3, 2]) == [0, 1, 2, 1, 2, 1]
 
 
+@pytest.mark.integration
 def test_resume_continues_exactly_where_the_run_stopped(three_shards):
     cfg = _cfg(three_shards)
     full = _epoch(build_reference_loader(cfg, three_shards))
@@ -247,6 +252,7 @@ def test_missing_shard_is_named_at_build(copied):
         build_reference_loader(_cfg(copied), copied)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("workers", [0, 2])
 def test_corrupt_shard_is_named_in_one_line(copied, workers):
     tar = copied / "train-000002.tar"

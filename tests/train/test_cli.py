@@ -30,6 +30,7 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+@pytest.mark.integration
 def test_unknown_config_key(tmp_path):
     proc = run_main("--preset", "demo", "--model.lamda=2", "--out", str(tmp_path / "run"))
     assert proc.returncode == 2
@@ -56,6 +57,7 @@ def test_more_errors_in_process(args, words, capsys):
         assert word in err
 
 
+@pytest.mark.integration
 def test_missing_data_folder(tmp_path):
     missing = tmp_path / "no-shards-here"
     proc = run_main(
@@ -66,6 +68,7 @@ def test_missing_data_folder(tmp_path):
     assert str(missing) in line and "does not exist" in line and "pipeline.convert" in line
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error when no GPU is visible")
 def test_cuda_without_a_gpu(tmp_path):
     proc = run_main("--preset", "demo", "--device", "cuda", "--out", str(tmp_path / "run"))
@@ -74,6 +77,7 @@ def test_cuda_without_a_gpu(tmp_path):
     assert "--device cuda" in line and "no CUDA GPU" in line and "--device cpu" in line
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
 def test_gpu_preset_without_a_gpu(tmp_path):
     proc = run_main("--preset", "vits16-path", "--out", str(tmp_path / "run"))
@@ -82,6 +86,7 @@ def test_gpu_preset_without_a_gpu(tmp_path):
     assert "vits16-path" in line and "no CUDA GPU" in line and "--device cpu" in line
 
 
+@pytest.mark.integration
 def test_non_finite_loss_stops_the_run_naming_step_and_term(tmp_path, demo_shards):
     proc = run_main(
         *cpu_args("demo-vicreg", data=demo_shards, out=tmp_path / "run", steps=3),
@@ -185,6 +190,7 @@ def test_print_config_round_trips_through_config(tmp_path, capsys):
     assert parse_config(["--config", str(as_yaml)]) == cfg
 
 
+@pytest.mark.integration
 def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
     """What a run saves: the config plus its provenance (versions, device, kernel path, git SHA)."""
     import json
@@ -232,6 +238,7 @@ def test_a_bad_config_file_is_one_line_naming_the_key(tmp_path, content, words, 
     assert "pass one of them" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_resume_auto_with_config_is_one_command_for_start_and_requeue(tmp_path, demo_shards):
     """The same command line starts the run and, once a checkpoint exists, continues it."""
     import json

@@ -17,6 +17,7 @@ from launch import MAIN, cpu_args, start, torchrun
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.mark.integration
 def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
     run = tmp_path / "run"
     torchrun(
@@ -38,6 +39,7 @@ def test_two_gloo_ranks_stay_identical(tmp_path, demo_shards):
     assert all(torch.equal(saved["model"][n], r0["last"][n]) for n in r0["last"])
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_rank_stop_and_resume_equals_the_straight_run(tmp_path, demo_shards):
     """Per-rank loader positions and RNG states come back: the resumed 2-rank run ends bit-identical."""
@@ -69,6 +71,7 @@ LONG = [
 ]  # far longer than any test waits
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_an_error_on_rank_1_is_its_one_line_and_the_job_ends_at_once(tmp_path, demo_shards):
     proc = start(
@@ -93,6 +96,7 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status  # a zombie has exited
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc (Linux)")
 def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path, demo_shards):

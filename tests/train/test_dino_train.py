@@ -43,6 +43,7 @@ def metrics(run: Path) -> dict[int, dict]:
     return {row["step"]: row for row in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("preset", list(TERMS))
 def test_demo_presets_train_log_every_term_and_checkpoint_the_teacher(preset, tmp_path, demo_shards):
     run = tmp_path / "run"
@@ -90,6 +91,7 @@ def test_schedules_take_the_recipe_values():
     assert peak_lr(load_config("vitl16-dinov2").optim, 2048) == pytest.approx(4e-3 * math.sqrt(2))
 
 
+@pytest.mark.integration
 def test_the_prototype_layer_is_frozen_in_the_first_epoch_only(demo_shards):
     """DINO's cancel_gradients_last_layer: no update (nor Adam moments) of the prototype layer while
     step < freeze_last_layer_epochs x steps per epoch; everything else trains from step 0."""
@@ -115,6 +117,7 @@ def test_the_prototype_layer_is_frozen_in_the_first_epoch_only(demo_shards):
     assert int(optimizer.state[prototypes]["step"]) == 1 and int(optimizer.state[mlp]["step"]) == 3
 
 
+@pytest.mark.integration
 def test_a_resume_inside_the_frozen_epoch_equals_the_straight_run(tmp_path, demo_shards):
     """A checkpoint of the first epoch holds no optimizer state for the still frozen prototype layer;
     the resumed run creates it at the first update, as the straight run does."""
@@ -151,6 +154,7 @@ def test_layer_wise_lr_decay_and_the_patch_embed_scale():
     assert not teacher & scale.keys()
 
 
+@pytest.mark.integration
 def test_diagnostics_leave_the_teacher_centres_alone(demo_shards):
     from pipeline import build_loader
 
@@ -188,6 +192,7 @@ def _torchrun(*args: str) -> None:
     torchrun(MAIN, *args, env={"EQRECON_KERNELS": "ref"})
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("preset", "strategy", "loader"), [("demo-ibot", "ddp", "dali"), ("demo-dinov2", "fsdp", "reference")]
@@ -226,6 +231,7 @@ def test_two_rank_stop_and_resume_is_bit_identical(tmp_path, demo_shards, preset
         }, step
 
 
+@pytest.mark.integration
 def test_the_step_bench_times_demo_ibot_with_its_crops_and_teacher(demo_shards):
     from bench import step
 

@@ -91,6 +91,7 @@ def _assert_states_close(got: dict, want: dict, atol: float) -> None:
 WEIGHT_ATOL = STEPS * 5e-3 * 8 / 256
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_fsdp_loss_curve_and_grad_norms_match_ddp(worker_runs, method):
@@ -108,6 +109,7 @@ def test_fsdp_loss_curve_and_grad_norms_match_ddp(worker_runs, method):
         assert rec[strategy]["grad_mismatch"] == [], f"{strategy}: gradients on the wrong parameters"
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_checkpoints_have_the_one_process_keys_and_full_tensors(worker_runs, method):
@@ -127,6 +129,7 @@ def test_checkpoints_have_the_one_process_keys_and_full_tensors(worker_runs, met
     assert fsdp["step"] == ddp["step"] == SAVE_AT and fsdp["scheduler"] == ddp["scheduler"]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_a_state_saved_under_one_strategy_continues_under_the_other(worker_runs, method):
@@ -151,6 +154,7 @@ def _teacher_pairs(state: dict) -> list[tuple[str, str]]:
     ]
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_ema_teacher_under_fsdp_is_sharded_like_the_student_and_equals_the_formula(worker_runs):
     rec = worker_runs("dinov2")
@@ -173,6 +177,7 @@ def test_ema_teacher_under_fsdp_is_sharded_like_the_student_and_equals_the_formu
     _assert_states_close(rec["fsdp"]["ema"]["after"], rec["ddp"]["ema"]["after"], 1e-5)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_reconstruct_runs_on_every_rank_under_fsdp(worker_runs):
     rec = worker_runs("dinov2")
@@ -278,6 +283,7 @@ def test_bad_dist_config_is_one_line_error():
 # --- the trainer ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_main_trains_under_fsdp_and_resumes_under_ddp(tmp_path, demo_shards):
     """`torchrun train/main.py --dist.strategy=fsdp` on 2 CPU ranks: it trains, checkpoints, and a

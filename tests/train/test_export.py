@@ -36,6 +36,7 @@ def _images(n: int = 3, size: int = 32, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("pool", ["mean", "cls"])
 def test_timm_local_dir_gives_the_trained_features(ckpts, exported, pool):
     method, _ = export.load_method(ckpts[pool])
@@ -56,6 +57,7 @@ def test_timm_local_dir_gives_the_trained_features(ckpts, exported, pool):
     assert (z[:, d_inv:] - split.z_eq_pooled).abs().max() <= 1e-5
 
 
+@pytest.mark.integration
 def test_resolve_data_config_gives_the_trained_transform(ckpts, exported):
     trained = checkpoint.read(ckpts["mean"])["config"]["data"]
     model = timm.create_model(f"local-dir:{exported['mean']}", pretrained=True)
@@ -67,6 +69,7 @@ def test_resolve_data_config_gives_the_trained_transform(ckpts, exported):
     assert (meta["method"], meta["step"], meta["head"]["file"]) == ("path", 1, "split_head.safetensors")
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("change", ["extra", "missing"])
 def test_loading_is_strict(exported, tmp_path, change):
     bad = tmp_path / "bad"
@@ -85,6 +88,7 @@ def test_loading_is_strict(exported, tmp_path, change):
         export.load_export(bad)
 
 
+@pytest.mark.integration
 def test_another_img_size_resamples_the_position_embedding(ckpts, tmp_path, capsys):
     assert (
         export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b48"), "--img-size", "48"]) == 0
@@ -120,6 +124,7 @@ def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
     return path
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "kind, words",
     [
@@ -137,6 +142,7 @@ def test_a_bad_checkpoint_is_one_line(ckpts, tmp_path, capsys, kind, words):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.integration
 def test_an_unwritable_destination_is_one_line(ckpts, tmp_path, capsys):
     (tmp_path / "a-file").write_text("x")
     err = _one_line(capsys, "--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "a-file" / "backbone"))
@@ -157,6 +163,7 @@ def test_a_read_only_destination_is_one_line(ckpts, tmp_path, capsys):
     assert "cannot write the export" in err and "Permission denied" in err
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("name", ["model.safetensors", "split_head.safetensors", "config.json"])
 def test_a_damaged_export_file_is_an_export_error(exported, tmp_path, name):
     copy = tmp_path / "copy"
@@ -169,6 +176,7 @@ def test_a_damaged_export_file_is_an_export_error(exported, tmp_path, name):
         export.load_split_head(copy)
 
 
+@pytest.mark.integration
 def test_the_script_runs_from_anywhere(ckpts, tmp_path):
     out = tmp_path / "backbone"
     proc = subprocess.run(
@@ -228,6 +236,7 @@ def test_the_dino_family_exports_its_teacher_by_default(ibot_ckpt, tmp_path, wei
     assert meta["weights"] == ("student" if weights == "student" else "teacher") and meta["family"] == "ibot"
 
 
+@pytest.mark.integration
 def test_a_teacher_export_of_a_method_without_one_is_one_line(ckpts, tmp_path, capsys):
     code = export.main(["--ckpt", str(ckpts["mean"]), "--out", str(tmp_path / "b"), "--weights", "teacher"])
     err = capsys.readouterr().err

@@ -16,6 +16,7 @@ from train import export
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.integration
 def test_hub_entry_point_returns_the_exported_model_and_head(trained):
     ckpt, folder = trained
     model = torch.hub.load(str(ROOT), "eqrecon_backbone", path=str(folder), source="local")
@@ -36,6 +37,7 @@ def test_hub_entry_point_on_a_folder_that_is_no_export(tmp_path):
         torch.hub.load(str(ROOT), "eqrecon_backbone", path=str(tmp_path), source="local")
 
 
+@pytest.mark.integration
 def test_hub_load_from_a_fresh_python_elsewhere(trained, tmp_path):
     """As a user calls it: another folder, no PYTHONPATH; torch.hub alone makes the repository importable."""
     _, folder = trained

@@ -10,6 +10,7 @@ from launch import cpu_args
 from train.main import main
 
 
+@pytest.mark.integration
 def test_tensorboard_gets_every_metric_and_the_recon_grid(tmp_path, demo_shards):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
