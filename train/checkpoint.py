@@ -23,7 +23,9 @@ Step files are ordered by the step their name holds, never by the name (from ste
 has seven digits and sorts before `step-999000.pt` as text). `read` verifies the checksum, so a file
 whose bytes changed after the write (a bad disk, a partial copy) is refused as damaged even when its
 zip structure is intact. `read`, `check_architecture` and `check_param_groups` raise CheckpointError
-with one line naming the file and what is wrong.
+with one line naming the file and what is wrong. On resume the checkpoint gives the optimizer its
+moments and step, the command's config its settings (`optimizer_settings`, `apply_settings`,
+`optimizer_overrides`: train/loop.restore applies them and says which overrides changed).
 """
 
 from __future__ import annotations
