@@ -10,6 +10,9 @@ the protocol's ranges (a `PathConfig`, pixels at `ref_size` scaled to the probe 
     crop:  x = the whole image (squashed to a square), x' = an A2 crop (unflipped)
     flip:  x = the whole image, x' = an A2 crop, mirrored when flip2 = 1
 
+`render_family` runs g once per pair and paints each mask on the result; `masks_for` says which masks a
+family is probed under and `anchor_key` which families share their anchor view x1 (embedded once).
+
 Targets (`targets`): the family's θ entries (`pipeline.path.FAMILY_FIELDS`) as
     signed   the entries themselves: rotation φ in degrees (sign = direction), translation (tx, ty) px,
              colour (δb, δc, δs, δh), blur σ, crop (y0, x0, h, w), flip 0/1;
@@ -40,6 +43,7 @@ from pipeline.reference import apply_g, crop_resize, decode
 TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
 TARGETS = ("signed", "abs", "sincos")
 MASKS = ("disc", "none")
+FILL_FAMILIES = ("rotation", "translation")  # g leaves fill-coloured corners whose extent tells θ
 MASK_FILL = 0.5  # grey, in [0, 1] pixel space
 SYMMETRY_THRESHOLD = 0.6  # |corr(x, rot90(x))| above this: the image is (nearly) 90°-symmetric
 WHOLE = torch.tensor([0.0, 0.0, 1.0, 1.0])
@@ -120,6 +124,83 @@ class PairSet:
         return len(self.x2)
 
 
+def masks_for(family: str, masks: tuple[str, ...]) -> tuple[str, ...]:
+    """The masks a family is probed under: every one for the families whose g leaves a fill
+    (FILL_FAMILIES: the corner cue the disc removes), the first for colour and blur (no fill), none
+    for crop and flip (their pairs are crops of the whole image, never masked)."""
+    if family not in FAMILIES:
+        return ("none",)
+    return tuple(masks) if family in FILL_FAMILIES else tuple(masks[:1])
+
+
+def anchor_key(family: str, mask: str) -> str:
+    """Which rendering a family's x1 is: families with equal keys share identical anchor images, so a
+    probe embeds each anchor once (e.g. "centre/disc" for rotation, translation, colour and blur)."""
+    return f"{anchor_of(family)}/{mask if family in FAMILIES else 'none'}"
+
+
+def render_family(
+    samples: list[tuple[bytes, int]],
+    family: str,
+    cfg: PathConfig,
+    size: int,
+    per_image: int,
+    groups: list[int] | None = None,
+    seed: int = 0,
+    masks: tuple[str, ...] = ("disc",),
+    device: torch.device | None = None,
+) -> dict[str, PairSet]:
+    """Render `per_image` pairs of `family` for every sample -> {mask: PairSet}; deterministic in `seed`.
+
+    g_θ runs once per pair, whatever the number of masks: the masks only paint the rendered images
+    (so every mask's pairs have the same θ and content). groups: the source photo of each sample
+    (default: each sample its own). g runs on `device` (the GPU when probing there: it is the costly
+    step); decoding and cropping stay on the CPU. Crop and flip take no mask: pass ("none",).
+    """
+    if family not in TRANSFORMS:
+        raise ValueError(f"unknown transformation {family!r}; choose from {', '.join(TRANSFORMS)}")
+    bad = [m for m in masks if m not in MASKS]
+    if bad or not masks:
+        raise ValueError(f"unknown mask {bad[0] if bad else None!r}; choose from {', '.join(MASKS)}")
+    if family not in FAMILIES and tuple(masks) != ("none",):
+        raise ValueError(f"{family} pairs are never masked; pass masks=('none',)")
+    fields = [IDX[name] for name in FAMILY_FIELDS[family]]
+    # Only this family's g is active (crop/flip activate none: they live in the A2 part of θ).
+    cfg = replace(cfg, transforms=(family,) if family in FAMILIES else ())
+    gen = torch.Generator().manual_seed(seed * 1000 + TRANSFORMS.index(family))
+    x1 = {m: [] for m in masks}
+    x2 = {m: [] for m in masks}
+    thetas = []
+    for i, (jpg, _) in enumerate(samples):
+        img = decode(jpg, key=f"#{i}")  # (3, H, W) uint8
+        theta = sample_theta(cfg, torch.tensor([list(img.shape[-2:])] * per_image), gen)  # (n, P)
+        x = anchor_view(img, anchor_of(family), size)
+        if family in FAMILIES:  # x' = g_θ(x)
+            batch = x[None].expand(per_image, -1, -1, -1).to(device or x.device).contiguous()
+            pair = apply_g(batch, theta, cfg)
+            for m in masks:
+                x1[m].append(apply_mask(x[None], m)[0].half())
+                x2[m].append(apply_mask(pair, m).cpu().half())
+        else:  # crop / flip: x' = an A2 crop of the source, mirrored when flip2 = 1 (flip only)
+            boxes = theta[:, IDX["crop2_y0"] : IDX["crop2_w"] + 1]
+            flips = (
+                theta[:, IDX["flip2"]] > 0.5 if family == "flip" else torch.zeros(per_image, dtype=torch.bool)
+            )
+            x1["none"].append(x.half())
+            x2["none"].append(
+                torch.stack([crop_resize(img, b, f, size) for b, f in zip(boxes, flips)]).half()
+            )
+        thetas.append(theta[:, fields])
+    n = len(samples)
+    group_of = torch.tensor(groups if groups is not None else range(n), dtype=torch.int64)
+    anchor = torch.arange(n).repeat_interleave(per_image)
+    theta_all = torch.cat(thetas)
+    return {
+        m: PairSet(family, torch.stack(x1[m]), torch.cat(x2[m]), anchor, theta_all, group_of[anchor])
+        for m in masks
+    }
+
+
 def render_pairs(
     samples: list[tuple[bytes, int]],
     family: str,
@@ -131,41 +212,11 @@ def render_pairs(
     mask: str = "disc",
     device: torch.device | None = None,
 ) -> PairSet:
-    """Render `per_image` pairs of `family` for every sample; deterministic in `seed`.
-
-    groups: the source photo of each sample (default: each sample its own). g runs on `device` (the
-    GPU when probing there: it is the costly step); decoding and cropping stay on the CPU.
-    """
-    if family not in TRANSFORMS:
-        raise ValueError(f"unknown transformation {family!r}; choose from {', '.join(TRANSFORMS)}")
+    """One mask's pairs of `render_family` (crop and flip ignore the mask)."""
     if mask not in MASKS:
         raise ValueError(f"unknown mask {mask!r}; choose from {', '.join(MASKS)}")
-    fields = [IDX[name] for name in FAMILY_FIELDS[family]]
-    # Only this family's g is active (crop/flip activate none: they live in the A2 part of θ).
-    cfg = replace(cfg, transforms=(family,) if family in FAMILIES else ())
-    gen = torch.Generator().manual_seed(seed * 1000 + TRANSFORMS.index(family))
-    x1, x2, thetas = [], [], []
-    for i, (jpg, _) in enumerate(samples):
-        img = decode(jpg, key=f"#{i}")  # (3, H, W) uint8
-        theta = sample_theta(cfg, torch.tensor([list(img.shape[-2:])] * per_image), gen)  # (n, P)
-        x = anchor_view(img, anchor_of(family), size)
-        if family in FAMILIES:  # x' = g_θ(x)
-            batch = x[None].expand(per_image, -1, -1, -1).to(device or x.device).contiguous()
-            pair = apply_mask(apply_g(batch, theta, cfg), mask).cpu()
-            x = apply_mask(x[None], mask)[0]
-        else:  # crop / flip: x' = an A2 crop of the source, mirrored when flip2 = 1 (flip only)
-            boxes = theta[:, IDX["crop2_y0"] : IDX["crop2_w"] + 1]
-            flips = (
-                theta[:, IDX["flip2"]] > 0.5 if family == "flip" else torch.zeros(per_image, dtype=torch.bool)
-            )
-            pair = torch.stack([crop_resize(img, box, flip, size) for box, flip in zip(boxes, flips)])
-        x1.append(x.half())
-        x2.append(pair.half())
-        thetas.append(theta[:, fields])
-    n = len(samples)
-    group_of = torch.tensor(groups if groups is not None else range(n), dtype=torch.int64)
-    anchor = torch.arange(n).repeat_interleave(per_image)
-    return PairSet(family, torch.stack(x1), torch.cat(x2), anchor, torch.cat(thetas), group_of[anchor])
+    masks = (mask,) if family in FAMILIES else ("none",)
+    return render_family(samples, family, cfg, size, per_image, groups, seed, masks, device)[masks[0]]
 
 
 def targets(family: str, theta: torch.Tensor, kind: str = "signed") -> torch.Tensor:

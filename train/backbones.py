@@ -20,10 +20,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from pipeline.errors import ProbeError
+from pipeline.errors import ExportError, ProbeError
 from train import export
 
 POOLS = ("avg", "token")  # timm's global_pool names: mean of the patch tokens | the class token
@@ -75,11 +75,42 @@ def load_backbone(
 
 
 def _from_export(folder: Path, img_size: int | None) -> Backbone:
+    _check_export_shapes(folder)
     model = export.load_export(folder, img_size)
     head, d_inv = export.load_split_head(folder) if (folder / export.HEAD).is_file() else (None, None)
     meta = export.read_config(folder).get("eqrecon", {})
     what = f"{meta.get('method', '?')}, step {meta.get('step', '?')}" if meta else "timm export"
     return _describe(model, head, d_inv, f"{folder} ({what}, {model.pretrained_cfg['architecture']})")
+
+
+def _check_export_shapes(folder: Path) -> None:
+    """ExportError when the weights file's tensor shapes disagree with the architecture config.json names
+    (e.g. a foreign model.safetensors of another patch size): timm's pretrained filter would resample
+    its patch and position embeddings and load it without a word. Reads the file's header only; a
+    missing or damaged file is left to export.load_export, which names it."""
+    weights, config = folder / export.WEIGHTS, folder / export.CONFIG
+    if not (weights.is_file() and config.is_file()):
+        return
+    cfg = export.read_config(folder)
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (no dict)
+    except (SafetensorError, OSError):
+        return
+    kwargs = {"num_classes": cfg.get("num_classes", 0), **cfg.get("model_args", {})}
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no init cost
+            skeleton = timm.create_model(cfg["architecture"], pretrained=False, **kwargs)
+    except (KeyError, RuntimeError, TypeError) as err:
+        raise ExportError(f"{config}: names no buildable timm architecture ({err})") from None
+    want = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    for key, shape in want.items():
+        if key in shapes and shapes[key] != shape:
+            raise ExportError(
+                f"{weights}: {key} is {list(shapes[key])} but {config.name} ({cfg['architecture']}, "
+                f"{cfg.get('model_args', {})}) needs {list(shape)}; these weights belong to another model "
+                "(re-export with train/export.py)"
+            )
 
 
 def _from_checkpoint(path: Path, img_size: int | None) -> Backbone:

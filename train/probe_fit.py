@@ -1,9 +1,11 @@
 """The probes' heads and scores: R² formulas, the MLP regressor of θ, softmax regression and k-NN.
 
-Two protocols for the θ regressor (`PROTOCOLS`):
-    fast  (default) a 3-layer MLP (256 hidden, ReLU) on standardised inputs, AdamW, early-stopped on
-          held-out training photos; inputs wider than 2048 are first projected onto their top 2048
-          principal components (fitted on the training rows), which keeps `tokens` pooling cheap;
+The equivariance probe's default readout is ridge regression (train/probe_ridge.py); the MLP
+protocols for the θ regressor (`PROTOCOLS`) are kept for the papers' protocol and comparisons:
+    fast  a 3-layer MLP (256 hidden, ReLU) on standardised inputs, AdamW, early-stopped on held-out
+          training photos (the best epoch after at least one: never the untrained head); inputs wider
+          than 2048 are first projected onto their top 2048 principal components (fitted on the
+          training rows), which keeps `tokens` pooling cheap;
     sie   SIE's eval_angle_prediction.py: Linear(2D, 1024)-ReLU-Linear(1024, 1024)-ReLU-Linear(1024, p),
           Adam lr 1e-3, no weight decay, batch 256, 50 epochs, raw features and targets, the last epoch's
           model; report r2_sie (SIE's global-mean R²) beside the papers.
@@ -124,7 +126,7 @@ def fit_predict(
     groups: torch.Tensor,
 ) -> torch.Tensor:
     """Train `model` on (x, y), early-stopped on held-out groups when cfg.early_stop; -> predictions
-    on x_test. The best epoch by validation loss (epoch 0, the untrained model, included) predicts."""
+    on x_test. The best trained epoch (at least one) by validation loss predicts."""
     gen = torch.Generator().manual_seed(cfg.seed)
     if cfg.early_stop:
         is_val = group_split(groups.cpu(), cfg.val_fraction, gen).to(x.device)
@@ -139,9 +141,9 @@ def fit_predict(
         with torch.no_grad():
             return float(loss_fn(model(x_val), y_val))
 
-    best, best_state, stale = (
-        (val_loss(), copy.deepcopy(model.state_dict()), 0) if cfg.early_stop else (0, None, 0)
-    )
+    # The untrained head (epoch 0) is never a candidate: with a zero last layer it predicts the mean,
+    # and a noisy validation split could otherwise keep it (R² ≡ 0, whatever the features hold).
+    best, best_state, stale = float("inf"), None, 0
     for _ in range(cfg.epochs):
         model.train()
         for idx in torch.randperm(len(x_fit), generator=gen).to(x.device).split(cfg.batch_size):

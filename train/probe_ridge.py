@@ -19,9 +19,9 @@ training rows (the unpenalised intercept) and solves
 
     w(α) = argmin ‖y_c - X_c w‖² + α‖w‖²,   α = a · F   for a in GRID  (F = feature count),
 
-through one eigendecomposition per training set for every α at once: of X_cᵀX_c (F×F) when F ≤ n,
-else of the centred Gram matrix X_cX_cᵀ (n×n, the dual form, for pool=tokens), both computed from
-one N×N or F×F product. α is relative to F because the standardised features' total variance is F
+by one Cholesky solve per α and training set: of X_cᵀX_c + αI (F×F) when F ≤ n, else of the centred
+Gram matrix X_cX_cᵀ + αI (n×n, the dual form, for pool=tokens), the Gram of all rows computed once.
+The inner fits of a pair of folds (k, j) serve both outer folds k and j. α is relative to F because the standardised features' total variance is F
 per row; one grid then suits any pooling.
 """
 
@@ -54,62 +54,69 @@ def _r2_columns(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class _Solver:
-    """Ridge fits of standardised x (N, F) on y (N, T) for every α of the grid, on any training subset."""
+    """Ridge fits of standardised x (N, F) on y (N, T) for any α of the grid, on any training subset."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, alphas: tuple[float, ...]):
         x = x.double()
         self.x = (x - x.mean(0)) / x.std(0).clamp_min(1e-8)  # (N, F)
         self.y = y.double().reshape(len(y), -1)  # (N, T)
-        self.alphas = torch.tensor(alphas, dtype=torch.float64) * self.x.shape[1]  # (A,)
+        self.alphas = [a * self.x.shape[1] for a in alphas]
         self._gram: torch.Tensor | None = None
 
-    def predict(self, train: torch.Tensor, test: torch.Tensor) -> torch.Tensor:
-        """Rows `train` -> predictions (A, n_test, T) on rows `test`, one per α."""
-        x_tr, x_te, y_tr = self.x[train], self.x[test], self.y[train]
+    def gram(self) -> torch.Tensor:
+        """x xᵀ (N, N) of all rows, once (float32 product: the costly step for pool=tokens; fp64 after)."""
+        if self._gram is None:
+            x32 = self.x.float()
+            self._gram = (x32 @ x32.T).double()
+        return self._gram
+
+    def predict(self, train: torch.Tensor, test: torch.Tensor, which: list[int]) -> torch.Tensor:
+        """Fit on rows `train`, predict rows `test` for the grid entries `which` -> (len(which), n_test, T).
+
+        One Cholesky solve per α: of X_cᵀX_c + αI (F, F) when F ≤ n (primal), else of the centred Gram
+        X_cX_cᵀ + αI (n, n) (dual, from the one N×N Gram of all rows)."""
+        y_tr = self.y[train]
         y_mean = y_tr.mean(0)
         yc = y_tr - y_mean  # (n, T)
-        n, f = x_tr.shape
-        if f <= n:  # primal: eig of X_cᵀX_c (F, F)
+        if self.x.shape[1] <= len(y_tr):  # primal (x is only indexed here: it is (N, F), F large in dual)
+            x_tr = self.x[train]
             mean = x_tr.mean(0)
-            xc, xt = x_tr - mean, x_te - mean
-            lam, v = torch.linalg.eigh(xc.T @ xc)  # (F,), (F, F)
-            proj = v.T @ (xc.T @ yc)  # (F, T)
-            coef = v[None] @ (proj[None] / (lam[None, :, None].clamp_min(0) + self.alphas[:, None, None]))
-            return xt[None] @ coef + y_mean  # (A, n_test, T)
-        # dual: eig of the centred Gram X_cX_cᵀ (n, n); X_c x_tᵀ from the one N×N Gram of all rows
-        if self._gram is None:
-            self._gram = self.x @ self.x.T  # (N, N)
-        g_tr = self._gram[train][:, train]  # (n, n)
-        g_te = self._gram[test][:, train]  # (n_test, n)
-        col, total = g_tr.mean(0), g_tr.mean()
-        k_tr = g_tr - col[None] - col[:, None] + total
-        k_te = g_te - col[None] - g_te.mean(1, keepdim=True) + total
-        lam, q = torch.linalg.eigh(k_tr)  # (n,), (n, n)
-        proj = q.T @ yc  # (n, T)
-        dual = q[None] @ (proj[None] / (lam[None, :, None].clamp_min(0) + self.alphas[:, None, None]))
-        return k_te[None] @ dual + y_mean  # (A, n_test, T)
+            xc = x_tr - mean
+            a, rhs, apply = xc.T @ xc, xc.T @ yc, self.x[test] - mean  # (F, F), (F, T), (n_test, F)
+        else:  # dual: X_c x_tᵀ by centring the Gram's entries on the training rows' mean
+            g_tr, g_te = self.gram()[train][:, train], self.gram()[test][:, train]  # (n, n), (n_test, n)
+            col, total = g_tr.mean(0), g_tr.mean()
+            a = g_tr - col[None] - col[:, None] + total
+            apply = g_te - col[None] - g_te.mean(1, keepdim=True) + total  # (n_test, n)
+            rhs = yc
+        eye = torch.eye(len(a), dtype=a.dtype)
+        out = []
+        for i in which:
+            chol = torch.linalg.cholesky(a + self.alphas[i] * eye)
+            out.append(apply @ torch.cholesky_solve(rhs, chol) + y_mean)
+        return torch.stack(out)  # (len(which), n_test, T)
 
 
 def _out_of_fold(solver: _Solver, fold: torch.Tensor, folds: int) -> tuple[torch.Tensor, list[int]]:
     """Nested CV over one fold assignment -> out-of-fold predictions (N, T) and the grid index chosen
-    for each outer fold."""
-    y = solver.y
-    pred = torch.empty_like(y)
-    chosen = []
+    for each outer fold. The inner fit for (outer k, inner j) trains on every fold but k and j, the
+    same set as (outer j, inner k): one fit per pair of folds serves both."""
+    y, every = solver.y, list(range(len(solver.alphas)))
+    scale = [y[fold != k].var(0).clamp_min(1e-12) for k in range(folds)]  # (T,): dimensions count equally
+    inner_err = torch.zeros(folds, len(every), dtype=torch.float64)
     for k in range(folds):
-        outer_test = fold == k
-        inner_err = torch.zeros(len(solver.alphas), dtype=torch.float64)
-        scale = y[~outer_test].var(0).clamp_min(1e-12)  # (T,): each dimension counts equally
-        for j in range(folds):
-            if j == k:
-                continue
-            test = fold == j
-            train = ~(test | outer_test)
-            err = (solver.predict(train, test) - y[test][None]) ** 2  # (A, n_j, T)
-            inner_err += (err.sum(1) / scale).sum(1)
-        best = int(torch.argmin(inner_err))
-        chosen.append(best)
-        pred[outer_test] = solver.predict(~outer_test, outer_test)[best]
+        for j in range(k + 1, folds):
+            pair = (fold == k) | (fold == j)
+            pred = solver.predict(~pair, pair, every)  # (A, n_pair, T)
+            err = (pred - y[pair][None]) ** 2
+            on_j, on_k = fold[pair] == j, fold[pair] == k
+            inner_err[k] += (err[:, on_j].sum(1) / scale[k]).sum(1)
+            inner_err[j] += (err[:, on_k].sum(1) / scale[j]).sum(1)
+    pred = torch.empty_like(y)
+    chosen = [int(torch.argmin(inner_err[k])) for k in range(folds)]
+    for k in range(folds):
+        test = fold == k
+        pred[test] = solver.predict(~test, test, [chosen[k]])[0]
     return pred, chosen
 
 
@@ -162,8 +169,10 @@ def ridge_cv(
 
 
 def paired(a: dict, b: dict) -> dict:
-    """a minus b over the same fold assignments -> {"diff", "diff_std", "positive", "of"}."""
-    da, db = a["r2_assignments"], b["r2_assignments"]
+    """a minus b over the same fold assignments (or the MLP readout's probe seeds, "r2_seeds", which fix
+    the held-out photos the same way) -> {"diff", "diff_std", "positive", "of"}."""
+    key = "r2_assignments" if "r2_assignments" in a else "r2_seeds"
+    da, db = a[key], b[key]
     if len(da) != len(db):
         raise ValueError(f"paired differences need the same assignments: {len(da)} vs {len(db)}")
     d = torch.tensor(da, dtype=torch.float64) - torch.tensor(db, dtype=torch.float64)

@@ -54,10 +54,13 @@ def test_out_of_fold_predictions_match_sklearn_ridge(f):
     pred, chosen = R._out_of_fold(solver, fold, 4)
     want, want_chosen = _oracle(x.numpy(), y.numpy(), fold.numpy(), R.GRID)
     assert chosen == want_chosen
-    np.testing.assert_allclose(pred.numpy(), want, rtol=1e-6, atol=1e-8)
+    # the dual form's Gram product is float32 (its cost dominates for pool=tokens): ~1e-5 relative
+    np.testing.assert_allclose(
+        pred.numpy(), want, rtol=1e-6 if f == 6 else 1e-4, atol=1e-8 if f == 6 else 1e-5
+    )
     # ridge_cv's R² of that assignment is scikit-learn's r2_score of the pooled predictions
     out = R.ridge_cv(x, y, groups, folds=4, assignments=1, seed=3)
-    assert out["r2"] == pytest.approx(r2_score(y.numpy(), want), abs=1e-9)
+    assert out["r2"] == pytest.approx(r2_score(y.numpy(), want), abs=1e-6)
     assert out["alpha"] == [[R.GRID[b] for b in want_chosen]]
 
 
