@@ -13,13 +13,16 @@
 #   wheels    offline install of the extras packed by bench/offline_extras.sh (only with --wheels)
 #   parity    bf16 parity of both kernels at the training shapes (pytest -m gpu, bf16 parity tests)
 #   kernels   python -m bench.kernels (shapes from the vits16-xattn-path preset)
-#   step      python -m bench.step on synthetic batches, vits16-path and vits16-vicreg
+#   step      python -m bench.step on synthetic batches, vits16-path and vits16-vicreg, eager and compiled
+#             (torch.compile, the trainer's --run.compile=true; compile time reported apart)
 #   pipeline  python -m bench.pipeline (the reference loader always; DALI when it imports)
 #   gpu       the rest of pytest -m gpu (neither the parity part's tests nor fp32)
 #   fp32      the fp32 gpu tests, last: the slowest to compile and the least needed
 # --budget (default 540 s) is the whole run; --part-budget caps one part (e.g. step=60). A part gets
 # min(its cap, what is left before the deadline); with under MIN_PART_S (10 s) left, it is skipped.
-# --dry-run runs the same sequence on the CPU with tiny sizes (under 2 minutes; tests use it).
+# --dry-run runs the same sequence on the CPU with tiny sizes (under 2 minutes; tests use it); its step
+# part times eager only (inductor takes minutes per graph on a CPU; tests/train/test_step_bench.py
+# covers the compiled mode there).
 # --only env,step runs a subset. Writes OUTDIR/NN-PART.json (status ok|failed|timeout|skipped, exit
 # code, seconds, the time box, provenance) and OUTDIR/NN-PART.log per part, the benches' own JSONs,
 # pytest's junit XML, and OUTDIR/summary.json + OUTDIR/SUMMARY.txt naming what ran, what was skipped
@@ -30,12 +33,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 PYTHON=${PYTHON:-python3}
 PARTS=(env wheels parity kernels step pipeline gpu fp32)
 # per-part caps (seconds) before --part-budget; the deadline cuts them further
-declare -A CAP=([env]=40 [wheels]=90 [parity]=120 [kernels]=120 [step]=150 [pipeline]=120 [gpu]=150 [fp32]=600)
+declare -A CAP=([env]=40 [wheels]=90 [parity]=120 [kernels]=120 [step]=240 [pipeline]=120 [gpu]=150 [fp32]=600)
 MIN_PART_S=${MIN_PART_S:-10}
 GRACE_S=5  # SIGTERM first; SIGKILL this long after
 
 usage() {
-    sed -n '2,27p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,29p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -87,7 +90,7 @@ if [[ $DRY == 1 ]]; then
     # and bench/results of the tree left alone (CPU figures there are made on purpose, not by a dry run)
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1 EQRECON_RESULTS_DIR="$OUT/bench-results"
     TINY_STEP=(--device cpu --steps 1 --warmup 1 --data.batch_size=2 --data.img_size=32 --data.target_size=32
-               --model.dec_depth=2 --model.depth=2)
+               --model.dec_depth=2 --model.depth=2 --modes eager)
 fi
 
 provenance_json() {
@@ -132,7 +135,7 @@ part_command() {  # name -> the command line, in PART_CMD
             if [[ $DRY == 1 ]]; then
                 PART_CMD=("$PYTHON" -m bench.step --presets vits16-path,vits16-vicreg --sources synthetic "${TINY_STEP[@]}" --out "$OUT")
             else
-                PART_CMD=("$PYTHON" -m bench.step --presets vits16-path,vits16-vicreg --sources synthetic --out "$OUT")
+                PART_CMD=("$PYTHON" -m bench.step --presets vits16-path,vits16-vicreg --sources synthetic --modes eager,compiled --out "$OUT")
             fi ;;
         pipeline)
             if [[ $DRY == 1 ]]; then

@@ -1,13 +1,22 @@
 """Training-step throughput per method: samples/s, the step's time split, MFU and peak memory.
 
     python -m bench.step [--presets demo,demo-vicreg,...] [--device auto|cpu|cuda] [--steps N]
-        [--warmup N] [--sources synthetic,loader] [--data DIR] [--out DIR] [--section.field=value ...]
+        [--warmup N] [--sources synthetic,loader] [--modes eager,compiled] [--data DIR] [--out DIR]
+        [--section.field=value ...]
 
 Each preset is one method. Its step is `train.loop.train_step` (the trainer's own step: forward,
 backward, grad clipping, optimizer, schedule; bf16 autocast on CUDA) fed two ways:
 
     synthetic  random Batches already on the device: the model's ceiling, no input pipeline
     loader     the configured loader (`data.loader`, DALI by default) over the shards: what a run gets
+
+Modes, side by side in the same process and from the same initial weights:
+
+    eager      the method as built
+    compiled   the method compiled as the trainer compiles it for one process (train/compile.py,
+               `--run.compile=true`), timed on synthetic batches only (the loader's cost does not
+               depend on the model). Compilation happens in the first warm-up step; that step's time
+               minus a timed step's is reported as compile_s, apart from the timed steps.
 
 Per step the clock is read (after synchronising CUDA) when the batch arrives ("data"), after the
 forward, after the backward (incl. clipping) and after the optimizer, so the phases add up to the step.
@@ -25,7 +34,9 @@ batch of 256); on a CPU the demo-* presets at their own batch, synthetic and ove
 Each preset's result is written as soon as it is measured, to bench/results/step-<preset>-<device>.json
 (and --out DIR), so a run cut short keeps what finished; the whole run then goes to step-<device>.json.
 Summary (docs/DESIGN.md): samples_per_s.<method> and mfu.<method> from synthetic batches,
-loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger of the two).
+loader_samples_per_s.<method> from the loader, peak_mem_gb.<method> (the larger of the two); with
+the compiled mode compiled_samples_per_s.<method>, compile_speedup.<method> (compiled / eager
+samples/s, synthetic batches) and compile_s.<method>.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ from pipeline import build_loader, resolve_data_dir
 from pipeline.batch import Batch
 from pipeline.multicrop import sample_masks, with_multicrop
 from pipeline.path import THETA_DIM
+from train.compile import wrap_compiled
 from train.config import Config, load_config, to_dict
 from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, total_steps, train_step
 from train.schedules import Schedules
@@ -68,6 +80,7 @@ GPU_PEAK_BF16 = (
     ("A10", 125e12),
 )
 PHASES = ("data", "forward", "backward", "optimizer")
+MODES = ("eager", "compiled")
 
 
 def synthetic_batches(cfg: Config, device: torch.device, n: int = 2) -> list[Batch]:
@@ -162,6 +175,7 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
         sync()
         marks.append(time.perf_counter())
 
+    first_step_s = float("nan")
     for i in range(warmup + steps):
         marks.clear()
         mark("start")
@@ -178,6 +192,8 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
             mark=mark,
             schedules=schedules,
         )
+        if i == 0:
+            first_step_s = marks[-1] - marks[0]  # a compiled method compiles here
         if i >= warmup:
             for phase, t0, t1 in zip(PHASES, marks, marks[1:]):
                 times[phase].append(1e3 * (t1 - t0))
@@ -188,6 +204,7 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
         **{f"{p}_ms": statistics.mean(v) for p, v in times.items()},
         "samples_per_s": cfg.data.batch_size / (statistics.mean(step_ms) / 1e3),
         "peak_mem_gb": peak_memory_gb(device),
+        "first_step_s": first_step_s,
     }
 
 
@@ -210,7 +227,9 @@ def bench_preset(
     warmup: int,
     steps: int,
     peak: float,
+    modes: tuple[str, ...] = ("eager",),
 ) -> list[dict]:
+    """Rows for `preset`: every source in eager mode, then synthetic batches compiled (see `MODES`)."""
     cfg = load_config(preset, overrides)
     set_cpu_threads(cfg, device)  # as the trainer does
     seed_all(cfg.run.seed)
@@ -218,7 +237,20 @@ def bench_preset(
     batches = synthetic_batches(cfg, device)
     flops = count_flops(method, batches[0], cfg, device)
     rows = []
-    for source in sources:
+    for mode in modes:
+        if mode == "compiled":
+            del method  # its memory is not the compiled run's
+            torch._dynamo.reset()  # compiled code is cached per code object, up to a recompile limit
+            seed_all(cfg.run.seed)  # the eager method's initial weights
+            method = build_method(cfg.model, cfg.data).to(device).train()
+            method = wrap_compiled(method, cfg.dist, "true", device, 1, amp=False)
+        rows += _time_sources(preset, cfg, method, batches, sources, mode, device, warmup, steps, flops, peak)
+    return rows
+
+
+def _time_sources(preset, cfg, method, batches, sources, mode, device, warmup, steps, flops, peak) -> list:
+    rows = []
+    for source in sources if mode == "eager" else [s for s in sources if s == "synthetic"]:
         if source == "synthetic":
             stream = (batches[i % len(batches)] for i in range(10**9))
         else:
@@ -226,11 +258,15 @@ def bench_preset(
             stream = endless(build_loader(cfg.data, 0, 1, device))
         result = time_steps(method, stream, cfg, device, warmup, steps)
         mfu = flops / (result["step_ms"] / 1e3) / peak
+        compiled = mode == "compiled"
         rows.append(
             {
                 "preset": preset,
                 "method": method_label(cfg),
                 "source": source,
+                "mode": mode,
+                # the first step's extra time over a timed step: dynamo + inductor (+ autotuning on CUDA)
+                "compile_s": result["first_step_s"] - result["step_ms"] / 1e3 if compiled else None,
                 "loader": cfg.data.loader if source == "loader" else None,
                 "batch_size": cfg.data.batch_size,
                 "img_size": cfg.data.img_size,
@@ -242,10 +278,11 @@ def bench_preset(
                 **result,
             }
         )
+        compile_note = f"  compile {rows[-1]['compile_s']:.1f} s" if compiled else ""
         print(
-            f"{preset:14s} {source:9s} {result['samples_per_s']:9.1f} samples/s  step {result['step_ms']:8.1f} ms "
+            f"{preset:14s} {source:9s} {mode:8s} {result['samples_per_s']:9.1f} samples/s  step {result['step_ms']:8.1f} ms "
             f"(data {result['data_ms']:.1f}, fwd {result['forward_ms']:.1f}, bwd {result['backward_ms']:.1f}, "
-            f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB",
+            f"opt {result['optimizer_ms']:.1f})  mfu {mfu:.3f}  peak {result['peak_mem_gb']:.2f} GB{compile_note}",
             flush=True,
         )
     return rows
@@ -287,6 +324,11 @@ def parse(argv: list[str]):
         default="",
         help="synthetic,loader (default: synthetic on CUDA unless --data is given; both on a CPU)",
     )
+    parser.add_argument(
+        "--modes",
+        default="eager,compiled",
+        help="eager,compiled: the method as built and torch.compile'd, side by side (compiled: synthetic only)",
+    )
     parser.add_argument("--data", default="", help="shard folder for the loader (default: the demo photos)")
     parser.add_argument("--out", default=None, help="folder to write the result JSONs into as well")
     return parser.parse_known_args(argv)
@@ -306,12 +348,17 @@ def main(argv: list[str]) -> int:
                 f"error: --sources: unknown source {source!r}; choose from synthetic, loader", file=sys.stderr
             )
             return 2
+    modes = tuple(args.modes.split(","))
+    if not modes or not set(modes) <= set(MODES):
+        print(f"error: --modes {args.modes!r}: choose from {', '.join(MODES)}", file=sys.stderr)
+        return 2
     set_cpu_threads(load_config(presets[0], overrides), device)  # the peak with the threads the steps get
     peak, peak_source = peak_flops(device)
     config = {
         "presets": presets,
         "overrides": overrides,
         "sources": sources,
+        "modes": list(modes),
         "steps": steps,
         "warmup": warmup,
         "peak_flops": peak,
@@ -320,7 +367,7 @@ def main(argv: list[str]) -> int:
     }
     rows = []
     for preset in presets:
-        preset_rows = bench_preset(preset, overrides, sources, device, warmup, steps, peak)
+        preset_rows = bench_preset(preset, overrides, sources, device, warmup, steps, peak, modes)
         rows += preset_rows
         done = {**config, "presets": [preset], "resolved": {preset: to_dict(load_config(preset, overrides))}}
         print(
@@ -337,15 +384,23 @@ def main(argv: list[str]) -> int:
 
 
 def summarise(rows: list[dict]) -> dict:
-    """samples_per_s / mfu / loader_samples_per_s / peak_mem_gb per method (docs/DESIGN.md)."""
+    """samples_per_s / mfu / loader_samples_per_s / peak_mem_gb per method (docs/DESIGN.md), and for
+    the compiled mode compiled_samples_per_s / compile_speedup (compiled over eager) / compile_s."""
     summary = {}
     for row in rows:
         m = row["method"]
-        if row["source"] == "synthetic":
+        if row.get("mode") == "compiled":
+            summary[f"compiled_samples_per_s.{m}"] = row["samples_per_s"]
+            summary[f"compile_s.{m}"] = row["compile_s"]
+        elif row["source"] == "synthetic":
             summary[f"samples_per_s.{m}"], summary[f"mfu.{m}"] = row["samples_per_s"], row["mfu"]
         else:
             summary[f"loader_samples_per_s.{m}"] = row["samples_per_s"]
         summary[f"peak_mem_gb.{m}"] = max(summary.get(f"peak_mem_gb.{m}", 0.0), row["peak_mem_gb"])
+    for key in [k for k in summary if k.startswith("compiled_samples_per_s.")]:
+        m = key.split(".", 1)[1]
+        if f"samples_per_s.{m}" in summary:
+            summary[f"compile_speedup.{m}"] = summary[key] / summary[f"samples_per_s.{m}"]
     return summary
 
 

@@ -1,5 +1,6 @@
 """bench/gpu_check.sh: parts in order, each in a time box cut from one deadline, each part's JSON and
-log in OUTDIR as soon as it ends (also when its time box kills it), and a summary of what ran."""
+log in OUTDIR as soon as it ends (also when its time box kills it), and a summary of what ran. Every
+test runs the script in a subprocess: all are integration tests."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def _part(out: Path, name: str) -> dict:
     return json.loads((out / f"{PARTS.index(name):02d}-{name}.json").read_text())
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
     results = sorted((ROOT / "bench" / "results").glob("*.json"))
@@ -58,6 +60,10 @@ def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
     ):
         record = json.loads((out / bench).read_text())
         assert record["rows"] and "git_sha" in record, bench
+    # the dry run's step part times eager only (the real one adds compiled: inductor on a CPU takes minutes)
+    for bench in ("step-vits16-path-cpu.json", "step-vits16-vicreg-cpu.json"):
+        record = json.loads((out / bench).read_text())
+        assert record["config"]["modes"] == ["eager"] and {r["mode"] for r in record["rows"]} == {"eager"}
     kernels = json.loads((out / "kernels-cpu.json").read_text())["config"]
     assert kernels["preset"] == "demo-xattn-path" and kernels["xattn_shape_B_H_Nq_Nk_D"] == [
         1,
@@ -74,6 +80,7 @@ def test_dry_run_runs_every_part_and_leaves_its_files(tmp_path):
     assert {p: p.read_bytes() for p in results} == before
 
 
+@pytest.mark.integration
 def test_a_part_killed_by_its_time_box_still_leaves_its_files(tmp_path):
     out = tmp_path / "out"
     done = _run(
@@ -95,6 +102,7 @@ def test_a_part_killed_by_its_time_box_still_leaves_its_files(tmp_path):
     assert summary["ran"] == ["env", "step", "pipeline"] and summary["skipped"] == {}
 
 
+@pytest.mark.integration
 def test_parts_past_the_deadline_are_skipped_with_the_reason(tmp_path):
     out = tmp_path / "out"
     done = _run(out, "--dry-run", "--budget", "0", "--only", "env,kernels")
@@ -105,6 +113,7 @@ def test_parts_past_the_deadline_are_skipped_with_the_reason(tmp_path):
     assert json.loads((out / "summary.json").read_text())["ran"] == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "args, match",
     [

@@ -1,15 +1,18 @@
 """bench/step.py measures the trainer's own step: phases add up, FLOPs are counted, the JSON is docs/DESIGN.md;
-its defaults work on either device (synthetic batches on CUDA, the demo presets and shards on a CPU)."""
+its defaults work on either device (synthetic batches on CUDA, the demo presets and shards on a CPU); eager
+and compiled side by side, compile time apart."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from bench import _provenance, step
 
 
+@pytest.mark.integration  # the loader source starts the loader's workers
 def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
     rows = step.bench_preset(
         "demo-xattn",
@@ -20,7 +23,10 @@ def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
         steps=2,
         peak=1e11,
     )
-    assert [(r["method"], r["source"]) for r in rows] == [("xattn", "synthetic"), ("xattn", "loader")]
+    assert [(r["method"], r["source"], r["mode"]) for r in rows] == [
+        ("xattn", "synthetic", "eager"),
+        ("xattn", "loader", "eager"),
+    ]
     for r in rows:
         phases = r["data_ms"] + r["forward_ms"] + r["backward_ms"] + r["optimizer_ms"]
         assert abs(phases - r["step_ms"]) < 1e-6 * r["step_ms"] + 1e-9
@@ -29,8 +35,43 @@ def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
     assert rows[0]["data_ms"] < rows[1]["data_ms"]  # synthetic batches cost nothing to fetch
 
 
+@pytest.mark.integration  # compiles a whole training step (inductor: minutes on 2 cores)
+def test_eager_and_compiled_side_by_side_with_the_compile_time_apart(demo_shards, one_thread):
+    tiny = ["--data.img_size=32", "--model.depth=1", f"--data.dir={demo_shards}"]
+    modes = ("eager", "compiled")
+    rows = step.bench_preset(
+        "demo-vicreg", tiny, ["synthetic", "loader"], torch.device("cpu"), 1, 2, 1e11, modes
+    )
+    torch._dynamo.reset()
+    # the loader source is timed eager only (its cost does not depend on the model)
+    assert [(r["source"], r["mode"]) for r in rows] == [
+        ("synthetic", "eager"),
+        ("loader", "eager"),
+        ("synthetic", "compiled"),
+    ]
+    eager, compiled = rows[0], rows[2]
+    # compilation happens in the first warm-up step, reported apart from the timed steps
+    assert eager["compile_s"] is None and compiled["compile_s"] > 1.0
+    assert compiled["compile_s"] == compiled["first_step_s"] - compiled["step_ms"] / 1e3
+    assert compiled["first_step_s"] > eager["first_step_s"]
+    assert compiled["flops_per_step"] == eager["flops_per_step"] > 1e7
+    summary = step.summarise(rows)
+    ratio = summary["compiled_samples_per_s.vicreg"] / summary["samples_per_s.vicreg"]
+    assert (
+        summary["compile_speedup.vicreg"] == ratio
+        and summary["samples_per_s.vicreg"] == eager["samples_per_s"]
+    )
+    assert summary["compile_s.vicreg"] == compiled["compile_s"] and summary["mfu.vicreg"] == eager["mfu"]
+
+
+def test_a_bad_mode_is_one_error_line(capsys):
+    assert step.main(["--modes", "eager,jit"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --modes 'eager,jit': choose from eager, compiled"
+
+
 def test_defaults_per_device():
     args, overrides = step.parse([])
+    assert args.modes == "eager,compiled"  # side by side unless asked otherwise
     presets, sources, steps, warmup, over = step.resolve_defaults(args, overrides, cuda=True)
     assert (steps, warmup) == (20, 5)
     # CUDA: vits16 at one GPU's batch, synthetic only (the demo photos cannot fill a batch of 256)
@@ -44,6 +85,7 @@ def test_defaults_per_device():
     assert sources == ["synthetic", "loader"] and over == ["--data.batch_size=64", "--data.dir=/shards"]
 
 
+@pytest.mark.integration  # the loader source starts the loader's workers
 def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(
     tmp_path, demo_shards, one_thread, monkeypatch
 ):
@@ -57,6 +99,8 @@ def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(
         "1",
         "--warmup",
         "1",
+        "--modes",
+        "eager",
         "--data.img_size=32",
         f"--data.dir={demo_shards}",
         "--out",
