@@ -28,6 +28,7 @@ def _x(size: int, n: int = 2) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.integration
 def test_export_folder_and_checkpoint_give_the_same_backbone(trained):
     ckpt, folder = trained
     a, b = load_backbone(folder), load_backbone(ckpt)
@@ -66,6 +67,7 @@ def test_any_timm_vit_with_a_local_weights_file(vit_tiny, tmp_path):
     assert "random init" in load_backbone("timm:vit_tiny_patch16_224").name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["export", "checkpoint", "timm"])
 def test_another_img_size_resamples_the_position_embedding(trained, kind):
     ckpt, folder = trained
