@@ -20,6 +20,7 @@ Everything is seeded; the same arguments give the same files.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -36,8 +37,10 @@ HAZE_DIST = 6.0  # metres: a = exp(-z / HAZE_DIST)
 TILE = 1.0  # metres of plane per photo tile
 
 
+@functools.lru_cache(maxsize=4)
 def photo_classes(photos: Path = PHOTOS, split: str = "train") -> dict[str, list[np.ndarray]]:
-    """{class name: [(H, W, 3) uint8 photos]} of one split of an ImageNet-style photo tree, sorted."""
+    """{class name: [(H, W, 3) uint8 photos]} of one split of an ImageNet-style photo tree, sorted
+    (decoded once per process; callers must not modify the arrays)."""
     folder = photos / split
     classes = sorted(p for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
     if not classes:

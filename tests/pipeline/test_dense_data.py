@@ -4,11 +4,10 @@ generator's labels, checked against their construction."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from dense_layouts import make_ade, make_nyu, make_voc, mask_array, write_png
 from PIL import Image
 
 from pipeline import dense_synth
@@ -23,61 +22,6 @@ from pipeline.dense_data import (
 from pipeline.errors import DataError
 
 
-def _jpg(path: Path, hw=(20, 30), seed=0) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rgb = np.random.default_rng(seed).integers(0, 256, size=(*hw, 3), dtype=np.uint8)
-    Image.fromarray(rgb).save(path)
-
-
-def _png(path: Path, array: np.ndarray, palette: bool = False) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if palette:  # VOC's masks: palette PNGs whose indices are the classes (colours unrelated to them)
-        img = Image.frombytes("P", (array.shape[1], array.shape[0]), array.tobytes())
-        img.putpalette([v for i in range(256) for v in (i, 255 - i, (7 * i) % 256)])
-    else:
-        img = Image.fromarray(array)
-    img.save(path)
-
-
-def _mask(hw=(20, 30), top=20) -> np.ndarray:
-    m = (np.arange(hw[0] * hw[1]).reshape(hw) % (top + 1)).astype(np.uint8)
-    m[0, :] = IGNORE
-    return m
-
-
-def make_voc(root: Path, val_list: bool = True) -> Path:
-    voc = root / "VOCdevkit" / "VOC2012"
-    stems = {"train": ["2007_000032", "2007_000039"], "val": ["2007_000033"]}
-    for i, stem in enumerate(stems["train"] + stems["val"]):
-        _jpg(voc / "JPEGImages" / f"{stem}.jpg", seed=i)
-        _png(voc / "SegmentationClass" / f"{stem}.png", _mask(), palette=True)
-    lists = voc / "ImageSets" / "Segmentation"
-    lists.mkdir(parents=True)
-    for split, names in stems.items():
-        if split == "train" or val_list:
-            (lists / f"{split}.txt").write_text("\n".join(names) + "\n")
-    return root / "VOCdevkit"
-
-
-def make_ade(root: Path) -> Path:
-    ade = root / "ADEChallengeData2016"
-    for split, stem in (("training", "ADE_train_00000001"), ("validation", "ADE_val_00000001")):
-        _jpg(ade / "images" / split / f"{stem}.jpg")
-        m = np.zeros((20, 30), np.uint8)
-        m[:, 10:] = 1
-        m[:, 20:] = 150
-        _png(ade / "annotations" / split / f"{stem}.png", m)
-    return ade
-
-
-def make_nyu(root: Path) -> Path:
-    for split, scene in (("train", "bedroom_0001"), ("test", "kitchen_0002")):
-        folder = root / "official_splits" / split / scene
-        _jpg(folder / "rgb_00045.jpg")
-        _png(folder / "sync_depth_00045.png", np.full((20, 30), 2500, np.uint16))
-    return root
-
-
 def test_voc_layout_reads_palette_indices(tmp_path):
     ds = open_dense(make_voc(tmp_path), "seg")
     assert (ds.layout, ds.kind, ds.num_classes) == ("voc", "seg", 21)
@@ -85,7 +29,7 @@ def test_voc_layout_reads_palette_indices(tmp_path):
     image = read_image(ds.val[0].image)
     assert image.shape == (3, 20, 30) and image.dtype == torch.uint8
     mask = read_mask(ds.val[0].label, (20, 30), ds)
-    assert torch.equal(mask, torch.from_numpy(_mask().astype(np.int64)))  # indices, not palette colours
+    assert torch.equal(mask, torch.from_numpy(mask_array().astype(np.int64)))  # indices, not palette colours
 
 
 def test_ade20k_layout_reduces_the_zero_label(tmp_path):
@@ -136,7 +80,7 @@ def test_listed_file_missing(tmp_path):
 
 def test_mask_of_the_wrong_size(tmp_path):
     root = make_voc(tmp_path)
-    _png(root / "VOC2012" / "SegmentationClass" / "2007_000033.png", _mask((10, 30)), palette=True)
+    write_png(root / "VOC2012" / "SegmentationClass" / "2007_000033.png", mask_array((10, 30)), palette=True)
     ds = open_dense(root, "seg")
     with pytest.raises(DataError, match=r"mask is 30x10 but its image is 30x20"):
         read_mask(ds.val[0].label, tuple(read_image(ds.val[0].image).shape[1:]), ds)
@@ -145,10 +89,10 @@ def test_mask_of_the_wrong_size(tmp_path):
 def test_colour_mask_and_out_of_range_class(tmp_path):
     root = make_voc(tmp_path)
     ds = open_dense(root, "seg")
-    _png(ds.val[0].label, np.zeros((20, 30, 3), np.uint8))
+    write_png(ds.val[0].label, np.zeros((20, 30, 3), np.uint8))
     with pytest.raises(DataError, match="class-index PNG .* got mode RGB"):
         read_mask(ds.val[0].label, (20, 30), ds)
-    _png(ds.val[0].label, np.full((20, 30), 21, np.uint8))
+    write_png(ds.val[0].label, np.full((20, 30), 21, np.uint8))
     with pytest.raises(DataError, match="class index 21 but the voc set has 21 classes"):
         read_mask(ds.val[0].label, (20, 30), ds)
 
@@ -156,7 +100,7 @@ def test_colour_mask_and_out_of_range_class(tmp_path):
 def test_depth_png_of_the_wrong_dtype(tmp_path):
     root = make_nyu(tmp_path)
     ds = open_dense(root, "depth")
-    _png(ds.val[0].label, np.full((20, 30), 25, np.uint8))  # 8-bit: the scale is lost
+    write_png(ds.val[0].label, np.full((20, 30), 25, np.uint8))  # 8-bit: the scale is lost
     with pytest.raises(DataError, match="must be a 16-bit greyscale PNG .* mode L \\(8-bit\\)"):
         read_depth(ds.val[0].label, (20, 30), ds)
 
