@@ -58,7 +58,13 @@ def test_the_run_folder_lock_is_free_again_after_the_holder(tmp_path):
 @pytest.mark.slow
 def test_two_trainings_started_at_once_into_one_folder_one_runs_one_is_refused(tmp_path, demo_shards):
     run = tmp_path / "run"
-    argv = [sys.executable, str(MAIN), *cpu_args(data=demo_shards, out=run, steps=3), "--model.depth=1"]
+    argv = [
+        sys.executable,
+        str(MAIN),
+        *cpu_args(data=demo_shards, out=run, steps=3),
+        "--model.depth=1",
+        "--run.log_every=1",
+    ]
     procs = [
         subprocess.Popen(
             argv, cwd=ROOT, env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
