@@ -11,9 +11,11 @@ optimizer step and is what `bench/step.py` times. Rank 0 writes the run folder:
     ckpt/          step-NNNNNN.pt and last.pt -> the newest one (train/checkpoint.py)
     recon.png      view 1 | view 2 | targets | predictions | |prediction - target| (also recon/step-NNNNNN.png)
     tensorboard/   the same scalars and the recon grid, with run.tensorboard=true
+    .train.lock    held by the training that writes the folder (train/main.py): a second one is refused
 
 SIGTERM or SIGUSR1 (a cluster's preemption notice) on any rank: every rank finishes the same step,
 the checkpoint is written, and train() raises Preempted; the process exits with PREEMPTED_EXIT.
+During start-up (train/main.py, before train()) the same signals exit with PREEMPTED_EXIT at once.
 torchrun's agent forwards SIGTERM to its workers (and kills them 30 s later); SIGUSR1 kills the agent
 itself, so under torchrun it must be sent to the workers only.
 """
@@ -395,7 +397,8 @@ class PreemptionFlag:
             signals = slots.tolist()
         if not any(signals):
             return False
-        rank = env.rank if self.caught else next(r for r, s in enumerate(signals) if s)
+        # This rank's own signal if it sent one into this all-reduce (it may have caught one since)
+        rank = env.rank if signals[env.rank] else next(r for r, s in enumerate(signals) if s)
         self.signalled = (rank, signals[rank])
         return True
 
