@@ -14,6 +14,11 @@
 triton itself is imported only here and in the `_*_triton` modules, on first use, so `import kernels`
 works without it. A fallback warns once per reason, on rank 0 only. Every path is a function without
 parameters, so a model's `state_dict` is the same either way.
+
+Under torch.compile the choice is made when dynamo traces the call (set the switch before compiling), the
+reference paths are compiled with the model, and the Triton paths are torch.library custom ops
+(`eqrecon::*`, defined beside each kernel) that stay in the graph as opaque nodes; auto mode does no
+timing inside a trace (`pick`).
 """
 
 from __future__ import annotations
