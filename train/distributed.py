@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from timm.models.vision_transformer import Block
@@ -66,6 +66,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # Full tensors gathered to rank 0's CPU for saving; on load every rank holds the full dict and keeps its shard.
 SAVE_OPTIONS = StateDictOptions(full_state_dict=True, cpu_offload=True)
 LOAD_OPTIONS = StateDictOptions(full_state_dict=True)
+
+
+@dataclass
+class Env:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass

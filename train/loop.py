@@ -30,7 +30,6 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +42,7 @@ from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from train import checkpoint
 from train.config import Config, OptimConfig, to_dict
 from train.distributed import (
+    Env,
     clip_grad_norm,
     gathered,
     is_sharded,
@@ -53,25 +53,12 @@ from train.distributed import (
     unwrap,
 )
 from train.provenance import git_sha
-from train.runlog import RunLog, kernel_path, save_recon_grid, writing  # noqa: F401 (re-exported)
+from train.runlog import RunLog, save_recon_grid, writing
 from train.schedules import Schedules, scaled_param_groups
 
 
 class NonFiniteLoss(TrainingError):
     """A loss term or the gradient norm became NaN/inf; the message names the step and the term."""
-
-
-@dataclass
-class Env:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
 
 
 def set_cpu_threads(cfg: Config, device: torch.device, ranks_per_node: int = 1) -> int:

@@ -27,9 +27,8 @@ from pipeline.errors import ConfigError, DataError, UserError, one_line
 from train.cli import parse_config
 from train.compile import wrap_compiled
 from train.config import Config
-from train.distributed import unwrap
+from train.distributed import Env, unwrap
 from train.loop import (
-    Env,
     Preempted,
     PreemptionFlag,
     build_optimizer,

@@ -30,7 +30,7 @@ from train.config import Config, to_dict
 from train.provenance import provenance
 
 if TYPE_CHECKING:
-    from train.loop import Env
+    from train.distributed import Env
 
 RUN_LOCK = ".train.lock"  # flock'ed by the training that writes the folder; names its pid, host, start
 

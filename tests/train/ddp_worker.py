@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from train.loop import train, unwrap
+from train.distributed import unwrap
+from train.loop import train
 from train.main import build, init_distributed, parse_config, resolve_data
 
 out, argv = sys.argv[1], sys.argv[2:]

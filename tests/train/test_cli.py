@@ -197,7 +197,8 @@ def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
 
     from train.cli import parse_config
     from train.config import load_config
-    from train.loop import Env, RunLog
+    from train.distributed import Env
+    from train.runlog import RunLog
 
     cfg = load_config("demo-xattn", ["--model.lam=0.5"])
     RunLog(tmp_path, cfg, Env(), 0, 1).close()

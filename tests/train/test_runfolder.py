@@ -17,7 +17,7 @@ from launch import MAIN, ROOT, cpu_args, environment
 
 from pipeline.errors import TrainingError
 from train.config import load_config
-from train.loop import Env
+from train.distributed import Env
 from train.main import main
 from train.runlog import RUN_LOCK, RunLog, drop_rows_after, lock_run_folder
 
