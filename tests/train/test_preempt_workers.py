@@ -32,6 +32,7 @@ def children(pid: int) -> set[int]:
     }
 
 
+@pytest.mark.integration  # a DataLoader worker process
 @needs_proc
 def test_a_reference_loader_worker_outlives_the_stop_signals_and_the_epoch_completes(demo_shards):
     cfg = load_config("demo", ["--data.loader=reference", "--data.workers=1", "--data.img_size=32"]).data

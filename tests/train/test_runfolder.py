@@ -84,6 +84,7 @@ def test_two_trainings_started_at_once_into_one_folder_one_runs_one_is_refused(t
 # --- a write that fails mid-run ---------------------------------------------------------------------
 
 
+@pytest.mark.integration  # RunLog reads the git SHA (a subprocess)
 @needs_dev_full
 def test_a_metrics_row_that_cannot_be_written_is_one_training_error(tmp_path):
     cfg, run = load_config("demo"), tmp_path / "run"
