@@ -6,9 +6,10 @@
 
 `--backbone` takes what the other probes take (train/backbones.py); `--data` a VOC 2012, ADE20K, NYU
 Depth v2 or plain-layout folder (pipeline/dense_data.py). The views and the window rule are in
-train/dense_views.py, the heads, retrieval and metrics in train/dense_fit.py. Every table has the
-backbone's random-init twin (train.probe_embed.random_twin) on the same data and protocol; `pixels`
-(each patch's raw pixels) and `constant` (a chance floor) on request. Linear heads: mean ± std over
+train/dense_views.py, the heads, retrieval and metrics in train/dense_fit.py, the table and picture in
+train/dense_report.py. Every table has the backbone's random-init twin (train.probe_embed.random_twin)
+on the same data and protocol; `pixels` (each patch's raw pixels) and `constant` (a chance floor) on
+request. Linear heads: mean ± std over
 `--seeds` (head init and minibatch order); retrieval has no randomness, so one run. The protocol is
 printed above the table and stored in the JSON with provenance; `--out X.json` also writes X.png,
 predictions beside the ground truth for `--show` val images.
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.dense_data import IGNORE, LAYOUTS, DenseSet, open_dense, read_image
+from pipeline.dense_data import IGNORE, LAYOUTS, DenseSet, open_dense
 from pipeline.errors import ProbeError, UserError, one_line
 from train.backbones import load_backbone
 from train.dense_fit import (
@@ -40,6 +41,7 @@ from train.dense_fit import (
     patch_labels,
     seg_metrics,
 )
+from train.dense_report import format_table, picture
 from train.dense_views import (
     VIEWS,
     Constant,
@@ -55,12 +57,6 @@ from train.provenance import provenance
 
 TASKS = ("seg", "depth", "retrieval")
 BASELINES = ("random", "pixels", "constant")
-TILE = 96  # px: the height of a picture's tiles
-METRICS = {
-    "seg": ("miou", "macc", "pacc"),
-    "retrieval": ("miou", "macc", "pacc"),
-    "depth": ("rmse", "absrel", "delta1"),
-}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -204,7 +200,8 @@ def models_for(enc: DenseEncoder, baselines: tuple[str, ...]) -> dict[str, nn.Mo
 
 
 def run(args: argparse.Namespace) -> tuple[dict, dict]:
-    """The dense probe `args` describes -> (the JSON record, {model: predictions shown}, val items)."""
+    """The dense probe `args` describes -> (the JSON record, what the picture needs: the predictions
+    shown per model, their val items, the dataset)."""
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -227,8 +224,18 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
     if not 1 <= stride <= size:
         raise ProbeError(f"--stride {stride}: give 1 to the window side {size}")
     cfg = head_config(args)
-    if cfg.min_depth <= 0 or cfg.max_depth <= cfg.min_depth:
+    if args.task == "depth" and (cfg.min_depth <= 0 or cfg.max_depth <= cfg.min_depth):
         raise ProbeError(f"--min-depth {cfg.min_depth} --max-depth {cfg.max_depth}: need 0 < min < max")
+    for flag, value in (
+        ("--epochs", cfg.epochs),
+        ("--head-batch", cfg.batch),
+        ("--k", args.k),
+        ("--chunk", args.chunk),
+    ):
+        if value < 1:
+            raise ProbeError(f"{flag} {value}: give at least 1")
+    if args.temperature <= 0 or cfg.lr <= 0:
+        raise ProbeError(f"--temperature {args.temperature} --lr {cfg.lr}: both must be positive")
     train = load_items(ds, "train", size, stride, args.view, args.max_train)
     val = load_items(ds, "val", size, stride, args.view, args.max_val)
     proto = protocol(args, ds, enc, size, stride, seeds, cfg, train, val)
@@ -289,62 +296,6 @@ def protocol(args, ds, enc, size, stride, seeds, cfg, train, val) -> dict:
         "loss": "SigLoss sqrt(var(g) + 0.15 mean(g)^2), g = log pred - log gt",
         "valid_depth_m": [cfg.min_depth, cfg.max_depth],
     }
-
-
-# ------------------------------------------------------------------------------------------ reporting
-
-
-def format_table(record: dict) -> str:
-    p = record["protocol"]
-    keys = METRICS[p["task"]]
-    lines = [f"{k}: {v}" for k, v in p.items()]
-    head = f"{'features':<10}" + "".join(f"{k:>18}" for k in keys)
-    lines += [head, "-" * len(head)]
-    for name, r in record["results"].items():
-        lines.append(f"{name:<10}" + "".join(f"{r[k]:>10.4f} ± {r[k + '_std']:.4f}" for k in keys))
-    return "\n".join(lines)
-
-
-def _palette(index: torch.Tensor) -> torch.Tensor:
-    """(H, W) class map -> (H, W, 3) uint8: VOC's bit-interleaved colours; 255 (ignore) white."""
-    c = index.clamp(0, 254).long()
-    rgb = torch.zeros(*c.shape, 3, dtype=torch.long)
-    for bit in range(8):
-        for ch in range(3):
-            rgb[..., ch] |= ((c >> (3 * bit + ch)) & 1) << (7 - bit)
-    rgb[index == IGNORE] = 255
-    return rgb.byte()
-
-
-def picture(path: Path, extras: dict, task: str, cfg: HeadConfig) -> None:
-    """Rows: val images; columns: image, ground truth, then each model's prediction (seed 0)."""
-    from PIL import Image, ImageDraw
-
-    names = list(extras["shown"])
-    rows = []
-    for i, item in enumerate(extras["val"]):
-        row = [read_image(item.pair.image).permute(1, 2, 0)]
-        for m in [item.label, *(extras["shown"][n][i] for n in names)]:
-            if task == "depth":
-                g = ((m - cfg.min_depth) / (cfg.max_depth - cfg.min_depth)).clamp(0, 1)
-                row.append((255 * (1 - g)).byte()[..., None].expand(*g.shape, 3))  # near = bright
-            else:
-                row.append(_palette(m))
-        rows.append([Image.fromarray(t.numpy()) for t in row])
-    if not rows:
-        return
-    # Every tile scaled to TILE px high (nearest: class maps stay exact), columns as wide as the widest.
-    tiles = [
-        [t.resize((max(1, round(TILE * t.width / t.height)), TILE), Image.NEAREST) for t in r] for r in rows
-    ]
-    width = max(t.width for r in tiles for t in r) + 4
-    img = Image.new("RGB", (width * len(tiles[0]), (TILE + 4) * len(tiles) + 12), "white")
-    draw = ImageDraw.Draw(img)
-    for j, label in enumerate(["image", "truth", *names]):
-        draw.text((j * width + 2, 0), label, fill="black")
-        for i, r in enumerate(tiles):
-            img.paste(r[j], (j * width, 12 + i * (TILE + 4)))
-    img.save(path)
 
 
 def main(args: argparse.Namespace) -> int:

@@ -138,6 +138,10 @@ def test_bad_data_is_one_error_line(trained, tmp_path, capsys):
     write_png(depth_png, np.full((20, 30), 25, np.uint8))  # 8-bit depth
     rc, _, err = _run(capsys, "--task", "depth", "--backbone", trained[1], "--data", nyu)
     assert rc == 2 and err.startswith("error: ") and "16-bit" in err and err.count("\n") == 1
+    rc, _, err = _run(
+        capsys, "--task", "retrieval", "--backbone", trained[1], "--data", make_voc(tmp_path / "v"), "--k", 0
+    )
+    assert rc == 2 and err == "error: --k 0: give at least 1\n"
 
 
 def test_power_check_seg_and_retrieval(trained, tmp_path):
