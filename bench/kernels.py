@@ -57,7 +57,7 @@ def decoder_shapes(preset: str, batch: int) -> dict:
 
     -> {"xattn": (B, H, Nq, Nk, D), "self_attn": (B·K, H, N, N, D), "recon": (B, K, N, P), "width": C}
     """
-    from train.config import load_config
+    from train.recipes import load_config
 
     cfg = load_config(preset, [])
     m, d = cfg.model, cfg.data

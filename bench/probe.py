@@ -39,9 +39,10 @@ from model import build_method
 from pipeline.demo import ensure_demo_shards
 from train import checkpoint
 from train.backbones import Backbone, load_backbone
-from train.config import load_config, to_dict
+from train.config import to_dict
 from train.probe import ProbeConfig, embedders_for, equivariance, read_split, set_threads
 from train.probe_embed import Embedder
+from train.recipes import load_config
 
 BEFORE = {"protocol": "fast", "min_train_pairs": 5000, "mask": "disc", "pool": "mean"}
 

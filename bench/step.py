@@ -62,8 +62,9 @@ from pipeline.batch import Batch
 from pipeline.multicrop import sample_masks, with_multicrop
 from pipeline.path import THETA_DIM
 from train.compile import wrap_compiled
-from train.config import Config, load_config, to_dict
+from train.config import Config, to_dict
 from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, total_steps, train_step
+from train.recipes import load_config
 from train.schedules import Schedules
 
 CPU_PRESETS = ("demo", "demo-xattn-path", "demo-vicreg", "demo-sie", "demo-xattn")

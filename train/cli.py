@@ -26,18 +26,11 @@ import typing
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ConfigError
 from train import checkpoint
-from train.config import (
-    PRESETS,
-    Config,
-    ConfigError,
-    apply_overrides,
-    check_model,
-    from_dict,
-    load_config,
-    load_file,
-    to_dict,
-)
+from train.checks import check_model
+from train.config import Config, from_dict, to_dict
+from train.recipes import PRESETS, apply_overrides, load_config, load_file
 
 # Short flags: aliases of config keys.
 SHORT_FLAGS = {"data": "data.dir", "out": "run.out", "device": "run.device", "steps": "run.steps"}

@@ -1,27 +1,23 @@
-"""One typed config tree: dataclass defaults -> named preset -> command-line overrides.
+"""One typed config tree (the dataclasses) and how a leaf is set from text or rebuilt from a saved dict.
 
-    cfg = load_config("demo", ["--model.lam=0.5", "--data.batch_size=64"])
-
-Every leaf field can be overridden as `--section.field=value` (nested: `--data.aug.k=3`); tuples are
-comma-separated (`--data.aug.transforms=rotation,blur`); an unknown key or an unparsable value is a
-one-line error. `to_dict(cfg)` is what a run saves as config.json.
+Every leaf field can be set as `--section.field=value` (nested: `--data.aug.k=3`; train/recipes.py
+applies them on top of a preset); tuples are comma-separated (`--data.aug.transforms=rotation,blur`);
+an unknown key or an unparsable value is a one-line error. `to_dict(cfg)` is what a run saves as
+config.json, `from_dict` rebuilds it. This module imports no preset and no check (train/recipes.py
+and train/checks.py import it).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from model.config import ModelConfig
 from pipeline.batch import DataConfig
 from pipeline.errors import ConfigError
-from pipeline.path import PathConfig
 from train.distributed import DistConfig
 
 
@@ -76,187 +72,6 @@ class Config:
     dist: DistConfig = field(default_factory=DistConfig)
 
 
-# --- presets: functions that edit a default Config ------------------------------------------------
-
-PRESETS: dict[str, Callable[[Config], None]] = {}
-
-
-def preset(name: str):
-    def register(fn: Callable[[Config], None]) -> Callable[[Config], None]:
-        PRESETS[name] = fn
-        return fn
-
-    return register
-
-
-def _demo_base(cfg: Config) -> None:
-    """Embedded photos, a tiny ViT at 64 px: a few minutes on a 2-core CPU."""
-    cfg.data.dir = ""
-    cfg.data.img_size = 64
-    cfg.data.batch_size = 16
-    cfg.data.workers = 2
-    cfg.data.shuffle_buffer = 64
-    cfg.data.aug = PathConfig(ref_size=224, k=2, crop_scale=(0.35, 1.0))
-    cfg.model = ModelConfig(
-        backbone="vit_tiny_patch16_224",
-        patch_size=8,
-        depth=4,
-        d_patch=128,
-        d_inv=64,
-        dec_width=96,
-        dec_depth=2,
-        dec_heads=3,
-        conv_width=64,
-        expander=(256, 256),
-    )
-    # 64 train photos in batches of 16: 4 steps per epoch, 300 steps (~2-4 min on 2 cores); lr 3e-4.
-    cfg.optim = OptimConfig(base_lr=5e-3, epochs=75.0, warmup_epochs=5.0, weight_decay=0.05)
-    cfg.run.log_every = 5
-    cfg.run.ckpt_every = 100
-    cfg.run.recon_every = 100
-
-
-def _vits16_base(cfg: Config) -> None:
-    """The path paper's VICReg setting: ViT-S/16 at 224, d_patch 512 = 256 + 256, batch 2048, 800 epochs."""
-    cfg.run.device = "cuda"  # a GPU preset: on a machine without one it stops with a clear error
-    cfg.data.img_size = 224
-    cfg.data.batch_size = 2048
-    cfg.data.workers = 8
-    cfg.data.aug = PathConfig(k=2)
-    cfg.model = ModelConfig(backbone="vit_small_patch16_224", patch_size=16, d_patch=512, d_inv=256, lam=1.0)
-    cfg.optim = OptimConfig(base_lr=1e-4, epochs=800.0, warmup_epochs=10.0)
-
-
-def _only_views(cfg: Config) -> None:
-    """Methods that reconstruct nothing along the path need no intermediate targets."""
-    cfg.data.aug.k = 0
-
-
-def _sie(cfg: Config) -> None:
-    """SIE with its official loss weights: invariance and variance 10 (VICReg's 25 times equi_factor
-    4.5 would weigh the prediction term 112.5)."""
-    cfg.model.method = "sie"
-    cfg.model.sim_coeff, cfg.model.std_coeff = 10.0, 10.0
-    _only_views(cfg)
-
-
-# The balanced presets' --model.grad_ratio: at λ = 1 (per-pixel mean) the reconstruction's backbone
-# gradient is 1-5 % of VICReg's, and VICReg makes the backbone rotation-invariant; a ratio of 1 (λ ≈ 25
-# in issue 19's 32 px run, λ settling at ~20 in the demo: tests/train/test_grad_ratio.py) is where `path`
-# kept clearly more rotation information than vicreg. The `-paper` presets keep the papers' λ = 1.
-BALANCED_RATIO = 1.0
-
-
-def _balanced(cfg: Config) -> None:
-    """λ adapted so that the equivariant and invariant gradients on the backbone are equal in norm."""
-    cfg.model.grad_ratio = BALANCED_RATIO
-
-
-@preset("demo")
-def _demo(cfg: Config) -> None:
-    """The default: embedded photos, tiny ViT at 64 px, `path` with the paper's conv decoder and a balanced
-    λ (model.grad_ratio = 1), 300 steps on a CPU."""
-    _demo_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "conv"
-    _balanced(cfg)
-
-
-@preset("demo-paper")
-def _demo_paper(cfg: Config) -> None:
-    """The demo with the path paper's fixed λ = 1 instead of the balanced λ."""
-    _demo_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "conv"
-
-
-@preset("demo-xattn-path")
-def _demo_xattn_path(cfg: Config) -> None:
-    """The demo with our own decoder for `path`: one cross-attention decoder shared by all K steps."""
-    _demo_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "xattn-path"
-    _balanced(cfg)
-
-
-@preset("demo-vicreg")
-def _demo_vicreg(cfg: Config) -> None:
-    """The demo setting with VICReg only (no equivariant part)."""
-    _demo_base(cfg)
-    cfg.model.method = "vicreg"
-    _only_views(cfg)
-
-
-@preset("demo-sie")
-def _demo_sie(cfg: Config) -> None:
-    """The demo setting with SIE (a hypernetwork predicts z_eq of view 2 from view 1 and θ)."""
-    _demo_base(cfg)
-    _sie(cfg)
-
-
-@preset("demo-xattn")
-def _demo_xattn(cfg: Config) -> None:
-    """The demo setting with the cross-attention decoder reconstructing view 2 (balanced λ)."""
-    _demo_base(cfg)
-    cfg.model.method, cfg.model.decoder = "xattn", "xattn"
-    _only_views(cfg)
-    _balanced(cfg)
-
-
-@preset("vits16-vicreg")
-def _vits16_vicreg(cfg: Config) -> None:
-    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with VICReg."""
-    _vits16_base(cfg)
-    cfg.model.method = "vicreg"
-    _only_views(cfg)
-
-
-@preset("vits16-sie")
-def _vits16_sie(cfg: Config) -> None:
-    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with SIE."""
-    _vits16_base(cfg)
-    _sie(cfg)
-
-
-@preset("vits16-xattn")
-def _vits16_xattn(cfg: Config) -> None:
-    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with xattn, balanced λ."""
-    _vits16_base(cfg)
-    cfg.model.method, cfg.model.decoder = "xattn", "xattn"
-    _only_views(cfg)
-    _balanced(cfg)
-
-
-@preset("vits16-xattn-paper")
-def _vits16_xattn_paper(cfg: Config) -> None:
-    """vits16-xattn with the paper's fixed λ = 1."""
-    _vits16_base(cfg)
-    cfg.model.method, cfg.model.decoder = "xattn", "xattn"
-    _only_views(cfg)
-
-
-@preset("vits16-path")
-def _vits16_path(cfg: Config) -> None:
-    """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with path, K = 2,
-    and the paper's decoder (K independent linear + 4-conv decoders), balanced λ."""
-    _vits16_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "conv"
-    _balanced(cfg)
-
-
-@preset("vits16-path-paper")
-def _vits16_path_paper(cfg: Config) -> None:
-    """vits16-path with the path paper's fixed λ = 1."""
-    _vits16_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "conv"
-
-
-@preset("vits16-xattn-path")
-def _vits16_xattn_path(cfg: Config) -> None:
-    """The papers' setting with path and our cross-attention decoder shared by all K steps (the fused
-    kernels), balanced λ."""
-    _vits16_base(cfg)
-    cfg.model.method, cfg.model.decoder = "path", "xattn-path"
-    _balanced(cfg)
-
-
 # --- overrides ------------------------------------------------------------------------------------
 
 
@@ -307,32 +122,6 @@ def set_by_key(cfg: Config, key: str, text: str) -> None:
             obj = getattr(obj, part)
             if not dataclasses.is_dataclass(obj):
                 raise ConfigError(f"unknown config key --{key}: {'.'.join(parts[: i + 1])} is not a section")
-
-
-def load_config(preset_name: str = "demo", overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Defaults -> preset -> `--section.field=value` overrides (also accepts `--key value`)."""
-    if preset_name not in PRESETS:
-        raise ConfigError(f"unknown preset {preset_name!r}; choose from {', '.join(PRESETS)}")
-    cfg = Config(preset=preset_name)
-    PRESETS[preset_name](cfg)
-    return apply_overrides(cfg, overrides)
-
-
-def apply_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Apply `--section.field=value` (or `--section.field value`) items to cfg in place and check it."""
-    items = list(overrides)
-    while items:
-        item = items.pop(0)
-        if not item.startswith("--"):
-            raise ConfigError(f"unexpected argument {item!r}; overrides look like --section.field=value")
-        key, sep, value = item[2:].partition("=")
-        if not sep:
-            if not items:
-                raise ConfigError(f"--{key} needs a value (--{key}=VALUE)")
-            value = items.pop(0)
-        set_by_key(cfg, key, value)
-    check(cfg)
-    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -391,40 +180,3 @@ def _typed(value: Any, tp: Any, key: str, where: str) -> Any:
     if not ok:
         raise ConfigError(f"{where}: {key}={value!r} is not a {getattr(tp, '__name__', tp)}")
     return float(value) if tp is float else value
-
-
-def load_file(path: str | Path) -> Config:
-    """A config saved as JSON or YAML: `--print-config` output, or a run's config.json (whose tree
-    sits under "config" beside its provenance keys). Checked like a command-line config."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise ConfigError(f"--config {path}: cannot read it ({err.strerror or err})") from None
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--config {path}: not valid YAML ({' '.join(str(err).split())})") from None
-    else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--config {path}: not valid JSON ({err}); YAML files end in .yaml") from None
-    if isinstance(data, dict) and isinstance(data.get("config"), dict) and "preset" not in data:
-        data = data["config"]  # a run folder's config.json
-    cfg = from_dict(data, where=f"--config {path}")
-    cfg.run.resume = (
-        ""  # a saved config is the base of a new run (a resumed run's config.json names its checkpoint)
-    )
-    check(cfg)
-    return cfg
-
-
-# The DINO family's presets register themselves here (their own module: this one stays short).
-from train import presets_dino  # noqa: F401
-
-# The checks live in train/checks.py (imported last: they read this module's dataclasses).
-from train.checks import LR_SCALING, OPTIMIZERS, check, check_model, check_multicrop  # noqa: F401

@@ -183,7 +183,7 @@ class RunLog:
             with writing(self.metrics, "the metrics log"):
                 drop_rows_after(self.metrics, start)
             if cfg.run.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter  # config.check made sure it imports
+                from torch.utils.tensorboard import SummaryWriter  # train.checks.check made sure it imports
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start + 1)
         self.bar = tqdm(total=stop, initial=start, disable=not env.main, dynamic_ncols=True, unit="step")

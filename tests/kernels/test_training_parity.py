@@ -12,8 +12,8 @@ import torch
 
 from model import build_method
 from pipeline import build_loader
-from train.config import load_config
 from train.loop import build_optimizer, build_scheduler, train_step
+from train.recipes import load_config
 
 STEPS = 20
 TINY = (

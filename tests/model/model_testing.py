@@ -6,7 +6,8 @@ import torch
 
 from pipeline.batch import Batch
 from pipeline.path import THETA_DIM, PathConfig, sample_theta
-from train.config import Config, load_config
+from train.config import Config
+from train.recipes import load_config
 
 # 32 px views with patch 8: a 4×4 token grid; vit_tiny (width 192) cut to 2 blocks.
 TINY = ("--data.img_size=32", "--model.depth=2", "--model.expander=64,64", "--data.batch_size=8")

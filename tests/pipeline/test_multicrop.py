@@ -247,7 +247,7 @@ def test_collate_adds_local_and_masks_as_the_families_expect():
 
 def test_a_rendered_multicrop_batch_trains_ibot_with_path(one_thread):
     from model.families import DinoConfig, DinoFamily
-    from train.config import load_config
+    from train.recipes import load_config
 
     cfg = load_config("demo", ["--data.img_size=32", "--model.depth=2", "--model.expander=64,64"])
     assert cfg.model.patch_size == SMALL.patch_size

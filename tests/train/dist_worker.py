@@ -32,7 +32,7 @@ from model.teacher import teacher_momentum
 from pipeline import masks as ibot_masks
 from pipeline.batch import Batch
 from pipeline.path import sample_theta
-from train.config import Config, load_config
+from train.config import Config
 from train.distributed import (
     DistConfig,
     clip_grad_norm,
@@ -45,6 +45,7 @@ from train.distributed import (
     wrap_model,
 )
 from train.loop import build_optimizer, build_scheduler
+from train.recipes import load_config
 
 GLOBAL_BATCH, LOCAL_CROPS, LOCAL_SIZE = 8, 2, 16
 # 32 px views, patch 8 (a 4x4 grid), vit_tiny cut to 2 blocks: a step takes well under a second.

@@ -117,7 +117,8 @@ def leaf_keys(obj, prefix=""):
 
 def test_help_lists_every_field_with_type_and_default_and_every_preset(capsys):
     from train.cli import parse_config
-    from train.config import PRESETS, Config
+    from train.config import Config
+    from train.recipes import PRESETS
 
     with pytest.raises(SystemExit) as done:
         parse_config(["--help"])
@@ -196,8 +197,8 @@ def test_a_runs_config_json_with_provenance_is_a_config_base(tmp_path):
     import json
 
     from train.cli import parse_config
-    from train.config import load_config
     from train.distributed import Env
+    from train.recipes import load_config
     from train.runlog import RunLog
 
     cfg = load_config("demo-xattn", ["--model.lam=0.5"])

@@ -10,7 +10,10 @@ import pytest
 import torch
 from launch import ROOT
 
-from train.config import PRESETS, ConfigError, check_model, from_dict, load_config, load_file, to_dict
+from pipeline.errors import ConfigError
+from train.checks import check_model
+from train.config import from_dict, to_dict
+from train.recipes import PRESETS, load_config, load_file
 
 PAPER = ("vits16-vicreg", "vits16-sie", "vits16-xattn", "vits16-path")
 

@@ -20,7 +20,7 @@ from torch import nn
 from model import build_method
 from pipeline.errors import CheckpointError, ConfigError
 from tests.model.model_testing import TINY
-from train.config import Config, load_config
+from train.config import Config
 from train.distributed import (
     DistConfig,
     clip_grad_norm,
@@ -32,6 +32,7 @@ from train.distributed import (
     wrap_model,
 )
 from train.loop import build_optimizer
+from train.recipes import load_config
 
 WORKER = Path(__file__).with_name("dist_worker.py")
 STEPS, SAVE_AT = 5, 2

@@ -143,7 +143,7 @@ def test_stop_and_resume_with_grad_ratio_is_bit_identical(tmp_path, demo_shards)
 
 
 def test_balanced_presets_and_their_paper_variants():
-    from train.config import PRESETS, load_config
+    from train.recipes import PRESETS, load_config
 
     for name in ("demo", "demo-xattn", "demo-xattn-path", "vits16-path", "vits16-xattn", "vits16-xattn-path"):
         assert load_config(name).model.grad_ratio == 1.0, name

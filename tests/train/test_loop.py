@@ -11,8 +11,10 @@ from torch import nn
 
 from model import build_method
 from pipeline import build_loader
-from train.config import ConfigError, OptimConfig, load_config
+from pipeline.errors import ConfigError
+from train.config import OptimConfig
 from train.loop import NonFiniteLoss, build_optimizer, build_scheduler, lr_factor, param_groups, train_step
+from train.recipes import load_config
 
 
 def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():

@@ -17,7 +17,7 @@ from test_preempt import when_training
 
 from pipeline import build_loader
 from train import checkpoint
-from train.config import load_config
+from train.recipes import load_config
 
 needs_proc = pytest.mark.skipif(
     not Path("/proc/self/task").is_dir(), reason="finds the workers through /proc"

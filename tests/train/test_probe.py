@@ -23,7 +23,8 @@ from pipeline.errors import UserError
 from pipeline.path import IDX, PathConfig, sample_theta
 from pipeline.reference import apply_g, crop_resize, decode
 from train import checkpoint, probe, probe_embed, probe_fit
-from train.config import load_config, to_dict
+from train.config import to_dict
+from train.recipes import load_config
 
 # A narrower head than the protocol's keeps each fit around a second on a shared 2-core CPU.
 FAST = probe_fit.FitConfig(hidden=128, epochs=100, patience=15)

@@ -16,9 +16,9 @@ import pytest
 from launch import MAIN, ROOT, cpu_args, environment
 
 from pipeline.errors import TrainingError
-from train.config import load_config
 from train.distributed import Env
 from train.main import main
+from train.recipes import load_config
 from train.runlog import RUN_LOCK, RunLog, drop_rows_after, lock_run_folder
 
 FULL = Path("/dev/full")  # every write fails with ENOSPC, as on a full disk
