@@ -1,5 +1,5 @@
 """`--run.compile`: the policy (auto = on for CUDA, off on a CPU) and compiled training on the CPU
-(inductor) giving the eager run's losses, on one process and on 2 Gloo ranks under DDP.
+(inductor) giving the eager run's losses, on one process and on 2 Gloo ranks under DDP and FSDP2.
 
 Tolerance: every logged loss term and the gradient norm of each of the 5 steps within rtol 1e-4
 (atol 1e-5) of the eager run's. Inductor fuses and reorders fp32 reductions, so the two runs differ by
@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 from launch import MAIN, cpu_args, torchrun
+from torch._dynamo.utils import counters
 
 from pipeline.errors import ConfigError
 from train.compile import enabled, is_compiled, wrap_compiled
@@ -69,12 +70,15 @@ def test_a_bad_value_is_one_error_line(tmp_path, demo_shards, capsys):
 
 @pytest.mark.integration
 def test_compiled_run_matches_the_eager_run(tmp_path, demo_shards):
-    runs = {}
+    runs, graphs = {}, {}
     for choice in ("false", "true"):
         runs[choice] = tmp_path / choice
         argv = cpu_args(PRESET, demo_shards, runs[choice], steps=5)
+        counters.clear()
         assert main([*argv, *TINY, f"--run.compile={choice}"]) == 0
+        graphs[choice] = counters["stats"]["unique_graphs"]
     torch._dynamo.reset()  # free the compiled graphs for the rest of the session
+    assert graphs["false"] == 0 and graphs["true"] >= 1  # the compiled run did compile
     _assert_same_losses(_losses(runs["true"]), _losses(runs["false"]))
     saved = [torch.load(runs[c] / "ckpt" / "last.pt", weights_only=True)["model"] for c in ("true", "false")]
     assert saved[0].keys() == saved[1].keys()  # in-place compile: no `_orig_mod.` in the checkpoint
@@ -89,11 +93,17 @@ def test_compiled_run_matches_the_eager_run(tmp_path, demo_shards):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_compiled_ddp_on_two_gloo_ranks_matches_eager_ddp(tmp_path, demo_shards):
-    # DDP compiles the wrapper (DDPOptimizer splits the graph at bucket boundaries): train/compile.py
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_compiled_two_gloo_ranks_match_eager(tmp_path, demo_shards, strategy):
+    # DDP compiles its wrapper (DDPOptimizer splits the graph at bucket boundaries), FSDP2 each block
+    # before fully_shard (train/compile.py). Inductor's cache goes to a folder per run: the compiled
+    # run writes its kernels there, the eager one nothing.
     runs = {}
     for choice in ("false", "true"):
         runs[choice] = tmp_path / choice
-        argv = cpu_args(PRESET, demo_shards, runs[choice], steps=5)
-        torchrun(MAIN, *argv, *TINY, "--data.batch_size=16", f"--run.compile={choice}")
+        argv = [*cpu_args(PRESET, demo_shards, runs[choice], steps=5), *TINY, "--data.batch_size=16"]
+        cache = tmp_path / f"inductor-{choice}"
+        env = {"TORCHINDUCTOR_CACHE_DIR": str(cache)}
+        torchrun(MAIN, *argv, f"--dist.strategy={strategy}", f"--run.compile={choice}", env=env)
+        assert any(cache.rglob("*.py")) == (choice == "true"), sorted(cache.rglob("*"))[:5]
     _assert_same_losses(_losses(runs["true"]), _losses(runs["false"]))
