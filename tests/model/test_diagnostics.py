@@ -78,3 +78,35 @@ def test_xattn_mask_ratio_hides_view_2_from_the_queries():
     half = method.decoder.__class__(8, 16, 1, 1, 4, 12, mask_ratio=0.5)
     e = torch.randn(3, 16, 16)
     assert ((half.mask_queries(e) == half.mask_token).all(-1).sum(1) == 8).all()
+
+
+def _with_dino(variant: str):
+    """The DINO family (global crops only) with `variant`'s equivariant part."""
+    from model.config import DinoConfig
+    from model.families import DinoFamily
+
+    cfg = variant_config(variant)
+    torch.manual_seed(0)
+    fam = DinoConfig(family="dino", out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    eq = {"path-conv": "path", "path-xattn": "path"}.get(variant, variant)
+    return cfg, DinoFamily(cfg.model, cfg.data, fam, equivariant=eq)
+
+
+@pytest.mark.parametrize("family", ["vicreg", "dino"])
+@pytest.mark.parametrize("variant", ["path-conv", "path-xattn", "xattn", "sie"])
+def test_the_loss_weight_is_read_from_method_lam(variant, family):
+    """model.grad_ratio's controller sets method.lam between steps: the loss and the measured ratio
+    must follow it, for every equivariant part and invariant objective."""
+    cfg, method = _build(variant) if family == "vicreg" else _with_dino(variant)
+    batch = make_batch(cfg)
+    ratios = []
+    for lam in (1.0, 3.0):
+        method.lam = lam
+        terms = diagnostics(method, batch, recon=False)  # buffers restored: both see the same model
+        assert not any(k.startswith("diag/recon") for k in terms)
+        ratios.append(terms["diag/grad_ratio"])
+    assert ratios[0] > 0 and ratios[1] == pytest.approx(3 * ratios[0], rel=1e-4)
+    method.lam = 7.5
+    out = method(batch)
+    assert float(out["loss"]) == pytest.approx(float(out["loss/inv"] + 7.5 * out["loss/eq"]), rel=1e-6)
+    assert method.cfg.lam == 1.0  # the config (saved with the run) is not what moves
