@@ -388,7 +388,7 @@ def render_batch(
     """Run the DALI graph on given pixels and θ -> (view1, view2, targets), normalised, on the CPU.
 
     images: B decoded (3, H, W) uint8 tensors (sizes may differ); theta: (B, THETA_DIM). What the parity
-    tests compare with `reference.make_views` on the same inputs.
+    tests compare with `oracle.make_views` on the same inputs.
     """
     if theta.shape != (len(images), THETA_DIM):
         raise ValueError(

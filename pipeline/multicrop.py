@@ -3,7 +3,7 @@
     mc = MULTICROP["ibot"]                                   # or MultiCropConfig(n_local=..., ...)
     data = global_data_config(data, mc)                      # the global crops' size and scale
     crops = sample_multicrop(key, src_hw, data, mc, epoch)   # θ, local params, masks: the one owner
-    view1, view2, targets = reference.make_views(img, crops.theta, data)
+    view1, view2, targets = oracle.make_views(img, crops.theta, data)
     local = render_local_crops(img, crops.local, mc, data)  # (L, 3, h, w), normalised like the views
     batch = with_multicrop(batch, local, masks)              # Batch.local, Batch.masks
 
@@ -31,11 +31,11 @@ is an extended box-blur approximation of it).
 Local parameters. One row per local crop, `LOCAL_FIELDS`: the θ layout of pipeline.path (crop1/flip1 are
 the local crop's box and flip, the colour and blur entries the jitter and blur, rotation and translation
 0, crop2/flip2 a whole-image box, unused) plus a greyscale flag. So the renderers apply the local
-photometric steps with g's own colour and blur code (`reference.apply_g`, `dali.apply_g`): one
+photometric steps with g's own colour and blur code (`oracle.apply_g`, `dali.apply_g`): one
 definition of those semantics for views, targets and local crops.
 
 Randomness. Like θ, everything a sample gets depends only on (seed, epoch, key): θ from the reference
-loader's generator (`reference.sample_theta_for`, so wiring multi-crop in leaves θ unchanged), the local
+loader's generator (`oracle.sample_theta_for`, so wiring multi-crop in leaves θ unchanged), the local
 parameters and the masks from generators of their own.
 
 Masks. iBOT's block masks (pipeline/masks.py) of the two global crops' (global_size / patch_size)²
@@ -45,7 +45,6 @@ patch tokens, each crop with its own ratio from {0, U(0.1, 0.5)} -> (2, N) bool,
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
 from typing import NamedTuple
 
@@ -55,10 +54,10 @@ import torchvision.transforms.v2.functional as F
 from pipeline.batch import Batch, DataConfig, MultiCropConfig  # the config lives beside DataConfig
 from pipeline.errors import ConfigError
 from pipeline.masks import block_masks
-from pipeline.path import CROP1, CROP2, IDX, THETA_DIM, THETA_FIELDS, PathConfig, sample_crop
 
 # The calls into the view pipeline, kept in one place (pipeline/reference.py owns the pixel semantics).
-from pipeline.reference import apply_g, crop_resize, make_views, normalize, sample_theta_for
+from pipeline.oracle import apply_g, crop_resize, make_views, normalize, sample_theta_for, seed_of
+from pipeline.path import CROP1, CROP2, IDX, THETA_DIM, THETA_FIELDS, PathConfig, sample_crop
 
 LOCAL_FIELDS = (*THETA_FIELDS, "grey")
 GREY = len(THETA_FIELDS)  # index of the greyscale flag
@@ -161,15 +160,10 @@ def sample_local_params(mc: MultiCropConfig, src_hw: tuple[int, int], gen: torch
     return params.float()
 
 
-def _seed(*parts) -> int:
-    """A 63-bit seed from printable parts, stable across processes (the reference loader's rule)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
 def sample_masks(mc: MultiCropConfig, *seed_parts) -> torch.Tensor:
     """iBOT's masks of the two global crops, drawn from a generator seeded by seed_parts -> (2, N) bool."""
     grid = (mc.global_size // mc.patch_size,) * 2
-    return block_masks(2, grid, random.Random(_seed("masks", *seed_parts)))
+    return block_masks(2, grid, random.Random(seed_of("masks", *seed_parts)))
 
 
 class MultiCropParams(NamedTuple):
@@ -186,7 +180,7 @@ def sample_multicrop(
     """Every random choice for sample `key` (source size src_hw) in `epoch`; depends on (seed, epoch, key)
     only. `data` is the global crops' config (`global_data_config`)."""
     theta = sample_theta_for(key, src_hw, data, epoch)
-    gen = torch.Generator().manual_seed(_seed("local", data.seed, epoch, key))
+    gen = torch.Generator().manual_seed(seed_of("local", data.seed, epoch, key))
     masks = sample_masks(mc, data.seed, epoch, key) if mc.masks else None
     return MultiCropParams(theta, sample_local_params(mc, src_hw, gen), masks)
 
@@ -213,7 +207,7 @@ def render_local_crops(
     params = params.to(image.device, torch.float32)
     x = torch.stack([crop_resize(image, p[CROP1], p[IDX["flip1"]] > 0.5, h) for p in params])  # (L, 3, h, h)
     colour, blur = photometric_configs(mc)
-    # reference.apply_g applies whatever θ holds, so each step gets a θ holding only its own entries
+    # oracle.apply_g applies whatever θ holds, so each step gets a θ holding only its own entries
     theta_colour = torch.zeros(params.shape[0], THETA_DIM, device=image.device)
     theta_colour[:, IDX["brightness"] : IDX["hue"] + 1] = params[:, IDX["brightness"] : IDX["hue"] + 1]
     x = apply_g(x, theta_colour, colour)

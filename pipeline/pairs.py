@@ -37,8 +37,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pipeline.oracle import apply_g, crop_resize, decode
 from pipeline.path import FAMILIES, FAMILY_FIELDS, IDX, PathConfig, sample_theta
-from pipeline.reference import apply_g, crop_resize, decode
 
 TRANSFORMS = ("rotation", "translation", "color", "blur", "crop", "flip")
 TARGETS = ("signed", "abs", "sincos")

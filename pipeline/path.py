@@ -31,7 +31,7 @@ A sample is built as
 Only the first `G_DIM` entries (the g part) are interpolated: θ_t = t·θ is exactly "colour factors
 1 + t·δ, hue shift t·δh, blur σ_t = t·σ, rotation t·φ, translation t·(tx, ty)".
 
-g in detail (`pipeline.reference.apply_g` is the executable definition, images in [0, 1]):
+g in detail (`pipeline.oracle.apply_g` is the executable definition, images in [0, 1]):
   colour  brightness, contrast, saturation, hue in that fixed order, torchvision.transforms.v2
           .functional semantics, each skipped at its identity value;
   blur    σ_px = σ·size/ref_size per axis, kernel 2·ceil(3σ_px)+1, reflect padding; identity when the
@@ -54,7 +54,7 @@ from pipeline.errors import ConfigError
 
 # The g part of θ, in layout order: field -> (family, its sampling range [lo, hi] from the config).
 # Adding a family means a row here, a PathConfig range, and its operator in the DALI graph
-# (`pipeline.dali.apply_g`) and the reference renderer (`pipeline.reference.apply_g`).
+# (`pipeline.dali.apply_g`) and the reference renderer (`pipeline.oracle.apply_g`).
 G_FIELDS: dict[str, tuple[str, Callable[[PathConfig], tuple[float, float]]]] = {
     "rot_deg": ("rotation", lambda c: (-c.rot_deg, c.rot_deg)),
     "tx_px": ("translation", lambda c: (-c.translate_px, c.translate_px)),

@@ -46,6 +46,7 @@ if __package__ in (None, ""):  # `python train/probe.py`: make the repository ro
 
 from model.encoder import PROBE_POOLS
 from pipeline.errors import DataError, ProbeError, UserError, one_line
+from pipeline.oracle import decode
 from pipeline.pairs import (
     MASKS,
     SYMMETRY_THRESHOLD,
@@ -59,7 +60,6 @@ from pipeline.pairs import (
     targets,
 )
 from pipeline.path import PathConfig
-from pipeline.reference import decode
 from pipeline.shards import dataset_is_labeled, load_meta, parse_label, read_shard, split_shards
 from train import probe_dense
 from train.probe_embed import PARTS, Embedder, PixelEmbedder, embed, embed_pools, load_backbone, random_twin

@@ -26,8 +26,9 @@ from pipeline.batch import DataConfig
 from pipeline.dali import DaliLoader, build_dali_loader, render_batch
 from pipeline.demo import PHOTOS
 from pipeline.errors import ShardError
+from pipeline.oracle import decode, make_views
 from pipeline.path import IDX, THETA_DIM, PathConfig, affine_matrix, path_steps, sample_theta
-from pipeline.reference import ReferenceLoader, decode, make_views
+from pipeline.reference import ReferenceLoader
 from pipeline.shards import parse_labels, verify_shard
 
 G_ATOL = 5e-4

@@ -36,8 +36,8 @@ from pipeline.multicrop import (
     sample_multicrop,
     with_multicrop,
 )
+from pipeline.oracle import decode, normalize, sample_theta_for
 from pipeline.path import CROP1, CROP2, IDX, PathConfig
-from pipeline.reference import decode, normalize, sample_theta_for
 from pipeline.shards import split_shards
 
 # 32 px global crops and 16 px local crops at patch 8 keep every test a few seconds on a CPU.

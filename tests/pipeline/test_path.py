@@ -12,6 +12,7 @@ from PIL import Image
 from pipeline.batch import DataConfig
 from pipeline.demo import PHOTOS
 from pipeline.errors import ConfigError
+from pipeline.oracle import apply_g, crop_resize, make_views, normalize, warp_affine
 from pipeline.path import (
     CROP1,
     CROP2,
@@ -36,7 +37,6 @@ from pipeline.path import (
     sample_theta,
     theta_scale,
 )
-from pipeline.reference import apply_g, crop_resize, make_views, normalize, warp_affine
 
 SRC_HW = torch.tensor([[375.0, 500.0]])
 
@@ -325,7 +325,7 @@ def test_disc_mask_is_the_same_in_dali_and_the_reference():
     if not dali_available():
         pytest.skip("NVIDIA DALI is not installed")
     from pipeline.dali import render_batch
-    from pipeline.reference import decode
+    from pipeline.oracle import decode
 
     cfg = DataConfig(
         img_size=48,

@@ -12,20 +12,11 @@ import torchvision.transforms.v2.functional as F
 
 from pipeline import build_loader
 from pipeline.batch import Batch, DataConfig
-from pipeline.errors import ConfigError, ShardError
-from pipeline.path import CROP2, THETA_DIM, PathConfig
-from pipeline.reference import (
-    DataError,
-    ReferenceLoader,
-    build_reference_loader,
-    crop_box_pixels,
-    crop_resize,
-    decode,
-    interleave,
-    make_views,
-    read_shard,
-    sample_theta_for,
-)
+from pipeline.errors import ConfigError, DataError, ShardError
+from pipeline.oracle import crop_resize, decode, make_views, sample_theta_for
+from pipeline.path import CROP2, THETA_DIM, PathConfig, crop_box_pixels
+from pipeline.reference import ReferenceLoader, build_reference_loader, interleave
+from pipeline.shards import read_shard
 
 SIZE = 32  # tiny views keep a whole demo epoch (64 photos) around a second
 

@@ -20,8 +20,8 @@ from torch import nn
 from model import build_method
 from pipeline import pairs as P
 from pipeline.errors import UserError
+from pipeline.oracle import apply_g, crop_resize, decode
 from pipeline.path import IDX, PathConfig, sample_theta
-from pipeline.reference import apply_g, crop_resize, decode
 from train import checkpoint, probe, probe_embed, probe_fit
 from train.config import to_dict
 from train.recipes import load_config
