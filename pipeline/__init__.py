@@ -12,20 +12,29 @@ resumed run neither replays nor skips data, also across backends.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
+
+from pipeline.choice import DALI_INSTALL, LOADERS, choose_loader, dali_available
 
 if TYPE_CHECKING:  # torch is imported lazily so `python -m pipeline.convert` starts fast
     import torch
 
     from pipeline.batch import Batch, DataConfig
 
-__all__ = ["Batch", "DataConfig", "Loader", "PathConfig", "build_loader", "resolve_data_dir"]
-
-LOADERS = ("auto", "dali", "reference")
-DALI_INSTALL = "pip install 'eqrecon[dali]'"
+__all__ = [
+    "DALI_INSTALL",
+    "LOADERS",
+    "Batch",
+    "DataConfig",
+    "Loader",
+    "PathConfig",
+    "build_loader",
+    "choose_loader",
+    "dali_available",
+    "resolve_data_dir",
+]
 
 
 def __getattr__(name: str):
@@ -65,38 +74,6 @@ def resolve_data_dir(cfg: DataConfig) -> Path:
     if not (path / "dataset.json").is_file():
         raise DataError(f"{str(path)!r} has no dataset.json: is it a folder written by pipeline.convert?")
     return path
-
-
-def dali_available() -> bool:
-    """Whether NVIDIA DALI imports here (it is an optional extra: `pip install 'eqrecon[dali]'`)."""
-    try:
-        import nvidia.dali  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def choose_loader(name: str, rank: int = 0) -> str:
-    """data.loader -> the loader that runs: `auto` is DALI when it imports, else the reference loader
-    with one warning (on rank 0); `dali` without DALI is a ConfigError naming the install command."""
-    from pipeline.errors import ConfigError
-
-    if name not in LOADERS:
-        raise ConfigError(f"unknown data.loader {name!r}; choose from {', '.join(LOADERS)}")
-    if name == "reference" or dali_available():
-        return "reference" if name == "reference" else "dali"
-    if name == "dali":
-        raise ConfigError(
-            f"data.loader=dali needs NVIDIA DALI, which does not import here: {DALI_INSTALL} "
-            "(or use --data.loader=reference)"
-        )
-    if rank == 0:
-        warnings.warn(
-            f"NVIDIA DALI is not installed: data.loader=auto uses the PyTorch reference loader "
-            f"(slower; {DALI_INSTALL} for the DALI pipeline)",
-            stacklevel=3,
-        )
-    return "reference"
 
 
 def build_loader(

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch, DataConfig
+from pipeline.choice import choose_loader
 from pipeline.dali_ops import GREY, _on, apply_g, crop_resize, render, sample_crop, sample_theta  # noqa: F401
 from pipeline.errors import ConfigError, ShardError
 from pipeline.path import (
@@ -421,7 +422,5 @@ def build_dali_loader(
 ) -> DaliLoader:
     """The DALI loader for this rank: the GPU pipeline for a CUDA device, the CPU pipeline otherwise; a
     ConfigError naming the install command when DALI does not import."""
-    from pipeline import choose_loader
-
     choose_loader("dali", rank)
     return DaliLoader(cfg, data_dir, rank, world_size, device)
