@@ -63,9 +63,10 @@ from pipeline.multicrop import sample_masks, with_multicrop
 from pipeline.path import THETA_DIM
 from train.compile import wrap_compiled
 from train.config import Config, to_dict
-from train.loop import build_optimizer, build_scheduler, seed_all, set_cpu_threads, total_steps, train_step
+from train.loop import seed_all, set_cpu_threads, train_step
+from train.optim import build_optimizer
 from train.recipes import load_config
-from train.schedules import Schedules
+from train.schedules import Schedules, build_scheduler, total_steps
 
 CPU_PRESETS = ("demo", "demo-xattn-path", "demo-vicreg", "demo-sie", "demo-xattn")
 GPU_PRESETS = ("vits16-path", "vits16-xattn-path", "vits16-vicreg", "vits16-sie", "vits16-xattn")

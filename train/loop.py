@@ -1,4 +1,5 @@
-"""The training loop: optimizer and schedule, one DDP step, checkpoints, logging and the recon grid.
+"""The training loop: one DDP step, checkpoint orchestration, preemption, logging and the recon grid
+(the optimizer is built by train/optim.py, every schedule by train/schedules.py).
 
 `train(cfg, model, optimizer, scheduler, loader, env)` runs the schedule the config defines, from
 step 0 or from `cfg.run.resume`, and stops after `cfg.run.steps` if set. `train_step` is one
@@ -40,7 +41,7 @@ from torch import nn
 from model.diagnostics import diagnostics
 from pipeline.errors import CheckpointError, ConfigError, TrainingError
 from train import checkpoint
-from train.config import Config, OptimConfig, to_dict
+from train.config import Config, to_dict
 from train.distributed import (
     Env,
     clip_grad_norm,
@@ -54,7 +55,7 @@ from train.distributed import (
 )
 from train.provenance import git_sha
 from train.runlog import RunLog, save_recon_grid, writing
-from train.schedules import Schedules, scaled_param_groups
+from train.schedules import Schedules, peak_lr, total_steps, warmup_steps
 
 
 class NonFiniteLoss(TrainingError):
@@ -72,83 +73,6 @@ def set_cpu_threads(cfg: Config, device: torch.device, ranks_per_node: int = 1) 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores // ranks_per_node - cfg.data.workers))
     return torch.get_num_threads()
-
-
-# --- optimizer and schedule -----------------------------------------------------------------------
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices only: biases, norms, embeddings and tokens are exempt.
-    The model's own `no_weight_decay()` names decide when it has one; otherwise only the weights
-    of linear and conv layers decay (as in MAE/DINO)."""
-    if hasattr(model, "no_weight_decay"):
-        exempt = set(model.no_weight_decay())
-    else:
-        layers = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-        matrices = {f"{m}.weight".lstrip(".") for m, mod in model.named_modules() if isinstance(mod, layers)}
-        exempt = {n for n, _ in model.named_parameters()} - matrices
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
-    """base_lr × B / 256, or × sqrt(B / 1024) with optim.lr_scaling=sqrt (DINOv2's rule)."""
-    if cfg.lr_scaling == "sqrt":
-        return cfg.base_lr * math.sqrt(global_batch / 1024)
-    return cfg.base_lr * global_batch / 256
-
-
-def build_optimizer(
-    cfg: OptimConfig, model: nn.Module, global_batch: int, device: torch.device
-) -> torch.optim.Optimizer:
-    """AdamW (fused on CUDA), or apex's FusedAdam / FusedLAMB when asked for."""
-    lr = peak_lr(cfg, global_batch)
-    groups = scaled_param_groups(model, param_groups(model, cfg.weight_decay), cfg, lr)
-    if cfg.name == "adamw":
-        fused = {"fused": True} if device.type == "cuda" else {}
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, **fused)
-    try:
-        from apex.optimizers import FusedAdam, FusedLAMB
-    except ImportError:
-        raise ConfigError(
-            f"--optim.name={cfg.name} needs NVIDIA apex (built from github.com/NVIDIA/apex), "
-            "which is not importable; use --optim.name=adamw"
-        ) from None
-    cls = FusedAdam if cfg.name == "apex_adam" else FusedLAMB
-    return cls(groups, lr=lr, betas=cfg.betas, adam_w_mode=True)
-
-
-def total_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
-    return max(1, round(cfg.epochs * steps_per_epoch))
-
-
-def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
-    """Steps of the linear lr warm-up (at least one step of the schedule is left after it)."""
-    return min(round(cfg.warmup_epochs * steps_per_epoch), total_steps(cfg, steps_per_epoch) - 1)
-
-
-def lr_factor(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at a step: linear warm-up, then cosine down to min_lr."""
-    total = total_steps(cfg, steps_per_epoch)
-    warmup = warmup_steps(cfg, steps_per_epoch)
-    floor = min(1.0, cfg.min_lr / peak_lr(cfg, global_batch))
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return factor
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch: int, steps_per_epoch: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, global_batch, steps_per_epoch))
 
 
 # --- one step -------------------------------------------------------------------------------------

@@ -28,17 +28,10 @@ from train.cli import parse_config
 from train.compile import wrap_compiled
 from train.config import Config
 from train.distributed import Env, unwrap
-from train.loop import (
-    Preempted,
-    PreemptionFlag,
-    build_optimizer,
-    build_scheduler,
-    run_dir_of,
-    seed_all,
-    set_cpu_threads,
-    train,
-)
+from train.loop import Preempted, PreemptionFlag, run_dir_of, seed_all, set_cpu_threads, train
+from train.optim import build_optimizer
 from train.runlog import lock_run_folder
+from train.schedules import build_scheduler
 
 __all__ = ["build", "init_distributed", "main", "parse_config", "resolve_data"]
 

@@ -1,4 +1,5 @@
-"""The DINO recipes' per-step schedules and per-parameter lr scales (the loop calls them; docs/DESIGN.md).
+"""Every schedule, built in one place: the lr (warm-up + cosine, `build_scheduler`), the DINO recipes'
+per-step schedules and per-parameter lr scales (the loop calls them; docs/DESIGN.md).
 
     schedules = Schedules(cfg, steps_per_epoch, total)
     groups = scaled_param_groups(method, groups, cfg.optim, lr)  # layer-wise lr decay, patch-embed lr
@@ -34,6 +35,7 @@ as a straight one without saving anything: the step is in the checkpoint.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -252,3 +254,43 @@ def scaled_param_groups(model: nn.Module, groups: list[dict], cfg: OptimConfig, 
             by_scale.setdefault(scale(p), []).append(p)
         out += [{**group, "params": ps, "lr": lr * s} for s, ps in sorted(by_scale.items(), reverse=True)]
     return out
+
+
+# --- the lr: linear warm-up, then cosine to optim.min_lr (a LambdaLR over the peak lr) ---------------
+
+
+def peak_lr(cfg: OptimConfig, global_batch: int) -> float:
+    """base_lr × B / 256, or × sqrt(B / 1024) with optim.lr_scaling=sqrt (DINOv2's rule)."""
+    if cfg.lr_scaling == "sqrt":
+        return cfg.base_lr * math.sqrt(global_batch / 1024)
+    return cfg.base_lr * global_batch / 256
+
+
+def total_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    return max(1, round(cfg.epochs * steps_per_epoch))
+
+
+def warmup_steps(cfg: OptimConfig, steps_per_epoch: int) -> int:
+    """Steps of the linear lr warm-up (at least one step of the schedule is left after it)."""
+    return min(round(cfg.warmup_epochs * steps_per_epoch), total_steps(cfg, steps_per_epoch) - 1)
+
+
+def lr_factor(cfg: OptimConfig, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at a step: linear warm-up, then cosine down to min_lr."""
+    total = total_steps(cfg, steps_per_epoch)
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    floor = min(1.0, cfg.min_lr / peak_lr(cfg, global_batch))
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, global_batch: int, steps_per_epoch: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg, global_batch, steps_per_epoch))

@@ -12,8 +12,10 @@ import torch
 
 from model import build_method
 from pipeline import build_loader
-from train.loop import build_optimizer, build_scheduler, train_step
+from train.loop import train_step
+from train.optim import build_optimizer
 from train.recipes import load_config
+from train.schedules import build_scheduler
 
 STEPS = 20
 TINY = (

@@ -44,8 +44,9 @@ from train.distributed import (
     unwrap,
     wrap_model,
 )
-from train.loop import build_optimizer, build_scheduler
+from train.optim import build_optimizer
 from train.recipes import load_config
+from train.schedules import build_scheduler
 
 GLOBAL_BATCH, LOCAL_CROPS, LOCAL_SIZE = 8, 2, 16
 # 32 px views, patch 8 (a 4x4 grid), vit_tiny cut to 2 blocks: a step takes well under a second.

@@ -22,8 +22,8 @@ from launch import cpu_args
 
 from train import checkpoint
 from train.config import from_dict
-from train.loop import lr_factor, peak_lr
 from train.main import main
+from train.schedules import lr_factor, peak_lr
 
 pytestmark = pytest.mark.integration  # every test here trains or resumes a run (the fixture's)
 

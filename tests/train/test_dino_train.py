@@ -17,10 +17,11 @@ from launch import MAIN, torchrun
 from model import build_method
 from model.diagnostics import diagnostics
 from pipeline.errors import ConfigError
-from train.loop import build_optimizer, build_scheduler, peak_lr, train_step
+from train.loop import train_step
 from train.main import main
+from train.optim import build_optimizer
 from train.recipes import load_config
-from train.schedules import Schedules
+from train.schedules import Schedules, build_scheduler, peak_lr
 
 # 32 px global crops, 2 local crops of 16 px at patch 8, 16 images: 4 steps per epoch on the demo photos.
 SMALL = [

@@ -31,7 +31,7 @@ from train.distributed import (
     param_dtype,
     wrap_model,
 )
-from train.loop import build_optimizer
+from train.optim import build_optimizer
 from train.recipes import load_config
 
 WORKER = Path(__file__).with_name("dist_worker.py")

@@ -13,8 +13,10 @@ from model import build_method
 from pipeline import build_loader
 from pipeline.errors import ConfigError
 from train.config import OptimConfig
-from train.loop import NonFiniteLoss, build_optimizer, build_scheduler, lr_factor, param_groups, train_step
+from train.loop import NonFiniteLoss, train_step
+from train.optim import build_optimizer, param_groups
 from train.recipes import load_config
+from train.schedules import build_scheduler, lr_factor
 
 
 def test_lr_warms_up_linearly_then_follows_the_cosine_to_min_lr():
