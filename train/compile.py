@@ -1,8 +1,8 @@
 """torch.compile in training: the `run.compile` policy and where it applies under each strategy.
 
-    model = wrap_compiled(method, cfg, env.device, env.world_size, amp=amp)   # in place of wrap_model
+    model = wrap_compiled(method, cfg.dist, cfg.run.compile, env.device, env.world_size, amp=amp)
 
-`run.compile`: auto (on for CUDA, off on a CPU, where inductor's compile time outweighs what it saves
+(in place of `train.distributed.wrap_model`). `run.compile`: auto (on for CUDA, off on a CPU, where inductor's compile time outweighs what it saves
 in a short run), true, false. Compiling is in place (`nn.Module.compile`), so parameter names,
 state dicts and checkpoints are the same as eager ones. What is compiled, by strategy:
 
