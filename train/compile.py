@@ -2,9 +2,10 @@
 
     model = wrap_compiled(method, cfg.dist, cfg.run.compile, env.device, env.world_size, amp=amp)
 
-(in place of `train.distributed.wrap_model`). `run.compile`: auto (on for CUDA, off on a CPU, where inductor's compile time outweighs what it saves
-in a short run), true, false. Compiling is in place (`nn.Module.compile`), so parameter names,
-state dicts and checkpoints are the same as eager ones. What is compiled, by strategy:
+in place of `train.distributed.wrap_model`. `run.compile`: auto (on for CUDA, off on a CPU, where
+inductor's compile time outweighs what it saves in a short run), true, false. Compiling is in place
+(`nn.Module.compile`), so parameter names, state dicts and checkpoints are the same as eager ones.
+What is compiled, by strategy:
 
 - one process: the method's whole forward (encoder, heads, decoders and losses: the step's model
   part) in one graph; AOTAutograd compiles its backward. The fused kernels are torch.library custom
