@@ -5,9 +5,9 @@ clearly, and a constant feature must score chance; otherwise the probe cannot te
     python -m train.dense_power --backbone B [--tasks seg,depth,retrieval] [--steps 300] [--out X.json]
 
 For each task a synthetic set (train and val scenes) is built, seeded, into a temporary folder. A copy
-of the backbone and a linear head are fine-tuned together for `--steps` AdamW steps (lr 3e-4) on 32
-windows of fresh scenes each step, made from the same train photos but never the probe's own scenes
-(fine-tuning on a fixed set of 128 scenes overfitted: measured, it then lost to the random twin). Then
+of the backbone and a linear head are fine-tuned together for `--steps` AdamW steps (lr 3e-4) of 32
+random windows from a pool of steps·32/4 scenes made from the same train photos but never the probe's
+own scenes (a pool of 128 scenes overfitted: measured, it then lost to the random twin). Then
 the frozen fine-tuned copy, the random-init twin of the original, the raw patch pixels and a constant
 feature go through exactly the probe of train/probe_dense.py, with a head trained at lr 1e-2 for 30
 epochs (the default lr 1e-3 barely moves a log-depth head in the ~100 steps such a small set gives).
@@ -39,13 +39,16 @@ from train.probe_dense import evaluate, summarise
 from train.probe_embed import random_twin
 from train.provenance import provenance
 
+REUSE = 4  # fine-tuning windows cut from each generated scene (generation dominated the time, measured)
 
-def scene_windows(
+
+def scene_canvases(
     task: str, photos: dict, n: int, hw: tuple[int, int], size: int, rng: np.random.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """n fresh synthetic scenes, each resized by the probe's view rule and cut to one random S×S window
-    -> images (n, 3, S, S) in [0, 1] and labels (n, S, S) (class indices, or metres)."""
+    """n synthetic scenes resized by the probe's view rule -> images (n, 3, Hc, Wc) in [0, 1] and
+    labels (n, Hc, Wc) (class indices, or metres)."""
     xs, ys = [], []
+    canvas = resized_size(hw, size, "slide")
     for _ in range(n):
         if task == "depth":
             image, label = depth_scene(photos, hw, rng)
@@ -53,33 +56,38 @@ def scene_windows(
         else:
             image, label = seg_scene(photos, hw, rng)
             lab = torch.from_numpy(label.astype(np.int64))
-        canvas = resized_size(hw, size, "slide")
-        img = resize(torch.from_numpy(image).permute(2, 0, 1).float() / 255, canvas, "bilinear")
-        lab = resize(lab[None], canvas, "nearest")[0]
-        y0, x0 = rng.integers(0, canvas[0] - size + 1), rng.integers(0, canvas[1] - size + 1)
-        xs.append(img[:, y0 : y0 + size, x0 : x0 + size].clamp(0, 1))
-        ys.append(lab[y0 : y0 + size, x0 : x0 + size])
+        xs.append(
+            resize(torch.from_numpy(image).permute(2, 0, 1).float() / 255, canvas, "bilinear").clamp(0, 1)
+        )
+        ys.append(resize(lab[None], canvas, "nearest")[0])
     return torch.stack(xs), torch.stack(ys)
 
 
 def finetune(
     enc: DenseEncoder, task: str, out: int, cfg: HeadConfig, steps: int, hw: tuple[int, int], seed: int = 1
 ) -> tuple[DenseEncoder, nn.Module]:
-    """A copy of enc trained with a linear head for `steps` steps, each on cfg.batch windows of fresh
-    scenes from the train photos (never the probe's own scenes; a fixed set of 128 overfitted and then
-    lost to the random twin, measured) -> the frozen copy and its head."""
+    """A copy of enc trained with a linear head for `steps` steps of cfg.batch random S×S windows, cut
+    from a pool of steps·batch/REUSE scenes generated from the train photos (never the probe's own
+    scenes; a fixed pool of 128 overfitted and then lost to the random twin, measured) -> the frozen
+    copy and its head."""
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 2])
-    photos = photo_classes(split="train")
     tuned = copy.deepcopy(enc).train()
     size = tuned.model.patch_embed.img_size[0]
+    images, labels = scene_canvases(
+        task, photo_classes(split="train"), max(cfg.batch, steps * cfg.batch // REUSE), hw, size, rng
+    )
     with torch.no_grad():
-        dim = tuned(torch.zeros(1, 3, size, size)).shape[1]
+        dim = tuned(images[:1, :, :size, :size]).shape[1]
     head = linear_head(dim, out)
     params = [p for p in tuned.parameters() if p.requires_grad] + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    hc, wc = images.shape[-2:]
     for _ in range(steps):
-        x, y = scene_windows(task, photos, cfg.batch, hw, size, rng)
+        pick = rng.integers(0, len(images), cfg.batch)
+        ys, xs = rng.integers(0, hc - size + 1, cfg.batch), rng.integers(0, wc - size + 1, cfg.batch)
+        x = torch.stack([images[i, :, y : y + size, c : c + size] for i, y, c in zip(pick, ys, xs)])
+        y = torch.stack([labels[i, y : y + size, c : c + size] for i, y, c in zip(pick, ys, xs)])
         loss = head_loss(head(tuned(x)), y, task, cfg)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -151,7 +159,7 @@ def power_check(
             "lr": tune_cfg.lr,
             "batch": tune_cfg.batch,
             "optimizer": "AdamW, constant lr",
-            "data": "fresh train-photo scenes every step, one random window each",
+            "data": f"random windows of steps*batch/{REUSE} scenes from the train photos",
         },
         "view": "slide",
         "stride": size // 2,
