@@ -41,10 +41,15 @@ checkpoint written by one process, by DDP or by FSDP loads under any of them (an
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from timm.models.vision_transformer import Block
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -299,3 +304,52 @@ def gathered(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         model.reshard()
+
+
+# --- process setup ----------------------------------------------------------------------------------
+
+
+def init_distributed(choice: str, preset: str = "") -> Env:
+    """Process group from torchrun's environment (NCCL on GPUs, Gloo on CPUs); none for plain python."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        why = f" (preset {preset} runs on GPUs)" if preset else ""
+        raise ConfigError(
+            f"--device cuda was asked for{why} but no CUDA GPU is visible; use --device cpu or "
+            "auto to run on the CPU anyway"
+        )
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if choice != "cpu" and torch.cuda.is_available():
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(
+                f"local rank {local_rank} has no GPU ({torch.cuda.device_count()} visible); "
+                "lower --nproc_per_node"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(
+            "nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None
+        )
+    return Env(rank=rank, world_size=world, device=device)
+
+
+def watch_parent(interval_s: float = 1.0) -> None:
+    """Under torchrun, exit when the agent that started this worker dies (kill -9 gives it no chance
+    to stop its workers, which would otherwise train on, orphaned). A polling thread: portable, and
+    unlike PR_SET_PDEATHSIG not tied to the lifetime of the agent's launching thread."""
+    parent = os.getppid()
+
+    def poll() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        print(
+            f"error: [rank {os.environ.get('RANK', '?')}] the torchrun agent (pid {parent}) died; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
+        os._exit(1)
+
+    threading.Thread(target=poll, name="eqrecon-parent-watchdog", daemon=True).start()

@@ -9,9 +9,9 @@ import sys
 
 import torch
 
-from train.distributed import unwrap
+from train.distributed import init_distributed, unwrap
 from train.loop import train
-from train.main import build, init_distributed, parse_config, resolve_data
+from train.main import build, parse_config, resolve_data
 
 out, argv = sys.argv[1], sys.argv[2:]
 cfg = parse_config(argv)
