@@ -1,8 +1,10 @@
-"""The science run: vicreg, sie, xattn and path pretrained side by side on the same real photos for
-the same number of steps, then probed beside the sanity baselines (random init, raw pixels).
+"""The science run: vicreg, path and xattn (each at the papers' λ = 1 and with a balanced λ) and
+balanced path trained without the corner shortcut, pretrained side by side on the same real photos
+for the same steps (paired: the same init and batches per training seed), then probed beside the
+sanity baselines (random init, raw pixels).
 
-    python -m bench.science --size cpu            # tiny ViT at 32 px, rotation only, 2 seeds (2 cores)
-    python -m bench.science --size gpu            # ViT-S/16 at 112 px, one GPU, in parts < 10 min
+    python -m bench.science --size cpu            # tiny ViT at 32 px, rotation only, 3 seeds (2 cores)
+    python -m bench.science --size gpu            # ViT-S/16 at 112 px, one GPU
     python -m bench.science --size cpu --parts train --methods path --seeds 1    # one part at a time
 
 Every part is resumable and skipped when done, so the same command continues an interrupted run:
@@ -11,13 +13,13 @@ Every part is resumable and skipped when done, so the same command continues an 
   data    random crops of the photos, labelled by source photo (train crops from 5/6 of the photos,
           val crops from the other 1/6), and Fashion-MNIST, converted into shards (`data.py`).
   train   one `train/main.py` run per (method, seed): its preset with the same resolution, batch, step
-          count and schedule for every method; `path` also in a λ / reduction sweep (`runs.py`).
-  probe   the equivariance probe of `train.probe` on each run (val photos' crops, held out by source
-          photo, disc mask, ≥ 3 probe seeds; pooled, grid and token parts; signed and |φ|), the
-          baselines once, the backbone gradient ratio and the reconstruction diagnostics (`runs.py`).
-  report  bench/results/science-<device>.json through bench._provenance.write_result, with the
-          summary r2.<method>.<family> / r2_std.<method>.<family> (mean, std over training seeds),
-          r2.pixels.<family>, r2.random.<family>, seeds, pairs; the R² chart (`report.py`).
+          count and schedule for every method (`sizes.py`, `runs.py`); train.json records the as-run lr.
+  probe   right after each run: train.probe's ridge readout on the val photos' pairs (held out by
+          source photo, K-fold CV, fold assignments shared by every run: paired), disc and no mask,
+          token and 2x2-grid features, whole z and z_eq; the baselines once; the backbone gradient
+          ratio and reconstruction diagnostics (`runs.py`); WORK/summary-partial.json after each.
+  report  bench/results/science-<device>.json through bench._provenance.write_result with the summary
+          keys of `report.py` (r2, r2_std, paired diff and diff_std against vicreg, baselines); the chart.
 """
 
 from bench.science.data import _idx, fetch, is_val_photo, prepare_data, source_photos

@@ -7,17 +7,32 @@ import json
 import multiprocessing
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from bench.science.data import ROOT, fetch, log, prepare_data
-from bench.science.report import report
-from bench.science.runs import probe_baselines, probe_run, run_dir, train_all, trained
+from bench.science.report import report, summarise
+from bench.science.runs import probe_baselines, probe_run, run_dir, train_one, trained
 from bench.science.sizes import SIZES
 
 PARTS = ("fetch", "data", "train", "probe", "report")
 KEEP = ("train.json", "probe.json", "recon.png", "config.json", "metrics.jsonl")  # what --copy-results copies
+
+
+def write_partial(work: Path, runs: list[tuple[str, int]]) -> None:
+    """work/summary-partial.json: the summary of every run probed so far."""
+    records = [
+        json.loads((run_dir(work, m, s) / "probe.json").read_text())
+        for m, s in runs
+        if (run_dir(work, m, s) / "probe.json").is_file()
+    ]
+    baselines = json.loads((work / "baselines.json").read_text())
+    out = work / "summary-partial.json"
+    out.with_suffix(".tmp").write_text(json.dumps(summarise(records, baselines), indent=2) + "\n")
+    out.with_suffix(".tmp").replace(out)
+    log(f"{len(records)} of {len(runs)} runs probed: {out}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,12 +44,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--methods", default="", help="comma list (default: the size's methods)")
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
+    ap.add_argument("--steps", type=int, default=0, help="steps per run instead of the size's (smoke runs)")
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
     ap.add_argument(
         "--copy-results", default="", help="copy each probed run's small files (no checkpoints) here"
     )
     args = ap.parse_args(argv)
     size = SIZES[args.size]
+    if args.steps:  # a smoke run of the same sequence (bench/gpu_science.sh --dry-run)
+        size = replace(size, steps=args.steps)
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
     methods = [m for m in args.methods.split(",") if m] or list(size.methods)
     seeds = [int(s) for s in args.seeds.split(",") if s] or list(size.seeds)
@@ -54,14 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     if "data" in parts:
         prepare_data(work, size, args.workers)
     data = json.loads((work / "data.json").read_text()) if {"train", "report"} & set(parts) else {}
-    if "train" in parts:
-        train_all(work, size, methods, seeds, data["n_train_crops"])
     runs = [(m, s) for s in seeds for m in methods]
-    if "probe" in parts:
-        for method, seed in runs:
-            if trained(run_dir(work, method, seed)):
-                probe_run(work, size, method, seed, torch.device(size.device))
-        probe_baselines(work, size, torch.device(size.device))
+    device = torch.device(size.device)
+    # Seed by seed, each run trained then probed; the summary so far is rewritten after every probe, so
+    # an interrupted run leaves its finished results readable (and the same command continues it).
+    for method, seed in runs:
+        if "train" in parts:
+            train_one(work, size, method, seed, data["n_train_crops"])
+        if "probe" in parts and trained(run_dir(work, method, seed)):
+            probe_baselines(work, size, device)
+            probe_run(work, size, method, seed, device)
+            write_partial(work, runs)
     if args.copy_results:
         dst_root = Path(args.copy_results)
         dst_root.mkdir(parents=True, exist_ok=True)
@@ -91,8 +112,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {path}")
         summary = json.loads(path.read_text())["summary"]
         for key, value in summary.items():
-            if key.startswith("r2") and value is not None:
-                print(f"  {key:<40} {value:.3f}")
+            if key.count(".") == 2 and key.split(".")[0] in ("r2", "diff") and value is not None:
+                std = summary.get(key.replace(".", "_std.", 1))
+                print(f"  {key:<40} {value:+.3f}" + (f" ± {std:.3f}" if std is not None else ""))
     return 0
 
 

@@ -1,16 +1,22 @@
 """The science run's report: bench/results/science-<device>.json through write_result, the R² chart
 and the reconstruction grids.
 
-Summary keys (docs/DESIGN.md §3): the headline setting is the backbone's features ("all"), 2×2 grid pooling
-(mean pooling loses the sign of a rotation), signed target:
-    r2.<method>.<family>, r2_std.<method>.<family>   mean and std over training seeds (each run's
-                                                     value is the mean over its probe seeds)
-    r2.pixels.<family>, r2.random.<family>           the sanity baselines on the same pairs
-    r2.<method>.<family>.<pool>/<target>.<part>      every setting probed (and its r2_std twin)
-    seeds, probe_seeds, pairs                        training seeds, probe seeds, train pairs per family
-    diag.<method>.<key>.<init|final>                 model.diagnostics (gradient ratio, own/other
-                                                     reconstruction MSE), mean over training seeds
-r2_std is null for a method trained with one seed only (the sweep).
+Summary keys (docs/DESIGN.md §3). Each run is probed by the ridge readout (train/probe_ridge.py) over
+the same fold assignments of the held-out photos' pairs, so two runs of one training seed are paired.
+The headline setting is the disc mask (content orientation only, no corner cue), token features,
+the backbone's whole z ("all"), signed target:
+    r2.<method>.<family>, r2_std.<method>.<family>     mean and std over training seeds (each run's
+                                                       value is the mean over its fold assignments)
+    diff.<method>.<family>, diff_std.<method>.<family> paired difference against vicreg: per training
+                                                       seed (same init and batches), then mean and std
+    r2.pixels.<family>, r2.random.<family>             the sanity baselines on the same pairs
+    <key>.<family>.<mask>/<pool>.<part>                every setting probed, for each key above
+    diff_positive.<method>.<family>.<setting>.<part>   assignments x seeds where the method beats vicreg
+    seeds, pairs, photos, folds, assignments           training seeds; pairs per family and mask; the
+                                                       probe's source photos; the ridge's CV
+    diag.<method>.<key>.<init|final>                   model.diagnostics (gradient ratio, own/other
+                                                       reconstruction MSE), mean over training seeds
+A std over a single seed is null, not a misleading 0.
 """
 
 from __future__ import annotations
@@ -27,60 +33,91 @@ from bench import _provenance
 from bench.science.runs import run_dir, train_command
 from bench.science.sizes import Size
 
-HEADLINE = ("grid2/signed", "all")
+HEADLINE = ("disc/tokens", "all")  # mask/pool, part
+REFERENCE = "vicreg"  # what the paired differences are taken against
 COLOURS = {
     "vicreg": (120, 120, 120),
-    "sie": (70, 130, 200),
-    "xattn": (230, 150, 40),
+    "path-paper": (240, 120, 130),
     "path": (200, 50, 60),
-    "path@lam30": (240, 120, 130),
-    "path@sum": (140, 20, 40),
+    "xattn-paper": (245, 200, 120),
+    "xattn": (230, 150, 40),
+    "path-disc": (140, 20, 40),
+    "sie": (70, 130, 200),
     "random": (190, 190, 160),
     "pixels": (60, 160, 90),
 }
 
 
-def _value(eq: dict, setting: str, family: str, model: str, part: str) -> dict | None:
-    return eq.get(setting, {}).get("results", {}).get(family, {}).get(model, {}).get(part)
+def _cell(eq: dict, family: str, setting: str, model: str, part: str) -> dict | None:
+    return eq.get("results", {}).get(family, {}).get(setting, {}).get(model, {}).get(part)
+
+
+def _mean_std(values: list[float]) -> tuple[float, float | None]:
+    return round(float(np.mean(values)), 4), (
+        round(float(np.std(values, ddof=1)), 4) if len(values) > 1 else None
+    )
 
 
 def summarise(records: list[dict], baselines: dict) -> dict:
     """The summary keys of the module docstring from the runs' probe.json records and baselines.json."""
     summary: dict = {}
     methods = list(dict.fromkeys(r["method"] for r in records))
-    settings = list(records[0]["equivariance"])
-    families = list(records[0]["equivariance"][settings[0]]["results"])
+    results = records[0]["equivariance"]["results"]
+    families = list(results)
+    settings = list(results[families[0]])
+    by_seed = {(r["method"], r["seed"]): r["equivariance"] for r in records}
+    seeds = sorted({r["seed"] for r in records})
+
+    def put(name: str, method: str, family: str, setting: str, part: str, value) -> None:
+        summary[f"{name}.{method}.{family}.{setting}.{part}"] = value
+        if (setting, part) == HEADLINE and name != "diff_positive":
+            summary[f"{name}.{method}.{family}"] = value
+
     for method in methods:
-        mine = [r for r in records if r["method"] == method]
-        for setting in settings:
-            for family in families:
+        for family in families:
+            for setting in settings:
                 for part in ("all", "eq"):
-                    vals = [
-                        v["r2"]
-                        for r in mine
-                        if (v := _value(r["equivariance"], setting, family, "backbone", part))
-                    ]
-                    if not vals:
+                    cells = {
+                        s: c
+                        for s in seeds
+                        if (c := _cell(by_seed.get((method, s), {}), family, setting, "backbone", part))
+                    }
+                    if not cells:
                         continue
-                    # one training seed has no spread to report: null, not a misleading 0
-                    mean = round(float(np.mean(vals)), 4)
-                    std = round(float(np.std(vals, ddof=1)), 4) if len(vals) > 1 else None
-                    summary[f"r2.{method}.{family}.{setting}.{part}"] = mean
-                    summary[f"r2_std.{method}.{family}.{setting}.{part}"] = std
-                    if (setting, part) == HEADLINE:
-                        summary[f"r2.{method}.{family}"] = mean
-                        summary[f"r2_std.{method}.{family}"] = std
+                    mean, std = _mean_std([c["r2"] for c in cells.values()])
+                    put("r2", method, family, setting, part, mean)
+                    put("r2_std", method, family, setting, part, std)
+                    ref = {
+                        s: c
+                        for s in cells
+                        if (c := _cell(by_seed.get((REFERENCE, s), {}), family, setting, "backbone", "all"))
+                    }
+                    if method == REFERENCE or part != "all" or not ref:
+                        continue
+                    # same seed = same init and batches, same probe folds: a paired difference per seed
+                    per_assignment = [
+                        a - b
+                        for s in ref
+                        for a, b in zip(cells[s]["r2_assignments"], ref[s]["r2_assignments"])
+                    ]
+                    mean, std = _mean_std([cells[s]["r2"] - ref[s]["r2"] for s in ref])
+                    put("diff", method, family, setting, part, mean)
+                    put("diff_std", method, family, setting, part, std)
+                    put(
+                        "diff_positive",
+                        method,
+                        family,
+                        setting,
+                        part,
+                        f"{sum(d > 0 for d in per_assignment)}/{len(per_assignment)}",
+                    )
     for base in ("random", "pixels"):
-        for setting in settings:
-            for family in families:
-                v = _value(baselines["equivariance"], setting, family, base, "all")
-                if v is None:
-                    continue
-                summary[f"r2.{base}.{family}.{setting}.all"] = round(v["r2"], 4)
-                summary[f"r2_std.{base}.{family}.{setting}.all"] = round(v["r2_std"], 4)  # over probe seeds
-                if setting == HEADLINE[0]:
-                    summary[f"r2.{base}.{family}"] = round(v["r2"], 4)
-                    summary[f"r2_std.{base}.{family}"] = round(v["r2_std"], 4)  # over probe seeds
+        for family in families:
+            for setting in settings:
+                v = _cell(baselines["equivariance"], family, setting, base, "all")
+                if v is not None:
+                    put("r2", base, family, setting, "all", round(v["r2"], 4))
+                    put("r2_std", base, family, setting, "all", round(v["r2_std"], 4))  # over assignments
     for method in methods:
         mine = [r for r in records if r["method"] == method and "diagnostics" in r]
         for when in ("init", "final"):
@@ -89,12 +126,12 @@ def summarise(records: list[dict], baselines: dict) -> dict:
                 summary[f"diag.{method}.{short}.{when}"] = round(
                     float(np.mean([r["diagnostics"][when][key] for r in mine])), 5
                 )
-    first = records[0]["equivariance"][settings[0]]
-    summary["seeds"] = sorted({r["seed"] for r in records})
-    summary["probe_seeds"] = len(
-        next(iter(next(iter(first["results"].values())).values()))["all"]["r2_seeds"]
-    )
-    summary["pairs"] = next(iter(next(iter(first["results"].values())).values()))["all"]["n_train"]
+    first = records[0]["equivariance"]
+    cell = _cell(first, families[0], settings[0], "backbone", "all") or {}
+    summary["seeds"] = seeds
+    summary["pairs"] = first["pairs"]["per_family"]
+    summary["photos"] = first["pairs"]["photos"]
+    summary["folds"], summary["assignments"] = cell.get("folds"), cell.get("assignments")
     return summary
 
 
@@ -141,7 +178,7 @@ def r2_chart(summary: dict, path: Path, title: str, family: str = "rotation") ->
     d.text(
         (left, H - 30),
         f"R^2 of {family} from frozen (x, g(x)) embeddings, held-out source photos; groups: "
-        "pool/target.part; bar: mean over training seeds, whisker: +-std",
+        "mask/pool.part; bar: mean over training seeds, whisker: +-std",
         fill=(90, 90, 90),
         font=font,
     )
@@ -160,8 +197,8 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], baseline
     slug = slugs.pop()
     rows = []
     for r in records:
-        for setting, eq in r["equivariance"].items():
-            for family, by_model in eq["results"].items():
+        for family, by_setting in r["equivariance"]["results"].items():
+            for setting, by_model in by_setting.items():
                 for part, v in by_model["backbone"].items():
                     rows.append(
                         {
@@ -170,7 +207,7 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], baseline
                             "setting": setting,
                             "family": family,
                             "part": part,
-                            **v,
+                            **{k: v[k] for k in ("r2", "r2_std", "r2_assignments", "n", "groups") if k in v},
                         }
                     )
         trained_ = run_dir(work, r["method"], r["seed"]) / "train.json"
@@ -183,6 +220,7 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], baseline
                 "probe_s": r["probe_s"],
                 "train_s": timing.get("wall_s"),
                 "steps": timing.get("step"),
+                "peak_lr": timing.get("as_run", {}).get("peak_lr"),  # as run, after the batch scaling
                 "git_sha": r["provenance"]["git_sha"],
             }
         )

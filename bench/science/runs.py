@@ -53,54 +53,54 @@ def train_command(work: Path, size: Size, method: str, seed: int, n_train: int) 
     return cmd
 
 
-def train_all(work: Path, size: Size, methods, seeds, n_train: int) -> None:
-    for seed in seeds:
-        for method in methods:
-            run = run_dir(work, method, seed)
-            if trained(run):
-                continue
-            cmd = train_command(work, size, method, seed, n_train)
-            log(f"train {method} seed {seed}: {' '.join(cmd[1:])}")
-            start = time.time()
-            subprocess.run(cmd, check=True)
-            step = torch.load(run / "ckpt" / "last.pt", map_location="cpu", weights_only=False)["step"]
-            (run / "train.json").write_text(
-                json.dumps({"step": step, "wall_s": round(time.time() - start, 1)}) + "\n"
-            )
+def train_one(work: Path, size: Size, method: str, seed: int, n_train: int) -> None:
+    """One run to the end of its schedule (resumed from its last checkpoint); RUN/train.json marks it done."""
+    run = run_dir(work, method, seed)
+    if trained(run):
+        return
+    cmd = train_command(work, size, method, seed, n_train)
+    log(f"train {method} seed {seed}: {' '.join(cmd[1:])}")
+    start = time.time()
+    subprocess.run(cmd, check=True)
+    step = torch.load(run / "ckpt" / "last.pt", map_location="cpu", weights_only=True)["step"]
+    as_run = json.loads((run / "config.json").read_text()).get("as_run", {})
+    (run / "train.json").write_text(
+        json.dumps({"step": step, "wall_s": round(time.time() - start, 1), "as_run": as_run}) + "\n"
+    )
 
 
-def _probe_settings(size: Size) -> list[tuple[str, str]]:
-    """(pool, target) combinations probed: every pool on the signed target, |φ| on mean pooling."""
-    return [(pool, "signed") for pool in size.probe_pools] + [
-        ("mean", t) for t in size.probe_targets if t != "signed"
-    ]
+def probe_config(size: Size, baselines: tuple[str, ...]):
+    """train.probe's ProbeConfig of this size: the ridge readout, both masks, every pool in one pass;
+    the fold assignments depend on the pairs' source photos and pair_seed only, so every backbone and
+    baseline is scored on the same folds and differences between runs are paired."""
+    from train.probes import ProbeConfig
+
+    return ProbeConfig(
+        transforms=size.probe_families,
+        size=size.img_size,
+        min_train_pairs=size.probe_pairs,
+        target="signed",
+        pool=",".join(size.probe_pools),
+        mask=",".join(size.probe_masks),
+        protocol="ridge",
+        folds=size.probe_folds,
+        assignments=size.probe_assignments,
+        baselines=baselines,
+    )
 
 
 def _probe(bb, samples, size: Size, device: torch.device, baselines: tuple[str, ...]) -> dict:
-    """{"<pool>/<target>": equivariance record} for one backbone (parts all and eq only: inv is what
-    the SSL loss makes invariant)."""
-    from train.probe import ProbeConfig, embedders_for, equivariance
+    """train.probe.equivariance's record for one backbone (parts all and eq only: inv is what the SSL
+    loss makes invariant), or for the baselines alone (its random-init twin and raw pixels)."""
     from train.probe_embed import Embedder
+    from train.probes import embedders_for, equivariance
 
-    out = {}
-    for pool, target in _probe_settings(size):
-        emb = Embedder.from_backbone(bb, pool)
-        emb.parts = tuple(p for p in emb.parts if p in ("all", "eq"))
-        cfg = ProbeConfig(
-            transforms=size.probe_families,
-            size=size.img_size,
-            min_train_pairs=size.probe_pairs,
-            seeds=size.probe_seeds,
-            target=target,
-            pool=pool,
-            hidden=size.probe_hidden,
-            baselines=baselines,
-        )
-        models = embedders_for(emb, baselines)
-        if baselines:  # the baseline pass probes only the baselines
-            models.pop("backbone")
-        out[f"{pool}/{target}"] = equivariance(models, samples, cfg, device, quiet=True)
-    return out
+    emb = Embedder.from_backbone(bb, size.probe_pools[0])
+    emb.parts = tuple(p for p in emb.parts if p in ("all", "eq"))
+    models = embedders_for(emb, baselines)
+    if baselines:  # the baseline pass probes only the baselines
+        models.pop("backbone")
+    return equivariance(models, samples, probe_config(size, baselines), device, quiet=True)
 
 
 def train_diagnostics(run: Path, batches: int = 4) -> dict:
@@ -133,8 +133,8 @@ def train_diagnostics(run: Path, batches: int = 4) -> dict:
 
 def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.device) -> dict:
     """The equivariance probe on one run's last checkpoint -> (and cached in) RUN/probe.json."""
-    from train.probe import read_split
     from train.probe_embed import load_backbone
+    from train.probes import read_split
 
     run = run_dir(work, method, seed)
     out = run / "probe.json"
@@ -154,8 +154,8 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
         "probe_s": round(time.time() - start, 1),
     }
     out.write_text(json.dumps(record, indent=2) + "\n")
-    setting, first = next(iter(record["equivariance"].items()))
-    family, by_model = next(iter(first["results"].items()))
+    family, by_setting = next(iter(record["equivariance"]["results"].items()))
+    setting, by_model = next(iter(by_setting.items()))
     log(
         f"probed {method} seed {seed} in {record['probe_s']} s: {family} R² ({setting}, backbone) "
         f"{by_model['backbone']['all']['r2']:.3f}"
@@ -166,8 +166,8 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
 def probe_baselines(work: Path, size: Size, device: torch.device) -> dict:
     """The random-init and pixel baselines, once (same architecture for every method: any run's
     checkpoint gives it; the pairs are the runs' pairs) -> work/baselines.json."""
-    from train.probe import BASELINES, read_split
     from train.probe_embed import load_backbone
+    from train.probes import BASELINES, read_split
 
     out = work / "baselines.json"
     if out.is_file():

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from bench import science
-from bench._provenance import provenance
-from train.config import load_config
+from train.recipes import load_config
+from train.schedules import peak_lr
 
 
 def test_idx_reader_round_trips(tmp_path):
@@ -51,88 +51,120 @@ def test_every_method_gets_the_same_budget(size_name, tmp_path):
         assert tuple(cmd[len(cmd) - len(own) :]) == own
     assert all(f == flags["vicreg"] for f in flags.values())
     for method, cmd in commands.items():
-        preset = cmd[cmd.index("--preset") + 1]
-        cfg = load_config(
-            preset, [a for a in cmd[cmd.index("--preset") + 2 :] if a.startswith("--") and "=" in a]
-        )
-        assert cfg.model.method == method.split("@")[0]
+        cfg = _config(cmd)
+        assert cfg.model.method == method.split("-")[0]
         assert cfg.data.img_size == size.img_size and cfg.data.batch_size == size.batch_size
         steps = cfg.optim.epochs * (3000 // size.batch_size)
         assert steps == pytest.approx(size.steps, abs=1e-3)
         if method.startswith("path"):
             assert cfg.model.decoder == "conv"  # the path paper's decoder
+        # Build 5's list: the papers' λ = 1, balanced λ, and balanced path without the corner cue
+        balanced = method != "vicreg" and not method.endswith("-paper")
+        assert cfg.model.grad_ratio == (1.0 if balanced else 0.0), method
+        assert cfg.model.lam == 1.0 and cfg.data.aug.mask == ("disc" if method == "path-disc" else "none")
 
 
-def _cell(r2: float) -> dict:
+def _config(cmd: list[str]):
+    preset = cmd[cmd.index("--preset") + 1]
+    return load_config(
+        preset, [a for a in cmd[cmd.index("--preset") + 2 :] if a.startswith("--") and "=" in a]
+    )
+
+
+def test_cpu_science_size_trains_at_the_intended_peak_lr(tmp_path):
+    """The committed CPU run once trained at 1/8 of its intended lr (base 1e-3 x 32/256): peak 1e-3 now."""
+    size = science.SIZES["cpu"]
+    assert size.steps >= 1000 and len(size.seeds) >= 3
+    for method in size.methods:
+        cfg = _config(science.train_command(tmp_path, size, method, 0, n_train=3000))
+        assert peak_lr(cfg.optim, cfg.data.batch_size) == pytest.approx(1e-3, rel=1e-9), method
+
+
+def _cell(r2s: list[float]) -> dict:
     return {
-        "r2": r2,
-        "r2_std": 0.01,
-        "r2_sie": r2,
-        "r2_sie_std": 0.01,
-        "r2_seeds": [r2] * 3,
-        "n_train": 5000,
-        "n_test": 1500,
+        "r2": float(np.mean(r2s)),
+        "r2_std": float(np.std(r2s, ddof=1)),
+        "r2_assignments": r2s,
+        "n": 300,
+        "groups": 8,
+        "folds": 4,
+        "assignments": len(r2s),
     }
 
 
-def _records(seeds=(0, 1), methods=("vicreg", "path")):
+SETTINGS = ("disc/tokens", "disc/grid2", "none/tokens", "none/grid2")
+
+
+def _records(seeds=(0, 1, 2), methods=("vicreg", "path")):
+    """probe.json records as train.probe.equivariance writes them, and baselines.json: path scores
+    vicreg's R² plus 0.2 plus per-seed noise, on every fold assignment."""
     rng = np.random.default_rng(0)
     out = []
-    for m in methods:
-        for s in seeds:
-            eq = {
-                setting: {
-                    "pairs": {},
-                    "results": {
-                        f: {"backbone": {"all": _cell(float(rng.uniform(-0.1, 1))), "eq": _cell(0.5)}}
-                        for f in ("rotation", "blur")
-                    },
+    for s in seeds:
+        base = rng.uniform(0, 0.4, size=4)
+        for m in methods:
+            gain = 0.0 if m == "vicreg" else 0.2 + rng.normal(0, 0.02)
+            results = {
+                f: {
+                    st: {"backbone": {"all": _cell(list(base + gain)), "eq": _cell([0.5] * 4)}}
+                    for st in SETTINGS
                 }
-                for setting in ("mean/signed", "grid2/signed")
+                for f in ("rotation", "blur")
             }
             out.append(
                 {
                     "method": m,
                     "seed": s,
-                    "equivariance": eq,
+                    "equivariance": {"pairs": {"per_family": 400, "photos": 8}, "results": results},
                     "probe_s": 1.0,
                     "device_slug": "cpu",
-                    "provenance": provenance("cpu"),
+                    "provenance": {"git_sha": "0" * 40, "device": "cpu"},
                 }
             )
     baselines = {
         "equivariance": {
-            setting: {
-                "results": {
-                    f: {"random": {"all": _cell(0.3)}, "pixels": {"all": _cell(0.6)}}
-                    for f in ("rotation", "blur")
+            "results": {
+                f: {
+                    st: {"random": {"all": _cell([0.3] * 4)}, "pixels": {"all": _cell([0.6] * 4)}}
+                    for st in SETTINGS
                 }
+                for f in ("rotation", "blur")
             }
-            for setting in ("mean/signed", "grid2/signed")
         }
     }
     return out, baselines
 
 
+def _r2(record, setting="disc/tokens", part="all"):
+    return record["equivariance"]["results"]["rotation"][setting]["backbone"][part]["r2"]
+
+
 def test_summary_names_follow_design():
     records, baselines = _records()
     summary = science.summarise(records, baselines)
-    for m in ("vicreg", "path"):
-        for f in ("rotation", "blur"):
-            assert {f"r2.{m}.{f}", f"r2_std.{m}.{f}", f"r2.{m}.{f}.mean/signed.eq"} <= set(summary)
-    mine = [
-        r["equivariance"]["grid2/signed"]["results"]["rotation"]["backbone"]["all"]["r2"]
-        for r in records
-        if r["method"] == "path"
-    ]
-    assert summary["r2.path.rotation"] == pytest.approx(np.mean(mine), abs=1e-4)
+    for f in ("rotation", "blur"):
+        for m in ("vicreg", "path"):
+            assert {f"r2.{m}.{f}", f"r2_std.{m}.{f}", f"r2.{m}.{f}.none/grid2.eq"} <= set(summary)
+        assert {f"diff.path.{f}", f"diff_std.path.{f}", f"diff.path.{f}.none/tokens.all"} <= set(summary)
+        assert f"diff.vicreg.{f}" not in summary
+    mine = [_r2(r) for r in records if r["method"] == "path"]
+    ref = [_r2(r) for r in records if r["method"] == "vicreg"]
+    assert summary["r2.path.rotation"] == pytest.approx(np.mean(mine), abs=1e-4)  # headline: disc, tokens
     assert summary["r2_std.path.rotation"] == pytest.approx(np.std(mine, ddof=1), abs=1e-4)
+    gaps = np.subtract(mine, ref)  # paired by training seed
+    assert summary["diff.path.rotation"] == pytest.approx(np.mean(gaps), abs=1e-4)
+    assert summary["diff_std.path.rotation"] == pytest.approx(np.std(gaps, ddof=1), abs=1e-4)
+    assert (
+        summary["diff_std.path.rotation"] < 0.05 < summary["r2_std.path.rotation"]
+    )  # pairing removes seed noise
+    assert summary["diff_positive.path.rotation.disc/tokens.all"] == "12/12"
     assert summary["r2.pixels.rotation"] == 0.6 and summary["r2.random.rotation"] == 0.3
-    assert summary["seeds"] == [0, 1] and summary["pairs"] == 5000 and summary["probe_seeds"] == 3
+    assert summary["seeds"] == [0, 1, 2] and summary["pairs"] == 400 and summary["photos"] == 8
+    assert summary["folds"] == 4 and summary["assignments"] == 4
     one, _ = _records(seeds=(0,))
     one[0]["diagnostics"] = {"init": {"diag/grad_ratio": 0.004}, "final": {"diag/grad_ratio": 0.05}}
     single = science.summarise(one, baselines)
-    assert single["r2_std.path.rotation"] is None  # one training seed: no spread, not a fake 0
+    assert single["r2_std.path.rotation"] is None and single["diff_std.path.rotation"] is None
     assert single["diag.vicreg.grad_ratio.init"] == 0.004 and single["diag.vicreg.grad_ratio.final"] == 0.05
 
 
@@ -146,6 +178,7 @@ def test_r2_chart_is_a_png(tmp_path):
     assert {science.COLOURS[n] for n in ("vicreg", "path", "random", "pixels")} <= colours
 
 
+@pytest.mark.integration  # write_result asks git for the SHA (a subprocess)
 def test_report_writes_through_write_result(tmp_path, monkeypatch):
     import bench._provenance as prov
 
@@ -154,7 +187,7 @@ def test_report_writes_through_write_result(tmp_path, monkeypatch):
     for r in records:
         run = science.run_dir(tmp_path, r["method"], 0)
         run.mkdir(parents=True)
-        (run / "train.json").write_text(json.dumps({"step": 300, "wall_s": 3.0}))
+        (run / "train.json").write_text(json.dumps({"step": 300, "wall_s": 3.0, "as_run": {"peak_lr": 1e-3}}))
     Image.new("RGB", (8, 8)).save(science.run_dir(tmp_path, "path", 0) / "recon.png")
     data = {"n_train_crops": 3000, "sources": ["a.jpg"], "val_sources": [], "photos": "p"}
     path = science.report(tmp_path, "cpu", science.SIZES["cpu"], records, baselines, data)
@@ -163,5 +196,61 @@ def test_report_writes_through_write_result(tmp_path, monkeypatch):
     assert set(record) == {"what", "device", "versions", "git_sha", "config", "rows", "summary"}
     assert record["what"] == "science" and record["summary"] == science.summarise(records, baselines)
     assert {"torch", "triton", "dali", "cuda"} <= set(record["versions"])
+    timing = [row for row in record["rows"] if row.get("probe") == "timing"]
+    assert len(timing) == 2 and all(row["peak_lr"] == 1e-3 for row in timing)  # the as-run lr
     assert (tmp_path / "results" / "science-cpu-r2.png").is_file()
     assert [p.name for p in (tmp_path / "results").glob("*recon*")] == ["science-cpu-recon-path.png"]
+
+
+@pytest.mark.integration
+def test_the_harness_trains_probes_and_reports_a_tiny_size(tmp_path, demo_shards, monkeypatch):
+    """python -m bench.science end to end on the demo shards (8 steps, 2 seeds, vicreg and path without
+    corners; 2 fold assignments to keep it short): paired runs, the ridge probe on both masks and pools,
+    partial summaries, the report; a second call reuses every finished part."""
+    from dataclasses import replace
+
+    import bench._provenance as prov
+    from bench.science.__main__ import main
+
+    monkeypatch.setattr(prov, "RESULTS_DIR", tmp_path / "results")
+    cpu = science.SIZES["cpu"]
+    tiny = replace(
+        cpu,
+        steps=8,
+        seeds=(0, 1),
+        methods={m: cpu.methods[m] for m in ("vicreg", "path-disc")},
+        probe_assignments=2,
+        threads=0,
+        overrides=[o for o in cpu.overrides if not o.startswith("--run.threads")] + ["--model.depth=1"],
+    )
+    monkeypatch.setitem(science.SIZES, "tiny", tiny)
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("photos", "probe"):  # the demo's 64 train photos: 8 source-photo groups for the probe
+        (work / name).symlink_to(demo_shards)
+    (work / "data.json").write_text(json.dumps({"n_train_crops": 64}))
+    args = ["--size", "tiny", "--work", str(work), "--parts", "train,probe,report"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "results" / "science-cpu.json").read_text())["summary"]
+    partial = json.loads((work / "summary-partial.json").read_text())
+    assert partial == summary
+    assert summary["seeds"] == [0, 1] and summary["assignments"] == 2 and summary["photos"] == 8
+    for method in ("vicreg", "path-disc"):
+        for mask in ("disc", "none"):
+            for pool in ("tokens", "grid2"):
+                assert -1 < summary[f"r2.{method}.rotation.{mask}/{pool}.all"] <= 1
+        train = json.loads((science.run_dir(work, method, 1) / "train.json").read_text())
+        assert train["step"] == 8 and train["as_run"]["peak_lr"] == pytest.approx(1e-3)
+    assert {"diff.path-disc.rotation", "diff_std.path-disc.rotation"} <= set(summary)
+    assert summary["diff_positive.path-disc.rotation.disc/tokens.all"].endswith("/4")  # 2 seeds x 2
+    assert {"r2.random.rotation", "r2.pixels.rotation"} <= set(summary)
+    assert (
+        json.loads((science.run_dir(work, "path-disc", 0) / "config.json").read_text())["config"]["data"][
+            "aug"
+        ]["mask"]
+        == "disc"
+    )
+    probe = science.run_dir(work, "path-disc", 0) / "probe.json"
+    stamp = probe.stat().st_mtime_ns
+    assert main(args) == 0  # resumable: nothing is trained or probed again
+    assert probe.stat().st_mtime_ns == stamp
