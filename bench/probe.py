@@ -40,8 +40,8 @@ from pipeline.demo import ensure_demo_shards
 from train import checkpoint
 from train.backbones import Backbone, load_backbone
 from train.config import to_dict
-from train.probe import ProbeConfig, embedders_for, equivariance, read_split, set_threads
 from train.probe_embed import Embedder
+from train.probes import ProbeConfig, embedders_for, equivariance, read_split, set_threads
 from train.recipes import load_config
 
 BEFORE = {"protocol": "fast", "min_train_pairs": 5000, "mask": "disc", "pool": "mean"}

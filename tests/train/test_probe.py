@@ -19,10 +19,10 @@ from torch import nn
 
 from model import build_method
 from pipeline import pairs as P
-from pipeline.errors import UserError
+from pipeline.errors import ProbeError, UserError
 from pipeline.oracle import apply_g, crop_resize, decode
 from pipeline.path import IDX, PathConfig, sample_theta
-from train import checkpoint, probe, probe_embed, probe_fit
+from train import checkpoint, probe, probe_embed, probe_fit, probes
 from train.config import to_dict
 from train.recipes import load_config
 
@@ -148,7 +148,7 @@ class Blind(nn.Module):
         return {"all": torch.randn(len(x), 8, generator=self.gen)}
 
 
-def _cfg(**kw) -> probe.ProbeConfig:
+def _cfg(**kw) -> probes.ProbeConfig:
     base = {
         "size": 48,
         "per_image": 8,
@@ -159,7 +159,7 @@ def _cfg(**kw) -> probe.ProbeConfig:
         "baselines": (),
         "group_by": "image",
     }
-    return probe.ProbeConfig(**(base | kw))
+    return probes.ProbeConfig(**(base | kw))
 
 
 def test_equivariance_probe_end_to_end_with_synthetic_backbones(monkeypatch):
@@ -168,7 +168,7 @@ def test_equivariance_probe_end_to_end_with_synthetic_backbones(monkeypatch):
     # translations of ±10 px at 48 px keep the blob inside the frame. The ridge readout (default) is
     # linear in [f(x), f(x')]: translation = c' - c exactly; the rotation angle is not linear in the
     # centroids, so the MLP readout reads it.
-    exact = probe.equivariance(
+    exact = probes.equivariance(
         {"backbone": Centroid(), "random": Blind()},
         samples,
         _cfg(transforms=("translation",)),
@@ -188,11 +188,11 @@ def test_equivariance_probe_end_to_end_with_synthetic_backbones(monkeypatch):
     assert abs(by_model["random"]["all"]["r2"]) < 0.1, by_model["random"]
     d = by_model["backbone"]["all"]["vs"]["random"]  # paired over the same 4 fold assignments
     assert d["positive"] == d["of"] == 4 and d["diff"] > 0.9
-    mlp = probe.equivariance(
+    mlp = probes.equivariance(
         {"backbone": Centroid()}, samples, _cfg(transforms=("rotation",), protocol="fast"), CPU, quiet=True
     )
     assert mlp["results"]["rotation"]["none/mean"]["backbone"]["all"]["r2"] > 0.95, mlp
-    blind = probe.equivariance({"backbone": Blind()}, samples, _cfg(), CPU, quiet=True)
+    blind = probes.equivariance({"backbone": Blind()}, samples, _cfg(), CPU, quiet=True)
     for family, by_setting in blind["results"].items():
         r = by_setting["none/mean"]["backbone"]["all"]
         # ≈ 0 within the spread the table prints (4 fold assignments), and never far off
@@ -226,7 +226,7 @@ def test_no_rendering_is_embedded_twice():
         group_by="image",
     )
     model = Counting()
-    out = probe.equivariance({"backbone": model}, samples, cfg, CPU, quiet=True)
+    out = probes.equivariance({"backbone": model}, samples, cfg, CPU, quiet=True)
     # masks: rotation and translation under both, colour under the first, crop and flip unmasked
     assert {f: list(r) for f, r in out["results"].items()} == {
         "rotation": ["disc/mean", "disc/grid2", "none/mean", "none/grid2"],
@@ -244,12 +244,12 @@ def test_no_rendering_is_embedded_twice():
 
 
 def test_pair_count_rule_follows_the_readout():
-    ridge, mlp = probe.ProbeConfig(), probe.ProbeConfig(protocol="fast")
+    ridge, mlp = probes.ProbeConfig(), probes.ProbeConfig(protocol="fast")
     # ridge: 300 train pairs, 3 of 4 folds train; the MLP protocol: 5000, 70 % train (the old rule)
     assert ridge.pairs_per_image(30) == 14 and mlp.pairs_per_image(30) == 239
     assert ridge.pairs_per_image(1000) == 2  # at least two pairs per image
-    assert probe.ProbeConfig(min_train_pairs=600).pairs_per_image(30) == 27
-    assert probe.ProbeConfig(per_image=5).pairs_per_image(30) == 5
+    assert probes.ProbeConfig(min_train_pairs=600).pairs_per_image(30) == 27
+    assert probes.ProbeConfig(per_image=5).pairs_per_image(30) == 5
     assert "30 images x 14 = 420 pairs" in ridge.pair_rule(30) and "ridge readout" in ridge.pair_rule(30)
 
 
@@ -268,9 +268,9 @@ def test_mlp_early_stop_never_keeps_the_untrained_head():
 
 def test_unlabeled_samples_fall_back_to_one_group_per_image():
     samples = [(jpg, -1) for jpg, _ in _blob_jpegs(6)]
-    groups, why = probe.grouping(samples, "photo")
+    groups, why = probes.grouping(samples, "photo")
     assert groups == list(range(6)) and "unlabeled" in why
-    out = probe.equivariance(
+    out = probes.equivariance(
         {"backbone": Centroid()},
         samples,
         _cfg(transforms=("translation",), group_by="photo"),
@@ -364,10 +364,10 @@ def test_targets_per_family():
 def test_pixel_baseline_on_the_demo_photos(demo_shards):
     """The pixel baseline under the default ridge readout, split by source photo, on the 8 demo photos:
     with the fill's corners visible (mask none) it reads rotation; on content alone (disc) 8 photos are
-    too few for raw pixels (R² ≈ 0; the basis of probe.MIN_PHOTOS), and the record warns."""
-    samples = probe.read_split(demo_shards, "train") + probe.read_split(demo_shards, "val")
-    cfg = probe.ProbeConfig(transforms=("rotation",), size=64, baselines=())
-    out = probe.equivariance({"pixels": probe_embed.PixelEmbedder()}, samples, cfg, CPU, quiet=True)
+    too few for raw pixels (R² ≈ 0; the basis of probes.MIN_PHOTOS), and the record warns."""
+    samples = probes.read_split(demo_shards, "train") + probes.read_split(demo_shards, "val")
+    cfg = probes.ProbeConfig(transforms=("rotation",), size=64, baselines=())
+    out = probes.equivariance({"pixels": probe_embed.PixelEmbedder()}, samples, cfg, CPU, quiet=True)
     none, disc = (out["results"]["rotation"][f"{m}/tokens"]["pixels"]["all"] for m in ("none", "disc"))
     assert none["r2"] > 0.25 and abs(disc["r2"]) < 0.1, (none, disc)
     assert out["pairs"]["photos"] == 8 and "only 8 source photos" in out["pairs"]["warning"]
@@ -492,7 +492,8 @@ def test_cli_writes_results_json(demo_checkpoint, demo_shards, tmp_path, capsys)
 
 def _one_error_line(capsys, words: str) -> None:
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+    assert err.startswith("error: ") and not err.startswith("error: error:"), err
+    assert err.count("\n") == 1 and words in err, err
 
 
 def test_linear_probe_on_unlabeled_shards_is_one_line(demo_shards, tmp_path, capsys):
@@ -560,9 +561,9 @@ def test_read_split_reads_the_shards_dataset_json_lists(demo_shards, tmp_path):
     folder = tmp_path / "shards"
     shutil.copytree(demo_shards, folder)
     shutil.copy(folder / "val-000000.tar", folder / "val-000007.tar")
-    samples = probe.read_split(folder, "val")
+    samples = probes.read_split(folder, "val")
     assert len(samples) == json.loads((folder / "dataset.json").read_text())["splits"]["val"]["count"]
     assert len({jpg for jpg, _ in samples}) == len(samples)
     (folder / "val-000001.tar").write_bytes((folder / "val-000001.tar").read_bytes()[:3000])
-    with pytest.raises(probe.ProbeError, match="val-000001.tar"):
-        probe.read_split(folder, "val")
+    with pytest.raises(ProbeError, match="val-000001.tar"):
+        probes.read_split(folder, "val")
