@@ -12,8 +12,9 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.convert import FORMAT, convert, verify
+from pipeline.convert import convert, verify
 from pipeline.errors import ConvertError, ShardError
+from pipeline.shard_write import FORMAT
 
 PHOTOS = Path(__file__).parent / "demo_photos"
 SHARD_SIZE = 8  # several shards per split, so rank/worker sharding is exercised even on the demo

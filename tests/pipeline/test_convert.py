@@ -17,6 +17,8 @@ from PIL import Image
 
 from pipeline import convert as cv
 from pipeline.demo import PHOTOS
+from pipeline.errors import ConvertError, ShardError
+from pipeline.shard_write import write_shard
 from pipeline.shards import verify_shard
 
 WNIDS = {"n01440764": "astronaut", "n01443537": "cat", "n01484850": "coffee"}  # class folder -> demo class
@@ -208,7 +210,7 @@ def test_dali_cpu_reader_reads_keys_and_labels(tree, converted):
 
 
 def test_strict_fails_naming_the_files(tree, tmp_path, capsys):
-    with pytest.raises(cv.ConvertError, match="no label.*ILSVRC2012_val_00000099|ILSVRC2012_val_00000099"):
+    with pytest.raises(ConvertError, match="no label.*ILSVRC2012_val_00000099|ILSVRC2012_val_00000099"):
         cv.convert(tree[0], tmp_path / "a", strict=True, workers=1, quiet=True)
     assert (
         cv.main(
@@ -235,7 +237,7 @@ def test_strict_fails_naming_the_files(tree, tmp_path, capsys):
 
 def _interrupt_after(monkeypatch, n: int) -> None:
     """Make the n+1-th shard write die mid-way, leaving a half-written .tar.tmp like a killed run."""
-    real, calls = cv.write_shard, []
+    real, calls = write_shard, []
 
     def dying(task):
         calls.append(task[2])
@@ -251,7 +253,7 @@ def test_resume_after_interrupt_gives_the_same_dataset(tree, converted, tmp_path
     ref_out, ref = converted
     out = tmp_path / "out"
     _interrupt_after(monkeypatch, 3)
-    with pytest.raises(cv.ConvertError, match="interrupted"):
+    with pytest.raises(ConvertError, match="interrupted"):
         cv.convert(tree[0], out, shard_size=4, workers=1, seed=3, quiet=True)
     monkeypatch.undo()
     done = sorted(p.name for p in out.glob("*.tar"))
@@ -285,7 +287,7 @@ def test_rerun_with_new_shard_size_removes_stale_shards(tree, tmp_path):
 def test_splits_converted_separately_survive_an_interrupt(tree, tmp_path, monkeypatch):
     train = cv.convert(tree[0], tmp_path, split="train", shard_size=4, workers=1, quiet=True)
     _interrupt_after(monkeypatch, 1)
-    with pytest.raises(cv.ConvertError, match="interrupted"):
+    with pytest.raises(ConvertError, match="interrupted"):
         cv.convert(tree[0], tmp_path, split="val", shard_size=2, workers=1, quiet=True)
     monkeypatch.undo()
     assert not (tmp_path / "dataset.json").exists(), "an unfinished folder must not look complete"
@@ -315,12 +317,12 @@ def test_verify_names_the_first_bad_shard(converted, tmp_path, damage, capsys):
     else:
         meta["shards"][2]["count"] += 1
         (out / "dataset.json").write_text(json.dumps(meta))
-    with pytest.raises(cv.ShardError, match=victim):
+    with pytest.raises(ShardError, match=victim):
         cv.verify(out)
     assert cv.main(["--verify", str(out)]) == 1
     assert victim in capsys.readouterr().err
     if damage in ("truncate", "index"):  # the structural checks alone (no sha256) catch these too
-        with pytest.raises(cv.ShardError, match=victim):
+        with pytest.raises(ShardError, match=victim):
             verify_shard(path)
 
 

@@ -19,6 +19,8 @@ import pytest
 
 from pipeline import convert as cv
 from pipeline.demo import PHOTOS
+from pipeline.discover import LOCK, VAL_CSV
+from pipeline.shard_write import write_shard
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "pipeline.convert"]
@@ -85,7 +87,7 @@ def test_out_inside_src_is_neither_a_class_nor_images(tmp_path, monkeypatch):
     assert again == first
 
     # interrupted, then resumed: the labels must not shift (they did by one, without a warning)
-    real, calls = cv.write_shard, []
+    real, calls = write_shard, []
 
     def dying(task):
         calls.append(task)
@@ -131,7 +133,7 @@ def wait_for_lock(out: Path, pid: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if f"pid {pid} " in (out / cv.LOCK).read_text():
+            if f"pid {pid} " in (out / LOCK).read_text():
                 return
         except OSError:
             pass
@@ -228,14 +230,14 @@ def test_val_csv_naming_an_unknown_wnid_says_so(tmp_path):
     shutil.copy(PHOTOS / "train/cat/cat_train_00.jpg", src / "train/n01/a.JPEG")
     for i in (1, 2, 3):
         shutil.copy(PHOTOS / "val/cat/cat_val_00.jpg", src / f"val/ILSVRC2012_val_{i:08d}.JPEG")
-    (src / cv.VAL_CSV).write_text(
+    (src / VAL_CSV).write_text(
         "ImageId,PredictionString\nILSVRC2012_val_00000001,n01 1 2 3 4\nILSVRC2012_val_00000002,n99 1 2 3 4\n"
     )
     meta = cv.convert(src, tmp_path / "out", workers=1, quiet=True)
     got = {x["path"]: x["reason"] for x in meta["skipped"]}
     assert got == {
-        "val/ILSVRC2012_val_00000002.JPEG": f"unknown class: {cv.VAL_CSV} labels it 'n99', which is not a train class",
-        "val/ILSVRC2012_val_00000003.JPEG": f"no label: 'ILSVRC2012_val_00000003' is not in {cv.VAL_CSV}",
+        "val/ILSVRC2012_val_00000002.JPEG": f"unknown class: {VAL_CSV} labels it 'n99', which is not a train class",
+        "val/ILSVRC2012_val_00000003.JPEG": f"no label: 'ILSVRC2012_val_00000003' is not in {VAL_CSV}",
     }
     assert meta["splits"]["val"] == {"count": 1, "shards": 1, "skipped": 2}
 

@@ -20,7 +20,7 @@ from pipeline import convert as cv
 from pipeline import dali_available
 from pipeline.batch import DataConfig
 from pipeline.demo import PHOTOS
-from pipeline.errors import ShardError
+from pipeline.errors import ConvertError, ShardError
 from pipeline.path import PathConfig
 from pipeline.reference import build_reference_loader
 from pipeline.shards import dataset_is_labeled, load_meta, verify_shard
@@ -204,7 +204,7 @@ def test_labels_none_keeps_train_and_val_as_splits(tmp_path, capsys):
 def test_relabelling_into_the_same_out_is_refused(tmp_path):
     tree = class_tree(tmp_path / "tree")
     cv.convert(tree, tmp_path / "o", workers=1, quiet=True)
-    with pytest.raises(cv.ConvertError, match="already holds labeled shards .*the same --labels"):
+    with pytest.raises(ConvertError, match="already holds labeled shards .*the same --labels"):
         cv.convert(tree, tmp_path / "o", workers=1, quiet=True, labels="none")
 
 
