@@ -1,5 +1,5 @@
 # eqrecon: `make train` trains the demo preset end to end; `make test` runs the test suite
-# (`make test-fast` without the slow tests).
+# (`make test-fast`: the unit lane, without the integration tests).
 # Both create the virtual environment on first use (.venv, the project installed editable).
 
 PYTHON ?= python3
@@ -32,9 +32,10 @@ $(STAMP): pyproject.toml
 test: setup
 	$(PY) -m pytest -q
 
-# The same suite without the tests marked slow (fault injection, multi-rank resume, preemption).
+# The unit lane: the tests not marked integration (no process launches, no training runs; tests/conftest.py
+# fails a unit test that starts either).
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not integration"
 
 # The suite again on the lowest versions pyproject.toml allows, in .venv-lowest (.ci/lowest says how).
 PYTEST_ARGS ?=

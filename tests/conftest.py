@@ -1,8 +1,11 @@
-"""Shared fixtures: the demo shards (converted once per session) and real-photo image oddities."""
+"""Shared fixtures: the demo shards (converted once per session) and real-photo image oddities; and
+the unit lane's rule: a test without the `integration` mark starts no process and no training run."""
 
 from __future__ import annotations
 
+import multiprocessing.process
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,3 +42,30 @@ def one_thread():
 def oddities() -> Callable[[Path], dict[str, str]]:
     """make_oddities as a fixture, for tests outside tests/pipeline."""
     return make_oddities
+
+
+# Fixtures that train a whole run: only integration tests may ask for them.
+TRAINING_FIXTURES = {"tiny_run", "trained"}
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_launch_nothing(request, monkeypatch):
+    """`make test-fast` is a unit lane: a test not marked `integration` that starts a subprocess, a
+    child process (DataLoader workers, a process pool) or a training run (train.loop.train, or a
+    fixture that trains) fails here, naming what it started, instead of slowing the lane down."""
+    if request.node.get_closest_marker("integration"):
+        return
+    heavy = TRAINING_FIXTURES.intersection(request.fixturenames)
+    if heavy:
+        pytest.fail(f"a unit test uses the training fixture {sorted(heavy)}: mark it integration")
+
+    def refuse(what: str):
+        def started(*args, **kwargs):
+            raise AssertionError(f"a unit test started {what}: mark it @pytest.mark.integration")
+
+        return started
+
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", refuse("a subprocess"))
+    monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", refuse("a child process"))
+    monkeypatch.setattr("train.loop.train", refuse("a training run (train.loop.train)"))
+    monkeypatch.setattr("train.main.train", refuse("a training run (train.main.train)"))
