@@ -1,19 +1,23 @@
-"""bench/step.py measures the trainer's own step: phases add up, FLOPs are counted, the JSON is docs/DESIGN.md;
+"""bench/step.py measures the trainer's own step: its times agree with a clock outside it, FLOPs are
+counted (forward and backward) as a hand count says, the JSON is docs/DESIGN.md;
 its defaults work on either device (synthetic batches on CUDA, the demo presets and shards on a CPU); eager
 and compiled side by side, compile time apart."""
 
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
 
 from bench import _provenance, step
+from train.config import Config
 
 
 @pytest.mark.integration  # the loader source starts the loader's workers
-def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
+def test_one_preset_row_has_the_split_and_times_a_clock_outside_agrees_with(demo_shards):
+    start = time.perf_counter()
     rows = step.bench_preset(
         "demo-xattn",
         ["--data.img_size=32", f"--data.dir={demo_shards}"],
@@ -27,10 +31,11 @@ def test_one_preset_row_has_the_split_and_consistent_figures(demo_shards):
         ("xattn", "synthetic", "eager"),
         ("xattn", "loader", "eager"),
     ]
+    wall_ms = 1e3 * (time.perf_counter() - start)
+    # The timed steps (2 per row) ran inside this call: they cannot add up to more than its wall time.
+    assert 0 < sum(2 * r["step_ms"] for r in rows) <= wall_ms
     for r in rows:
-        phases = r["data_ms"] + r["forward_ms"] + r["backward_ms"] + r["optimizer_ms"]
-        assert abs(phases - r["step_ms"]) < 1e-6 * r["step_ms"] + 1e-9
-        assert r["samples_per_s"] == 16 / (r["step_ms"] / 1e3)
+        assert all(r[f"{p}_ms"] >= 0 for p in ("data", "forward", "backward", "optimizer"))
         assert r["flops_per_step"] > 1e8 and 0 < r["mfu"] < 10 and r["peak_mem_gb"] > 0.1
     assert rows[0]["data_ms"] < rows[1]["data_ms"]  # synthetic batches cost nothing to fetch
 
@@ -113,3 +118,23 @@ def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(
     assert per_preset["rows"] == whole["rows"] and whole["summary"]["samples_per_s.vicreg"] > 0
     assert per_preset["git_sha"] == whole["git_sha"] and "kernel_choices" in whole["config"]
     assert (tmp_path / "results" / "step-cpu.json").read_text() == (tmp_path / "step-cpu.json").read_text()
+
+
+class _OneLinear(torch.nn.Module):
+    """A "method" whose FLOPs are known by hand: loss = mean((x W^T)^2), x (B, I), W (O, I)."""
+
+    def __init__(self, i: int, o: int):
+        super().__init__()
+        self.lin = torch.nn.Linear(i, o, bias=False)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"loss": self.lin(x).pow(2).mean()}
+
+
+def test_flops_count_the_forward_and_both_backward_matmuls():
+    """2·B·I·O for the forward matmul and as much for the weight's gradient (x needs none): 4·B·I·O."""
+    b, i, o = 8, 24, 40
+    method = _OneLinear(i, o)
+    flops = step.count_flops(method, torch.randn(b, i), Config(), torch.device("cpu"))
+    assert flops == 2 * b * i * o * 2
+    assert all(p.grad is None for p in method.parameters())  # the count leaves no gradient behind
