@@ -55,8 +55,10 @@ def test_eager_and_compiled_side_by_side_with_the_compile_time_apart(demo_shards
         ("synthetic", "compiled"),
     ]
     eager, compiled = rows[0], rows[2]
-    # compilation happens in the first warm-up step, reported apart from the timed steps
-    assert eager["compile_s"] is None and compiled["compile_s"] > 1.0
+    # compilation happens in the first warm-up step, reported apart from the timed steps: it costs
+    # many timed steps (not a fixed number of seconds: inductor's cache, warm from an earlier test of
+    # the same session, made it 0.9 s in CI's second lane)
+    assert eager["compile_s"] is None and compiled["compile_s"] > 5 * compiled["step_ms"] / 1e3
     assert compiled["compile_s"] == compiled["first_step_s"] - compiled["step_ms"] / 1e3
     assert compiled["first_step_s"] > eager["first_step_s"]
     assert compiled["flops_per_step"] == eager["flops_per_step"] > 1e7
