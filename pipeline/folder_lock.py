@@ -23,12 +23,13 @@ from pipeline.errors import UserError
 
 
 @contextmanager
-def hold(folder: Path, name: str, refused: Callable[[str], UserError]) -> Iterator[None]:
+def hold(folder: Path, name: str, refused: Callable[[str], UserError], wait: bool = False) -> Iterator[None]:
     """Hold folder/name exclusively while the block runs; raise refused(holder) if another process
-    holds it (holder: "pid P on HOST, started TIME", as that process wrote it)."""
+    holds it (holder: "pid P on HOST, started TIME", as that process wrote it), or with wait=True
+    wait until it lets go."""
     with open(os.open(folder / name, os.O_RDWR | os.O_CREAT, 0o644), "r+") as f:
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             raise refused(f.read().strip() or "a process that is starting") from None
         f.truncate(0)

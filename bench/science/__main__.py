@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import shutil
 import sys
 from dataclasses import replace
@@ -16,6 +17,8 @@ from bench.science.data import ROOT, fetch, log, prepare_data
 from bench.science.report import report, summarise
 from bench.science.runs import probe_baselines, probe_run, run_dir, train_one, trained
 from bench.science.sizes import SIZES
+from pipeline.errors import UserError
+from pipeline.folder_lock import hold
 
 PARTS = ("fetch", "data", "train", "probe", "report")
 KEEP = ("train.json", "probe.json", "recon.png", "config.json", "metrics.jsonl")  # what --copy-results copies
@@ -30,8 +33,9 @@ def write_partial(work: Path, runs: list[tuple[str, int]]) -> None:
     ]
     baselines = json.loads((work / "baselines.json").read_text())
     out = work / "summary-partial.json"
-    out.with_suffix(".tmp").write_text(json.dumps(summarise(records, baselines), indent=2) + "\n")
-    out.with_suffix(".tmp").replace(out)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")  # several science processes may share one work folder
+    tmp.write_text(json.dumps(summarise(records, baselines), indent=2) + "\n")
+    tmp.replace(out)
     log(f"{len(records)} of {len(runs)} runs probed: {out}")
 
 
@@ -76,13 +80,22 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(size.device)
     # Seed by seed, each run trained then probed; the summary so far is rewritten after every probe, so
     # an interrupted run leaves its finished results readable (and the same command continues it).
+    # Several processes may share one work folder (e.g. one per core, --seeds in other orders): a run
+    # held by another process is skipped here, and the last process to finish writes the full report.
     for method, seed in runs:
-        if "train" in parts:
-            train_one(work, size, method, seed, data["n_train_crops"])
-        if "probe" in parts and trained(run_dir(work, method, seed)):
-            probe_baselines(work, size, device)
-            probe_run(work, size, method, seed, device)
-            write_partial(work, runs)
+        run = run_dir(work, method, seed)
+        run.mkdir(parents=True, exist_ok=True)
+        try:
+            with hold(run, ".science.lock", lambda holder: UserError(holder)):
+                if "train" in parts:
+                    train_one(work, size, method, seed, data["n_train_crops"])
+                if "probe" in parts and trained(run):
+                    with hold(work, ".baselines.lock", UserError, wait=True):  # computed once
+                        probe_baselines(work, size, device)
+                    probe_run(work, size, method, seed, device)
+                    write_partial(work, runs)
+        except UserError as held:
+            log(f"{method} seed {seed}: held by another science process ({held}); skipped here")
     if args.copy_results:
         dst_root = Path(args.copy_results)
         dst_root.mkdir(parents=True, exist_ok=True)
