@@ -201,24 +201,6 @@ def render_family(
     }
 
 
-def render_pairs(
-    samples: list[tuple[bytes, int]],
-    family: str,
-    cfg: PathConfig,
-    size: int,
-    per_image: int,
-    groups: list[int] | None = None,
-    seed: int = 0,
-    mask: str = "disc",
-    device: torch.device | None = None,
-) -> PairSet:
-    """One mask's pairs of `render_family` (crop and flip ignore the mask)."""
-    if mask not in MASKS:
-        raise ValueError(f"unknown mask {mask!r}; choose from {', '.join(MASKS)}")
-    masks = (mask,) if family in FAMILIES else ("none",)
-    return render_family(samples, family, cfg, size, per_image, groups, seed, masks, device)[masks[0]]
-
-
 def targets(family: str, theta: torch.Tensor, kind: str = "signed") -> torch.Tensor:
     """The regression target of a family's θ entries (N, p) -> (N, q); see the module docstring."""
     if kind not in TARGETS:

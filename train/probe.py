@@ -47,7 +47,7 @@ from pipeline.pairs import (
 )
 from pipeline.shards import dataset_is_labeled, load_meta
 from train import probe_dense
-from train.probe_embed import PARTS, Embedder, load_backbone
+from train.probe_embed import PARTS, Embedder
 from train.probes import (
     BASELINES,
     MLP_TRAIN_PAIRS,
@@ -57,9 +57,8 @@ from train.probes import (
     embedders_for,
     equivariance,
     linear,
-    pick_device,
+    open_backbone,
     read_split,
-    set_threads,
 )
 
 # ------------------------------------------------------------------------------------------ the CLI
@@ -226,10 +225,8 @@ def run(args: argparse.Namespace) -> dict:
     pools = args.pool or (ProbeConfig.pool if args.probe == "equivariance" else "mean")
     if args.probe != "equivariance" and "," in pools:
         raise ProbeError(f"--pool {pools}: the {args.probe} probe takes one pooling")
-    bb = load_backbone(args.backbone, img_size=args.img_size or None)
+    bb, device, threads = open_backbone(args.backbone, args.img_size, args.device, args.threads)
     data_dir = Path(args.data) if args.data else ensure_demo_shards()
-    device = pick_device(args.device)
-    threads = set_threads(args.threads, device)
     emb = Embedder.from_backbone(bb, pools.split(",")[0])
     notes = []
     if not args.pool and args.probe == "equivariance":  # the defaults that apply to this backbone

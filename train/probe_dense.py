@@ -28,7 +28,6 @@ from torch import nn
 
 from pipeline.dense_data import IGNORE, LAYOUTS, DenseSet, open_dense
 from pipeline.errors import ProbeError, UserError, one_line
-from train.backbones import load_backbone
 from train.dense_fit import (
     DEPTH_HEADS,
     SCHEDULES,
@@ -53,6 +52,7 @@ from train.dense_views import (
     load_items,
 )
 from train.probe_embed import random_twin
+from train.probes import open_backbone
 from train.provenance import provenance
 
 TASKS = ("seg", "depth", "retrieval")
@@ -202,11 +202,6 @@ def models_for(enc: DenseEncoder, baselines: tuple[str, ...]) -> dict[str, nn.Mo
 def run(args: argparse.Namespace) -> tuple[dict, dict]:
     """The dense probe `args` describes -> (the JSON record, what the picture needs: the predictions
     shown per model, their val items, the dataset)."""
-    device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    )
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
     seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
     baselines = () if args.baselines == "none" else tuple(b for b in args.baselines.split(",") if b)
     bad = [b for b in baselines if b not in BASELINES]
@@ -217,7 +212,8 @@ def run(args: argparse.Namespace) -> tuple[dict, dict]:
             else "--seeds: give one"
         )
     ds = open_dense(args.data, "depth" if args.task == "depth" else "seg", args.layout)
-    bb = load_backbone(args.backbone, "cpu", args.img_size or None)
+    # --threads 0 leaves torch's default here (the help says so), unlike the other probes
+    bb, device, _ = open_backbone(args.backbone, args.img_size, args.device, args.threads, fill_cores=False)
     enc = DenseEncoder(bb, args.layers)
     size = bb.img_size
     stride = args.stride or max(1, size // 2)

@@ -32,6 +32,7 @@ from pipeline.pairs import (
 )
 from pipeline.path import PathConfig
 from pipeline.shards import parse_label, read_shard, split_shards
+from train.backbones import Backbone, load_backbone
 from train.probe_embed import Embedder, PixelEmbedder, embed, embed_pools, random_twin
 from train.probe_fit import PROTOCOLS, knn_top1, linear_top1, over_seeds
 from train.probe_ridge import paired, ridge_cv
@@ -173,15 +174,27 @@ def pick_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 
-def set_threads(threads: int, device: torch.device) -> int:
+def set_threads(threads: int, device: torch.device, fill_cores: bool = True) -> int:
     """Size torch's CPU pool like the trainer (train.loop.set_cpu_threads): an explicit count or
-    OMP_NUM_THREADS wins; else one thread per core this process may use (the probe has no workers)."""
+    OMP_NUM_THREADS wins; else one thread per core this process may use (the probe has no workers).
+    fill_cores=False leaves a count of 0 at torch's default (the dense probe's `--threads 0`)."""
     if threads > 0:
         torch.set_num_threads(threads)
-    elif device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    elif fill_cores and device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         torch.set_num_threads(max(1, cores))
     return torch.get_num_threads()
+
+
+def open_backbone(
+    spec: str, img_size: int = 0, device: str = "auto", threads: int = 0, fill_cores: bool = True
+) -> tuple[Backbone, torch.device, int]:
+    """The probe CLIs' setup (train/probe.py, train/probe_dense.py): `--backbone` loaded on the CPU at
+    `--img-size` (0: its training resolution), the device `--device` names, and torch's CPU threads
+    (`set_threads`) -> (backbone, device, threads)."""
+    bb = load_backbone(spec, "cpu", img_size or None)
+    dev = pick_device(device)
+    return bb, dev, set_threads(threads, dev, fill_cores)
 
 
 def _progress(total: int, desc: str, quiet: bool):

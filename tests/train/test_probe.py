@@ -284,8 +284,8 @@ def test_unlabeled_samples_fall_back_to_one_group_per_image():
 def test_seeds_change_the_fit_not_the_pairs():
     samples = _blob_jpegs(6)
     cfg = PathConfig(ref_size=48)
-    a = P.render_pairs(samples, "rotation", cfg, 48, 4, seed=0)
-    b = P.render_pairs(samples, "rotation", cfg, 48, 4, seed=0)
+    a = P.render_family(samples, "rotation", cfg, 48, 4, seed=0)["disc"]
+    b = P.render_family(samples, "rotation", cfg, 48, 4, seed=0)["disc"]
     assert torch.equal(a.x2, b.x2) and torch.equal(a.theta, b.theta)
     gen = torch.Generator().manual_seed(0)
     theta, groups, base = _pairs(40, 6, 16, gen)
@@ -297,7 +297,7 @@ def test_seeds_change_the_fit_not_the_pairs():
 def test_pairs_follow_the_path_semantics():
     samples = _blob_jpegs(3)
     cfg = PathConfig(ref_size=48)
-    pairs = P.render_pairs(samples, "rotation", cfg, 48, per_image=4, seed=0, mask="none")
+    pairs = P.render_family(samples, "rotation", cfg, 48, per_image=4, seed=0, masks=("none",))["none"]
     assert (
         pairs.x2.shape == (12, 3, 48, 48)
         and pairs.theta.shape == (12, 1)
@@ -318,9 +318,9 @@ def test_pairs_follow_the_path_semantics():
     want = apply_g(x[None].expand(4, -1, -1, -1).contiguous(), full, rot_only)
     assert torch.allclose(pairs.x2[:4].float(), want, atol=2e-3)  # float16 storage
     # crop: the θ entries are A2's crop box (y0, x0, h, w) inside the image; flip: 0 or 1, both drawn.
-    box = P.render_pairs(samples, "crop", cfg, 48, per_image=4).theta
+    box = P.render_family(samples, "crop", cfg, 48, per_image=4, masks=("none",))["none"].theta
     assert box.shape == (12, 4) and (box[:, 2:] > 0).all() and (box[:, :2] + box[:, 2:] <= 1 + 1e-6).all()
-    flip = P.render_pairs(samples, "flip", cfg, 48, per_image=8).theta
+    flip = P.render_family(samples, "flip", cfg, 48, per_image=8, masks=("none",))["none"].theta
     assert set(flip.flatten().tolist()) == {0.0, 1.0}
 
 
@@ -331,10 +331,10 @@ def test_disc_mask_removes_the_corner_cue():
     Image.fromarray(np.full((48, 48, 3), 200, np.uint8)).save(buf, "JPEG", quality=95)
     samples = [(buf.getvalue(), 0)]
     cfg = PathConfig(ref_size=48)
-    plain = P.render_pairs(samples, "rotation", cfg, 48, 16, mask="none")
+    plain = P.render_family(samples, "rotation", cfg, 48, 16, masks=("none",))["none"]
     corner_dark = 1 - plain.x2.float()[:, :, :6, :6].mean((1, 2, 3))
     assert torch.corrcoef(torch.stack([corner_dark, plain.theta[:, 0].abs()]))[0, 1] > 0.8
-    masked = P.render_pairs(samples, "rotation", cfg, 48, 16, mask="disc")
+    masked = P.render_family(samples, "rotation", cfg, 48, 16, masks=("disc",))["disc"]
     inside = P.disc_mask(48)
     assert (masked.x2.float()[:, :, ~inside] == P.MASK_FILL).all()
     # bilinear blending at the disc's rim leaves a thin ring; the rest of the disc does not depend on φ
