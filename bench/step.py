@@ -165,7 +165,7 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
     # The DINO family's teacher update is timed too, and the prototype layer's update (frozen only in
     # the first epoch of a run): the steady state.
     unfrozen = copy.deepcopy(cfg)
-    unfrozen.model.dino.freeze_last_layer_epochs = 0.0
+    unfrozen.optim.teacher.freeze_last_layer_epochs = 0.0
     schedules = Schedules(unfrozen, 1000, total_steps(cfg.optim, 1000))
     amp = device.type == "cuda" and cfg.run.amp == "bf16"
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -212,10 +212,11 @@ def time_steps(method, batches, cfg: Config, device: torch.device, warmup: int, 
 
 def count_flops(method, batch: Batch, cfg: Config, device: torch.device) -> float:
     amp = device.type == "cuda" and cfg.run.amp == "bf16"
+    args = Schedules(cfg, 1000, total_steps(cfg.optim, 1000)).forward_args(method, 0)
     counter = FlopCounterMode(display=False)
     with counter:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = method(batch)["loss"]
+            loss = method(batch, **args)["loss"]
         loss.backward()
     method.zero_grad(set_to_none=True)
     return float(counter.get_total_flops())
@@ -291,8 +292,10 @@ def _time_sources(preset, cfg, method, batches, sources, mode, device, warmup, s
 
 
 def method_label(cfg: Config) -> str:
-    """The summary's method name: model.method, or family+method for the DINO family (ibot+path)."""
-    return cfg.model.method if cfg.model.family == "vicreg" else f"{cfg.model.family}+{cfg.model.method}"
+    """The summary's method name: the family alone without an equivariant part (vicreg, ibot), the
+    part alone beside VICReg (path), family+part otherwise (ibot+path)."""
+    family, part = cfg.model.family, cfg.model.method
+    return family if part == "none" else part if family == "vicreg" else f"{family}+{part}"
 
 
 def resolve_defaults(

@@ -51,11 +51,12 @@ def _norm(grads) -> float:
     return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
 
-def grad_ratio(method: nn.Module, batch, out: dict | None = None) -> dict[str, float]:
+def grad_ratio(method: nn.Module, batch, out: dict | None = None, **forward_args) -> dict[str, float]:
     """Backbone gradient norms of L_inv and λ·L_eq for one batch (torch.autograd.grad on the encoder
-    parameters; nothing is accumulated into .grad). -> {"diag/grad.inv", "diag/grad.eq", "diag/grad_ratio"}."""
+    parameters; nothing is accumulated into .grad). -> {"diag/grad.inv", "diag/grad.eq", "diag/grad_ratio"}.
+    forward_args: the method's (the teacher temperatures of the step just taken)."""
     params = [p for p in method.encoder.parameters() if p.requires_grad]
-    out = out if out is not None else method(batch)
+    out = out if out is not None else method(batch, **forward_args)
     g_inv = torch.autograd.grad(out["loss/inv"], params, retain_graph=True, allow_unused=True)
     eq = method.lam * out["loss/eq"]
     g_eq = torch.autograd.grad(eq, params, allow_unused=True) if eq.requires_grad else [None]
@@ -73,13 +74,13 @@ def _restore_buffers(method: nn.Module, saved: list[torch.Tensor]) -> None:
         buf.copy_(old)
 
 
-def diagnostics(method: nn.Module, batch, recon: bool = True) -> dict[str, float]:
+def diagnostics(method: nn.Module, batch, recon: bool = True, **forward_args) -> dict[str, float]:
     """grad_ratio, plus (recon) recon_errors for methods that reconstruct; the model's mode is left as it was,
     and so are its buffers: the DINO family's forward moves its teacher centres, which a diagnostic
     pass must not do (a run with diagnostics trains exactly as one without)."""
     saved = [b.detach().clone() for b in method.buffers()]
     try:
-        terms = grad_ratio(method, batch)
+        terms = grad_ratio(method, batch, **forward_args)
     finally:
         _restore_buffers(method, saved)
     pred = method.reconstruct(batch) if recon else None

@@ -16,7 +16,7 @@ global-batch loss (every rank holds the same number of images). What must see th
 otherwise), so that their result on each rank equals the single-process result on the concatenated
 batch. Tested against transcriptions of the official code (tests/model/oracles/).
 
-Choices the `path` paper (arXiv 2503.18753) leaves open, made here and in model/families.py:
+Choices the `path` paper (arXiv 2503.18753) leaves open, made here and in model/dino_objective.py:
 - The teacher is split too: it is an EMA copy of the whole student (SplitEncoder with its linear head,
   and the DINO head), so its head sees the same `z_inv` channels as the student's. Its `z_eq` is
   never used.

@@ -4,6 +4,14 @@
 `timm.create_model(encoder.timm_name, **encoder.timm_kwargs)` recreates it); `head` maps every token
 to `d_patch` channels. The first `d_inv` channels are the invariant part, pooled for the SSL loss;
 the remaining `d_eq = d_patch - d_inv` channels of the patch tokens are the equivariant tokens.
+
+    out = encoder(x)                 # x (B, 3, H, W) at img_size: timm's forward_features, then the head
+    out = encoder(x, masks)          # masks (B, N) bool: those patches replaced by the mask token
+    out = encoder(local_crops)       # any size that is a multiple of the patch: position embedding resampled
+
+The mask token (iBOT's learned embedding of a masked patch, zeros at init) exists once an objective
+asks for it (`add_mask_token`); masks and other sizes take DINOv2's `prepare_tokens_with_masks` path
+through timm's modules, which equals forward_features at img_size without masks (tested).
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from typing import NamedTuple
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from model.config import ModelConfig
@@ -95,12 +104,51 @@ class SplitEncoder(nn.Module):
         self.embed_dim = self.backbone.embed_dim
         self.head = nn.Linear(self.embed_dim, cfg.d_patch)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Backbone tokens after the final norm: (B, 3, H, W) -> (B, prefix + N, embed_dim)."""
-        return self.backbone.forward_features(x)
+        self.register_parameter("mask_token", None)  # add_mask_token
 
-    def forward(self, x: torch.Tensor) -> SplitOutput:
-        tokens = self.forward_features(x)
+    def add_mask_token(self) -> None:
+        """iBOT's learned mask embedding (1, 1, embed_dim), zeros at init (as iBOT and DINOv2)."""
+        if self.mask_token is None:
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, self.embed_dim))
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        """Backbone tokens after the final norm: (B, 3, H, W) -> (B, prefix + N, embed_dim)."""
+        vit = self.backbone
+        if masks is None and tuple(x.shape[-2:]) == tuple(vit.patch_embed.img_size):
+            return vit.forward_features(x)
+        patch = vit.patch_embed.patch_size
+        if x.dim() != 4 or x.shape[-2] % patch[0] or x.shape[-1] % patch[1]:
+            raise ValueError(
+                f"crops of shape {tuple(x.shape)}: the encoder needs (B, 3, H, W) with H and W "
+                f"multiples of model.patch_size={patch[0]}"
+            )
+        if masks is not None and self.mask_token is None:
+            raise ValueError("masks given, but the encoder has no mask token (add_mask_token)")
+        # timm's forward_features step by step, with the mask token and a resampled position embedding.
+        tokens = vit.patch_embed.proj(x)  # (B, D, gh, gw)
+        grid = tuple(tokens.shape[-2:])
+        tokens = vit.patch_embed.norm(tokens.flatten(2).transpose(1, 2))  # (B, N, D)
+        if masks is not None:
+            tokens = torch.where(masks[..., None], self.mask_token.to(tokens.dtype), tokens)
+        n_prefix, pos = vit.num_prefix_tokens, vit.pos_embed
+        if grid != tuple(vit.patch_embed.grid_size):
+            pos = resample_abs_pos_embed(
+                pos,
+                new_size=grid,
+                old_size=vit.patch_embed.grid_size,
+                num_prefix_tokens=0 if vit.no_embed_class else n_prefix,
+            )
+        prefix = [t.expand(x.shape[0], -1, -1) for t in (vit.cls_token, vit.reg_token) if t is not None]
+        if vit.no_embed_class:
+            tokens = torch.cat([*prefix, tokens + pos], dim=1)
+        else:
+            tokens = torch.cat([*prefix, tokens], dim=1) + pos
+        tokens = vit.norm_pre(vit.patch_drop(vit.pos_drop(tokens)))
+        return vit.norm(vit.blocks(tokens))  # (B, prefix + N, D)
+
+    def forward(self, x: torch.Tensor, masks: torch.Tensor | None = None) -> SplitOutput:
+        """x (B, 3, H, W); masks (B, N) bool or None -> SplitOutput."""
+        tokens = self.forward_features(x, masks)
         n_prefix = self.backbone.num_prefix_tokens
         if self.pool == "cls":
             z = self.head(tokens)  # (B, prefix + N, d_patch)

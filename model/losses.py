@@ -77,23 +77,46 @@ def _variance_covariance(x: torch.Tensor, y: torch.Tensor, caller: str) -> tuple
     return (variance_term(x) + variance_term(y)) / 2, covariance_term(x) + covariance_term(y)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def vicreg_loss(
-    a: torch.Tensor, b: torch.Tensor, sim: float = 25.0, std: float = 25.0, cov: float = 1.0
+    a: torch.Tensor,
+    b: torch.Tensor,
+    sim: float = 25.0,
+    std: float = 25.0,
+    cov: float = 1.0,
+    joint: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """VICReg (Bardes et al. 2022) on two views' expanded embeddings a, b (B, D).
 
     loss = sim · MSE(a, b) + std · (V(a) + V(b)) / 2 + cov · (C(a) + C(b)); terms unweighted.
+    joint = (a_eq, b_eq) (B, De): an equivariant part's projections, regularised together with a and b
+    (V and C of [a | a_eq] and [b | b_eq], so the cross-block covariances count) and left out of the
+    similarity: SIE's invariant loss.
     """
     with torch.autocast(device_type=a.device.type, enabled=False):
-        a, b = a.float(), b.float()
-        std_term, cov_term = _variance_covariance(a, b, "vicreg_loss")
+        a, b = _at_least_fp32(a), _at_least_fp32(b)
+        x, y = a, b
+        if joint is not None:
+            x = torch.cat([a, _at_least_fp32(joint[0])], dim=1)
+            y = torch.cat([b, _at_least_fp32(joint[1])], dim=1)
+        std_term, cov_term = _variance_covariance(x, y, "vicreg_loss")
         terms = {"sim": F.mse_loss(a, b), "std": std_term, "cov": cov_term}
     loss = sim * terms["sim"] + std * terms["std"] + cov * terms["cov"]
     return loss, terms
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.float()
+def sie_prediction_loss(
+    pred: torch.Tensor, y_eq: torch.Tensor, sim: float = 10.0, std: float = 10.0, equi_factor: float = 4.5
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SIE's equivariant term: equi_factor · sim · MSE(pred, y_eq) + std · V(pred) / 2, V over the
+    batch gathered from all ranks. pred, y_eq (B, De) -> (loss, {"pred", "pred_std"} unweighted)."""
+    with torch.autocast(device_type=pred.device.type, enabled=False):
+        pred, y_eq = _at_least_fp32(pred), _at_least_fp32(y_eq)
+        terms = {"pred": F.mse_loss(pred, y_eq), "pred_std": variance_term(gather_batch(pred)) / 2}
+    return equi_factor * sim * terms["pred"] + std * terms["pred_std"], terms
 
 
 def sie_loss(
@@ -107,32 +130,20 @@ def sie_loss(
     cov: float = 1.0,
     equi_factor: float = 4.5,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """SIE (Garrido et al. 2023; the official `SIE.forward`) on projected embeddings.
+    """SIE (Garrido et al. 2023; the official `SIE.forward`) on projected embeddings, as the composed
+    methods compute it: VICReg's invariant loss with the equivariant projections joint
+    (model/invariant.py) plus SIE's prediction term (model/equivariant.py).
 
     x_inv, y_inv (B, Di): the invariant projections of views 1, 2; x_eq, y_eq (B, De): the equivariant
     ones; pred (B, De): the predictor's estimate of y_eq from x_eq and the transformation.
-    Regularisation runs on the concatenations x = [x_inv | x_eq], y = [y_inv | y_eq], so the
-    cross-block covariances between the two parts are penalised too, and on the prediction's variance:
 
-        inv = sim · MSE(x_inv, y_inv) + std · (V(x) + V(y)) / 2 + cov · (C(x) + C(y))
+        inv = sim · MSE(x_inv, y_inv) + std · (V(x) + V(y)) / 2 + cov · (C(x) + C(y)),  x = [x_inv | x_eq]
         eq  = equi_factor · sim · MSE(pred, y_eq) + std · V(pred) / 2
     -> (inv, eq, unweighted terms); inv + eq is the official loss. Defaults: the official ones.
     """
-    with torch.autocast(device_type=x_inv.device.type, enabled=False):
-        x_inv, y_inv, x_eq, y_eq, pred = (_at_least_fp32(t) for t in (x_inv, y_inv, x_eq, y_eq, pred))
-        x, y = torch.cat([x_inv, x_eq], dim=1), torch.cat([y_inv, y_eq], dim=1)
-        std_term, cov_term = _variance_covariance(x, y, "sie_loss")
-        pred_all = gather_batch(pred)
-        terms = {
-            "sim": F.mse_loss(x_inv, y_inv),
-            "pred": F.mse_loss(pred, y_eq),
-            "std": std_term,
-            "pred_std": variance_term(pred_all) / 2,
-            "cov": cov_term,
-        }
-    inv = sim * terms["sim"] + std * terms["std"] + cov * terms["cov"]
-    eq = equi_factor * sim * terms["pred"] + std * terms["pred_std"]
-    return inv, eq, terms
+    inv, terms = vicreg_loss(x_inv, y_inv, sim, std, cov, joint=(x_eq, y_eq))
+    eq, eq_terms = sie_prediction_loss(pred, y_eq, sim, std, equi_factor)
+    return inv, eq, {**terms, **eq_terms}
 
 
 def recon_mse(pred: torch.Tensor, target: torch.Tensor, norm_pix: bool = False) -> torch.Tensor:

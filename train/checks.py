@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from model.config import FAMILIES
+from model.config import FAMILIES, METHODS
 from pipeline.errors import ConfigError
 from train.distributed import check_dist_config
 
@@ -92,11 +92,6 @@ def check_multicrop(cfg: Config) -> None:
     from pipeline.multicrop import validate
 
     mc, family = cfg.data.multicrop, cfg.model.family
-    if cfg.model.dino.family:
-        raise ConfigError(
-            f"--model.dino.family={cfg.model.dino.family}: the family is --model.family "
-            "(model.dino.family is filled in from it; leave it empty)"
-        )
     if family == "vicreg":
         if mc.enabled:
             raise ConfigError(
@@ -130,16 +125,18 @@ def check_model(cfg: Config) -> None:
     size rules (img_size / patch_size, the d_inv split), the path decoder and K, the timm backbone."""
     import timm
 
-    from model.methods import METHODS
-
     if cfg.model.method not in METHODS:
-        raise ConfigError(f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}")
+        hint = " (vicreg is an invariant objective: --model.family=vicreg --model.method=none)"
+        raise ConfigError(
+            f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}"
+            + (hint if cfg.model.method == "vicreg" else "")
+        )
     if cfg.data.img_size % cfg.model.patch_size:
         raise ConfigError(
             f"--data.img_size={cfg.data.img_size} is not divisible by "
             f"--model.patch_size={cfg.model.patch_size}"
         )
-    if cfg.model.method != "vicreg" and not 0 < cfg.model.d_inv < cfg.model.d_patch:
+    if cfg.model.method != "none" and not 0 < cfg.model.d_inv < cfg.model.d_patch:
         raise ConfigError(
             f"--model.d_inv={cfg.model.d_inv} must be in (0, --model.d_patch={cfg.model.d_patch}) "
             f"for the split method {cfg.model.method}, so that z_eq keeps d_patch - d_inv channels"
@@ -172,7 +169,7 @@ def _check_model_rules(cfg: Config) -> None:
     decoder = {"xattn": "xattn", "path": cfg.model.decoder}.get(cfg.model.method)
     try:
         validate(cfg.data.aug)
-        check_encoder_config(cfg.model, cfg.data.img_size, all_invariant=cfg.model.method == "vicreg")
+        check_encoder_config(cfg.model, cfg.data.img_size, all_invariant=cfg.model.method == "none")
         if decoder in ("conv", "xattn", "xattn-path"):
             grid = cfg.data.img_size // cfg.model.patch_size
             check_decoder_config(decoder, cfg.model, grid, cfg.data.out_target_size)

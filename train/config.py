@@ -22,6 +22,21 @@ from train.distributed import DistConfig
 
 
 @dataclass
+class TeacherSchedule:
+    """The DINO family's teacher schedules (train/schedules.py): temperatures warm up linearly, the
+    momentum follows a cosine to 1, the prototype layer is frozen at first. Unused by other families."""
+
+    teacher_temp: float = 0.07  # class-token teacher temperature after warm-up
+    warmup_teacher_temp: float = 0.04  # class-token teacher temperature at step 0
+    patch_temp: float = 0.07  # iBOT patch teacher temperature after warm-up
+    warmup_patch_temp: float = 0.04  # iBOT patch teacher temperature at step 0
+    warmup_temp_epochs: float = 30.0  # epochs of the linear temperature warm-up
+    momentum: float = 0.996  # teacher EMA momentum at step 0 (iBOT 0.996, DINOv2 0.992), cosine to 1
+    # No update of the prototype layer in these first epochs (DINO, iBOT, DINOv2: 1).
+    freeze_last_layer_epochs: float = 1.0
+
+
+@dataclass
 class OptimConfig:
     name: str = "adamw"  # adamw (torch, fused on CUDA) | apex_adam | apex_lamb (apex when installed)
     base_lr: float = 1e-4  # lr = base_lr * global_batch / 256
@@ -38,6 +53,7 @@ class OptimConfig:
         1.0  # layer-wise lr decay: block i of D gets lr * decay^(D - i); 1 = off (DINOv2 0.9)
     )
     patch_embed_lr: float = 1.0  # extra lr factor of the patch embedding (DINOv2 0.2)
+    teacher: TeacherSchedule = field(default_factory=TeacherSchedule)  # DINO family (model.family)
 
 
 @dataclass

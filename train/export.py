@@ -135,7 +135,7 @@ def exported_encoder(method: nn.Module, weights: str = "auto"):
     teacher = getattr(method, "teacher", None)
     if weights == "teacher" and teacher is None:
         raise ExportError(
-            f"--weights teacher: the {type(method).__name__} method has no teacher (only the DINO "
+            f"--weights teacher: model.family={method.cfg.family} has no teacher (only the DINO "
             "family has one); use --weights student"
         )
     if teacher is not None and weights != "student":

@@ -93,12 +93,14 @@ def train_step(
     """Forward, backward, clip, optimizer and scheduler step; returns the loss terms averaged over
     ranks plus the grad norm. Raises NonFiniteLoss (before touching the weights) on NaN/inf.
     `mark(phase)` is called after "forward", "backward" and "optimizer" (bench/step.py times them).
-    `schedules` sets the step's weight decay and teacher temperatures before the forward and
-    updates the teacher after the optimizer step (train/schedules.py)."""
+    `schedules` sets the step's weight decay and λ before the forward, gives the forward its teacher
+    temperatures and updates the teacher after the optimizer step (train/schedules.py)."""
+    args = {}
     if schedules is not None:
         schedules.before_step(unwrap(model), optimizer, step)
+        args = schedules.forward_args(unwrap(model), step)
     with torch.autocast(batch.view1.device.type, dtype=torch.bfloat16, enabled=amp):
-        out = model(batch)
+        out = model(batch, **args)
     names = sorted(k for k in out if k.startswith("loss"))
     # One small all-reduce of every term, overlapped with backward; read after it (one host sync).
     terms = torch.stack([out[k].detach().float() for k in names])
@@ -410,7 +412,8 @@ def train(
                     if (logged or schedules.lam.due(step)) and not is_sharded(model):
                         # Every rank (the SSL losses all-gather); rank 0 logs its own values.
                         with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=amp):
-                            terms.update(diagnostics(method, batch, recon=logged))
+                            args = schedules.forward_args(method, step - 1)  # the step just taken
+                            terms.update(diagnostics(method, batch, recon=logged, **args))
                         if schedules.lam.due(step):  # model.grad_ratio: λ for the next steps
                             schedules.lam.update(terms["diag/grad.inv"], terms["diag/grad.eq"])
                     preempted = preemption.agreed(env) and step < stop  # at the last step: just finish

@@ -25,7 +25,7 @@ from pipeline.errors import ConfigError
 from pipeline.multicrop import MULTICROP, global_data_config
 from pipeline.path import PathConfig
 from train.checks import check
-from train.config import Config, OptimConfig, from_dict, set_by_key
+from train.config import Config, OptimConfig, TeacherSchedule, from_dict, set_by_key
 
 # --- presets: functions that edit a default Config ------------------------------------------------
 
@@ -131,7 +131,7 @@ def _demo_xattn_path(cfg: Config) -> None:
 def _demo_vicreg(cfg: Config) -> None:
     """The demo setting with VICReg only (no equivariant part)."""
     _demo_base(cfg)
-    cfg.model.method = "vicreg"
+    cfg.model.method = "none"
     _only_views(cfg)
 
 
@@ -155,7 +155,7 @@ def _demo_xattn(cfg: Config) -> None:
 def _vits16_vicreg(cfg: Config) -> None:
     """The papers' setting (ViT-S/16, 224 px, batch 2048, 800 epochs; needs CUDA) with VICReg."""
     _vits16_base(cfg)
-    cfg.model.method = "vicreg"
+    cfg.model.method = "none"
     _only_views(cfg)
 
 
@@ -224,9 +224,9 @@ def _dino_family(cfg: Config, family: str, local_size: int, n_local: int) -> Non
     )
     cfg.data = global_data_config(cfg.data, mc)
     dinov2 = family == "dinov2"
-    cfg.model.dino = DinoConfig(
-        out_dim=65536 if dinov2 else 8192, norm_last_layer=False, momentum=0.992 if dinov2 else 0.996
-    )
+    cfg.model.dino = DinoConfig(out_dim=65536 if dinov2 else 8192, norm_last_layer=False)
+    cfg.optim.teacher = TeacherSchedule(momentum=0.992 if dinov2 else 0.996)
+    cfg.model.expander = ()  # VICReg's projector; the family has its own head (SIE: no eq projector)
     cfg.optim.weight_decay, cfg.optim.weight_decay_end, cfg.optim.clip_grad = 0.04, 0.4, 3.0
 
 
@@ -266,7 +266,7 @@ def _ibot_paper(cfg: Config, backbone: str, epochs: float, drop_path: float, pat
     _vits16_base(cfg)
     cfg.data.batch_size = 1024
     cfg.model.backbone, cfg.model.drop_path = backbone, drop_path
-    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("vicreg", "conv")
+    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("none", "conv")
     cfg.model.d_patch, cfg.model.d_inv = 8192, 6144
     if not path:
         _only_views(cfg)
@@ -281,7 +281,7 @@ def _dinov2_paper(cfg: Config, path: bool) -> None:
     d_patch 2048 = 1536 z_inv + 512 z_eq."""
     _vits16_base(cfg)
     cfg.model.backbone, cfg.model.drop_path = "vit_large_patch16_224", 0.4
-    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("vicreg", "conv")
+    cfg.model.method, cfg.model.decoder = ("path", "conv") if path else ("none", "conv")
     cfg.model.d_patch, cfg.model.d_inv = 2048, 1536
     if not path:
         _only_views(cfg)

@@ -3,7 +3,8 @@ per-step schedules and per-parameter lr scales (the loop calls them; docs/DESIGN
 
     schedules = Schedules(cfg, steps_per_epoch, total)
     groups = scaled_param_groups(method, groups, cfg.optim, lr)  # layer-wise lr decay, patch-embed lr
-    schedules.before_step(method, optimizer, step)             # weight decay, teacher temperatures
+    schedules.before_step(method, optimizer, step)             # weight decay, λ
+    out = method(batch, **schedules.forward_args(method, step))  # the teacher temperatures
     ...backward, clip
     schedules.before_optimizer(method, step)                   # the frozen prototype layer
     ...optimizer.step()
@@ -14,11 +15,12 @@ as a straight one without saving anything: the step is in the checkpoint.
 
 - Weight decay: cosine from optim.weight_decay at step 0 to optim.weight_decay_end at the last step
   (DINO, iBOT, DINOv2: 0.04 -> 0.4), on the groups that decay; weight_decay_end < 0 keeps it constant.
-- Teacher temperatures (DINO family): linear warm-up from model.dino.warmup_* to model.dino.teacher_temp
-  / patch_temp over warmup_temp_epochs, then constant (DINO's `teacher_temp_schedule`).
-- Teacher momentum: model/teacher.py's cosine from model.dino.momentum to 1 over the schedule, the value
+- Teacher temperatures (DINO family): linear warm-up from optim.teacher.warmup_* to optim.teacher.teacher_temp
+  / patch_temp over warmup_temp_epochs, then constant (DINO's `teacher_temp_schedule`); a forward
+  argument of the method (DINOv2's `forward_backward(images, teacher_temp)`).
+- Teacher momentum: model/teacher.py's cosine from optim.teacher.momentum to 1 over the schedule, the value
   of the step just taken (as DINO indexes `momentum_schedule[it]`).
-- Prototype layer (DINO family): no update while step < model.dino.freeze_last_layer_epochs x steps per
+- Prototype layer (DINO family): no update while step < optim.teacher.freeze_last_layer_epochs x steps per
   epoch (DINO's and iBOT's `cancel_gradients_last_layer`, DINOv2's `freeze_last_layer_epochs`): its
   gradients are dropped after clipping, so the grad norm still counts them, as DINO's does.
 - Layer-wise lr decay (DINOv2's `get_vit_lr_decay_rate`): with D blocks, the patch embedding, position
@@ -84,10 +86,10 @@ class LamController:
                 f"--model.lam_range={self.bounds[0]},{self.bounds[1]} must be positive and hold the "
                 f"starting --model.lam={cfg.lam}"
             )
-        if self.target > 0 and cfg.method == "vicreg":
+        if self.target > 0 and cfg.method == "none":
             raise ConfigError(
                 "--model.grad_ratio needs an equivariant part (model.method path, xattn or sie); "
-                "vicreg has no equivariant loss to weigh"
+                "model.method=none has no equivariant loss to weigh"
             )
         self.lam, self.log_unit, self.updates = float(cfg.lam), None, 0
 
@@ -153,25 +155,25 @@ class Schedules:
 
     def temperatures(self, step: int) -> tuple[float, float]:
         """(class-token, patch) teacher temperatures at a step."""
-        d = self.cfg.model.dino
+        d = self.cfg.optim.teacher
         steps = round(d.warmup_temp_epochs * self.steps_per_epoch)
         return warmup(d.warmup_teacher_temp, d.teacher_temp, step, steps), warmup(
             d.warmup_patch_temp, d.patch_temp, step, steps
         )
 
     def momentum(self, step: int) -> float:
-        return teacher_momentum(step, self.total, self.cfg.model.dino.momentum)
+        return teacher_momentum(step, self.total, self.cfg.optim.teacher.momentum)
 
     def prototypes_frozen(self, step: int) -> bool:
         return step < self._frozen_steps()
 
     def _frozen_steps(self) -> int:
-        return round(self.cfg.model.dino.freeze_last_layer_epochs * self.steps_per_epoch)
+        return round(self.cfg.optim.teacher.freeze_last_layer_epochs * self.steps_per_epoch)
 
     @staticmethod
     def _prototypes(method: nn.Module) -> list[tuple[str, nn.Parameter]]:
         """The DINO family's prototype layer(s); none for the other methods."""
-        if not hasattr(method, "update_teacher"):
+        if method.teacher is None:
             return []
         return [(n, p) for n, p in method.named_parameters() if ".last_layer." in n and p.requires_grad]
 
@@ -185,7 +187,7 @@ class Schedules:
         out = {"sched/weight_decay": self.weight_decay(step)} if self.cfg.optim.weight_decay_end >= 0 else {}
         if self.lam.on:
             out["sched/lam"] = self.lam.lam  # the λ this step trained with
-        if hasattr(method, "update_teacher"):
+        if method.teacher is not None:
             temp, patch = self.temperatures(step)
             out.update(
                 {
@@ -197,15 +199,18 @@ class Schedules:
             )
         return out
 
+    def forward_args(self, method: nn.Module, step: int) -> dict:
+        """The method's forward arguments at step `step`: the teacher temperatures (class token,
+        patches) for a method with a teacher, none otherwise."""
+        return {"teacher_temp": self.temperatures(step)} if method.teacher is not None else {}
+
     def before_step(self, method: nn.Module, optimizer: torch.optim.Optimizer, step: int) -> None:
-        """Step `step`'s weight decay on the decaying groups and the teacher's temperatures."""
+        """Step `step`'s weight decay on the decaying groups and λ (model.grad_ratio)."""
         if self.cfg.optim.weight_decay_end >= 0:
             wd = self.weight_decay(step)
             for group in optimizer.param_groups:
                 if group["weight_decay"] > 0:  # the exempt group stays at 0
                     group["weight_decay"] = wd
-        if hasattr(method, "set_temperatures"):
-            method.set_temperatures(*self.temperatures(step))
         if self.lam.on:
             method.lam = self.lam.lam
 
@@ -218,8 +223,7 @@ class Schedules:
 
     def after_step(self, method: nn.Module, step: int) -> None:
         """After optimizer.step of step `step`: the teacher follows the student."""
-        if hasattr(method, "update_teacher"):
-            method.update_teacher(self.momentum(step))
+        method.update_teacher(self.momentum(step))
 
 
 def layer_of(name: str, depth: int) -> int:
@@ -240,8 +244,8 @@ def scaled_param_groups(model: nn.Module, groups: list[dict], cfg: OptimConfig, 
     depth = len(backbone.blocks)
     layer = {id(p): layer_of(n, depth) for n, p in backbone.named_parameters()}
     patch = {id(p) for p in backbone.patch_embed.parameters()}
-    if isinstance(getattr(model, "mask_token", None), nn.Parameter):
-        layer[id(model.mask_token)] = 0
+    if model.encoder.mask_token is not None:
+        layer[id(model.encoder.mask_token)] = 0
 
     def scale(p: nn.Parameter) -> float:
         s = cfg.layer_decay ** (depth + 1 - layer.get(id(p), depth + 1))

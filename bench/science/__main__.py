@@ -24,6 +24,10 @@ PARTS = ("fetch", "data", "train", "probe", "report")
 KEEP = ("train.json", "probe.json", "recon.png", "config.json", "metrics.jsonl")  # what --copy-results copies
 
 
+class Held(UserError):
+    """A run (or the baselines) that another science process holds."""
+
+
 def write_partial(work: Path, runs: list[tuple[str, int]]) -> None:
     """work/summary-partial.json: the summary of every run probed so far."""
     records = [
@@ -86,15 +90,15 @@ def main(argv: list[str] | None = None) -> int:
         run = run_dir(work, method, seed)
         run.mkdir(parents=True, exist_ok=True)
         try:
-            with hold(run, ".science.lock", lambda holder: UserError(holder)):
+            with hold(run, ".science.lock", Held):
                 if "train" in parts:
                     train_one(work, size, method, seed, data["n_train_crops"])
                 if "probe" in parts and trained(run):
-                    with hold(work, ".baselines.lock", UserError, wait=True):  # computed once
-                        probe_baselines(work, size, device)
+                    with hold(work, ".baselines.lock", Held, wait=True):  # computed once
+                        probe_baselines(work, size, device, run / "ckpt" / "last.pt")
                     probe_run(work, size, method, seed, device)
                     write_partial(work, runs)
-        except UserError as held:
+        except Held as held:
             log(f"{method} seed {seed}: held by another science process ({held}); skipped here")
     if args.copy_results:
         dst_root = Path(args.copy_results)

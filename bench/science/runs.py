@@ -163,20 +163,15 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
     return record
 
 
-def probe_baselines(work: Path, size: Size, device: torch.device) -> dict:
-    """The random-init and pixel baselines, once (same architecture for every method: any run's
-    checkpoint gives it; the pairs are the runs' pairs) -> work/baselines.json."""
+def probe_baselines(work: Path, size: Size, device: torch.device, ckpt: Path) -> dict:
+    """The random-init and pixel baselines, once (same backbone architecture for every method: the
+    finished run's checkpoint `ckpt` gives it; the pairs are the runs' pairs) -> work/baselines.json."""
     from train.probe_embed import load_backbone
     from train.probes import BASELINES, read_split
 
     out = work / "baselines.json"
     if out.is_file():
         return json.loads(out.read_text())
-    ckpt = next(iter(sorted((work / "runs").glob("*/ckpt/last.pt"))), None)
-    if ckpt is None:
-        raise SystemExit(
-            f"science: no checkpoint under {work / 'runs'} to take the baselines' architecture from"
-        )
     samples = read_split(work / "probe", "train", size.probe_images)
     record = {"equivariance": _probe(load_backbone(ckpt), samples, size, device, BASELINES)}
     out.write_text(json.dumps(record, indent=2) + "\n")

@@ -37,7 +37,7 @@ def test_recon_errors_own_equals_other_when_the_step_is_ignored():
 
 def test_a_path_decoder_that_ignores_k_scores_own_equal_other():
     cfg, method = _build("path-conv")
-    branches = method.decoder.branches
+    branches = method.equivariant.decoder.branches
     branches[1].load_state_dict(branches[0].state_dict())  # both steps predict the same image
     out = diagnostics(method, make_batch(cfg))
     assert out["diag/recon.own"] == pytest.approx(out["diag/recon.other"], rel=1e-5)
@@ -67,29 +67,32 @@ def test_recon_reduction_sum_is_per_image():
 
 def test_xattn_mask_ratio_hides_view_2_from_the_queries():
     _, method = _build("xattn", "--model.mask_ratio=0.99")  # every one of the 16 query tokens
-    dec = method.decoder.eval()
+    dec = method.equivariant.decoder.eval()
     z1, z2 = torch.randn(2, 16, method.encoder.d_eq), torch.randn(2, 16, method.encoder.d_eq)
     with torch.no_grad():
         torch.testing.assert_close(dec(z1, z2), dec(z1, torch.randn_like(z2)))
         assert not torch.allclose(dec(z1, z2), dec(torch.randn_like(z1), z2))
     _, plain = _build("xattn")
     with torch.no_grad():
-        assert not torch.allclose(plain.decoder(z1, z2), plain.decoder(z1, torch.randn_like(z2)))
-    half = method.decoder.__class__(8, 16, 1, 1, 4, 12, mask_ratio=0.5)
+        assert not torch.allclose(
+            plain.equivariant.decoder(z1, z2), plain.equivariant.decoder(z1, torch.randn_like(z2))
+        )
+    half = method.equivariant.decoder.__class__(8, 16, 1, 1, 4, 12, mask_ratio=0.5)
     e = torch.randn(3, 16, 16)
     assert ((half.mask_queries(e) == half.mask_token).all(-1).sum(1) == 8).all()
 
 
 def _with_dino(variant: str):
     """The DINO family (global crops only) with `variant`'s equivariant part."""
+    import dataclasses
+
+    from model import build_method
     from model.config import DinoConfig
-    from model.families import DinoFamily
 
     cfg = variant_config(variant)
     torch.manual_seed(0)
-    fam = DinoConfig(family="dino", out_dim=64, hidden_dim=32, bottleneck_dim=16)
-    eq = {"path-conv": "path", "path-xattn": "path"}.get(variant, variant)
-    return cfg, DinoFamily(cfg.model, cfg.data, fam, equivariant=eq)
+    head = DinoConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16)
+    return cfg, build_method(dataclasses.replace(cfg.model, family="dino", dino=head), cfg.data)
 
 
 @pytest.mark.parametrize("family", ["vicreg", "dino"])
@@ -99,14 +102,15 @@ def test_the_loss_weight_is_read_from_method_lam(variant, family):
     must follow it, for every equivariant part and invariant objective."""
     cfg, method = _build(variant) if family == "vicreg" else _with_dino(variant)
     batch = make_batch(cfg)
+    args = {"teacher_temp": (0.04, 0.04)} if family == "dino" else {}
     ratios = []
     for lam in (1.0, 3.0):
         method.lam = lam
-        terms = diagnostics(method, batch, recon=False)  # buffers restored: both see the same model
+        terms = diagnostics(method, batch, recon=False, **args)  # buffers restored: both see the same model
         assert not any(k.startswith("diag/recon") for k in terms)
         ratios.append(terms["diag/grad_ratio"])
     assert ratios[0] > 0 and ratios[1] == pytest.approx(3 * ratios[0], rel=1e-4)
     method.lam = 7.5
-    out = method(batch)
+    out = method(batch, **args)
     assert float(out["loss"]) == pytest.approx(float(out["loss/inv"] + 7.5 * out["loss/eq"]), rel=1e-6)
     assert method.cfg.lam == 1.0  # the config (saved with the run) is not what moves

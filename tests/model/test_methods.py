@@ -166,11 +166,11 @@ def test_no_weight_decay_names():
         "encoder.backbone.pos_embed",
         "encoder.backbone.cls_token",
         "encoder.head.bias",
-        "decoder.step_embed",
-        "decoder.view_embed",
-        "decoder.norm.weight",
+        "equivariant.decoder.step_embed",
+        "equivariant.decoder.view_embed",
+        "equivariant.decoder.norm.weight",
     } <= names
-    assert "encoder.head.weight" not in names and "decoder.head.weight" not in names
+    assert "encoder.head.weight" not in names and "equivariant.decoder.head.weight" not in names
 
 
 @pytest.mark.parametrize(
@@ -247,16 +247,19 @@ def test_sie_is_conditioned_on_g_and_on_the_crop_flip_difference():
 
     cfg, method = _build("sie")
     batch = make_batch(cfg)
-    code = method.transformation_code(batch.theta)
+    code = method.equivariant.transformation_code(batch.theta)
     assert code.shape == (len(batch), 13)
     torch.testing.assert_close(code[:, 8:12], batch.theta[:, CROP2] - batch.theta[:, CROP1])
     torch.testing.assert_close(code[:, 12], batch.theta[:, IDX["flip2"]] - batch.theta[:, IDX["flip1"]])
     # the same views with a different crop relation: another prediction
     shifted = batch.theta.clone()
     shifted[:, CROP2] += 0.1
-    x = torch.randn(len(batch), method.predictor.d)
+    x = torch.randn(len(batch), method.equivariant.predictor.d)
     with torch.no_grad():
         assert not torch.allclose(
-            method.predictor(x, code), method.predictor(x, method.transformation_code(shifted))
+            method.equivariant.predictor(x, code),
+            method.equivariant.predictor(x, method.equivariant.transformation_code(shifted)),
         )
-    assert all(p.bias is None for p in method.predictor.modules() if isinstance(p, torch.nn.Linear))
+    assert all(
+        p.bias is None for p in method.equivariant.predictor.modules() if isinstance(p, torch.nn.Linear)
+    )

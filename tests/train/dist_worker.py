@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from model import build_method
-from model.families import DinoConfig, DinoFamily
+from model.config import DinoConfig
 from model.teacher import teacher_momentum
 from pipeline import masks as ibot_masks
 from pipeline.batch import Batch
@@ -68,8 +68,8 @@ def build(method_name: str) -> torch.nn.Module:
     torch.manual_seed(0)  # identical initial weights on every rank and under every strategy
     if method_name == "vicreg":
         return build_method(cfg.model, cfg.data)
-    family = DinoConfig(family="dinov2", out_dim=64, hidden_dim=32, bottleneck_dim=16, norm_last_layer=False)
-    return DinoFamily(cfg.model, cfg.data, family, equivariant="path")
+    head = DinoConfig(out_dim=64, hidden_dim=32, bottleneck_dim=16, norm_last_layer=False)
+    return build_method(dataclasses.replace(cfg.model, family="dinov2", dino=head), cfg.data)
 
 
 def global_batch(cfg: Config, step: int, multicrop: bool) -> Batch:
@@ -120,7 +120,7 @@ def run(
     model = wrap_model(build(method_name), DistConfig(strategy=strategy), device, world)
     optimizer = build_optimizer(cfg.optim, unwrap(model), cfg.data.batch_size, device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, STEPS_PER_EPOCH)
-    is_dino = isinstance(unwrap(model), DinoFamily)
+    is_dino = unwrap(model).teacher is not None
     total = round(cfg.optim.epochs * STEPS_PER_EPOCH)
 
     step = 0
@@ -133,7 +133,8 @@ def run(
 
     record: dict = {"losses": [], "grad_norms": []}
     if is_dino:  # teacher tensors whose layout is not their student's (FSDP: DTensor shards of one placement)
-        pairs = zip(unwrap(model).teacher.module.named_parameters(), unwrap(model)._student().parameters())
+        student = unwrap(model).invariant._student(unwrap(model).encoder)
+        pairs = zip(unwrap(model).teacher.module.named_parameters(), student.parameters())
         record["teacher_layout"] = [
             name
             for (name, t), s in pairs
@@ -147,9 +148,7 @@ def run(
     model.train()
     while step < steps:
         batch = rank_slice(global_batch(cfg, step, is_dino), rank, world)
-        if is_dino:
-            unwrap(model).set_temperatures(0.04, 0.04)
-        out_terms = model(batch)
+        out_terms = model(batch, **({"teacher_temp": (0.04, 0.04)} if is_dino else {}))
         out_terms["loss"].backward()
         if "grad_mismatch" not in record:  # trainable parameters without a gradient, frozen ones with one
             record["grad_mismatch"] = [

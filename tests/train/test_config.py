@@ -29,21 +29,20 @@ def test_every_preset_loads_and_round_trips(name):
 @pytest.mark.parametrize("name", [n for n in PRESETS if n.startswith("demo")])
 def test_demo_presets_build_the_method_and_decoder_they_name(name):
     """What a preset says it trains is what build_method builds (class by class, not by name)."""
-    from model import METHODS, build_method
+    from model import EQUIVARIANT, INVARIANT, build_method
     from model.decoders import ConvDecoder, XAttnDecoder, XAttnPathDecoder
-    from model.families import DinoFamily
 
     cfg = load_config(name)
     method = build_method(cfg.model, cfg.data)
-    if cfg.model.family == "vicreg":
-        assert type(method) is METHODS[cfg.model.method]
-    else:
-        assert isinstance(method, DinoFamily) and method.family.family == cfg.model.family
-    decoder = getattr(method, "decoder", None)
-    if cfg.model.family == "vicreg" and cfg.model.method in ("path", "xattn"):
-        want = {"conv": ConvDecoder, "xattn": XAttnDecoder, "xattn-path": XAttnPathDecoder}[cfg.model.decoder]
+    assert type(method.invariant) is INVARIANT[cfg.model.family]
+    assert type(method.equivariant) is EQUIVARIANT[cfg.model.method]
+    assert (method.teacher is None) == (cfg.model.family == "vicreg")
+    decoder = getattr(method.equivariant, "decoder", None)
+    if cfg.model.method in ("path", "xattn"):
+        name = cfg.model.decoder if cfg.model.method == "path" else "xattn"
+        want = {"conv": ConvDecoder, "xattn": XAttnDecoder, "xattn-path": XAttnPathDecoder}[name]
         assert type(decoder) is want
-    elif cfg.model.family == "vicreg":
+    else:
         assert decoder is None
 
 
@@ -150,7 +149,11 @@ def test_a_string_that_is_not_a_number_is_still_refused_for_a_float(value):
         (["--optim.base_lr=nan"], ["--optim.base_lr=nan must be positive"]),
         (["--optim.betas=0.9,1.5"], ["--optim.betas=0.9,1.5"]),
         (["--data.loader=torch"], ["--data.loader=torch is not one of", "reference"]),
-        (["--model.method=simclr"], ["--model.method=simclr is not one of vicreg"]),
+        (["--model.method=simclr"], ["--model.method=simclr is not one of none, sie"]),
+        (
+            ["--model.method=vicreg"],
+            ["vicreg is an invariant objective: --model.family=vicreg --model.method=none"],
+        ),
         (
             ["--model.decoder=xattn-path", "--model.dec_heads=5"],
             ["model.dec_width=96 is not divisible by model.dec_heads=5"],

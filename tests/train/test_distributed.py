@@ -144,10 +144,10 @@ def test_a_state_saved_under_one_strategy_continues_under_the_other(worker_runs,
 
 
 def _teacher_pairs(state: dict) -> list[tuple[str, str]]:
-    """(teacher key, the student key it follows): DinoFamily's teacher copies {encoder: eq.encoder, head}."""
-    prefix = "teacher.module."
+    """(teacher key, the student key it follows): the DINO objective's teacher copies {encoder, head}."""
+    prefix = "invariant.teacher.module."
     return [
-        (k, ("eq." + k[len(prefix) :]) if k.startswith(prefix + "encoder.") else k[len(prefix) :])
+        (k, k[len(prefix) :] if k.startswith(prefix + "encoder.") else "invariant." + k[len(prefix) :])
         for k in state
         if k.startswith(prefix)
     ]

@@ -223,7 +223,7 @@ def ibot_ckpt(tmp_path_factory, demo_shards) -> Path:
 def test_the_dino_family_exports_its_teacher_by_default(ibot_ckpt, tmp_path, weights):
     out = export.export(ibot_ckpt, tmp_path / "backbone", weights=weights)
     state = torch.load(ibot_ckpt, weights_only=True)["model"]
-    prefix = "eq.encoder." if weights == "student" else "teacher.module.encoder."
+    prefix = "encoder." if weights == "student" else "invariant.teacher.module.encoder."
     saved, head = load_file(out / "model.safetensors"), load_file(out / "split_head.safetensors")
     assert saved.keys() == {
         k[len(prefix) + len("backbone.") :] for k in state if k.startswith(prefix + "backbone.")
@@ -231,7 +231,9 @@ def test_the_dino_family_exports_its_teacher_by_default(ibot_ckpt, tmp_path, wei
     for name, value in saved.items():
         assert torch.equal(value, state[f"{prefix}backbone.{name}"]), name
     assert torch.equal(head["weight"], state[f"{prefix}head.weight"])
-    assert not torch.equal(state["teacher.module.encoder.head.weight"], state["eq.encoder.head.weight"])
+    assert not torch.equal(
+        state["invariant.teacher.module.encoder.head.weight"], state["encoder.head.weight"]
+    )
     meta = json.loads((out / "config.json").read_text())["eqrecon"]
     assert meta["weights"] == ("student" if weights == "student" else "teacher") and meta["family"] == "ibot"
 

@@ -85,7 +85,7 @@ def test_off_by_default_and_bad_settings_are_config_errors():
     with pytest.raises(ConfigError, match="lam_range"):
         _controller(lam=0.001)
     with pytest.raises(ConfigError, match="needs an equivariant part"):
-        _controller(method="vicreg")
+        _controller(method="none")
 
 
 def _rows(run):

@@ -125,6 +125,8 @@ def test_cpu_defaults_run_on_the_demo_and_write_one_result_per_preset(
 class _OneLinear(torch.nn.Module):
     """A "method" whose FLOPs are known by hand: loss = mean((x W^T)^2), x (B, I), W (O, I)."""
 
+    teacher = None  # a method's interface (model/composed.py): no teacher, no forward arguments
+
     def __init__(self, i: int, o: int):
         super().__init__()
         self.lin = torch.nn.Linear(i, o, bias=False)
