@@ -5,10 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-# model/__init__.py's registries: INVARIANT (model.family) and EQUIVARIANT (model.method).
-FAMILIES = ("vicreg", "dino", "ibot", "dinov2")
-METHODS = ("none", "sie", "xattn", "path")
-
 
 @dataclass
 class DinoConfig:
@@ -28,6 +24,7 @@ class DinoConfig:
 
 @dataclass
 class ModelConfig:
+    # model/__init__.py's registries: INVARIANT[family] and EQUIVARIANT[method].
     family: str = "vicreg"  # the invariant objective: vicreg | dino | ibot | dinov2 (model.dino)
     method: str = "path"  # the equivariant part: none | sie | xattn | path
     backbone: str = "vit_small_patch16_224"  # a timm ViT name (tiny/small/base/large, patch 16)

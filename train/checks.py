@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from model.config import FAMILIES, METHODS
 from pipeline.errors import ConfigError
 from train.distributed import check_dist_config
 
@@ -26,6 +25,7 @@ def check(cfg: Config) -> None:
     The model's buildability (method, sizes, decoder, backbone) is check_model's: the CLI runs both
     before anything starts, while load_config alone still gives a config the model's own build-time
     errors can be tested with."""
+    from model import INVARIANT
     from pipeline import LOADERS
 
     choices = {
@@ -33,7 +33,7 @@ def check(cfg: Config) -> None:
         "run.amp": (cfg.run.amp, ("bf16", "off")),
         "optim.name": (cfg.optim.name, OPTIMIZERS),
         "optim.lr_scaling": (cfg.optim.lr_scaling, LR_SCALING),
-        "model.family": (cfg.model.family, FAMILIES),
+        "model.family": (cfg.model.family, tuple(INVARIANT)),
         "data.loader": (cfg.data.loader, LOADERS),
     }
     for key, (value, allowed) in choices.items():
@@ -125,10 +125,12 @@ def check_model(cfg: Config) -> None:
     size rules (img_size / patch_size, the d_inv split), the path decoder and K, the timm backbone."""
     import timm
 
-    if cfg.model.method not in METHODS:
+    from model import EQUIVARIANT
+
+    if cfg.model.method not in EQUIVARIANT:
         hint = " (vicreg is an invariant objective: --model.family=vicreg --model.method=none)"
         raise ConfigError(
-            f"--model.method={cfg.model.method} is not one of {', '.join(METHODS)}"
+            f"--model.method={cfg.model.method} is not one of {', '.join(EQUIVARIANT)}"
             + (hint if cfg.model.method == "vicreg" else "")
         )
     if cfg.data.img_size % cfg.model.patch_size:
