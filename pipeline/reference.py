@@ -226,7 +226,7 @@ class ReferenceLoader:
         loaders follow pipeline.shards: same ranges, same epoch length); the rest of the epoch is this
         loader's batches from there."""
         prior = (self.epoch, self.position) if self._positioned else None
-        foreign = state.get("loader", "reference") != "reference"
+        foreign = state.get("loader") == "dali"
         if foreign:
             warnings.warn(
                 f"resuming the reference loader from a {state.get('loader')} loader state: batch "
@@ -234,7 +234,7 @@ class ReferenceLoader:
                 stacklevel=2,
             )
         for name, value in self._settings().items():
-            if name == "loader" or (foreign and name == "workers"):
+            if foreign and name in ("loader", "workers"):
                 continue
             if state.get(name) != value:
                 raise ConfigError(

@@ -14,8 +14,9 @@ types only):
     git_sha
     checksum    "sha256:<hex>" of everything above (`digest`), added last by `save`, checked by `read`
 
-Checkpoints written before the format key existed hold numpy's RNG tuple (an ndarray): they still
-resume, read with numpy's array types allowed in the unpickler (nothing else is).
+A file without the format key or without a checksum (written by an eqrecon before 0.1.0's
+checkpoint format) is refused with one line: start a new run. So is a pickled numpy array (the RNG
+state of pre-format files) and an optimizer state that numbers its parameters instead of naming them.
 
 `save` writes `ckpt/step-NNNNNN.pt` through a temporary file, fsyncs and renames it, then points
 `ckpt/last.pt` at it: a crash or a full disk at any moment leaves the previous checkpoint loadable.
@@ -47,8 +48,6 @@ from pipeline.errors import CheckpointError
 
 FORMAT = "eqrecon-train-checkpoint"
 FORMAT_VERSION = 1
-# What a checkpoint from before the format key holds; enough to tell it from someone else's file.
-LEGACY_KEYS = {"model", "optimizer", "scheduler", "step", "epoch", "rng", "loader", "world_size", "config"}
 STEP_FILE = re.compile(r"step-(\d+)\.pt")  # ckpt/step-NNNNNN.pt: at least six digits, more past 999,999
 
 
@@ -76,19 +75,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore rng_state()'s output, or the legacy form (numpy's get_state() tuple)."""
+    """Restore rng_state()'s output."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = state["numpy"]
-    if isinstance(numpy, dict):
-        numpy = (
-            "MT19937",
-            numpy["key"].numpy().astype(np.uint32),
-            numpy["pos"],
-            numpy["has_gauss"],
-            numpy["gauss"],
-        )
-    np.random.set_state(numpy)
+    np.random.set_state(
+        ("MT19937", numpy["key"].numpy().astype(np.uint32), numpy["pos"], numpy["has_gauss"], numpy["gauss"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
@@ -194,18 +187,10 @@ def _save_reporting_os_errors(state: dict, f) -> None:
 # --- reading --------------------------------------------------------------------------------------
 
 
-def _numpy_globals() -> list:
-    """The numpy types a legacy checkpoint's pickled RNG tuple needs, and nothing more."""
-    core = np._core if hasattr(np, "_core") else np.core  # numpy 2 renamed numpy.core
-    types = [core.multiarray._reconstruct, np.ndarray, np.dtype]
-    types += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]  # numpy.dtypes.UInt32DType ...
-    return types
-
-
 def read(path: str | Path, flag: str = "--resume") -> dict:
     """Load and check a training checkpoint (on the CPU, memory-mapped); CheckpointError when it is
-    missing, empty, truncated, unreadable, not a torch file, not eqrecon's, or damaged (its contents
-    differ from the checksum recorded at the write). `flag` names the option the path came from in the
+    missing, empty, truncated, unreadable, not a torch file, not eqrecon's, without a checksum (from
+    before 0.1.0's format), or damaged (its contents differ from the checksum recorded at the write). `flag` names the option the path came from in the
     messages ("" for none)."""
     path = Path(path)
     where = f"{flag} {path}" if flag else str(path)
@@ -214,24 +199,19 @@ def read(path: str | Path, flag: str = "--resume") -> dict:
     if path.stat().st_size == 0:
         raise CheckpointError(f"{where}: the file is empty (a checkpoint interrupted while written?)")
     try:
-        try:
-            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except pickle.UnpicklingError:
-            # weights_only rejects the numpy RNG tuple of pre-format checkpoints: allow numpy's array
-            # types only, so a foreign pickle still cannot run code.
-            with torch.serialization.safe_globals(_numpy_globals()):
-                state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as err:
         # torch reports a truncated zip as RuntimeError ("failed finding central directory"), or, cut
-        # inside its first records, as OSError (EINVAL), and a foreign pickle as UnpicklingError;
-        # either way the file is not a checkpoint we can resume.
+        # inside its first records, as OSError (EINVAL), and a foreign pickle (numpy arrays included,
+        # as in pre-format checkpoints' RNG states) as UnpicklingError; either way the file is not a
+        # checkpoint we can resume.
         why = " ".join(str(err).split())[:200]
         raise CheckpointError(
             f"{where}: not a readable training checkpoint, truncated or not written by eqrecon ({why})"
         ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: not an eqrecon training checkpoint (holds a {type(state).__name__})")
-    if state.get("format") != FORMAT and not LEGACY_KEYS <= state.keys():
+    if state.get("format") != FORMAT:
         what = f"format {state['format']!r}" if "format" in state else f"keys {', '.join(sorted(state)[:6])}"
         raise CheckpointError(
             f"{where}: not an eqrecon training checkpoint ({what}); an exported backbone cannot be resumed"
@@ -241,14 +221,16 @@ def read(path: str | Path, flag: str = "--resume") -> dict:
             f"{where}: checkpoint format version {state['version']} is newer than "
             f"this eqrecon reads ({FORMAT_VERSION}); update eqrecon"
         )
-    if "checksum" in state:  # checkpoints from before the checksum have none to check
-        recorded = state["checksum"]
-        if digest({k: v for k, v in state.items() if k != "checksum"}) != recorded:
-            raise CheckpointError(
-                f"{where}: damaged: its contents differ from the checksum recorded when it was written "
-                "(bytes changed on disk or in a copy); resume from an older checkpoint of the run "
-                "(--resume auto skips damaged ones)"
-            )
+    if "checksum" not in state:
+        raise CheckpointError(
+            f"{where}: no checksum: written by an eqrecon before 0.1.0's checkpoint format; start a new run"
+        )
+    if digest({k: v for k, v in state.items() if k != "checksum"}) != state["checksum"]:
+        raise CheckpointError(
+            f"{where}: damaged: its contents differ from the checksum recorded when it was written "
+            "(bytes changed on disk or in a copy); resume from an older checkpoint of the run "
+            "(--resume auto skips damaged ones)"
+        )
     return state
 
 
@@ -295,11 +277,14 @@ def check_architecture(state: dict, model: nn.Module, path: str | Path) -> None:
 def check_param_groups(state: dict, method: nn.Module, optimizer, path: str | Path) -> None:
     """CheckpointError when this config groups the parameters into optimizer groups other than the
     checkpoint's (--optim.layer_decay / --optim.patch_embed_lr decide the grouping): the saved
-    per-group state cannot be put back then. Checkpoints that number their parameters are left to the
-    loader, which counts them."""
+    per-group state cannot be put back then; also when the saved groups number their parameters
+    (`optimizer.state_dict()`, as eqrecon wrote before 0.1.0's checkpoint format) instead of naming them."""
     saved = state["optimizer"].get("param_groups", [])
     if any(not isinstance(p, str) for g in saved for p in g["params"]):
-        return
+        raise CheckpointError(
+            f"--resume {path}: its optimizer state numbers the parameters instead of naming them "
+            "(written by an eqrecon before 0.1.0's checkpoint format); start a new run"
+        )
     name_of = {id(p): n for n, p in method.named_parameters()}
     built = [sorted(name_of[id(p)] for p in g["params"]) for g in optimizer.param_groups]
     if built != [sorted(g["params"]) for g in saved]:

@@ -34,8 +34,9 @@ after its forward, and the root group (teacher's and student's alike) is gathere
 Checkpoints do not depend on the strategy: the state dicts are taken and set through
 `torch.distributed.checkpoint.state_dict` with full (unsharded) tensors offloaded to the CPU of rank 0,
 with the method's own keys (no `module.` prefix) and the optimizer state keyed by parameter name. A
-checkpoint written by one process, by DDP or by FSDP loads under any of them (and the id-keyed
-`optimizer.state_dict()` of older checkpoints is translated to names on load).
+checkpoint written by one process, by DDP or by FSDP loads under any of them. An optimizer state that
+numbers its parameters (`optimizer.state_dict()`, as eqrecon wrote before 0.1.0's checkpoint format)
+is a CheckpointError.
 """
 
 from __future__ import annotations
@@ -234,14 +235,16 @@ def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
 def load_optimizer_state_dict(
     model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, unstepped: set[str] = frozenset()
 ) -> None:
-    """Collective: load an optimizer state saved by optimizer_state_dict (or, from an older
-    checkpoint, by `optimizer.state_dict()`, whose integer ids are translated to parameter names).
+    """Collective: load an optimizer state saved by optimizer_state_dict (keyed by parameter name; one
+    that numbers its parameters, as `optimizer.state_dict()` does, is a CheckpointError).
     Every trainable parameter must have its state, except those in `unstepped`, which the optimizer
     had not updated yet when the state was saved (train/schedules.py's frozen prototype layer): they
     get a fresh state at their first update, as in a run that was never stopped."""
-    first = next((p for g in state.get("param_groups", []) for p in g["params"]), None)
-    if isinstance(first, int):
-        state = _ids_to_names(unwrap(model), optimizer, state)
+    if any(not isinstance(p, str) for g in state.get("param_groups", []) for p in g["params"]):
+        raise CheckpointError(
+            "the checkpoint's optimizer state numbers the parameters instead of naming them "
+            "(written by an eqrecon before 0.1.0's checkpoint format); start a new run"
+        )
     params = dict(unwrap(model).named_parameters())
     saved = state.get("state", {})
     lacking = {n for n, p in params.items() if p.requires_grad} - saved.keys()
@@ -268,21 +271,6 @@ def _placeholders(params: dict[str, nn.Parameter], saved: dict, names: set[str])
         return torch.zeros(shape if tuple(v.shape) == full else v.shape, dtype=v.dtype)
 
     return {n: {k: like(v, tuple(params[n].shape)) for k, v in saved[template].items()} for n in names}
-
-
-def _ids_to_names(method: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
-    """`optimizer.state_dict()` numbers the parameters 0, 1, ... in param-group order."""
-    name_of = {id(p): n for n, p in method.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    count = sum(len(g["params"]) for g in state["param_groups"])
-    if count != len(names):
-        raise CheckpointError(
-            f"the checkpoint's optimizer holds {count} parameters, this model's {len(names)}"
-        )
-    return {
-        "state": {names[i]: s for i, s in state["state"].items()},
-        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]],
-    }
 
 
 def _few(names: list[str], n: int = 4) -> str:

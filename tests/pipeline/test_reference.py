@@ -219,6 +219,10 @@ def test_resume_continues_exactly_where_the_run_stopped(three_shards):
         )  # finished, not rolled on
     with pytest.raises(ConfigError, match="workers"):
         build_reference_loader(_cfg(three_shards, workers=1), three_shards).load_state_dict(state)
+    # a state without the loader's name (as written before 0.1.0's checkpoint format) is refused
+    unnamed = {k: v for k, v in state.items() if k != "loader"}
+    with pytest.raises(ConfigError, match="saved loader=None, now 'reference'"):
+        build_reference_loader(cfg, three_shards).load_state_dict(unnamed)
     # a DALI loader's state: its batch count is kept (the epoch ends on time), the order is ours
     foreign = {k: v for k, v in state.items() if k != "workers"} | {"loader": "dali"}
     resumed = build_reference_loader(_cfg(three_shards, workers=1), three_shards)

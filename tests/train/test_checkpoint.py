@@ -1,6 +1,7 @@
-"""Training checkpoints through train/main.py: weights_only loading, legacy files, validation before
-anything starts, the run folder a resume writes to, step files past 999,999, optimizer overrides on
-resume, damaged or cut files, and a write that fails (full disk, read-only folder)."""
+"""Training checkpoints through train/main.py: weights_only loading, validation before anything
+starts, the run folder a resume writes to, step files past 999,999, optimizer overrides on resume,
+damaged or cut files, and a write that fails (full disk, read-only folder). Files from before
+0.1.0's checkpoint format are refused: tests/train/test_checkpoint_files.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ import sys
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from launch import cpu_args
@@ -77,38 +77,6 @@ def test_checkpoints_load_with_weights_only_and_name_their_format(stopped_run):
         "step-000002.pt",
         "step-000004.pt",
     ]
-
-
-def test_a_legacy_checkpoint_with_numpy_rng_still_resumes_to_the_same_weights(stopped_run, tmp_path):
-    """Before the format key, checkpoints pickled numpy's RNG tuple: weights_only refuses them, and the
-    resume path still reads them (numpy's array types allowed, nothing else)."""
-    state = torch.load(stopped_run / "ckpt" / "last.pt", weights_only=True)
-    for rng in state["rng"]:
-        key = rng["numpy"]
-        rng["numpy"] = (
-            "MT19937",
-            key["key"].numpy().astype(np.uint32),
-            key["pos"],
-            key["has_gauss"],
-            key["gauss"],
-        )
-    for new_key in ("format", "version", "run_dir", "checksum"):
-        del state[new_key]
-    legacy = tmp_path / "legacy" / "ckpt" / "step-000004.pt"
-    legacy.parent.mkdir(parents=True)
-    torch.save(state, legacy)
-    with pytest.raises(Exception, match="Weights only load failed"):
-        torch.load(legacy, weights_only=True)
-
-    assert main(["--resume", str(legacy), "--out", str(tmp_path / "from-legacy")]) == 0
-    assert main(["--resume", str(stopped_run / "ckpt" / "last.pt"), "--out", str(tmp_path / "from-new")]) == 0
-    a, b = (
-        torch.load(tmp_path / run / "ckpt" / "last.pt", weights_only=True)
-        for run in ("from-legacy", "from-new")
-    )
-    assert a["step"] == b["step"] == 6
-    for name, value in a["model"].items():
-        assert torch.equal(value, b["model"][name]), name
 
 
 @pytest.mark.parametrize(

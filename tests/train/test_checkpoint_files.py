@@ -1,6 +1,6 @@
 """train/checkpoint.py on its own, with small real checkpoints: step files ordered by their step past
-999,999, the checksum that catches damaged bytes, truncated files, leftovers of killed writes, and
-the optimizer settings a resumed command overrides."""
+999,999, the checksum that catches damaged bytes, truncated files, leftovers of killed writes, files from
+before 0.1.0's checkpoint format (refused), and the optimizer settings a resumed command overrides."""
 
 from __future__ import annotations
 
@@ -98,11 +98,60 @@ def test_a_checkpoint_with_damaged_tensor_bytes_is_refused_and_auto_skips_it(tmp
     assert found.name == "step-000002.pt" and older["step"] == 2
 
 
-def test_a_checkpoint_without_a_checksum_still_reads(tmp_path):
-    """Written before the checksum existed: nothing to verify, and it is no reason to refuse it."""
+def refusal(path: Path) -> str:
+    """read's CheckpointError for path, checked to be one line."""
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.read(path)
+    assert len(str(err.value).splitlines()) == 1, str(err.value)
+    return str(err.value)
+
+
+def test_a_checkpoint_without_a_checksum_is_refused_in_one_line(tmp_path):
+    """Formatted but written before 0.1.0's checkpoint format had the checksum: nothing to verify."""
     path = tmp_path / "old.pt"
     torch.save({"format": checkpoint.FORMAT, "version": 1, **state(4)}, path)
-    assert checkpoint.read(path)["step"] == 4
+    assert refusal(path) == (
+        f"--resume {path}: no checksum: written by an eqrecon before 0.1.0's checkpoint format; start a new run"
+    )
+
+
+def test_a_checkpoint_without_the_format_key_is_refused_in_one_line(tmp_path):
+    """Before the format key a checkpoint was the bare dict; its keys no longer make it one, checksum or not."""
+    bare = state(4)
+    path = tmp_path / "pre-format.pt"
+    torch.save({**bare, "checksum": checkpoint.digest(bare)}, path)
+    assert refusal(path) == (
+        f"--resume {path}: not an eqrecon training checkpoint (keys checksum, config, epoch, loader, "
+        "model, optimizer); an exported backbone cannot be resumed"
+    )
+
+
+def test_a_checkpoint_with_numpy_s_rng_tuple_is_refused_in_one_line(tmp_path):
+    """Pre-format checkpoints pickled np.random.get_state() (an ndarray): weights_only loading refuses
+    numpy's types, and read no longer lets them through, even in an otherwise well-formed file."""
+    old = {"format": checkpoint.FORMAT, "version": 1, **state(4)}
+    old["rng"] = [{**old["rng"][0], "numpy": np.random.get_state()}]
+    path = tmp_path / "numpy-rng.pt"
+    torch.save({**old, "checksum": checkpoint.digest(old)}, path)
+    assert refusal(path).startswith(
+        f"--resume {path}: not a readable training checkpoint, truncated or not written by eqrecon ("
+    )
+
+
+def test_an_optimizer_state_that_numbers_its_parameters_is_refused_in_one_line():
+    """optimizer.state_dict() numbers the parameters 0, 1, ...; eqrecon saves them by name."""
+    method = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(method.parameters())
+    numbered = {"optimizer": optimizer.state_dict()}
+    assert numbered["optimizer"]["param_groups"][0]["params"] == [0, 1]
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.check_param_groups(numbered, method, optimizer, "run/ckpt/last.pt")
+    assert str(err.value) == (
+        "--resume run/ckpt/last.pt: its optimizer state numbers the parameters instead of naming them "
+        "(written by an eqrecon before 0.1.0's checkpoint format); start a new run"
+    )
+    named = {"optimizer": {"state": {}, "param_groups": [{"params": ["bias", "weight"]}]}}
+    checkpoint.check_param_groups(named, method, optimizer, "run/ckpt/last.pt")  # the same groups, by name
 
 
 @pytest.mark.parametrize("size", [1_000, 8_192, 20_000, "half"])

@@ -25,7 +25,6 @@ from train.distributed import (
     load_model_state_dict,
     load_optimizer_state_dict,
     model_state_dict,
-    optimizer_state_dict,
     param_dtype,
     wrap_model,
 )
@@ -218,20 +217,19 @@ def test_one_process_keeps_the_method_and_its_own_state_dict(tiny):
     assert all(torch.equal(other.state_dict()[k], want[k]) for k in want)
 
 
-def test_an_id_keyed_optimizer_state_loads_by_name(tiny):
-    """Checkpoints written with optimizer.state_dict() (before this module) still resume."""
+def test_an_id_keyed_optimizer_state_is_refused_in_one_line(tiny):
+    """optimizer.state_dict() numbers the parameters (eqrecon's checkpoints before 0.1.0's format):
+    only state keyed by parameter name is read, and nothing is loaded from the numbered one."""
     cfg, method = tiny
-    optimizer = _one_step(cfg, method)
-    old_format = optimizer.state_dict()
+    numbered = _one_step(cfg, method).state_dict()
     fresh = build_optimizer(cfg.optim, method, cfg.data.batch_size, torch.device("cpu"))
-    load_optimizer_state_dict(method, fresh, old_format)
-    got, want = optimizer_state_dict(method, fresh), optimizer_state_dict(method, optimizer)
-    for key in ("params", "lr", "weight_decay"):
-        assert [g[key] for g in got["param_groups"]] == [g[key] for g in want["param_groups"]], key
-    assert got["state"].keys() == want["state"].keys()
-    name = "encoder.backbone.blocks.0.attn.qkv.weight"
-    assert torch.equal(got["state"][name]["exp_avg"], want["state"][name]["exp_avg"])
-    assert torch.equal(fresh.state_dict()["state"][0]["exp_avg_sq"], old_format["state"][0]["exp_avg_sq"])
+    with pytest.raises(CheckpointError) as err:
+        load_optimizer_state_dict(method, fresh, numbered)
+    assert str(err.value) == (
+        "the checkpoint's optimizer state numbers the parameters instead of naming them "
+        "(written by an eqrecon before 0.1.0's checkpoint format); start a new run"
+    )
+    assert not fresh.state
 
 
 def test_a_state_of_another_model_is_a_checkpoint_error_naming_keys(tiny):
