@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from train.provenance import device_name, device_slug, git_sha, provenance  # noqa: F401 (re-exported)
+from train.provenance import device_slug, provenance
 
 # EQRECON_RESULTS_DIR moves it (bench/gpu_check.sh --dry-run: CPU figures must not overwrite the tree's)
 RESULTS_DIR = Path(os.environ.get("EQRECON_RESULTS_DIR") or Path(__file__).resolve().parent / "results")

@@ -43,7 +43,7 @@ import torch
 
 from pipeline.batch import Batch, DataConfig
 from pipeline.choice import choose_loader
-from pipeline.dali_ops import GREY, _on, apply_g, crop_resize, render, sample_crop, sample_theta  # noqa: F401
+from pipeline.dali_ops import _on, render, sample_theta
 from pipeline.errors import ConfigError, ShardError
 from pipeline.path import (
     THETA_DIM,

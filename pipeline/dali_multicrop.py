@@ -7,7 +7,7 @@ image node next to the views, on the CPU or the GPU.
 
 Parameters. As the views' θ (pipeline/dali.py), the local crops' parameters are drawn inside the graph
 by fn.random with the pipeline's seed, by the rule of `multicrop.sample_local_params`: the same
-distribution (random-resized-crop boxes by `dali.sample_crop`, the twin of `path.sample_crop`; flip,
+distribution (random-resized-crop boxes by `dali_ops.sample_crop`, the twin of `path.sample_crop`; flip,
 jitter, greyscale and blur coins with the recipe's probabilities; jitter and σ uniform in its ranges),
 not the same numbers as the reference loader, which seeds by sample key. For parity tests the graph
 takes given parameters instead (`render_local_batch`), so DALI renders exactly what the reference

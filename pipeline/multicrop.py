@@ -31,7 +31,7 @@ is an extended box-blur approximation of it).
 Local parameters. One row per local crop, `LOCAL_FIELDS`: the θ layout of pipeline.path (crop1/flip1 are
 the local crop's box and flip, the colour and blur entries the jitter and blur, rotation and translation
 0, crop2/flip2 a whole-image box, unused) plus a greyscale flag. So the renderers apply the local
-photometric steps with g's own colour and blur code (`oracle.apply_g`, `dali.apply_g`): one
+photometric steps with g's own colour and blur code (`oracle.apply_g`, `dali_ops.apply_g`): one
 definition of those semantics for views, targets and local crops.
 
 Randomness. Like θ, everything a sample gets depends only on (seed, epoch, key): θ from the reference
@@ -126,7 +126,7 @@ def global_data_config(data: DataConfig, mc: MultiCropConfig) -> DataConfig:
 
 
 def local_crop_config(mc: MultiCropConfig) -> PathConfig:
-    """The random-resized-crop rule of the local crops, as path.sample_crop (and dali.sample_crop) read it."""
+    """The random-resized-crop rule of the local crops, as path.sample_crop (and dali_ops.sample_crop) read it."""
     return PathConfig(crop_scale=tuple(mc.local_scale), crop_ratio=tuple(mc.crop_ratio))
 
 

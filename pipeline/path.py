@@ -54,7 +54,7 @@ from pipeline.errors import ConfigError
 
 # The g part of θ, in layout order: field -> (family, its sampling range [lo, hi] from the config).
 # Adding a family means a row here, a PathConfig range, and its operator in the DALI graph
-# (`pipeline.dali.apply_g`) and the reference renderer (`pipeline.oracle.apply_g`).
+# (`pipeline.dali_ops.apply_g`) and the reference renderer (`pipeline.oracle.apply_g`).
 G_FIELDS: dict[str, tuple[str, Callable[[PathConfig], tuple[float, float]]]] = {
     "rot_deg": ("rotation", lambda c: (-c.rot_deg, c.rot_deg)),
     "tx_px": ("translation", lambda c: (-c.translate_px, c.translate_px)),

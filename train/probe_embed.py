@@ -2,7 +2,7 @@
 random-init twin, and raw pixels. Backbones are loaded by train/backbones.py (an export folder, a
 training checkpoint, or timm:NAME[:WEIGHTS]).
 
-    bb = load_backbone("runs/demo/backbone")     # or RUN/ckpt/last.pt, or timm:vit_small_patch16_224:w.pth
+    bb = train.backbones.load_backbone("runs/demo/backbone")     # or RUN/ckpt/last.pt, or timm:vit_small_patch16_224:w.pth
     emb = Embedder.from_backbone(bb, pool="grid2")
     feats = embed(emb, images, batch_size=256, device=device)  # {part: (N, D)}
 
@@ -23,7 +23,7 @@ from torch import nn
 
 from model.encoder import PROBE_POOLS, pool_tokens
 from pipeline.errors import ProbeError
-from train.backbones import Backbone, load_backbone  # noqa: F401 (the probes' one loader, re-exported)
+from train.backbones import Backbone
 
 PARTS = ("all", "inv", "eq")
 PIXEL_SIZE = 16

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from bench._provenance import device_slug, provenance
 from bench.science.data import ROOT, log
 from bench.science.sizes import Size
+from train.provenance import device_slug, provenance
 
 
 def run_dir(work: Path, method: str, seed: int) -> Path:
@@ -133,7 +133,7 @@ def train_diagnostics(run: Path, batches: int = 4) -> dict:
 
 def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.device) -> dict:
     """The equivariance probe on one run's last checkpoint -> (and cached in) RUN/probe.json."""
-    from train.probe_embed import load_backbone
+    from train.backbones import load_backbone
     from train.probes import read_split
 
     run = run_dir(work, method, seed)
@@ -166,7 +166,7 @@ def probe_run(work: Path, size: Size, method: str, seed: int, device: torch.devi
 def probe_baselines(work: Path, size: Size, device: torch.device, ckpt: Path) -> dict:
     """The random-init and pixel baselines, once (same backbone architecture for every method: the
     finished run's checkpoint `ckpt` gives it; the pairs are the runs' pairs) -> work/baselines.json."""
-    from train.probe_embed import load_backbone
+    from train.backbones import load_backbone
     from train.probes import BASELINES, read_split
 
     out = work / "baselines.json"

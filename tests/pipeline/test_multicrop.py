@@ -17,9 +17,9 @@ import torchvision.transforms.v2.functional as F
 from test_dali import DEVICES, G_ATOL, VIEW_MAX, VIEW_MEAN
 
 from pipeline.batch import Batch, DataConfig
-from pipeline.dali import sample_theta as dali_theta
 from pipeline.dali_multicrop import batch_masks, build_local_pipeline, local_crops, render_local_batch
 from pipeline.dali_multicrop import sample_local_params as sample_local_params_graph
+from pipeline.dali_ops import sample_theta as dali_theta
 from pipeline.demo import PHOTOS
 from pipeline.errors import ConfigError
 from pipeline.multicrop import (

@@ -25,7 +25,7 @@ def dali_thetas(cfg: PathConfig, n: int = N, batch: int = 1000, seed: int = 3) -
     """θ drawn by the DALI graph (`pipeline.dali.sample_theta`) for n samples of size SRC_HW: (n, P)."""
     from nvidia.dali import Pipeline, fn
 
-    from pipeline.dali import sample_theta as graph_theta
+    from pipeline.dali_ops import sample_theta as graph_theta
 
     hw = np.asarray(SRC_HW, dtype=np.float32)
     pipe = Pipeline(batch_size=batch, num_threads=1, device_id=None, seed=seed)

@@ -22,7 +22,7 @@ from pipeline import pairs as P
 from pipeline.errors import ProbeError, UserError
 from pipeline.oracle import apply_g, crop_resize, decode
 from pipeline.path import IDX, PathConfig, sample_theta
-from train import checkpoint, probe, probe_embed, probe_fit, probes
+from train import backbones, checkpoint, probe, probe_embed, probe_fit, probes
 from train.config import to_dict
 from train.recipes import load_config
 
@@ -391,7 +391,7 @@ def demo_checkpoint(tmp_path_factory):
 
 def test_checkpoint_parts_match_the_encoder(demo_checkpoint):
     path, method = demo_checkpoint
-    bb = probe_embed.load_backbone(path)
+    bb = backbones.load_backbone(path)
     emb = probe_embed.Embedder.from_backbone(bb)
     assert emb.parts == ("all", "inv", "eq") and bb.img_size == 64
     x = torch.rand(2, 3, 64, 64)
@@ -414,14 +414,14 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
 
     path, _ = demo_checkpoint
     x = torch.rand(2, 3, 64, 64)
-    load = lambda p, pool="mean": probe_embed.Embedder.from_backbone(probe_embed.load_backbone(p), pool)
+    load = lambda p, pool="mean": probe_embed.Embedder.from_backbone(backbones.load_backbone(p), pool)
     want = load(path)(x)
     export(path, tmp_path / "backbone")  # a timm local-dir folder with the split head beside the weights
-    assert probe_embed.load_backbone(tmp_path / "backbone").img_size == 64
+    assert backbones.load_backbone(tmp_path / "backbone").img_size == 64
     plain = timm.create_model(f"local-dir:{tmp_path / 'backbone'}", pretrained=True).eval()
     with torch.no_grad():  # what a timm user gets: the pooled features the probe reads as "all"
         assert torch.allclose(
-            plain(probe_normalise(x, probe_embed.load_backbone(path))), want["all"], atol=1e-5
+            plain(probe_normalise(x, backbones.load_backbone(path))), want["all"], atol=1e-5
         )
     headed = load(tmp_path / "backbone")
     assert headed.parts == ("all", "inv", "eq")
@@ -438,14 +438,14 @@ def test_export_loads_like_its_checkpoint(demo_checkpoint, tmp_path):
 
 def test_bad_backbone_files_give_one_line_errors(tmp_path):
     with pytest.raises(UserError, match="missing.pt"):
-        probe_embed.load_backbone(tmp_path / "missing.pt")
+        backbones.load_backbone(tmp_path / "missing.pt")
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="not a readable training checkpoint"):
-        probe_embed.load_backbone(junk)
+        backbones.load_backbone(junk)
     torch.save({"weights": 1}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="not an eqrecon training checkpoint"):
-        probe_embed.load_backbone(tmp_path / "other.pt")
+        backbones.load_backbone(tmp_path / "other.pt")
 
 
 @pytest.mark.slow
@@ -534,7 +534,7 @@ def test_a_foreign_weights_file_in_an_export_is_one_line(trained, tmp_path, caps
     with pytest.raises(
         UserError, match="is .* but config.json .* needs .* these weights belong to another model"
     ):
-        probe_embed.load_backbone(foreign)
+        backbones.load_backbone(foreign)
     assert probe.main(["equivariance", "--backbone", str(foreign), "--quiet"]) == 2
     _one_error_line(capsys, "belong to another model")
 
