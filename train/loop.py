@@ -243,7 +243,7 @@ def restore(
             "(the optimizer's moments and step come from the checkpoint)",
             flush=True,
         )
-    schedules.load_state_dict(state.get("schedules", {}))
+    schedules.load_state_dict(state["schedules"])
     checkpoint.set_rng_state(state["rng"][env.rank])
     loader.set_epoch(state["epoch"])
     loader.load_state_dict(state["loader"][env.rank])

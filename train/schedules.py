@@ -142,7 +142,7 @@ class Schedules:
         return {"lam": self.lam.state_dict()} if self.lam.on else {}
 
     def load_state_dict(self, state: dict) -> None:
-        if self.lam.on and "lam" in state:
+        if self.lam.on and "lam" in state:  # else the controller starts at resume, from model.lam
             self.lam.load_state_dict(state["lam"])
 
     def weight_decay(self, step: int) -> float:

@@ -383,8 +383,10 @@ def demo_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     method = build_method(cfg.model, cfg.data)
     path = tmp_path_factory.mktemp("run") / "last.pt"
+    state = {"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}
     torch.save(
-        {"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path
+        {**state, "checksum": checkpoint.digest(state)},
+        path,  # what checkpoint.save adds last
     )
     return path, method
 
