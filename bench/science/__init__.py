@@ -25,11 +25,10 @@ Every part is resumable and skipped when done, so the same command continues an 
 from bench.science.data import _idx, fetch, is_val_photo, prepare_data, source_photos
 from bench.science.report import COLOURS, r2_chart, report, summarise
 from bench.science.runs import probe_run, run_dir, train_command, trained
-from bench.science.sizes import FAMILIES, METHODS, SIZES, Size
+from bench.science.sizes import METHODS, SIZES, Size
 
 __all__ = [
     "COLOURS",
-    "FAMILIES",
     "METHODS",
     "SIZES",
     "Size",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from pipeline.pairs import TRANSFORMS
+
 # Method name in the report -> (train/main.py preset, extra overrides): docs/DESIGN.md's methods with
 # the papers' λ = 1 (`-paper`) and with a balanced λ (model.grad_ratio = 1, the presets' default), and
 # balanced `path` trained without the corner shortcut (`-disc`: data.aug.mask = disc, grey fill).
@@ -25,7 +27,6 @@ GPU_METHODS = {
     "path-disc": ("vits16-path", NO_CORNERS),
 }
 METHODS = tuple(CPU_METHODS)
-FAMILIES = ("rotation", "translation", "color", "blur", "crop", "flip")
 
 
 @dataclass
@@ -43,7 +44,7 @@ class Size:
     fmnist_train: int = 20_000
     fmnist_val: int = 5_000
     probe_images: int = 1_000
-    probe_families: tuple = FAMILIES
+    probe_families: tuple = TRANSFORMS  # the probe's transformation families (pipeline.pairs)
     probe_pools: tuple = ("tokens", "grid2")
     probe_masks: tuple = ("disc", "none")  # disc: content orientation only; none: corners visible
     probe_folds: int = 4  # ridge readout: K-fold CV over source photos
