@@ -106,8 +106,8 @@ def test_the_prototype_layer_is_frozen_in_the_first_epoch_only(demo_shards):
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.data.batch_size, 2)
     schedules = Schedules(cfg, 2, 10)  # 2 steps per epoch: steps 0 and 1 frozen
     batch = next(iter(build_loader(cfg.data, device="cpu")))
-    prototypes = method.head.last_layer.parametrizations.weight.original1
-    mlp = method.head.mlp[0].weight
+    prototypes = method.invariant.head.last_layer.parametrizations.weight.original1
+    mlp = method.invariant.head.mlp[0].weight
     for step in range(3):
         before = prototypes.detach().clone(), mlp.detach().clone()
         terms = train_step(method, batch, optimizer, scheduler, step=step, clip_grad=3.0, schedules=schedules)
