@@ -54,8 +54,10 @@ def demo_backbone(folder: Path) -> Backbone:
     torch.manual_seed(0)
     method = build_method(cfg.model, cfg.data)
     path = folder / "demo-init.pt"
+    state = {"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}
     torch.save(
-        {"format": checkpoint.FORMAT, "model": method.state_dict(), "config": to_dict(cfg), "step": 0}, path
+        {**state, "checksum": checkpoint.digest(state)},
+        path,  # what checkpoint.save adds last
     )
     return load_backbone(path)
 
