@@ -159,6 +159,21 @@ def test_state_dict_restores_student_teacher_and_centres_exactly():
     assert torch.equal(mine.center, theirs.center) and torch.equal(mine.patch_center, theirs.patch_center)
 
 
+def _train(model, method: Composed, batch: Batch, steps: int, momentum: float) -> torch.Tensor:
+    """`steps` AdamW steps of `model` (the method, or its DDP wrapper) on one batch, the teacher following
+    at `momentum` after each; -> the losses (steps,)."""
+    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        out = model(batch, teacher_temp=TEMPS)
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad()
+        method.update_teacher(momentum)
+        losses.append(out["loss"].detach())
+    return torch.stack(losses)
+
+
 def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
@@ -167,16 +182,9 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
         batch.view1 = batch.view1 + rank  # each rank its own images
         batch.local = batch.local * (1 + rank)
         model = torch.nn.parallel.DistributedDataParallel(method)
-        opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
-        losses = []
-        for _ in range(2):  # a parameter without gradient would fail DDP's second reduction
-            out = model(batch, teacher_temp=TEMPS)
-            out["loss"].backward()
-            opt.step()
-            opt.zero_grad()
-            method.update_teacher(0.99)
-            losses.append(out["loss"].detach())
-        torch.save({"state": method.state_dict(), "losses": torch.stack(losses)}, f"{out_dir}/rank{rank}.pt")
+        # two steps: a parameter without gradient would fail DDP's second reduction
+        losses = _train(model, method, batch, steps=2, momentum=0.99)
+        torch.save({"state": method.state_dict(), "losses": losses}, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -196,13 +204,5 @@ def test_two_ddp_ranks_keep_student_teacher_and_centres_identical(tmp_path):
 def test_the_student_learns_the_teachers_targets(family):
     """On one fixed batch, a few AdamW steps (teacher following at momentum 0.9) cut the loss."""
     method, batch = _build(family, "none", "vicreg")
-    opt = torch.optim.AdamW([p for p in method.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(6):
-        out = method(batch, teacher_temp=TEMPS)
-        out["loss"].backward()
-        opt.step()
-        opt.zero_grad()
-        method.update_teacher(0.9)
-        losses.append(out["loss"].item())
+    losses = _train(method, method, batch, steps=6, momentum=0.9).tolist()
     assert losses[-1] < 0.75 * losses[0], losses
