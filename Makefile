@@ -44,7 +44,8 @@ test-lowest: setup
 
 # Demo photos -> shards (cached), train the `demo` preset (GPU when present), export the backbone,
 # then probe it: R² of a ridge readout of rotation and translation from (x, g_θ(x)) embeddings,
-# cross-validated over source photos, beside the random-init twin and raw pixels (~1.5 min on 2 cores).
+# cross-validated over source photos, beside the random-init twin and raw pixels (~5.5 min on 2 idle cores,
+# the probe 22 s).
 train: setup
 	@$(PY) -c "from pipeline.demo import ensure_demo_shards; print('demo shards:', ensure_demo_shards())"
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) train/main.py --preset demo --out $(RUN) $(TRAIN_ARGS)
