@@ -78,6 +78,9 @@ def load_method(ckpt_path: str | Path) -> tuple[nn.Module, dict]:
             f"{ckpt_path}: weights do not match its saved config "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
+    adapted = ckpt.get("schedules", {}).get("lam")  # model.grad_ratio: the λ the run had reached
+    if adapted is not None:
+        method.lam = adapted["lam"]
     return method.eval(), ckpt
 
 

@@ -19,8 +19,9 @@ training rows (the unpenalised intercept) and solves
 
     w(α) = argmin ‖y_c - X_c w‖² + α‖w‖²,   α = a · F   for a in GRID  (F = feature count),
 
-by one Cholesky solve per α and training set: of X_cᵀX_c + αI (F×F) when F ≤ n, else of the centred
-Gram matrix X_cX_cᵀ + αI (n×n, the dual form, for pool=tokens), the Gram of all rows computed once.
+by one Cholesky solve per α and training set: of X_cᵀX_c + αI (F×F) when F ≤ n, from per-fold sums
+computed once per assignment (a training set is a union of folds), else of the centred Gram matrix
+X_cX_cᵀ + αI (n×n, the dual form, for pool=tokens), gathered from the Gram of all rows computed once.
 The inner fits of a pair of folds (k, j) serve both outer folds k and j. α is relative to F because the standardised features' total variance is F
 per row; one grid then suits any pooling.
 """
@@ -54,7 +55,8 @@ def _r2_columns(pred: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 class _Solver:
-    """Ridge fits of standardised x (N, F) on y (N, T) for any α of the grid, on any training subset."""
+    """Ridge fits of standardised x (N, F) on y (N, T) for any α of the grid, a training set being a union
+    of the folds of one assignment."""
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor, alphas: tuple[float, ...]):
         x = x.double()
@@ -62,6 +64,7 @@ class _Solver:
         self.y = y.double().reshape(len(y), -1)  # (N, T)
         self.alphas = [a * self.x.shape[1] for a in alphas]
         self._gram: torch.Tensor | None = None
+        self._sums: tuple[torch.Tensor, list] | None = None  # (fold, per-fold sums) for the primal form
 
     def gram(self) -> torch.Tensor:
         """x xᵀ (N, N) of all rows, once (float32 product: the costly step for pool=tokens; fp64 after)."""
@@ -70,29 +73,48 @@ class _Solver:
             self._gram = (x32 @ x32.T).double()
         return self._gram
 
-    def predict(self, train: torch.Tensor, test: torch.Tensor, which: list[int]) -> torch.Tensor:
-        """Fit on rows `train`, predict rows `test` for the grid entries `which` -> (len(which), n_test, T).
+    def fold_sums(self, fold: torch.Tensor, folds: int) -> list:
+        """Per fold k: XₖᵀXₖ (F, F), XₖᵀYₖ (F, T), Σx (F,), Σy (T,), rows; once per assignment, so that a
+        primal fit on a union of folds costs additions, not a pass over the rows."""
+        if self._sums is None or self._sums[0] is not fold:
+            sums = []
+            for k in range(folds):
+                xk, yk = self.x[fold == k], self.y[fold == k]
+                sums.append((xk.T @ xk, xk.T @ yk, xk.sum(0), yk.sum(0), len(xk)))
+            self._sums = (fold, sums)
+        return self._sums[1]
 
-        One Cholesky solve per α: of X_cᵀX_c + αI (F, F) when F ≤ n (primal), else of the centred Gram
-        X_cX_cᵀ + αI (n, n) (dual, from the one N×N Gram of all rows)."""
-        y_tr = self.y[train]
-        y_mean = y_tr.mean(0)
-        yc = y_tr - y_mean  # (n, T)
-        if self.x.shape[1] <= len(y_tr):  # primal (x is only indexed here: it is (N, F), F large in dual)
-            x_tr = self.x[train]
-            mean = x_tr.mean(0)
-            xc = x_tr - mean
-            a, rhs, apply = xc.T @ xc, xc.T @ yc, self.x[test] - mean  # (F, F), (F, T), (n_test, F)
+    def predict(
+        self, fold: torch.Tensor, train: list[int], test: list[int], which: list[int]
+    ) -> torch.Tensor:
+        """Fit on the rows of folds `train`, predict the rows of folds `test` (in row order) for the grid
+        entries `which` -> (len(which), n_test, T).
+
+        One Cholesky solve per α: of X_cᵀX_c + αI (F, F) when F ≤ n (primal, from the per-fold sums), else
+        of the centred Gram X_cX_cᵀ + αI (n, n) (dual, gathered from the one N×N Gram of all rows)."""
+        tr = torch.isin(fold, torch.tensor(train)).nonzero().squeeze(1)  # (n,)
+        te = torch.isin(fold, torch.tensor(test)).nonzero().squeeze(1)  # (n_test,)
+        n = len(tr)
+        if self.x.shape[1] <= n:  # primal: centred scatter = Σ XₖᵀXₖ - n μμᵀ over the training folds
+            sums = [self.fold_sums(fold, int(fold.max()) + 1)[k] for k in train]
+            mean, y_mean = sum(s[2] for s in sums) / n, sum(s[3] for s in sums) / n  # (F,), (T,)
+            a = sum(s[0] for s in sums) - n * torch.outer(mean, mean)  # (F, F)
+            rhs = sum(s[1] for s in sums) - n * torch.outer(mean, y_mean)  # (F, T)
+            apply = self.x[te] - mean  # (n_test, F)
         else:  # dual: X_c x_tᵀ by centring the Gram's entries on the training rows' mean
-            g_tr, g_te = self.gram()[train][:, train], self.gram()[test][:, train]  # (n, n), (n_test, n)
-            col, total = g_tr.mean(0), g_tr.mean()
-            a = g_tr - col[None] - col[:, None] + total
-            apply = g_te - col[None] - g_te.mean(1, keepdim=True) + total  # (n_test, n)
-            rhs = yc
-        eye = torch.eye(len(a), dtype=a.dtype)
+            g = self.gram()
+            a, apply = g[tr[:, None], tr[None, :]], g[te[:, None], tr[None, :]]  # (n, n), (n_test, n)
+            col, total = a.mean(0), a.mean()
+            row = apply.mean(1, keepdim=True)
+            a.sub_(col[None]).sub_(col[:, None]).add_(total)
+            apply.sub_(col[None]).sub_(row).add_(total)
+            y_mean = self.y[tr].mean(0)
+            rhs = self.y[tr] - y_mean  # (n, T)
         out = []
         for i in which:
-            chol = torch.linalg.cholesky(a + self.alphas[i] * eye)
+            shifted = a.clone()
+            shifted.diagonal().add_(self.alphas[i])
+            chol = torch.linalg.cholesky(shifted)
             out.append(apply @ torch.cholesky_solve(rhs, chol) + y_mean)
         return torch.stack(out)  # (len(which), n_test, T)
 
@@ -106,8 +128,9 @@ def _out_of_fold(solver: _Solver, fold: torch.Tensor, folds: int) -> tuple[torch
     inner_err = torch.zeros(folds, len(every), dtype=torch.float64)
     for k in range(folds):
         for j in range(k + 1, folds):
+            rest = [i for i in range(folds) if i not in (k, j)]
             pair = (fold == k) | (fold == j)
-            pred = solver.predict(~pair, pair, every)  # (A, n_pair, T)
+            pred = solver.predict(fold, rest, [k, j], every)  # (A, n_pair, T), rows in order
             err = (pred - y[pair][None]) ** 2
             on_j, on_k = fold[pair] == j, fold[pair] == k
             inner_err[k] += (err[:, on_j].sum(1) / scale[k]).sum(1)
@@ -115,8 +138,8 @@ def _out_of_fold(solver: _Solver, fold: torch.Tensor, folds: int) -> tuple[torch
     pred = torch.empty_like(y)
     chosen = [int(torch.argmin(inner_err[k])) for k in range(folds)]
     for k in range(folds):
-        test = fold == k
-        pred[test] = solver.predict(~test, test, [chosen[k]])[0]
+        rest = [i for i in range(folds) if i != k]
+        pred[fold == k] = solver.predict(fold, rest, [k], [chosen[k]])[0]
     return pred, chosen
 
 

@@ -16,6 +16,7 @@ from launch import cpu_args
 
 from model.config import ModelConfig
 from pipeline.errors import ConfigError
+from train.export import load_method
 from train.main import main
 from train.schedules import LamController
 
@@ -135,6 +136,9 @@ def test_stop_and_resume_with_grad_ratio_is_bit_identical(tmp_path, demo_shards)
     assert a["step"] == b["step"] == 16
     assert a["schedules"] == b["schedules"] and a["schedules"]["lam"]["updates"] == 8
     assert a["schedules"]["lam"]["lam"] != 1.0
+    # The rebuilt method weighs L_eq with the λ the run reached, not model.lam (the diagnostics'
+    # gradient ratio of a trained model is measured at it).
+    assert load_method(straight / "ckpt" / "last.pt")[0].lam == a["schedules"]["lam"]["lam"]
     for name, value in a["model"].items():
         assert torch.equal(b["model"][name], value), name
     la = {r["step"]: r["sched/lam"] for r in _rows(straight)}
