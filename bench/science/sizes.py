@@ -103,7 +103,10 @@ SIZES = {
     # where the papers differ most), batch 32, 1,000 steps at peak lr 1e-3 (base_lr 8e-3 x 32/256: the
     # run of 300 steps at base 1e-3, i.e. peak 1.25e-4, barely moved the weights); one thread per
     # process: on 2 shared cores two threads run several times slower. The ridge probe (both masks,
-    # tokens and grid2, 4 fold assignments) takes seconds per backbone.
+    # tokens and grid2, 4 fold assignments) renders 13 pairs per probe crop (7,735 pairs of 19 photos,
+    # issue 19's reference protocol): at the readout's minimum of 2 per crop (1,190 pairs) the pixel
+    # baseline read 0.03 ± 0.11 under the disc mask and every trained model ~0, i.e. no power; at 7 per
+    # crop path already parted from vicreg on one seed. ~8 min per backbone on one core.
     "cpu": Size(
         methods=CPU_METHODS,
         img_size=32,
@@ -116,6 +119,7 @@ SIZES = {
         fmnist_val=500,
         probe_images=600,
         probe_families=("rotation",),
+        probe_pairs=5_775,  # train pairs: 3/4 of 13 per crop x 595 crops
         linear=False,
         device="cpu",
         threads=1,

@@ -78,6 +78,11 @@ def test_cpu_science_size_trains_at_the_intended_peak_lr(tmp_path):
     for method in size.methods:
         cfg = _config(science.train_command(tmp_path, size, method, 0, n_train=3000))
         assert peak_lr(cfg.optim, cfg.data.batch_size) == pytest.approx(1e-3, rel=1e-9), method
+    # The probe's power: at 2 pairs per crop (1,190 pairs of 19 photos) even raw pixels read ~0 under
+    # the disc mask; the cpu size renders 13 per crop, as issue 19's reference probe did.
+    from bench.science.runs import probe_config
+
+    assert probe_config(size, ()).pairs_per_image(size.probe_images) == 13
 
 
 def _cell(r2s: list[float]) -> dict:
@@ -220,6 +225,7 @@ def test_the_harness_trains_probes_and_reports_a_tiny_size(tmp_path, demo_shards
         seeds=(0, 1),
         methods={m: cpu.methods[m] for m in ("vicreg", "path-disc")},
         probe_assignments=2,
+        probe_pairs=0,  # the readout's minimum (the cpu size's 13 pairs per crop would take minutes)
         threads=0,
         overrides=[o for o in cpu.overrides if not o.startswith("--run.threads")] + ["--model.depth=1"],
     )
