@@ -42,8 +42,9 @@ READOUTS = ("ridge", *PROTOCOLS)  # ridge (train/probe_ridge.py), or an MLP prot
 RIDGE_TRAIN_PAIRS = 300  # per family and mask: a closed form has ~F·T unknowns, needs no epochs of data
 MLP_TRAIN_PAIRS = 5000  # per family: what an MLP head needed to fit (the protocol before the ridge)
 # The fewest source photos at which the raw-pixel baseline has been seen to read rotation under the
-# disc mask (ridge: R² 0.28 from 19 photos in issue 19's run); on the 8 demo photos it reads ≈ 0
-# (test_pixel_baseline_on_the_demo_photos). Below it, a low R² may be the photo count, not the features.
+# disc mask (ridge, 19 photos: R² 0.28 in issue 19's run, 0.17 ± 0.20 in bench/results/science-cpu.json,
+# both with 7,735 pairs; 0.03 ± 0.11 from 1,190 pairs of the same photos); on the 8 demo photos it reads
+# ≈ 0 (test_pixel_baseline_on_the_demo_photos). Below it, a low R² may be the photo count, not the features.
 MIN_PHOTOS = 19
 
 

@@ -106,7 +106,8 @@ SIZES = {
     # tokens and grid2, 4 fold assignments) renders 13 pairs per probe crop (7,735 pairs of 19 photos,
     # issue 19's reference protocol): at the readout's minimum of 2 per crop (1,190 pairs) the pixel
     # baseline read 0.03 ± 0.11 under the disc mask and every trained model ~0, i.e. no power; at 7 per
-    # crop path already parted from vicreg on one seed. ~8 min per backbone on one core.
+    # crop path already parted from vicreg on one seed. The dual ridge on 6,144 token features makes it
+    # 866-2,830 s per backbone in the committed run (3-4 probe or training processes on 2 cores).
     "cpu": Size(
         methods=CPU_METHODS,
         img_size=32,
