@@ -73,12 +73,12 @@ class _Solver:
             self._gram = (x32 @ x32.T).double()
         return self._gram
 
-    def fold_sums(self, fold: torch.Tensor, folds: int) -> list:
+    def fold_sums(self, fold: torch.Tensor) -> list:
         """Per fold k: XₖᵀXₖ (F, F), XₖᵀYₖ (F, T), Σx (F,), Σy (T,), rows; once per assignment, so that a
         primal fit on a union of folds costs additions, not a pass over the rows."""
         if self._sums is None or self._sums[0] is not fold:
             sums = []
-            for k in range(folds):
+            for k in range(int(fold.max()) + 1):
                 xk, yk = self.x[fold == k], self.y[fold == k]
                 sums.append((xk.T @ xk, xk.T @ yk, xk.sum(0), yk.sum(0), len(xk)))
             self._sums = (fold, sums)
@@ -96,7 +96,7 @@ class _Solver:
         te = torch.isin(fold, torch.tensor(test)).nonzero().squeeze(1)  # (n_test,)
         n = len(tr)
         if self.x.shape[1] <= n:  # primal: centred scatter = Σ XₖᵀXₖ - n μμᵀ over the training folds
-            sums = [self.fold_sums(fold, int(fold.max()) + 1)[k] for k in train]
+            sums = [self.fold_sums(fold)[k] for k in train]
             mean, y_mean = sum(s[2] for s in sums) / n, sum(s[3] for s in sums) / n  # (F,), (T,)
             a = sum(s[0] for s in sums) - n * torch.outer(mean, mean)  # (F, F)
             rhs = sum(s[1] for s in sums) - n * torch.outer(mean, y_mean)  # (F, T)
