@@ -7,7 +7,8 @@
 #                                            and convert the crops, pack the shards (<= 50 MiB)
 #   bench/gpu_science.sh OUT --data PACK.tar [--budget SECONDS]      on the GPU node (default 480 s)
 #   bench/gpu_science.sh OUT --dry-run       the same sequence on the CPU: the demo photos as data, the
-#                                            CPU size's tiny ViT, 4 steps per run (the tests run it)
+#                                            CPU size's tiny ViT, 4 steps per run, the probe at
+#                                            its minimum pairs (the tests run it)
 # OUT receives: status.json (exit code, seconds, budget, dry run), job.log, science.json (the bench
 # record with provenance and the as-run lr), science-r2.png, summary-partial.json and runs.tar.gz (each
 # run's config.json, metrics.jsonl, train.json, probe.json, recon.png; no checkpoints). A node without
@@ -20,7 +21,7 @@ PYTHON=${PYTHON:-python3}
 MAX_PACK_MB=50
 
 usage() {
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 }
 
@@ -68,7 +69,7 @@ if (( DRY )); then
     ln -s "$demo" "$work/photos"
     ln -s "$demo" "$work/probe"  # 8 source photos: enough groups for the ridge's 4 folds
     echo '{"n_train_crops": 64}' > "$work/data.json"
-    args=(--size cpu --steps 4 --seeds 0 --methods vicreg,path,xattn)
+    args=(--size cpu --steps 4 --probe-pairs 0 --seeds 0 --methods vicreg,path,xattn)
 else
     tar -xf "$DATA" -C "$work" || { echo "error: cannot unpack $DATA" >&2; exit 2; }
     args=(--size gpu-job)

@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default="", help="comma list (default: the size's methods)")
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
     ap.add_argument("--steps", type=int, default=0, help="steps per run instead of the size's (smoke runs)")
+    ap.add_argument(
+        "--probe-pairs", type=int, default=-1, help="train pairs per probe family (0: the ridge minimum)"
+    )
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
     ap.add_argument(
         "--copy-results", default="", help="copy each probed run's small files (no checkpoints) here"
@@ -61,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[args.size]
     if args.steps:  # a smoke run of the same sequence (bench/gpu_science.sh --dry-run)
         size = replace(size, steps=args.steps)
+    if args.probe_pairs >= 0:  # the smoke run's probe at the readout's minimum instead of the size's
+        size = replace(size, probe_pairs=args.probe_pairs)
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
     methods = [m for m in args.methods.split(",") if m] or list(size.methods)
     seeds = [int(s) for s in args.seeds.split(",") if s] or list(size.seeds)
