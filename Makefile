@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=30
 
 # The unit lane: the tests not marked integration (no process launches, no training runs; tests/conftest.py
 # fails a unit test that starts either).
