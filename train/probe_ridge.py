@@ -67,10 +67,14 @@ class _Solver:
         self._sums: tuple[torch.Tensor, list] | None = None  # (fold, per-fold sums) for the primal form
 
     def gram(self) -> torch.Tensor:
-        """x xᵀ (N, N) of all rows, once (float32 product: the costly step for pool=tokens; fp64 after)."""
+        """x xᵀ (N, N) of all rows, once: the costly step for pool=tokens. A float32 product on the CPU
+        (fp64 after); fp64 throughout on a GPU, where it is cheap and no TF32 setting can reach it."""
         if self._gram is None:
-            x32 = self.x.float()
-            self._gram = (x32 @ x32.T).double()
+            if self.x.device.type == "cpu":
+                x32 = self.x.float()
+                self._gram = (x32 @ x32.T).double()
+            else:
+                self._gram = self.x @ self.x.T
         return self._gram
 
     def fold_sums(self, fold: torch.Tensor) -> list:
@@ -92,8 +96,8 @@ class _Solver:
 
         One Cholesky solve per α: of X_cᵀX_c + αI (F, F) when F ≤ n (primal, from the per-fold sums), else
         of the centred Gram X_cX_cᵀ + αI (n, n) (dual, gathered from the one N×N Gram of all rows)."""
-        tr = torch.isin(fold, torch.tensor(train)).nonzero().squeeze(1)  # (n,)
-        te = torch.isin(fold, torch.tensor(test)).nonzero().squeeze(1)  # (n_test,)
+        tr = torch.isin(fold, torch.tensor(train, device=fold.device)).nonzero().squeeze(1)  # (n,)
+        te = torch.isin(fold, torch.tensor(test, device=fold.device)).nonzero().squeeze(1)  # (n_test,)
         n = len(tr)
         if self.x.shape[1] <= n:  # primal: centred scatter = Σ XₖᵀXₖ - n μμᵀ over the training folds
             sums = [self.fold_sums(fold)[k] for k in train]
@@ -125,7 +129,7 @@ def _out_of_fold(solver: _Solver, fold: torch.Tensor, folds: int) -> tuple[torch
     same set as (outer j, inner k): one fit per pair of folds serves both."""
     y, every = solver.y, list(range(len(solver.alphas)))
     scale = [y[fold != k].var(0).clamp_min(1e-12) for k in range(folds)]  # (T,): dimensions count equally
-    inner_err = torch.zeros(folds, len(every), dtype=torch.float64)
+    inner_err = torch.zeros(folds, len(every), dtype=torch.float64, device=y.device)
     for k in range(folds):
         for j in range(k + 1, folds):
             rest = [i for i in range(folds) if i not in (k, j)]
@@ -151,8 +155,10 @@ def ridge_cv(
     assignments: int = 4,
     alphas: tuple[float, ...] = GRID,
     seed: int = 0,
+    device: torch.device | str = "cpu",
 ) -> dict:
-    """Cross-validated ridge R² of y (N, T) from x (N, F), folds over `groups` (N,) -> {
+    """Cross-validated ridge R² of y (N, T) from x (N, F), folds over `groups` (N,), fitted on `device`
+    (a GPU's fp64 solves make thousands of pairs of token features cheap there) -> {
     "r2", "r2_std" (over assignments), "r2_assignments" (one per assignment: pair these), "r2_dims"
     (per target dimension, mean over assignments), "alpha" (the grid values a chosen, per assignment
     and outer fold), "n", "groups", "folds", "assignments"}."""
@@ -169,9 +175,9 @@ def ridge_cv(
         )
     if not (len(x) == len(y) == len(groups)):
         raise ValueError(f"x, y, groups differ in length: {len(x)}, {len(y)}, {len(groups)}")
-    solver = _Solver(x.cpu(), y.cpu(), alphas)
+    solver = _Solver(x.to(device), y.to(device), alphas)
     r2, dims, chosen = [], [], []
-    for fold in assign_folds(groups, folds, assignments, seed):
+    for fold in assign_folds(groups, folds, assignments, seed).to(device):
         pred, best = _out_of_fold(solver, fold, folds)
         per_dim = _r2_columns(pred, solver.y)
         r2.append(float(per_dim.mean()))

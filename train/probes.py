@@ -228,11 +228,13 @@ def grouping(samples: list[tuple[bytes, int]], group_by: str) -> tuple[list[int]
     return list(range(len(samples))), "by image (unlabeled shards: one group per image)"
 
 
-def _readout(f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, cfg: ProbeConfig):
-    """R² of y from the pair [f1, f2] (N, 2D) by the configured readout."""
+def _readout(
+    f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, cfg: ProbeConfig, device
+):
+    """R² of y from the pair [f1, f2] (N, 2D) by the configured readout (the ridge fitted on `device`)."""
     if cfg.protocol == "ridge":
         x = torch.cat([f1, f2], dim=1)
-        return ridge_cv(x, y, groups, cfg.folds, cfg.assignments, seed=cfg.pair_seed)
+        return ridge_cv(x, y, groups, cfg.folds, cfg.assignments, seed=cfg.pair_seed, device=device)
     return over_seeds(f1, f2, y, groups, cfg.fit(), cfg.seeds, cfg.test_fraction)
 
 
@@ -326,7 +328,7 @@ def equivariance(
                             raise ProbeError(
                                 f"{name} gave non-finite features (part {part}) on the {family} pairs"
                             )
-                        by_model[name][part] = _readout(x1, x2, y, pairs.groups, cfg)
+                        by_model[name][part] = _readout(x1, x2, y, pairs.groups, cfg, device)
                     once[name] = copy.deepcopy(by_model[name])
                 for reference in references:
                     _pair_up(by_model, reference)

@@ -1,5 +1,6 @@
 """train/probe_ridge.py against scikit-learn: the same folds and grid through sklearn's Ridge give the
-same out-of-fold R², in the primal (F ≤ n) and the dual (F > n) forms; the folds hold out whole groups."""
+same out-of-fold R², in the primal (F ≤ n) and the dual (F > n) forms; the folds hold out whole groups;
+a fit on a GPU gives the CPU fit (gpu-marked)."""
 
 from __future__ import annotations
 
@@ -104,3 +105,25 @@ def test_too_few_groups_is_one_line():
     x, y, groups = _data(3, 4, 2, 1, 0.0)
     with pytest.raises(ProbeError, match="needs at least 4 source photos, got 3"):
         R.ridge_cv(x, y, groups)
+
+
+def test_float32_features_get_the_same_fp64_fit_on_the_cpu():
+    x, y, groups = _data(12, 5, 90, 2, noise=3.0)  # the dual form
+    want = R.ridge_cv(x, y, groups, assignments=2)
+    assert R.ridge_cv(x.float(), y, groups, assignments=2, device="cpu")["r2"] == pytest.approx(
+        want["r2"], abs=1e-6
+    )
+    solver = R._Solver(x.to("cpu"), y, R.GRID)
+    assert solver.gram().device.type == "cpu" and solver.gram().dtype == torch.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("f", [6, 90])  # primal and dual
+def test_the_gpu_fit_matches_the_cpu_fit(f):
+    """On a GPU the fit runs in fp64 there (the Gram too): the same α per fold and R² as on the CPU."""
+    x, y, groups = _data(12, 5, f, 2, noise=3.0)
+    cpu = R.ridge_cv(x, y, groups, assignments=2)
+    gpu = R.ridge_cv(x.cuda(), y.cuda(), groups.cuda(), assignments=2, device="cuda")
+    assert gpu["alpha"] == cpu["alpha"]
+    assert gpu["r2_assignments"] == pytest.approx(cpu["r2_assignments"], abs=1e-5)
