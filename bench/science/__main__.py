@@ -54,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", default="", help="comma list (default: the size's seeds)")
     ap.add_argument("--steps", type=int, default=0, help="steps per run instead of the size's (smoke runs)")
     ap.add_argument(
-        "--probe-pairs", type=int, default=-1, help="train pairs per probe family (0: the ridge minimum)"
+        "--probe-pairs",
+        type=int,
+        default=None,
+        help="train pairs per probe family and mask instead of the size's (0: the readout's minimum)",
     )
     ap.add_argument("--workers", type=int, default=max(1, min(8, (multiprocessing.cpu_count() or 2))))
     ap.add_argument(
@@ -64,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     size = SIZES[args.size]
     if args.steps:  # a smoke run of the same sequence (bench/gpu_science.sh --dry-run)
         size = replace(size, steps=args.steps)
-    if args.probe_pairs >= 0:  # the smoke run's probe at the readout's minimum instead of the size's
+    if args.probe_pairs is not None:  # e.g. the smoke run's probe at the readout's minimum
+        if args.probe_pairs < 0:
+            ap.error(f"--probe-pairs takes a count >= 0, got {args.probe_pairs}")
         size = replace(size, probe_pairs=args.probe_pairs)
     work = Path(args.work or ROOT / "runs" / f"science-{args.size}").resolve()
     methods = [m for m in args.methods.split(",") if m] or list(size.methods)

@@ -260,3 +260,13 @@ def test_the_harness_trains_probes_and_reports_a_tiny_size(tmp_path, demo_shards
     stamp = probe.stat().st_mtime_ns
     assert main(args) == 0  # resumable: nothing is trained or probed again
     assert probe.stat().st_mtime_ns == stamp
+
+
+def test_a_negative_probe_pair_count_is_one_error_line(tmp_path, capsys):
+    from bench.science.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", "cpu", "--work", str(tmp_path), "--parts", "report", "--probe-pairs", "-3"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("error: --probe-pairs takes a count >= 0, got -3")
+    assert not any(tmp_path.iterdir())  # refused before anything was written
