@@ -229,7 +229,12 @@ def grouping(samples: list[tuple[bytes, int]], group_by: str) -> tuple[list[int]
 
 
 def _readout(
-    f1: torch.Tensor, f2: torch.Tensor, y: torch.Tensor, groups: torch.Tensor, cfg: ProbeConfig, device
+    f1: torch.Tensor,
+    f2: torch.Tensor,
+    y: torch.Tensor,
+    groups: torch.Tensor,
+    cfg: ProbeConfig,
+    device: torch.device,
 ):
     """R² of y from the pair [f1, f2] (N, 2D) by the configured readout (the ridge fitted on `device`)."""
     if cfg.protocol == "ridge":
