@@ -229,6 +229,7 @@ def report(work: Path, size_name: str, size: Size, records: list[dict], baseline
         "size": size_name,
         **asdict(size),
         "headline": "/".join(HEADLINE),
+        "methods_reported": list(dict.fromkeys(r["method"] for r in records)),  # `methods`: the size's
         "data": {k: v for k, v in data.items() if k not in ("sources", "val_sources")},
         "n_source_photos": len(data.get("sources", [])),
         "n_probe_photos": len(data.get("val_sources", [])),

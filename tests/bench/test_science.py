@@ -241,6 +241,8 @@ def test_the_harness_trains_probes_and_reports_a_tiny_size(tmp_path, demo_shards
     partial = json.loads((work / "summary-partial.json").read_text())
     assert partial == summary
     assert summary["seeds"] == [0, 1] and summary["assignments"] == 2 and summary["photos"] == 8
+    config = json.loads((tmp_path / "results" / "science-cpu.json").read_text())["config"]
+    assert config["methods_reported"] == ["vicreg", "path-disc"]
     for method in ("vicreg", "path-disc"):
         for mask in ("disc", "none"):
             for pool in ("tokens", "grid2"):
